@@ -1,0 +1,1 @@
+"""Offline data, small models and measured results (see benchmarks/RESULTS.md)."""

@@ -1,0 +1,532 @@
+#!/usr/bin/env python
+"""Diff-Tuning (and standard fine-tuning) of a class-conditional DiT.
+
+Diff-Tuning ("Diffusion Tuning: Transferring Diffusion Models via Chain of Forgetting", Zhong et al. 2024) keeps
+what the pre-trained model knows near the data (small t) and re-learns the domain-specific large-t denoising:
+each batch mixes memory-bank samples of the pre-trained model (null class, t ~ xi, "retention") with downstream
+samples (their labels, t ~ psi, "adaptation"). `--method standard` is plain fine-tuning through the same code.
+
+    accelerate launch train_diff_tuning_dit.py --pretrained_model_name_or_path facebook/DiT-XL-2-256 \\
+        --dataset <hub id | image folder | save_to_disk folder> --output_dir out --method diff_tuning
+
+Defaults reproduce the paper's DiT setup; see the README for where they differ from the official code.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from datasets.fingerprint import Hasher
+from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from utils import hub
+from utils.checkpointing import checkpoint_step, resolve_resume, save_checkpoint, step_generator
+from utils.data import (ResumableLoader, check_images, class_names, find_column, image_transform,
+                        load_image_dataset, to_tensor)
+from utils.errors import UserError
+from utils.losses import LearnedVarianceLoss, epsilon_mse
+from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
+from utils.timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="DiTPipeline Hub id or folder.")
+    g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
+    g.add_argument("--dataset", required=True, help="Hub id, folder of class sub-folders of images, or save_to_disk folder.")
+    g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
+    g.add_argument("--train_split", default="train", help="Split to train on.")
+    g.add_argument("--image_column", default=None, help="Image column (default: the only Image column, or 'image').")
+    g.add_argument("--label_column", default=None, help="Class column (default: the only ClassLabel column, or 'label').")
+    g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
+    g.add_argument("--output_dir", default="diff-tuning-dit", help="Where the pipeline, card, logs and checkpoints go.")
+    g.add_argument("--resolution", type=int, default=256, help="Training resolution; must match the model's latent size.")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
+    g.add_argument("--cache_latents", action="store_true", help="Encode the data (and its mirror) with the VAE once, "
+                   "cached by `datasets`, instead of at every step.")
+    g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
+
+    g = p.add_argument_group("Diff-Tuning")
+    g.add_argument("--method", choices=["diff_tuning", "standard"], default="diff_tuning",
+                   help="diff_tuning: memory bank + psi/xi timesteps; standard: plain fine-tuning (tau = 0, no bank).")
+    g.add_argument("--tau", type=float, default=1.0, help="Exponent of psi(t) = u^tau, u = (t+1)/T; 0 = uniform.")
+    g.add_argument("--xi_form", choices=XI_FORMS, default="paper",
+                   help="Retention weights: paper xi = 1 - u^tau, official code xi = (1-u)^tau (equal at tau = 1).")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default="power",
+                   help="power: psi = u^tau; snr: psi = 1/(1+SNR(t)), xi = 1 - psi (tau unused).")
+    g.add_argument("--retention_ratio", type=float, default=0.5,
+                   help="Fraction of each batch from the memory bank (paper 0.5, official code 0.2).")
+    g.add_argument("--retention_weight", type=float, default=1.0,
+                   help="loss = L_adapt + w * L_retain (paper 1.0, official code 0.1).")
+    g.add_argument("--label_dropout", type=float, default=0.1, help="Downstream label dropout for classifier-free guidance.")
+    g.add_argument("--memory_bank", default=None,
+                   help="Memory bank folder: used if it exists, generated there otherwise "
+                        "(default: <output_dir>/memory_bank).")
+    g.add_argument("--memory_bank_size", type=int, default=5000, help="Samples to generate for a new bank.")
+    g.add_argument("--memory_bank_guidance_scale", type=float, default=1.5, help="CFG scale of bank generation.")
+    g.add_argument("--memory_bank_inference_steps", type=int, default=50, help="DDIM steps of bank generation.")
+    g.add_argument("--memory_bank_batch_size", type=int, default=32, help="Generation batch size (per process).")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=32, help="Batch per device, bank and data together "
+                   "(the paper: 32 on one device).")
+    g.add_argument("--max_train_steps", type=int, default=24000, help="Optimizer steps.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate.")
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
+    g.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name (constant, cosine, ...).")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (DiT: 0).")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    g.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping norm (DiT: none).")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what gets saved.")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (DiT: 0.9999).")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Mixed precision (default: accelerate config).")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA).")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
+
+    g = p.add_argument_group("checkpoints, validation, logging, Hub")
+    g.add_argument("--checkpointing_steps", type=int, default=2000, help="Save resumable state every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
+    g.add_argument("--validation_steps", type=int, default=2000, help="Sample a validation grid every N steps (0: never).")
+    g.add_argument("--num_validation_images", type=int, default=8, help="Images per grid, cycling over the classes.")
+    g.add_argument("--validation_guidance_scale", type=float, default=1.5, help="CFG scale of validation/final samples.")
+    g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps of validation samples.")
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--logging_dir", default="logs", help="Log folder, relative to output_dir.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, no logs).")
+    g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Hyper-parameters that cannot work, caught before anything is loaded."""
+    if args.tau < 0:
+        raise UserError(f"--tau must be >= 0, got {args.tau}")
+    if not 0 <= args.retention_ratio < 1:
+        raise UserError(f"--retention_ratio must be in [0, 1), got {args.retention_ratio}")
+    if not 0 <= args.label_dropout < 1:
+        raise UserError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
+    if args.retention_weight < 0:
+        raise UserError(f"--retention_weight must be >= 0, got {args.retention_weight}")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "memory_bank_size", "memory_bank_batch_size", "resolution"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.method == "diff_tuning":
+        n_bank = num_bank_samples(args)
+        if n_bank == 0:
+            raise UserError(f"--retention_ratio {args.retention_ratio} x --train_batch_size {args.train_batch_size} "
+                            "rounds to 0 memory-bank samples; raise either, or use --method standard")
+        if n_bank == args.train_batch_size:
+            raise UserError("--retention_ratio x --train_batch_size leaves no downstream samples in the batch")
+        if args.xi_form == "paper" and args.weighting == "power" and args.tau == 0:
+            raise UserError("--tau 0 makes xi = 1 - u^0 zero everywhere (no retention); use --method standard")
+    if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; xformers has no CPU kernels")
+
+
+def num_bank_samples(args) -> int:
+    """Memory-bank rows per micro-batch: round(r * B), halves rounded up."""
+    return int(math.floor(args.retention_ratio * args.train_batch_size + 0.5)) if args.method == "diff_tuning" else 0
+
+
+def sample_latents(moments, generator, scaling_factor):
+    """z ~ q(z|x), exactly as `vae.encode(x).latent_dist.sample()`, scaled as the model was trained."""
+    return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
+
+
+def compose_batch(data, bank, encode, null_class, adapt_sampler, retain_sampler, args, generator, device):
+    """One micro-batch: memory-bank rows first (null class, t ~ xi), then downstream rows (own labels with
+    dropout, t ~ psi). Returns (latents x_0, class labels, timesteps, number of bank rows)."""
+
+    def pick_moments(batch, n):
+        flip = (torch.rand(n, generator=generator, device=device) < 0.5) if args.random_flip else None
+        if "latent_moments" in batch:
+            if flip is None:
+                return batch["latent_moments"]
+            return torch.where(flip[:, None, None, None], batch["latent_moments_flipped"], batch["latent_moments"])
+        pixels = batch["pixel_values"]
+        if flip is not None:
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        return encode(pixels)
+
+    n_data = len(data["labels"])
+    labels = data["labels"].to(device)
+    drop = torch.rand(n_data, generator=generator, device=device) < args.label_dropout
+    labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+    moments = [pick_moments(data, n_data)]
+    timesteps = [adapt_sampler.sample(n_data, generator, device)]
+    n_bank = 0
+    if bank is not None:
+        n_bank = len(bank["class_label"])
+        moments.insert(0, pick_moments(bank, n_bank))
+        timesteps.insert(0, retain_sampler.sample(n_bank, generator, device))
+        labels = torch.cat([torch.full((n_bank,), null_class, device=device, dtype=labels.dtype), labels])
+    return torch.cat(moments), labels, torch.cat(timesteps), n_bank
+
+
+@torch.no_grad()
+def sample_grid(transformer, vae, scheduler_config, class_ids, args, device):
+    """Sample one image per class id with DDIM + CFG, as the paper evaluates; returns (images NHWC in [0,1], grid)."""
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images = pipe(
+        class_labels=class_ids,
+        guidance_scale=args.validation_guidance_scale,
+        num_inference_steps=args.validation_inference_steps,
+        generator=generator,
+        output_type="np",
+    ).images
+    cols = min(len(class_ids), 8)
+    grid = make_image_grid(pipe.numpy_to_pil(images), rows=math.ceil(len(class_ids) / cols), cols=cols)
+    return images, grid
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        # Epoch e always shuffles the same way, so a resumed run can skip to the exact batch it stopped at.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.push_to_hub:
+        hub.check_hub_access(args.hub_token)  # not after 24K steps
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- Data: load and check everything cheap before any model is loaded.
+    ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
+    image_column = find_column(ds, args.image_column, datasets.Image, "image")
+    label_column = find_column(ds, args.label_column, datasets.ClassLabel, "label")
+    if image_column is None:
+        raise UserError(f"dataset has no image column (columns: {', '.join(ds.column_names)}); pass --image_column")
+    if label_column is None:
+        raise UserError(f"dataset has no label column (columns: {', '.join(ds.column_names)}); pass --label_column")
+    names = class_names(ds, label_column)
+    config = DiTTransformer2DModel.load_config(
+        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+    )
+    num_label_rows = config["num_embeds_ada_norm"]  # ImageNet: 1000 rows, and row 1000 is the null class
+    if len(names) > num_label_rows:
+        raise UserError(f"dataset has {len(names)} classes but the model's label table has {num_label_rows} rows")
+    bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
+    latent_shape = (2 * config["in_channels"], config["sample_size"], config["sample_size"])
+    if args.method == "diff_tuning" and is_memory_bank(bank_dir):
+        load_memory_bank(bank_dir, latent_shape)  # a bank made for another model fails here, not at step 1
+    if not args.skip_image_check:
+        with accelerator.main_process_first():
+            check_images(ds, image_column, lambda it: tqdm(it, desc="checking images",
+                                                           disable=not accelerator.is_local_main_process))
+
+    # ---- Models.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                           cache_dir=args.cache_dir)
+    transformer, vae = pipeline.transformer, pipeline.vae
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution // vae_scale != transformer.config.sample_size or args.resolution % vae_scale:
+        raise UserError(f"--resolution {args.resolution} gives {args.resolution / vae_scale:g}x latents but the model "
+                        f"takes {transformer.config.sample_size}x; use --resolution {transformer.config.sample_size * vae_scale}")
+    # DiT blocks each own a label embedding with 10% dropout; in train mode each would drop labels independently.
+    # We drop labels once per sample (compose_batch) and switch the built-in dropout off.
+    for module in transformer.modules():
+        if hasattr(module, "class_embedder"):
+            module.class_embedder.dropout_prob = 0.0
+    null_class = num_label_rows
+    learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    vb_loss = LearnedVarianceLoss(noise_scheduler.betas) if learned_sigma else None
+    vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        transformer.enable_xformers_memory_efficient_attention()
+    scaling_factor = vae.config.scaling_factor  # 0.18215 for DiT's sd-vae-ft-ema
+
+    # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
+    bank = None
+    transformer.to(accelerator.device)  # trainable weights stay fp32; mixed precision runs under autocast
+    if args.method == "diff_tuning":
+        with accelerator.autocast():
+            bank = build_memory_bank(
+                accelerator, pipeline, bank_dir, args.memory_bank_size, args.pretrained_model_name_or_path,
+                guidance_scale=args.memory_bank_guidance_scale, num_inference_steps=args.memory_bank_inference_steps,
+                batch_size=args.memory_bank_batch_size, seed=args.seed,
+            )
+
+    # ---- Timestep distributions.
+    T = noise_scheduler.config.num_train_timesteps
+    tau = args.tau if args.method == "diff_tuning" else 0.0
+    adapt_sampler = CategoricalTimestepSampler(
+        adaptation_weights(T, tau, args.weighting, noise_scheduler.alphas_cumprod))
+    retain_sampler = CategoricalTimestepSampler(
+        retention_weights(T, tau, args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)) if bank else None
+
+    # ---- Data loaders: downstream rows and bank rows of every micro-batch.
+    n_bank = num_bank_samples(args)
+    n_data = args.train_batch_size - n_bank
+    ds = ds.rename_column(label_column, "labels") if label_column != "labels" else ds
+    if args.cache_latents:
+        def encode_batch(batch):
+            pixels = torch.stack([to_tensor(img, args.resolution) for img in batch[image_column]])
+            with accelerator.autocast():
+                moments, flipped = encode_moments(vae, pixels)
+            return {"latent_moments": moments.cpu().numpy(), "latent_moments_flipped": flipped.cpu().numpy()}
+
+        with accelerator.main_process_first():
+            ds = ds.map(
+                encode_batch, batched=True, batch_size=32, remove_columns=[image_column],
+                features=datasets.Features({
+                    "labels": ds.features["labels"],
+                    "latent_moments": datasets.Array3D(latent_shape, "float32"),
+                    "latent_moments_flipped": datasets.Array3D(latent_shape, "float32"),
+                    **{c: f for c, f in ds.features.items() if c not in (image_column, "labels")},
+                }),
+                # The cache is reused while the data, VAE, resolution and dtype are the same.
+                new_fingerprint=Hasher.hash([ds._fingerprint, args.pretrained_model_name_or_path, args.revision,
+                                             dict(vae.config), args.resolution, str(vae.dtype)]),
+                desc="caching latents",
+            )
+        ds = ds.with_format("torch", columns=["labels", "latent_moments", "latent_moments_flipped"])
+    else:
+        ds = ds.with_transform(image_transform(image_column, "labels", args.resolution))
+    loader = torch.utils.data.DataLoader(ds, batch_size=n_data, shuffle=True, drop_last=True,
+                                         num_workers=args.dataloader_num_workers)
+    bank_loader = None
+    if bank is not None:
+        bank = bank.with_format("torch", columns=["class_label", "latent_moments", "latent_moments_flipped"])
+        bank_loader = torch.utils.data.DataLoader(bank, batch_size=n_bank, shuffle=True, drop_last=True,
+                                                  num_workers=args.dataloader_num_workers)
+
+    # ---- Optimisation.
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                  eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(transformer.parameters(), decay=args.ema_decay, model_cls=DiTTransformer2DModel,
+                       model_config=transformer.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    transformer, optimizer, lr_scheduler, loader = accelerator.prepare(transformer, optimizer, lr_scheduler, loader)
+    if bank_loader is not None:
+        bank_loader = accelerator.prepare(bank_loader)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("diff-tuning-dit", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+
+    # ---- Resume.
+    global_step = 0
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info("no checkpoint to resume from; starting a new run")
+    if resume_path:
+        accelerator.load_state(resume_path)
+        global_step = checkpoint_step(resume_path)
+        logger.info(f"resumed from {resume_path} at step {global_step}")
+    micro_step = global_step * args.gradient_accumulation_steps
+    data_iter = ResumableLoader(loader, accelerator, micro_step)
+    bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
+
+    def encode(pixels):
+        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+
+    trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in transformer.parameters())
+    logger.info(f"{len(ds)} downstream images in {len(names)} classes; memory bank: "
+                f"{len(bank) if bank is not None else 0} samples; per micro-batch {n_bank} bank + {n_data} data rows")
+    logger.info(f"trainable parameters: {trainable:,} of {total:,}; steps {global_step} -> {args.max_train_steps}")
+    validation_classes = [i % len(names) for i in range(args.num_validation_images)]
+    logs = {}
+    transformer.train()
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+
+    while global_step < args.max_train_steps:
+        generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
+        with torch.no_grad():
+            moments, labels, timesteps, n_bank_rows = compose_batch(
+                next(data_iter), next(bank_iter) if bank_iter else None, encode, null_class,
+                adapt_sampler, retain_sampler, args, generator, accelerator.device)
+            latents = sample_latents(moments, generator, scaling_factor)
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        micro_step += 1
+
+        with accelerator.accumulate(transformer):
+            pred = transformer(noisy, timestep=timesteps, class_labels=labels).sample
+            eps_pred, var_values = pred.chunk(2, dim=1) if learned_sigma else (pred, None)
+            per_sample = epsilon_mse(eps_pred, noise)
+            if learned_sigma:
+                per_sample = per_sample + vb_loss(eps_pred, var_values, latents, noisy, timesteps)
+            loss_adapt = per_sample[n_bank_rows:].mean()
+            loss_retain = per_sample[:n_bank_rows].mean() if n_bank_rows else torch.zeros_like(loss_adapt)
+            loss = loss_adapt + args.retention_weight * loss_retain
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(transformer.parameters())
+        progress.update(1)
+        logs = {"loss": loss.detach().item(), "loss_adapt": loss_adapt.detach().item(),
+                "loss_retain": loss_retain.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            logger.info(f"saved state to {path}")
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            model = accelerator.unwrap_model(transformer)
+            if ema is not None:
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+            model.eval()
+            images, _ = sample_grid(model, vae, pipeline.scheduler.config, validation_classes, args,
+                                    accelerator.device)
+            model.train()
+            if ema is not None:
+                ema.restore(model.parameters())
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("validation", images, global_step, dataformats="NHWC")
+    progress.close()
+
+    # ---- Save a stock DiTPipeline, the class names and a model card.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(transformer)
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        model.eval()
+        if vae.dtype != torch.float32:
+            vae.to(torch.float32)  # it ran in the mixed-precision dtype; the saved pipeline is fp32
+        save_pipeline(model, vae, pipeline.scheduler, names, args.output_dir)
+        images, grid = sample_grid(model, vae, pipeline.scheduler.config, validation_classes, args,
+                                   accelerator.device)
+        grid.save(os.path.join(args.output_dir, "samples.png"))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("final", images, global_step, dataformats="NHWC")
+        write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs)
+        if args.push_to_hub:
+            repo = hub.push_folder(args.output_dir, args.hub_model_id or os.path.basename(
+                os.path.abspath(args.output_dir)), args.hub_token, args.hub_private_repo)
+            logger.info(f"pushed to https://huggingface.co/{repo}")
+    accelerator.end_training()
+    return accelerator.unwrap_model(transformer)
+
+
+def save_pipeline(transformer, vae, scheduler, names, output_dir):
+    """Save a stock DiTPipeline; `id2label` goes into model_index.json, where `DiTPipeline.from_pretrained` reads
+    it (its `save_pretrained` does not write it)."""
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(output_dir)
+    index_path = os.path.join(output_dir, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["id2label"] = {str(i): name for i, name in enumerate(names)}
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def write_card(args, names, bank_dir, trainable, total, last_logs):
+    method = "Diff-Tuning" if args.method == "diff_tuning" else "standard fine-tuning"
+    hyper = {"method": args.method, "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
+             "lr_scheduler": args.lr_scheduler, "resolution": args.resolution, "label_dropout": args.label_dropout,
+             "use_ema": args.use_ema, "mixed_precision": args.mixed_precision, "seed": args.seed,
+             "trainable_parameters": f"{trainable:,} / {total:,}"}
+    if bank_dir is not None:
+        info = bank_info(bank_dir)
+        hyper.update({"tau": args.tau, "xi_form": args.xi_form, "weighting": args.weighting,
+                      "retention_ratio": args.retention_ratio, "retention_weight": args.retention_weight,
+                      "memory_bank": args.memory_bank or "generated for this run", "memory_bank_size": info["size"],
+                      "memory_bank_guidance_scale": info["guidance_scale"],
+                      "memory_bank_inference_steps": info["num_inference_steps"]})
+    description = (
+        f"A class-conditional DiT fine-tuned from `{args.pretrained_model_name_or_path}` on `{args.dataset}` "
+        f"({len(names)} classes) with {method}. "
+        + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples "
+           "of the pre-trained model drawn at small timesteps, to retain its denoising knowledge near the data, "
+           "and trains on the new data mostly at large timesteps, where the domain is shaped."
+           if bank_dir else "All weights were trained with the ordinary uniform-timestep denoising loss.")
+    )
+    usage = f'''import torch
+from diffusers import DiTPipeline
+
+pipe = DiTPipeline.from_pretrained("{args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))}")
+print(pipe.labels)  # the fine-tuned classes, e.g. {dict(list((n, i) for i, n in enumerate(names))[:3])}
+class_ids = pipe.get_label_ids([{", ".join(repr(n) for n in names[:2])}])
+images = pipe(class_labels=class_ids, guidance_scale={args.validation_guidance_scale}, num_inference_steps=50,
+              generator=torch.manual_seed(0)).images'''
+    hub.save_model_card(
+        args.output_dir,
+        title=f"{method} of {args.pretrained_model_name_or_path} on {args.dataset}",
+        base_model=args.pretrained_model_name_or_path,
+        tags=["dit", "class-conditional", "diff-tuning" if bank_dir else "standard-fine-tuning"],
+        datasets=[args.dataset] if not os.path.exists(args.dataset) else None,
+        description=description,
+        hyperparameters=hyper,
+        metrics={f"final {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},
+        image="samples.png",
+        usage=usage,
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,58 @@
+"""Resumable training state: `checkpoint-<step>` folders written by accelerate, rotation, resume, and the
+per-step random generator that makes a resumed run draw exactly what an uninterrupted one would."""
+
+import os
+import shutil
+
+import torch
+
+from .errors import UserError
+
+
+def step_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
+    """A generator for one micro-step, derived from (seed, rank, step) alone: nothing to save, nothing to
+    restore, and each rank draws differently."""
+    # hash() of a tuple of ints is stable across runs (no hash randomisation for ints).
+    return torch.Generator(device).manual_seed(hash((seed, process_index, micro_step)) & (2**63 - 1))
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-<step> folders, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d.split("-", 1)[1]))]
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """`latest` -> the newest checkpoint in output_dir (None if there is none); a path must exist."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isdir(resume_from_checkpoint):
+        raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist")
+    return resume_from_checkpoint
+
+
+def checkpoint_step(path: str) -> int:
+    return int(os.path.basename(path.rstrip("/")).split("-", 1)[1])
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """Save the full training state as checkpoint-<step>, keeping at most `total_limit` checkpoints.
+
+    The state is written to a temporary folder and renamed, so a kill never leaves a checkpoint that looks
+    complete but is not."""
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    if total_limit is not None:
+        old = list_checkpoints(output_dir)
+        for stale in old[: max(0, len(old) - total_limit + 1)]:
+            shutil.rmtree(stale)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,156 @@
+"""Loading image datasets (Hub id, image folder or `save_to_disk` folder), checking them, and feeding them.
+
+No torchvision: it does not import beside the pinned torch, so transforms are PIL + numpy.
+"""
+
+import io
+import os
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+
+class DatasetError(UserError):
+    """Bad user data."""
+
+
+def _looks_like_path(name: str) -> bool:
+    # A Hub id is "name" or "owner/name"; anything else that does not exist locally is a missing path.
+    return name.startswith((".", "/", "~")) or name.rstrip("/").count("/") > 1
+
+
+def load_image_dataset(name: str, split: str = "train", config_name=None, cache_dir=None) -> datasets.Dataset:
+    """A Hub id, a folder of class sub-folders of images, or a `Dataset(Dict).save_to_disk` folder."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
+            ds = datasets.load_from_disk(path)
+        else:
+            ds = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+    elif os.path.exists(path):
+        raise DatasetError(f"--dataset {name} is a file; give a folder of images, a save_to_disk folder or a Hub id")
+    elif _looks_like_path(name):
+        raise DatasetError(f"--dataset path {name} does not exist")
+    else:
+        try:
+            ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+        except Exception as e:  # offline, unknown id, private repo...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(f"no local folder {name!r}, and loading it from the Hub failed: {first}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DatasetError(f"dataset {name} has no split {split!r} (it has {', '.join(ds)})")
+        ds = ds[split]
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {name} split {split!r} is empty")
+    return ds
+
+
+def find_column(ds: datasets.Dataset, wanted, feature_type, what: str) -> str | None:
+    """The named column, or the only column of `feature_type` when none is named."""
+    if wanted is not None:
+        if wanted not in ds.column_names:
+            raise DatasetError(f"dataset has no {what} column {wanted!r} (columns: {', '.join(ds.column_names)})")
+        return wanted
+    matches = [c for c, f in ds.features.items() if isinstance(f, feature_type)]
+    if len(matches) == 1:
+        return matches[0]
+    for default in ("image", "img") if what == "image" else ("label", "labels"):
+        if default in ds.column_names:
+            return default
+    return None
+
+
+def class_names(ds: datasets.Dataset, label_column: str) -> list[str]:
+    """Names of the classes, index = label id. A ClassLabel gives its names; other ints are named by their value."""
+    feature = ds.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = ds.unique(label_column)
+    if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
+        raise DatasetError(f"label column {label_column!r} must hold non-negative integers or be a ClassLabel")
+    return [str(i) for i in range(max(values) + 1)]
+
+
+def check_images(ds: datasets.Dataset, image_column: str, progress=None) -> None:
+    """Decode every image once, so a corrupt file fails now, with its name, and not hours into training."""
+    raw = ds.cast_column(image_column, datasets.Image(decode=False))
+    items = raw[image_column]
+    for i, item in enumerate(progress(items) if progress else items):
+        where = item.get("path") or f"row {i}"
+        try:
+            if item.get("bytes") is not None:
+                img = Image.open(io.BytesIO(item["bytes"]))
+            else:
+                img = Image.open(item["path"])
+            img.load()
+        except Exception as e:
+            raise DatasetError(f"corrupt or unreadable image {where}: {type(e).__name__}: {e}") from e
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM / DiT preprocessing: box-downsample by halves, bicubic-resize the short side, centre-crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+
+
+def to_tensor(pil_image: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(center_crop_arr(pil_image.convert("RGB"), resolution), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_transform(image_column: str, label_column: str, resolution: int):
+    """A `Dataset.with_transform` function yielding `pixel_values` and `labels`. Flips happen in the training
+    loop, with the run's own generator, so a resumed run makes the same random choices as an uninterrupted one."""
+
+    def transform(batch):
+        return {
+            "pixel_values": [to_tensor(img, resolution) for img in batch[image_column]],
+            "labels": batch[label_column],
+        }
+
+    return transform
+
+
+class ResumableLoader:
+    """Cycles a (prepared) DataLoader forever and can start at any micro-step of a previous run.
+
+    The DataLoader must use a seedable sampler (accelerate's `use_seedable_sampler=True`) and drop_last, so that
+    epoch e always yields the same batches: micro-step k is then batch k % len of epoch k // len.
+    """
+
+    def __init__(self, dataloader, accelerator, start_micro_step: int = 0):
+        self.dataloader, self.accelerator = dataloader, accelerator
+        if len(dataloader) == 0:
+            raise DatasetError("the dataset is smaller than one batch; lower --train_batch_size")
+        self.epoch, skip = divmod(start_micro_step, len(dataloader))
+        self._iter = self._epoch_iter(skip)
+
+    def _epoch_iter(self, skip=0):
+        self.dataloader.set_epoch(self.epoch)
+        loader = self.accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+        return iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            self._iter = self._epoch_iter()
+            return next(self._iter)
