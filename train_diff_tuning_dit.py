@@ -434,8 +434,9 @@ def main(args):
                 ema.store(model.parameters())
                 ema.copy_to(model.parameters())
             model.eval()
-            images, _ = sample_grid(model, vae, pipeline.scheduler.config, validation_classes, args,
-                                    accelerator.device)
+            with accelerator.autocast():  # the frozen VAE is in the mixed-precision dtype
+                images, _ = sample_grid(model, vae, pipeline.scheduler.config, validation_classes, args,
+                                        accelerator.device)
             model.train()
             if ema is not None:
                 ema.restore(model.parameters())

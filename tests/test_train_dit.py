@@ -207,6 +207,20 @@ def test_training_lowers_the_denoising_loss(tiny_pipeline_dir, digits_dir, tmp_p
     assert held_out_loss(model.eval()) < 0.8 * held_out_loss(pipe.transformer)
 
 
+def test_mixed_precision_ema_and_gradient_checkpointing(tiny_pipeline_dir, digits_dir, tiny_bank_dir, tmp_path):
+    """bf16 autocast (CPU here, the same code path as on GPUs): trains, validates, saves an fp32 pipeline."""
+    train(tiny_pipeline_dir, digits_dir, tmp_path, "--memory_bank", tiny_bank_dir, "--mixed_precision", "bf16",
+          "--use_ema", "--ema_decay", "0.5", "--gradient_checkpointing", "--max_train_steps", "3",
+          "--validation_steps", "2")
+    weights = transformer_weights(tmp_path)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    init = transformer_weights(tiny_pipeline_dir)
+    assert any(not torch.equal(weights[k], init[k]) for k in init)
+    pipe = DiTPipeline.from_pretrained(tmp_path)
+    assert pipe.vae.dtype == torch.float32 and np.isfinite(
+        pipe(class_labels=[0], num_inference_steps=2, output_type="np").images).all()
+
+
 def test_memory_bank_is_deterministic_and_resumable(tmp_path):
     from benchmarks.small_dit import build_pipeline
     from utils.memory_bank import finalize, generate_shards
