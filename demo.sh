@@ -15,7 +15,8 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   --method diff_tuning --resolution 16 --no-random_flip --cache_latents \
   --train_batch_size 32 --learning_rate 5e-4 --max_train_steps 600 \
   --memory_bank_size 320 --memory_bank_batch_size 64 \
-  --checkpointing_steps 200 --validation_steps 200 --num_validation_images 10 --validation_inference_steps 25
+  --checkpointing_steps 200 --validation_steps 200 --num_validation_images 10 --validation_inference_steps 25 \
+  --resume_from_checkpoint latest
 
 echo
 echo "Fine-tuned DiTPipeline: $OUT/diff_tuning (samples.png, README.md; TensorBoard logs in $OUT/diff_tuning/logs)"

@@ -210,8 +210,9 @@ def sample_grid(transformer, vae, scheduler_config, class_ids, args, device):
         output_type="np",
     ).images
     cols = min(len(class_ids), 8)
-    grid = make_image_grid(pipe.numpy_to_pil(images), rows=math.ceil(len(class_ids) / cols), cols=cols)
-    return images, grid
+    rows = math.ceil(len(class_ids) / cols)
+    tiles = pipe.numpy_to_pil(np.concatenate([images, np.zeros((rows * cols - len(images), *images.shape[1:]))]))
+    return images, make_image_grid(tiles, rows=rows, cols=cols)
 
 
 def main(args):
@@ -242,9 +243,12 @@ def main(args):
     if label_column is None:
         raise UserError(f"dataset has no label column (columns: {', '.join(ds.column_names)}); pass --label_column")
     names = class_names(ds, label_column)
-    config = DiTTransformer2DModel.load_config(
-        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
-    )
+    try:
+        config = DiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer",
+                                                   revision=args.revision, cache_dir=args.cache_dir)
+    except OSError as e:
+        raise UserError(f"cannot load a DiTPipeline transformer from {args.pretrained_model_name_or_path!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from e
     num_label_rows = config["num_embeds_ada_norm"]  # ImageNet: 1000 rows, and row 1000 is the null class
     if len(names) > num_label_rows:
         raise UserError(f"dataset has {len(names)} classes but the model's label table has {num_label_rows} rows")
@@ -461,6 +465,7 @@ def main(args):
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("final", images, global_step, dataformats="NHWC")
+        args.mixed_precision = accelerator.mixed_precision  # the effective one, also when set by accelerate config
         write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, args.hub_model_id or os.path.basename(
@@ -520,7 +525,7 @@ images = pipe(class_labels=class_ids, guidance_scale={args.validation_guidance_s
         datasets=[args.dataset] if not os.path.exists(args.dataset) else None,
         description=description,
         hyperparameters=hyper,
-        metrics={f"final {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},
+        metrics={f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},
         image="samples.png",
         usage=usage,
     )

@@ -40,7 +40,7 @@ def test_end_to_end_with_accelerate_launch(tiny_pipeline_dir, digits_dir, tmp_pa
          "--mixed_precision", "no", "--dynamo_backend", "no", "train_diff_tuning_dit.py",
          "--pretrained_model_name_or_path", tiny_pipeline_dir, "--dataset", digits_dir, "--output_dir", str(out),
          *TINY_ARGS, "--max_train_steps", "4", "--validation_steps", "2", "--checkpointing_steps", "2",
-         "--report_to", "tensorboard"],
+         "--report_to", "tensorboard", "--num_validation_images", "10"],
         cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -67,7 +67,8 @@ def test_end_to_end_with_accelerate_launch(tiny_pipeline_dir, digits_dir, tmp_pa
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and card.data.base_model == tiny_pipeline_dir
     assert "diff-tuning" in card.data.tags and "DiTPipeline.from_pretrained" in card.text
-    assert (out / "samples.png").exists() and sorted(os.listdir(out / "checkpoint-4")) != []
+    assert Image.open(out / "samples.png").size == (8 * 8, 2 * 8)  # 10 samples on a 8 x 2 grid
+    assert sorted(os.listdir(out / "checkpoint-4")) != []
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -267,6 +268,7 @@ def _nothing_written(out):
     ("too_many_classes", "1001 classes but the model's label table has 1000 rows"),
     ("bank_shape", r"holds latents of shape \(8, 8, 8\) but the model expects \(8, 4, 4\)"),
     ("resolution", "--resolution 16 gives 8x latents but the model takes 4x"),
+    ("missing_model", "cannot load a DiTPipeline transformer from"),
 ])
 def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digits_dir, tmp_path):
     data, extra = digits_dir, []
@@ -293,8 +295,9 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
         extra = ["--memory_bank", str(tmp_path / "bank")]
     elif case == "resolution":
         extra = ["--resolution", "16"]
+    model = str(tmp_path / "no_model") if case == "missing_model" else tiny_pipeline_dir
     with pytest.raises(UserError, match=message):
-        train(tiny_pipeline_dir, data, tmp_path / "out", *extra)
+        train(model, data, tmp_path / "out", *extra)
     assert _nothing_written(tmp_path / "out")
 
 
