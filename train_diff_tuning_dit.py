@@ -41,6 +41,8 @@ from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
 from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
 from utils.timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
+from utils.tuning import (DEFAULT_LORA_TARGETS, TUNING_MODES, apply_tuning, fold_difffit_scales, parameter_counts,
+                          stock_model)
 
 logger = get_logger(__name__)
 
@@ -86,6 +88,18 @@ def parse_args(argv=None):
     g.add_argument("--memory_bank_inference_steps", type=int, default=50, help="DDIM steps of bank generation.")
     g.add_argument("--memory_bank_batch_size", type=int, default=32, help="Generation batch size (per process).")
 
+    g = p.add_argument_group("parameter-efficient tuning (orthogonal to --method)")
+    g.add_argument("--tuning", choices=TUNING_MODES, default="full",
+                   help="Which weights train: all, biases only (BitFit), DiffFit, or LoRA adapters (peft).")
+    g.add_argument("--difffit_blocks", type=int, default=14, help="DiffFit: blocks that get scale factors gamma.")
+    g.add_argument("--difffit_lr_scale", type=float, default=10.0, help="DiffFit: learning-rate multiplier.")
+    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+    g.add_argument("--lora_target_modules", nargs="+", default=DEFAULT_LORA_TARGETS,
+                   help="Module names that get LoRA adapters.")
+    g.add_argument("--merge_lora", action="store_true",
+                   help="Save a merged full DiTPipeline instead of the peft adapter.")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=32, help="Batch per device, bank and data together "
                    "(the paper: 32 on one device).")
@@ -124,6 +138,9 @@ def parse_args(argv=None):
     g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
     g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    g.add_argument("--push_memory_bank", action="store_true", help="Also push the memory bank as a Hub dataset.")
+    g.add_argument("--memory_bank_hub_id", default=None,
+                   help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -297,6 +314,11 @@ def main(args):
                 batch_size=args.memory_bank_batch_size, seed=args.seed,
             )
 
+    # ---- Which weights train (after the bank, so that it always comes from the untouched pre-trained model).
+    transformer = apply_tuning(transformer, args.tuning, args.difffit_blocks, args.lora_rank, args.lora_alpha,
+                               args.lora_target_modules)
+    trainable, total = parameter_counts(transformer)
+
     # ---- Timestep distributions.
     T = noise_scheduler.config.num_train_timesteps
     tau = args.tau if args.method == "diff_tuning" else 0.0
@@ -344,7 +366,8 @@ def main(args):
     # ---- Optimisation.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate,
+    lr = args.learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=lr,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
@@ -352,8 +375,7 @@ def main(args):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     ema = None
     if args.use_ema:
-        ema = EMAModel(transformer.parameters(), decay=args.ema_decay, model_cls=DiTTransformer2DModel,
-                       model_config=transformer.config)
+        ema = EMAModel(transformer.parameters(), decay=args.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     transformer, optimizer, lr_scheduler, loader = accelerator.prepare(transformer, optimizer, lr_scheduler, loader)
@@ -362,7 +384,8 @@ def main(args):
 
     if accelerator.is_main_process:
         accelerator.init_trackers("diff-tuning-dit", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))})
+                                                             if isinstance(v, (int, float, str, bool))
+                                                             and k != "hub_token"})  # never written anywhere
 
     # ---- Resume.
     global_step = 0
@@ -380,11 +403,10 @@ def main(args):
     def encode(pixels):
         return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
 
-    trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in transformer.parameters())
     logger.info(f"{len(ds)} downstream images in {len(names)} classes; memory bank: "
                 f"{len(bank) if bank is not None else 0} samples; per micro-batch {n_bank} bank + {n_data} data rows")
-    logger.info(f"trainable parameters: {trainable:,} of {total:,}; steps {global_step} -> {args.max_train_steps}")
+    logger.info(f"{args.tuning} tuning: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+                f"steps {global_step} -> {args.max_train_steps}")
     validation_classes = [i % len(names) for i in range(args.num_validation_images)]
     logs = {}
     transformer.train()
@@ -439,8 +461,8 @@ def main(args):
                 ema.copy_to(model.parameters())
             model.eval()
             with accelerator.autocast():  # the frozen VAE is in the mixed-precision dtype
-                images, _ = sample_grid(model, vae, pipeline.scheduler.config, validation_classes, args,
-                                        accelerator.device)
+                images, _ = sample_grid(stock_model(model), vae, pipeline.scheduler.config, validation_classes,
+                                        args, accelerator.device)
             model.train()
             if ema is not None:
                 ema.restore(model.parameters())
@@ -458,8 +480,16 @@ def main(args):
         model.eval()
         if vae.dtype != torch.float32:
             vae.to(torch.float32)  # it ran in the mixed-precision dtype; the saved pipeline is fp32
-        save_pipeline(model, vae, pipeline.scheduler, names, args.output_dir)
-        images, grid = sample_grid(model, vae, pipeline.scheduler.config, validation_classes, args,
+        if args.tuning == "difffit":
+            fold_difffit_scales(model)  # a stock DiTTransformer2DModel again, same outputs
+        if args.tuning == "lora" and not args.merge_lora:
+            model.save_pretrained(args.output_dir)  # adapter_config.json + adapter_model.safetensors
+            with open(os.path.join(args.output_dir, "id2label.json"), "w") as f:
+                json.dump({str(i): name for i, name in enumerate(names)}, f, indent=2)
+        else:
+            model = model.merge_and_unload() if args.tuning == "lora" else model
+            save_pipeline(model, vae, pipeline.scheduler, names, args.output_dir)
+        images, grid = sample_grid(stock_model(model), vae, pipeline.scheduler.config, validation_classes, args,
                                    accelerator.device)
         grid.save(os.path.join(args.output_dir, "samples.png"))
         for tracker in accelerator.trackers:
@@ -468,9 +498,12 @@ def main(args):
         args.mixed_precision = accelerator.mixed_precision  # the effective one, also when set by accelerate config
         write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs)
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, args.hub_model_id or os.path.basename(
-                os.path.abspath(args.output_dir)), args.hub_token, args.hub_private_repo)
+            repo = hub.push_folder(args.output_dir, hub_repo_id(args), args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
+            if args.push_memory_bank and bank is not None:
+                repo = hub.push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
+                                            args.hub_token, args.hub_private_repo)
+                logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
     accelerator.end_training()
     return accelerator.unwrap_model(transformer)
 
@@ -487,42 +520,64 @@ def save_pipeline(transformer, vae, scheduler, names, output_dir):
         json.dump(index, f, indent=2)
 
 
+def hub_repo_id(args):
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
 def write_card(args, names, bank_dir, trainable, total, last_logs):
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard fine-tuning"
-    hyper = {"method": args.method, "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
-             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
-             "lr_scheduler": args.lr_scheduler, "resolution": args.resolution, "label_dropout": args.label_dropout,
-             "use_ema": args.use_ema, "mixed_precision": args.mixed_precision, "seed": args.seed,
-             "trainable_parameters": f"{trainable:,} / {total:,}"}
+    tuning = {"full": "all weights", "bitfit": "bias terms only (BitFit)", "lora": "LoRA adapters",
+              "difffit": "DiffFit (biases, class embedding, scale factors)"}[args.tuning]
+    hyper = {"method": args.method, "tuning": args.tuning, "steps": args.max_train_steps,
+             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+             "learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
+             "label_dropout": args.label_dropout, "use_ema": args.use_ema, "mixed_precision": args.mixed_precision,
+             "seed": args.seed, "trainable_parameters": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"}
+    if args.tuning == "difffit":
+        hyper.update({"difffit_blocks": args.difffit_blocks, "difffit_lr_scale": args.difffit_lr_scale})
+    if args.tuning == "lora":
+        hyper.update({"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank,
+                      "lora_target_modules": " ".join(args.lora_target_modules), "merged": args.merge_lora})
     if bank_dir is not None:
         info = bank_info(bank_dir)
         hyper.update({"tau": args.tau, "xi_form": args.xi_form, "weighting": args.weighting,
                       "retention_ratio": args.retention_ratio, "retention_weight": args.retention_weight,
-                      "memory_bank": args.memory_bank or "generated for this run", "memory_bank_size": info["size"],
-                      "memory_bank_guidance_scale": info["guidance_scale"],
+                      "memory_bank": args.memory_bank_hub_id or args.memory_bank or "generated for this run",
+                      "memory_bank_size": info["size"], "memory_bank_guidance_scale": info["guidance_scale"],
                       "memory_bank_inference_steps": info["num_inference_steps"]})
     description = (
         f"A class-conditional DiT fine-tuned from `{args.pretrained_model_name_or_path}` on `{args.dataset}` "
-        f"({len(names)} classes) with {method}. "
+        f"({len(names)} classes) with {method}, training {tuning}. "
         + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples "
            "of the pre-trained model drawn at small timesteps, to retain its denoising knowledge near the data, "
            "and trains on the new data mostly at large timesteps, where the domain is shaped."
-           if bank_dir else "All weights were trained with the ordinary uniform-timestep denoising loss.")
+           if bank_dir else "The new data was trained with the ordinary uniform-timestep denoising loss.")
     )
+    repo, example = hub_repo_id(args), ", ".join(repr(n) for n in names[:2])
+    if args.tuning == "lora" and not args.merge_lora:
+        load = f'''import json
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+
+id2label = json.load(open(hf_hub_download("{repo}", "id2label.json")))
+pipe = DiTPipeline.from_pretrained("{args.pretrained_model_name_or_path}", id2label=id2label)
+pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{repo}").merge_and_unload()'''
+    else:
+        load = f'pipe = DiTPipeline.from_pretrained("{repo}")'
     usage = f'''import torch
 from diffusers import DiTPipeline
-
-pipe = DiTPipeline.from_pretrained("{args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))}")
-print(pipe.labels)  # the fine-tuned classes, e.g. {dict(list((n, i) for i, n in enumerate(names))[:3])}
-class_ids = pipe.get_label_ids([{", ".join(repr(n) for n in names[:2])}])
+{load}
+print(pipe.labels)  # the fine-tuned classes: {dict(list((n, i) for i, n in enumerate(names))[:3])} ...
+class_ids = pipe.get_label_ids([{example}])
 images = pipe(class_labels=class_ids, guidance_scale={args.validation_guidance_scale}, num_inference_steps=50,
               generator=torch.manual_seed(0)).images'''
     hub.save_model_card(
         args.output_dir,
         title=f"{method} of {args.pretrained_model_name_or_path} on {args.dataset}",
         base_model=args.pretrained_model_name_or_path,
-        tags=["dit", "class-conditional", "diff-tuning" if bank_dir else "standard-fine-tuning"],
+        tags=["dit", "class-conditional", "diff-tuning" if bank_dir else "standard-fine-tuning", args.tuning],
         datasets=[args.dataset] if not os.path.exists(args.dataset) else None,
+        license=hub.base_model_license(args.pretrained_model_name_or_path),
         description=description,
         hyperparameters=hyper,
         metrics={f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},

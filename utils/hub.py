@@ -2,13 +2,15 @@
 
 import os
 
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+import datasets
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub import get_token, whoami
 
 from .errors import UserError
 
-# Never uploaded: resumable training state, logs, memory-bank shards in progress.
-UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*.partial/**", "*.tmp/**"]
+# Never uploaded with a model: resumable training state, logs, the memory bank (a dataset of its own, see
+# push_memory_bank) and anything half-written.
+UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*"]
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -25,6 +27,15 @@ def check_hub_access(token: str | None) -> str:
         return whoami(token=token)["name"]
     except Exception as e:
         raise UserError(f"--push_to_hub: the Hub did not accept the token or could not be reached ({type(e).__name__})")
+
+
+def base_model_license(name: str) -> str | None:
+    """The license in the base model's card (a local folder's README.md, or the Hub's when reachable)."""
+    try:
+        path = os.path.join(name, "README.md")
+        return (ModelCard.load(path) if os.path.exists(path) else ModelCard.load(name)).data.license
+    except Exception:  # offline, no card, no metadata: the card then says nothing about the license
+        return None
 
 
 def save_model_card(
@@ -74,4 +85,41 @@ def push_folder(output_dir: str, repo_id: str, token: str | None, private: bool 
         ignore_patterns=UPLOAD_IGNORE,
         token=token,
     )
+    return repo_id
+
+
+def memory_bank_card(info: dict) -> DatasetCard:
+    """Dataset card of a memory bank: what generated it and how to use it."""
+    data = DatasetCardData(tags=["diff-tuning", "memory-bank", "synthetic"], size_categories=None)
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in info.items())
+    return DatasetCard(f"""---
+{data.to_yaml()}
+---
+
+# Diff-Tuning memory bank of {info.get("base_model")}
+
+Samples of the pre-trained pipeline `{info.get("base_model")}`, generated for Diff-Tuning
+([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)): each row holds the generated `image`, the `class_label` and
+`seed` that generated it, and the VAE posterior of the image and of its mirror image (`latent_moments`,
+`latent_moments_flipped`: mean and log-variance stacked on the channel axis, unscaled).
+
+| generation setting | value |
+|---|---|
+{rows}
+
+To reuse it: `datasets.load_dataset("<this repo>", split="train").save_to_disk("bank")`, download
+`memory_bank.json` from this repo into `bank/`, then `train_diff_tuning_dit.py --memory_bank bank`.
+""")
+
+
+def push_memory_bank(bank_dir: str, repo_id: str, token: str | None, private: bool = False) -> str:
+    """Push a memory bank as a Hub dataset with its own card and generation settings. Returns the repo id."""
+    from .memory_bank import CONFIG_NAME, bank_info
+
+    token = resolve_token(token)
+    repo_id = create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private, token=token).repo_id
+    datasets.load_from_disk(bank_dir).push_to_hub(repo_id, token=token, private=private)
+    memory_bank_card(bank_info(bank_dir)).push_to_hub(repo_id, repo_type="dataset", token=token)
+    upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=bank_dir, allow_patterns=[CONFIG_NAME],
+                  token=token, commit_message="Add memory-bank generation settings")
     return repo_id

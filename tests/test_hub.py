@@ -1,0 +1,105 @@
+import os
+
+import datasets
+import pytest
+from huggingface_hub import DatasetCard, ModelCard
+from huggingface_hub.utils import filter_repo_objects
+
+import train_diff_tuning_dit as script
+from test_train_dit import train
+from utils import hub
+from utils.errors import UserError
+
+TOKEN = "hf_TESTSECRETdoNotLeak123"
+
+
+class Recorder:
+    """Stands in for one Hub client function: records its calls, sends nothing."""
+
+    def __init__(self, result=None):
+        self.calls, self.result = [], result
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result(*args, **kwargs) if callable(self.result) else self.result
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    class Repo:
+        def __init__(self, repo_id, **_):
+            self.repo_id = repo_id
+
+    calls = {"whoami": Recorder({"name": "me"}), "create_repo": Recorder(Repo), "upload_folder": Recorder(),
+             "dataset_push": Recorder(), "card_push": Recorder()}
+    monkeypatch.setattr(hub, "whoami", calls["whoami"])
+    monkeypatch.setattr(hub, "create_repo", calls["create_repo"])
+    monkeypatch.setattr(hub, "upload_folder", calls["upload_folder"])
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, *a, **kw: calls["dataset_push"](self, *a, **kw))
+    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, *a, **kw: calls["card_push"](self, *a, **kw))
+    return calls
+
+
+def test_push_uploads_exactly_the_model_and_never_the_token(hub_calls, tiny_pipeline_dir, digits_dir, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_pipeline_dir, digits_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+          "--report_to", "tensorboard", "--push_to_hub", "--hub_token", TOKEN, "--hub_model_id", "me/dit-digits",
+          "--hub_private_repo", "--push_memory_bank")
+    assert hub_calls["whoami"].calls == [((), {"token": TOKEN})]  # checked before training
+
+    (model_repo, model_kw), (bank_repo, bank_kw) = hub_calls["create_repo"].calls
+    assert model_repo == ("me/dit-digits",) and model_kw["private"] is True and model_kw["token"] == TOKEN
+    assert bank_repo == ("me/dit-digits-memory-bank",) and bank_kw["repo_type"] == "dataset"
+
+    (_, upload), (_, bank_upload) = hub_calls["upload_folder"].calls
+    assert upload["repo_id"] == "me/dit-digits" and upload["folder_path"] == str(out)
+    uploaded = sorted(filter_repo_objects(files_under(out), ignore_patterns=upload["ignore_patterns"]))
+    assert uploaded == ["README.md", "model_index.json", "samples.png", "scheduler/scheduler_config.json",
+                        "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                        "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert any(f.startswith("checkpoint-") for f in files_under(out)) and any(f.startswith("logs/") for f in
+                                                                                files_under(out))
+    # The memory bank goes to its own dataset repo, with a card and its generation settings.
+    (bank, *_), push_kw = hub_calls["dataset_push"].calls[0]
+    assert len(bank) == 16 and hub_calls["dataset_push"].calls[0][0][1] == "me/dit-digits-memory-bank"
+    (card, *_), card_kw = hub_calls["card_push"].calls[0]
+    assert {"diff-tuning", "memory-bank"} <= set(card.data.tags) and card_kw["repo_type"] == "dataset"
+    assert bank_upload["allow_patterns"] == ["memory_bank.json"]
+
+    for f in files_under(out):
+        with open(out / f, "rb") as fh:
+            assert TOKEN.encode() not in fh.read(), f"the token was written to {f}"
+    assert TOKEN not in str(card)
+
+
+def test_missing_token_fails_before_training(monkeypatch, tiny_pipeline_dir, digits_dir, tmp_path):
+    monkeypatch.setattr(hub, "get_token", lambda: None)  # no --hub_token, no HF_TOKEN, no cached login
+    with pytest.raises(UserError, match="--push_to_hub needs a token"):
+        train(tiny_pipeline_dir, digits_dir, tmp_path, "--push_to_hub")
+    assert not os.path.exists(tmp_path / "memory_bank") and not os.path.exists(tmp_path / "model_index.json")
+
+
+def test_unreachable_hub_fails_before_training(tiny_pipeline_dir, digits_dir, tmp_path):
+    # HF_HUB_OFFLINE=1 (set for all tests): the real whoami cannot reach the Hub.
+    with pytest.raises(UserError, match="could not be reached"):
+        train(tiny_pipeline_dir, digits_dir, tmp_path, "--push_to_hub", "--hub_token", TOKEN)
+    assert not os.path.exists(tmp_path / "memory_bank")
+
+
+def test_card_metadata_for_hub_dataset_and_base_license(tmp_path, tiny_pipeline_dir):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# a base model\n")
+    args = script.parse_args(["--pretrained_model_name_or_path", str(base), "--dataset", "someone/flowers",
+                              "--output_dir", str(tmp_path / "out"), "--tuning", "bitfit", "--method", "standard"])
+    os.makedirs(args.output_dir)
+    script.write_card(args, ["rose", "tulip"], None, 10, 1000, {"loss": 0.5})
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.datasets == ["someone/flowers"] and card.data.license == "cc-by-nc-4.0"
+    assert set(card.data.tags) >= {"standard-fine-tuning", "bitfit", "diffusers-training"}
+    assert card.data.library_name == "diffusers" and card.data.base_model == str(base)
+    assert "10 / 1,000 (1.00%)" in card.text and "`learning_rate` | `0.0001`" in card.text

@@ -1,0 +1,109 @@
+"""Which parameters train: full fine-tuning, bias-only (BitFit), DiffFit, and LoRA through peft.
+
+Every mode leaves a model that saves as a stock diffusers model (LoRA: a stock peft adapter, or merged weights):
+- `bitfit`: only bias terms train.
+- `difffit` (Xie et al., 2023): bias terms, normalisation parameters and the class embedding train, plus new
+  ones-initialised per-channel scale factors gamma on the attention output and on the feed-forward output (the
+  two residual branches) of the first `num_blocks` transformer blocks. gamma * (W x + b) = (gamma W) x + gamma b,
+  so `fold_difffit_scales` puts each gamma into the linear layer it follows, exactly, before saving.
+- `lora`: low-rank adapters from `peft` on the attention and feed-forward projections.
+"""
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+TUNING_MODES = ("full", "bitfit", "difffit", "lora")
+# DiT (diffusers names): attention projections and both feed-forward layers of every block.
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+
+
+class ScaledLinear(nn.Module):
+    """A linear layer followed by a learnable per-output-channel scale gamma, initialised to ones."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.gamma = nn.Parameter(torch.ones(linear.out_features, device=linear.weight.device))
+
+    def forward(self, x):
+        return self.linear(x) * self.gamma
+
+    def folded(self) -> nn.Linear:
+        with torch.no_grad():
+            self.linear.weight.mul_(self.gamma[:, None].to(self.linear.weight.dtype))
+            if self.linear.bias is not None:
+                self.linear.bias.mul_(self.gamma.to(self.linear.bias.dtype))
+        return self.linear
+
+
+def _difffit_sites(model, num_blocks):
+    """(parent ModuleList, index) of the attention-output and feed-forward-output linears of the first blocks."""
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise UserError(f"--tuning difffit needs a model with transformer_blocks; {type(model).__name__} has none")
+    if not 0 < num_blocks <= len(blocks):
+        raise UserError(f"--difffit_blocks must be in 1..{len(blocks)} for this model, got {num_blocks}")
+    return [(site, len(site) - 1 if site is block.ff.net else 0)
+            for block in blocks[:num_blocks] for site in (block.attn1.to_out, block.ff.net)]
+
+
+def add_difffit_scales(model, num_blocks: int) -> None:
+    for parent, index in _difffit_sites(model, num_blocks):
+        parent[index] = ScaledLinear(parent[index])
+
+
+def fold_difffit_scales(model) -> None:
+    """Replace every ScaledLinear by its linear layer with gamma folded in: a stock model again."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ScaledLinear):
+                setattr(module, name, child.folded())  # also right for ModuleList entries ("0", "2")
+
+
+def _is_difffit_parameter(module_name, module, param_name):
+    return (param_name == "bias" or param_name == "gamma" or isinstance(module, NORM_TYPES)
+            or "class_embedder" in module_name)
+
+
+def apply_tuning(model, mode: str, difffit_blocks: int = 14, lora_rank: int = 4, lora_alpha: float | None = None,
+                 lora_target_modules=None):
+    """Set up `model` for `mode` and return the model to train (a `PeftModel` for lora)."""
+    if mode not in TUNING_MODES:
+        raise UserError(f"--tuning must be one of {TUNING_MODES}, got {mode!r}")
+    if mode == "full":
+        model.requires_grad_(True)
+        return model
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        if lora_rank < 1:
+            raise UserError(f"--lora_rank must be >= 1, got {lora_rank}")
+        targets = lora_target_modules or DEFAULT_LORA_TARGETS
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets,
+                            init_lora_weights="gaussian")
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:
+            raise UserError(f"--lora_target_modules {targets}: {str(e).splitlines()[0]}") from e
+    if mode == "difffit":
+        add_difffit_scales(model, difffit_blocks)
+    model.requires_grad_(False)
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param_name == "bias" or (mode == "difffit" and _is_difffit_parameter(module_name, module, param_name)):
+                param.requires_grad_(True)
+    return model
+
+
+def stock_model(model):
+    """The diffusers model inside a peft wrapper (adapters still active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
