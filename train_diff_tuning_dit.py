@@ -269,14 +269,22 @@ def main(args):
     num_label_rows = config["num_embeds_ada_norm"]  # ImageNet: 1000 rows, and row 1000 is the null class
     if len(names) > num_label_rows:
         raise UserError(f"dataset has {len(names)} classes but the model's label table has {num_label_rows} rows")
+    n_bank = num_bank_samples(args)
+    n_data = args.train_batch_size - n_bank
+    if len(ds) < n_data * accelerator.num_processes:
+        raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {n_data} downstream rows on each of "
+                        f"{accelerator.num_processes} process(es); lower --train_batch_size")
+    if args.method == "diff_tuning" and args.memory_bank_size < n_bank * accelerator.num_processes:
+        raise UserError(f"--memory_bank_size {args.memory_bank_size} is smaller than one batch of {n_bank} bank rows "
+                        f"on each of {accelerator.num_processes} process(es)")
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
     latent_shape = (2 * config["in_channels"], config["sample_size"], config["sample_size"])
     if args.method == "diff_tuning" and is_memory_bank(bank_dir):
         load_memory_bank(bank_dir, latent_shape)  # a bank made for another model fails here, not at step 1
     if not args.skip_image_check:
         with accelerator.main_process_first():
-            check_images(ds, image_column, lambda it: tqdm(it, desc="checking images",
-                                                           disable=not accelerator.is_local_main_process))
+            check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
+                                                                  disable=not accelerator.is_local_main_process))
 
     # ---- Models.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -328,8 +336,6 @@ def main(args):
         retention_weights(T, tau, args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)) if bank else None
 
     # ---- Data loaders: downstream rows and bank rows of every micro-batch.
-    n_bank = num_bank_samples(args)
-    n_data = args.train_batch_size - n_bank
     ds = ds.rename_column(label_column, "labels") if label_column != "labels" else ds
     if args.cache_latents:
         def encode_batch(batch):

@@ -269,6 +269,7 @@ def _nothing_written(out):
     ("bank_shape", r"holds latents of shape \(8, 8, 8\) but the model expects \(8, 4, 4\)"),
     ("resolution", "--resolution 16 gives 8x latents but the model takes 4x"),
     ("missing_model", "cannot load a DiTPipeline transformer from"),
+    ("smaller_than_batch", "dataset has 3 images, fewer than one batch of 4"),
 ])
 def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digits_dir, tmp_path):
     data, extra = digits_dir, []
@@ -293,6 +294,8 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
         run_module("utils.memory_bank", "--pretrained_model_name_or_path", str(tmp_path / "other"),
                    "--output_dir", str(tmp_path / "bank"), "--size", "2", "--num_inference_steps", "2")
         extra = ["--memory_bank", str(tmp_path / "bank")]
+    elif case == "smaller_than_batch":
+        data = _dataset_on_disk(tmp_path / "ds", image=[Image.new("RGB", (8, 8))] * 3, label=[0, 1, 2])
     elif case == "resolution":
         extra = ["--resolution", "16"]
     model = str(tmp_path / "no_model") if case == "missing_model" else tiny_pipeline_dir

@@ -80,9 +80,9 @@ def class_names(ds: datasets.Dataset, label_column: str) -> list[str]:
 
 def check_images(ds: datasets.Dataset, image_column: str, progress=None) -> None:
     """Decode every image once, so a corrupt file fails now, with its name, and not hours into training."""
-    raw = ds.cast_column(image_column, datasets.Image(decode=False))
-    items = raw[image_column]
-    for i, item in enumerate(progress(items) if progress else items):
+    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    rows = (row[image_column] for row in raw)  # one at a time: the whole set's bytes never sit in memory
+    for i, item in enumerate(progress(rows, total=len(raw)) if progress else rows):
         where = item.get("path") or f"row {i}"
         try:
             if item.get("bytes") is not None:
