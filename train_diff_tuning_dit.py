@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from utils import hub
 from utils.checkpointing import checkpoint_step, resolve_resume, save_checkpoint, step_generator
-from utils.data import (ResumableLoader, check_images, class_names, find_column, image_transform,
-                        load_image_dataset, to_tensor)
+from utils.data import (ArrowBatches, ResumableLoader, as_batch, check_images, class_names, find_column,
+                        image_transform, load_image_dataset, to_tensor)
 from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
 from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
@@ -358,16 +358,16 @@ def main(args):
                                              dict(vae.config), args.resolution, str(vae.dtype)]),
                 desc="caching latents",
             )
-        ds = ds.with_format("torch", columns=["labels", "latent_moments", "latent_moments_flipped"])
+        rows, collate = ArrowBatches(ds, ["labels", "latent_moments", "latent_moments_flipped"]), as_batch
     else:
-        ds = ds.with_transform(image_transform(image_column, "labels", args.resolution))
-    loader = torch.utils.data.DataLoader(ds, batch_size=n_data, shuffle=True, drop_last=True,
+        rows, collate = ds.with_transform(image_transform(image_column, "labels", args.resolution)), None
+    loader = torch.utils.data.DataLoader(rows, batch_size=n_data, shuffle=True, drop_last=True, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers)
     bank_loader = None
     if bank is not None:
-        bank = bank.with_format("torch", columns=["class_label", "latent_moments", "latent_moments_flipped"])
-        bank_loader = torch.utils.data.DataLoader(bank, batch_size=n_bank, shuffle=True, drop_last=True,
-                                                  num_workers=args.dataloader_num_workers)
+        bank_loader = torch.utils.data.DataLoader(
+            ArrowBatches(bank, ["class_label", "latent_moments", "latent_moments_flipped"]), batch_size=n_bank,
+            shuffle=True, drop_last=True, collate_fn=as_batch, num_workers=args.dataloader_num_workers)
 
     # ---- Optimisation.
     if args.scale_lr:
