@@ -344,3 +344,9 @@ def test_help_documents_every_flag_with_its_default():
     assert {"--tau", "--xi_form", "--retention_ratio", "--retention_weight", "--memory_bank_size",
             "--cache_latents", "--resume_from_checkpoint", "--push_to_hub"} <= set(parser_flags)
     assert "(default: 24000)" in proc.stdout and "(default: 0.5)" in proc.stdout
+
+
+def test_checkpoint_rotation_keeps_the_newest(tiny_pipeline_dir, digits_dir, tmp_path):
+    train(tiny_pipeline_dir, digits_dir, tmp_path, "--method", "standard", "--max_train_steps", "5",
+          "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
