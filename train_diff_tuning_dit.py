@@ -20,27 +20,26 @@ import os
 import sys
 
 import datasets
-import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from utils import hub
-from utils.checkpointing import checkpoint_step, resolve_resume, save_checkpoint, step_generator
+from utils.checkpointing import resume, step_generator
 from utils.data import (ArrowBatches, ResumableLoader, as_batch, check_images, class_names, find_column,
                         image_transform, load_image_dataset, to_tensor)
 from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
 from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
 from utils.timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
+from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
+                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator,
+                            make_optimizer, tracker_config, weight_dtype)
 from utils.tuning import (DEFAULT_LORA_TARGETS, TUNING_MODES, apply_tuning, fold_difffit_scales, parameter_counts,
                           stock_model)
 
@@ -100,44 +99,11 @@ def parse_args(argv=None):
     g.add_argument("--merge_lora", action="store_true",
                    help="Save a merged full DiTPipeline instead of the peft adapter.")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=32, help="Batch per device, bank and data together "
-                   "(the paper: 32 on one device).")
-    g.add_argument("--max_train_steps", type=int, default=24000, help="Optimizer steps.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate.")
-    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
-    g.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name (constant, cosine, ...).")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (DiT: 0).")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    g.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping norm (DiT: none).")
-    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what gets saved.")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (DiT: 0.9999).")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Mixed precision (default: accelerate config).")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA).")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
-    g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
-
-    g = p.add_argument_group("checkpoints, validation, logging, Hub")
-    g.add_argument("--checkpointing_steps", type=int, default=2000, help="Save resumable state every N steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
-    g.add_argument("--validation_steps", type=int, default=2000, help="Sample a validation grid every N steps (0: never).")
-    g.add_argument("--num_validation_images", type=int, default=8, help="Images per grid, cycling over the classes.")
+    add_optimisation_args(p, batch_size=32, batch_help="Batch per device, bank and data together (the paper: 32 on "
+                          "one device).", max_train_steps=24000, learning_rate=1e-4, max_grad_norm=None,
+                          ema_decay=0.9999, paper="DiT: 24K steps, lr 1e-4")
+    g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
     g.add_argument("--validation_guidance_scale", type=float, default=1.5, help="CFG scale of validation/final samples.")
-    g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps of validation samples.")
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
-    g.add_argument("--logging_dir", default="logs", help="Log folder, relative to output_dir.")
-    g.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, no logs).")
-    g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
-    g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
-    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     g.add_argument("--push_memory_bank", action="store_true", help="Also push the memory bank as a Hub dataset.")
     g.add_argument("--memory_bank_hub_id", default=None,
                    help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
@@ -156,10 +122,7 @@ def check_args(args):
         raise UserError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     if args.retention_weight < 0:
         raise UserError(f"--retention_weight must be >= 0, got {args.retention_weight}")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "memory_bank_size", "memory_bank_batch_size", "resolution"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_common_args(args, positive=("memory_bank_size", "memory_bank_batch_size", "resolution"))
     if args.method == "diff_tuning":
         n_bank = num_bank_samples(args)
         if n_bank == 0:
@@ -169,8 +132,6 @@ def check_args(args):
             raise UserError("--retention_ratio x --train_batch_size leaves no downstream samples in the batch")
         if args.xi_form == "paper" and args.weighting == "power" and args.tau == 0:
             raise UserError("--tau 0 makes xi = 1 - u^0 zero everywhere (no retention); use --method standard")
-    if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
-        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; xformers has no CPU kernels")
 
 
 def num_bank_samples(args) -> int:
@@ -214,42 +175,29 @@ def compose_batch(data, bank, encode, null_class, adapt_sampler, retain_sampler,
 
 
 @torch.no_grad()
-def sample_grid(transformer, vae, scheduler_config, class_ids, args, device):
-    """Sample one image per class id with DDIM + CFG, as the paper evaluates; returns (images NHWC in [0,1], grid)."""
+def sample_images(transformer, vae, scheduler_config, class_ids, args, device):
+    """Sample one image per class id with DDIM + CFG, as the paper evaluates; returns NHWC images in [0, 1]."""
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = pipe(
+    return pipe(
         class_labels=class_ids,
         guidance_scale=args.validation_guidance_scale,
         num_inference_steps=args.validation_inference_steps,
         generator=generator,
         output_type="np",
     ).images
-    cols = min(len(class_ids), 8)
-    rows = math.ceil(len(class_ids) / cols)
-    tiles = pipe.numpy_to_pil(np.concatenate([images, np.zeros((rows * cols - len(images), *images.shape[1:]))]))
-    return images, make_image_grid(tiles, rows=rows, cols=cols)
 
 
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        # Epoch e always shuffles the same way, so a resumed run can skip to the exact batch it stopped at.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(args, args.output_dir, logging_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
     set_seed(args.seed)
     if args.push_to_hub:
         hub.check_hub_access(args.hub_token)  # not after 24K steps
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- Data: load and check everything cheap before any model is loaded.
     ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
@@ -287,7 +235,6 @@ def main(args):
                                                                   disable=not accelerator.is_local_main_process))
 
     # ---- Models.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                            cache_dir=args.cache_dir)
     transformer, vae = pipeline.transformer, pipeline.vae
@@ -304,7 +251,7 @@ def main(args):
     learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     vb_loss = LearnedVarianceLoss(noise_scheduler.betas) if learned_sigma else None
-    vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    vae = freeze(vae, accelerator.device, weight_dtype(accelerator))
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -373,12 +320,8 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     lr = args.learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
-    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=lr,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                  eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    optimizer, lr_scheduler = make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
+                                             accelerator, lr)
     ema = None
     if args.use_ema:
         ema = EMAModel(transformer.parameters(), decay=args.ema_decay)
@@ -389,19 +332,10 @@ def main(args):
         bank_loader = accelerator.prepare(bank_loader)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("diff-tuning-dit", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))
-                                                             and k != "hub_token"})  # never written anywhere
+        accelerator.init_trackers("diff-tuning-dit", config=tracker_config(args))
 
     # ---- Resume.
-    global_step = 0
-    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and resume_path is None:
-        logger.info("no checkpoint to resume from; starting a new run")
-    if resume_path:
-        accelerator.load_state(resume_path)
-        global_step = checkpoint_step(resume_path)
-        logger.info(f"resumed from {resume_path} at step {global_step}")
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
@@ -439,42 +373,20 @@ def main(args):
             loss_adapt = per_sample[n_bank_rows:].mean()
             loss_retain = per_sample[:n_bank_rows].mean() if n_bank_rows else torch.zeros_like(loss_adapt)
             loss = loss_adapt + args.retention_weight * loss_retain
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+            apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm)
 
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        if ema is not None:
-            ema.step(transformer.parameters())
-        progress.update(1)
         logs = {"loss": loss.detach().item(), "loss_adapt": loss_adapt.detach().item(),
                 "loss_retain": loss_retain.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=global_step)
-
-        if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            logger.info(f"saved state to {path}")
+        end_of_step(accelerator, transformer, ema, progress, logs, global_step, args.output_dir, args, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            model = accelerator.unwrap_model(transformer)
-            if ema is not None:
-                ema.store(model.parameters())
-                ema.copy_to(model.parameters())
-            model.eval()
-            with accelerator.autocast():  # the frozen VAE is in the mixed-precision dtype
-                images, _ = sample_grid(stock_model(model), vae, pipeline.scheduler.config, validation_classes,
-                                        args, accelerator.device)
-            model.train()
-            if ema is not None:
-                ema.restore(model.parameters())
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_images("validation", images, global_step, dataformats="NHWC")
+            # autocast: the frozen VAE is in the mixed-precision dtype
+            with averaged_weights(accelerator.unwrap_model(transformer), ema) as model, accelerator.autocast():
+                images = sample_images(stock_model(model), vae, pipeline.scheduler.config, validation_classes,
+                                       args, accelerator.device)
+            log_images(accelerator, "validation", images, global_step)
     progress.close()
 
     # ---- Save a stock DiTPipeline, the class names and a model card.
@@ -495,12 +407,10 @@ def main(args):
         else:
             model = model.merge_and_unload() if args.tuning == "lora" else model
             save_pipeline(model, vae, pipeline.scheduler, names, args.output_dir)
-        images, grid = sample_grid(stock_model(model), vae, pipeline.scheduler.config, validation_classes, args,
-                                   accelerator.device)
-        grid.save(os.path.join(args.output_dir, "samples.png"))
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("final", images, global_step, dataformats="NHWC")
+        images = sample_images(stock_model(model), vae, pipeline.scheduler.config, validation_classes, args,
+                               accelerator.device)
+        image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
+        log_images(accelerator, "final", images, global_step)
         args.mixed_precision = accelerator.mixed_precision  # the effective one, also when set by accelerate config
         write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs)
         if args.push_to_hub:
@@ -577,17 +487,14 @@ print(pipe.labels)  # the fine-tuned classes: {dict(list((n, i) for i, n in enum
 class_ids = pipe.get_label_ids([{example}])
 images = pipe(class_labels=class_ids, guidance_scale={args.validation_guidance_scale}, num_inference_steps=50,
               generator=torch.manual_seed(0)).images'''
-    hub.save_model_card(
+    hub.save_training_card(
         args.output_dir,
         title=f"{method} of {args.pretrained_model_name_or_path} on {args.dataset}",
         base_model=args.pretrained_model_name_or_path,
+        dataset=args.dataset, last_logs=last_logs,
         tags=["dit", "class-conditional", "diff-tuning" if bank_dir else "standard-fine-tuning", args.tuning],
-        datasets=[args.dataset] if not os.path.exists(args.dataset) else None,
-        license=hub.base_model_license(args.pretrained_model_name_or_path),
         description=description,
         hyperparameters=hyper,
-        metrics={f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},
-        image="samples.png",
         usage=usage,
     )
 

@@ -93,7 +93,8 @@ def main():
         "--output_dir", a.output_dir + ".tmp", "--method", "standard", "--resolution", str(a.resolution),
         "--train_batch_size", "64", "--learning_rate", "1e-3", "--max_train_steps", str(a.dit_steps),
         "--lr_scheduler", "cosine", "--lr_warmup_steps", "100", "--cache_latents",
-        "--no-random_flip",  # digits are not mirror-symmetric "--checkpointing_steps", "1000", "--validation_steps", "0", "--report_to", "none",
+        "--no-random_flip",  # digits are not mirror-symmetric
+        "--checkpointing_steps", "1000", "--validation_steps", "0", "--report_to", "none",
         "--validation_inference_steps", "25", "--seed", str(a.seed)]))
     os.replace(a.output_dir + ".tmp", a.output_dir)
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -44,6 +46,30 @@ def tiny_bank_dir(tiny_pipeline_dir, tmp_path_factory):
     return path
 
 
+class MeanColour(torch.nn.Module):
+    """A cheap FID feature extractor for tests (`--feature_extractor conftest:mean_colour`): channel means and
+    standard deviations and a 4x4 pooled image."""
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(2)
+        return torch.cat([pooled.mean(-1), pooled.std(-1), pooled.flatten(1)], dim=1)
+
+
+def mean_colour():
+    return MeanColour()
+
+
+TEST_EXTRACTOR = "conftest:mean_colour"
+
+
+def run_main(script, pipeline_dir, data_dir, out, *args):
+    """A training script's main() in this process (fast); accelerate's singletons are reset between runs."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    argv = ["--pretrained_model_name_or_path", pipeline_dir, "--dataset", data_dir, "--output_dir", str(out), *args]
+    return script.main(script.parse_args(argv))
+
+
 def run_module(module, *args, env=None, check=True):
     """Run `python -m module args` from the repo root, offline."""
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
@@ -51,3 +77,37 @@ def run_module(module, *args, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_dir(tmp_path_factory):
+    from benchmarks.small_unet import build_ddpm_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_ddpm")
+    build_ddpm_pipeline().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    from benchmarks.small_unet import build_sd_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    build_sd_pipeline(str(path / "src")).save_pretrained(path / "pipe")
+    return str(path / "pipe")
+
+
+@pytest.fixture(scope="session")
+def captioned_digits_dir(tmp_path_factory):
+    """64 sklearn digits as an image folder with a metadata.jsonl `text` caption each ("a digit seven")."""
+    import json
+
+    from PIL import Image
+
+    images, labels, names = sklearn_digits()
+    path = tmp_path_factory.mktemp("captioned")
+    with open(path / "metadata.jsonl", "w") as f:
+        for i in range(64):
+            Image.fromarray(images[i]).convert("RGB").save(path / f"{i:03d}.png")
+            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a digit {names[labels[i]]}"}) + "\n")
+    return str(path)

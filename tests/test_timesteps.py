@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
-from utils.timesteps import CategoricalTimestepSampler, adaptation_weights, retention_weights
+from utils.timesteps import (GLOBAL_SAMPLE_MODES, CategoricalTimestepSampler, RangeTimestepSampler, adaptation_weights,
+                             retention_weights, timestep_ranges)
 
 T = 1000
 u = np.arange(1, T + 1) / T
@@ -61,3 +62,45 @@ def test_bad_weights_rejected():
         adaptation_weights(T, -0.1)
     with pytest.raises(ValueError, match="not all zero"):
         CategoricalTimestepSampler(retention_weights(T, 0.0, "paper"))
+
+
+def test_timestep_ranges_cover_without_overlap():
+    assert timestep_ranges(1000, 4) == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+    ranges = timestep_ranges(1000, 3)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    with pytest.raises(ValueError):
+        timestep_ranges(1000, 0)
+
+
+@pytest.mark.parametrize("mode", GLOBAL_SAMPLE_MODES)
+@pytest.mark.parametrize("p,index", [(0.3, 2), (0.0, 0), (1.0, 3)])
+def test_range_sampler_matches_its_distribution(mode, p, index):
+    """200k draws (batches of 64 in batch mode) follow p/T + (1-p)/|range| on the range."""
+    lo, hi = timestep_ranges(T, 4)[index]
+    sampler = RangeTimestepSampler(T, lo, hi, p, mode)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sampler.sample(64, g) for _ in range(200_000 // 64)]).numpy()
+    assert draws.min() >= 0 and draws.max() < T
+    # 40 bins of 25 steps: equal mass inside a bin, so the chi-square has enough counts per cell.
+    expected = sampler.probs().numpy().reshape(40, 25).sum(1) * len(draws)
+    observed = np.bincount(draws // 25, minlength=40)
+    assert observed[expected == 0].sum() == 0
+    keep = expected > 0
+    if mode == "sample":
+        assert stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3
+    else:  # whole batches move together, so check the mass inside the range rather than per-bin independence
+        inside = ((draws >= lo) & (draws < hi)).mean()
+        assert abs(inside - (1 - p + p * (hi - lo) / T)) < 0.02
+
+
+def test_batch_mode_decides_once_and_mirrors():
+    sampler = RangeTimestepSampler(T, 250, 500, 0.5, "batch")
+    g = torch.Generator().manual_seed(3)
+    kinds = set()
+    for _ in range(200):
+        t = sampler.sample(8, g)
+        inside = bool(((t >= 250) & (t < 500)).all())
+        lo, hi = (250, 500) if inside else (0, T)
+        assert torch.equal(t[4:], lo + hi - 1 - t[:4])  # mirrored pairs
+        kinds.add(inside)
+    assert kinds == {True, False}  # both the range and [0, T) occur, each for a whole batch

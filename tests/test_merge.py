@@ -1,0 +1,188 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+import merge_timestep_models as script
+from benchmarks.small_unet import build_ddpm_pipeline
+from conftest import ROOT, TEST_EXTRACTOR
+from utils.errors import UserError
+from utils.merging import SafetensorsWeights, TimestepEnsemble, merge_tensors
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def three_copies(tiny_ddpm_dir, tmp_path_factory):
+    """Three perturbed copies of the tiny DDPM UNet, each saved as a stock model folder."""
+    root = tmp_path_factory.mktemp("copies")
+    folders = []
+    for i in range(3):
+        unet = UNet2DModel.from_pretrained(tiny_ddpm_dir, subfolder="unet")
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        unet.save_pretrained(root / f"m{i}")
+        folders.append(str(root / f"m{i}"))
+    return folders
+
+
+def merge(*argv):
+    return script.main(script.parse_args(list(argv)))
+
+
+def test_task_arithmetic_equals_an_independent_computation(tiny_ddpm_dir, three_copies, tmp_path):
+    w = [0.2, -0.5, 1.3]
+    merge("--base_model", tiny_ddpm_dir, "--models", *three_copies, "--weights", *map(str, w),
+          "--output_dir", str(tmp_path / "out"))
+    base = load_file(os.path.join(tiny_ddpm_dir, "unet", WEIGHTS))
+    thetas = [load_file(os.path.join(f, WEIGHTS)) for f in three_copies]
+    merged = load_file(tmp_path / "out" / "unet" / WEIGHTS)
+    assert set(merged) == set(base)
+    for k in base:
+        expected = base[k].double() + sum(wi * (t[k].double() - base[k].double()) for wi, t in zip(w, thetas))
+        assert torch.allclose(merged[k].double(), expected, atol=1e-6), k
+    # A full stock pipeline: the base's scheduler beside the merged UNet.
+    DDPMPipeline.from_pretrained(tmp_path / "out")(num_inference_steps=2, output_type="np")
+
+
+def test_zero_weights_give_back_the_base_bit_for_bit(tiny_ddpm_dir, three_copies, tmp_path):
+    merge("--base_model", tiny_ddpm_dir, "--models", *three_copies, "--weights", "0", "0", "0",
+          "--output_dir", str(tmp_path / "out"))
+    base = load_file(os.path.join(tiny_ddpm_dir, "unet", WEIGHTS))
+    merged = load_file(tmp_path / "out" / "unet" / WEIGHTS)
+    assert all(base[k].dtype == merged[k].dtype and torch.equal(base[k].view(torch.int32), merged[k].view(torch.int32))
+               for k in base)
+
+
+def test_integer_buffers_are_copied_and_ties_dare_run(tmp_path):
+    base = {"w": torch.randn(64), "steps": torch.tensor([7], dtype=torch.int64)}
+    models = [{"w": base["w"] + torch.randn(64), "steps": torch.tensor([100 + i])} for i in range(2)]
+
+    class Dict:
+        def __init__(self, d):
+            self.d, self.meta = d, {k: (tuple(v.shape), str(v.dtype)) for k, v in d.items()}
+
+        def keys(self):
+            return list(self.d)
+
+        def get(self, k):
+            return self.d[k]
+
+    results = {}
+    for method in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        out = merge_tensors(Dict(base), [Dict(m) for m in models], [0.5, 0.5], method, density=0.5, seed=0)
+        assert torch.equal(out["steps"], base["steps"])
+        results[method] = out["w"]
+    assert not torch.allclose(results["ties"], results["task_arithmetic"])
+    # TIES keeps the top half of each task vector by magnitude: at most 64 changed entries, fewer than all.
+    assert 0 < (results["ties"] != base["w"]).sum() < 64
+    again = merge_tensors(Dict(base), [Dict(m) for m in models], [0.5, 0.5], "dare_linear", density=0.5, seed=0)
+    assert torch.equal(again["w"], results["dare_linear"])  # DARE's pruning is seeded
+
+
+def test_ensemble_uses_model_i_exactly_on_range_i(tiny_ddpm_dir, three_copies, tmp_path):
+    merge("--base_model", tiny_ddpm_dir, "--models", *three_copies, "--ensemble", "--output_dir", str(tmp_path / "e"))
+    ensemble = TimestepEnsemble.from_pretrained(str(tmp_path / "e"))
+    assert ensemble.ranges == [(0, 333), (333, 666), (666, 1000)]
+    models = [UNet2DModel.from_pretrained(f) for f in three_copies]
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 332, 333, 665, 666, 999])
+    with torch.no_grad():
+        mixed = ensemble(x, t).sample
+        for row, ti in enumerate(t.tolist()):
+            i = [k for k, (lo, hi) in enumerate(ensemble.ranges) if lo <= ti < hi][0]
+            alone = models[i](x[row : row + 1], torch.tensor([ti])).sample
+            assert torch.allclose(mixed[row : row + 1], alone, atol=1e-5)
+            for j in set(range(3)) - {i}:
+                assert not torch.allclose(mixed[row : row + 1], models[j](x[row : row + 1], torch.tensor([ti])).sample)
+        assert torch.equal(ensemble(x[:2], 500).sample, models[1](x[:2], 500).sample)  # a pipeline's scalar t
+    # The documented one-liner samples.
+    pipe = DDIMPipeline(unet=ensemble, scheduler=DDIMScheduler.from_pretrained(tiny_ddpm_dir, subfolder="scheduler"))
+    assert pipe(num_inference_steps=3, output_type="np").images.shape == (1, 8, 8, 3)
+    assert "timestep-ensemble" in ModelCard.load(tmp_path / "e" / "README.md").data.tags
+
+
+def test_grid_search_keeps_the_best_and_records_the_table(tiny_ddpm_dir, three_copies, digits_dir, tmp_path):
+    weights, table = merge("--base_model", tiny_ddpm_dir, "--models", *three_copies[:2], "--search", "grid",
+                           "--grid_values", "0", "1", "--validation_dataset", digits_dir, "--validation_batches", "1",
+                           "--validation_batch_size", "8", "--output_dir", str(tmp_path / "out"))
+    assert len(table) == 4 and {tuple(r["weights"]) for r in table} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert weights == table[0]["weights"] and table[0]["mean_loss"] == min(r["mean_loss"] for r in table)
+    assert all(len(r["range_losses"]) == 2 for r in table)
+    assert json.loads((tmp_path / "out" / "search_results.json").read_text()) == table
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "held-out loss, weights" in card.content and "grid" in card.content
+    # What was saved is the merge with the winning weights.
+    again = tmp_path / "again"
+    merge("--base_model", tiny_ddpm_dir, "--models", *three_copies[:2], "--weights", *map(str, weights),
+          "--output_dir", str(again))
+    a, b = load_file(tmp_path / "out" / "unet" / WEIGHTS), load_file(again / "unet" / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fid_search_scores_what_evaluate_measures(tiny_ddpm_dir, three_copies, digits_dir, tmp_path):
+    import evaluate
+
+    weights, table = merge("--base_model", tiny_ddpm_dir, "--models", *three_copies[:2], "--search", "coordinate",
+                           "--search_rounds", "1", "--grid_values", "0", "1", "--search_metric", "fid",
+                           "--feature_extractor", TEST_EXTRACTOR, "--fid_samples", "8", "--fid_inference_steps", "3",
+                           "--validation_dataset", digits_dir, "--validation_batch_size", "8",
+                           "--reference_cache_dir", "", "--output_dir", str(tmp_path / "out"))
+    assert weights == table[0]["weights"] and table[0]["fid"] == min(r["fid"] for r in table)
+    assert len({r["fid"] for r in table}) == len(table) >= 3  # weights change the samples
+    report = evaluate.main(evaluate.parse_args([
+        "--model", str(tmp_path / "out"), "--dataset", digits_dir, "--feature_extractor", TEST_EXTRACTOR,
+        "--num_samples", "8", "--batch_size", "8", "--num_inference_steps", "3", "--reference_cache_dir", "",
+        "--output_file", str(tmp_path / "fid.json")]))
+    assert report["results"][0]["fid"] == pytest.approx(table[0]["fid"], rel=1e-5)
+    assert "FID, weights" in ModelCard.load(tmp_path / "out" / "README.md").content
+
+
+def test_merge_memory_does_not_hold_all_models(three_copies, tiny_ddpm_dir):
+    """The lazy reader keeps only shapes in memory; tensors are read one at a time."""
+    reader = SafetensorsWeights(three_copies[0])
+    assert set(reader.meta) == set(load_file(os.path.join(three_copies[0], WEIGHTS)))
+    assert not any(torch.is_tensor(v) for v in vars(reader).values())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("weight_count", "--weights has 2 values for 3 models"),
+    ("missing_folder", "model folder .* does not exist"),
+    ("missing_weights", "has no diffusion_pytorch_model.safetensors"),
+    ("other_architecture", "does not match the base model: tensor .* (is missing|has shape)"),
+    ("search_without_data", "--search needs --validation_dataset"),
+])
+def test_bad_input_is_one_line(case, message, tiny_ddpm_dir, three_copies, tmp_path):
+    models, extra = list(three_copies), []
+    if case == "weight_count":
+        extra = ["--weights", "0.5", "0.5"]
+    elif case == "missing_folder":
+        models[1] = str(tmp_path / "nope")
+    elif case == "missing_weights":
+        (tmp_path / "empty").mkdir()
+        models[1] = str(tmp_path / "empty")
+    elif case == "other_architecture":
+        build_ddpm_pipeline(channels=(8, 24)).unet.save_pretrained(tmp_path / "other")
+        models[2] = str(tmp_path / "other")
+    elif case == "search_without_data":
+        extra = ["--search", "grid"]
+    proc = subprocess.run([sys.executable, "merge_timestep_models.py", "--base_model", tiny_ddpm_dir, "--models",
+                           *models, "--output_dir", str(tmp_path / "out"), *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and __import__("re").search(message, last), last
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_parse_args_rejects_weight_count():
+    with pytest.raises(UserError, match="one weight per model"):
+        script.parse_args(["--base_model", "b", "--models", ROOT, ROOT, "--weights", "1", "--output_dir", "o"])

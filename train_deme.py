@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""DeMe: fine-tune N copies of a diffusion UNet, copy i on timestep range i, to merge them into one model later.
+
+"Decouple-Then-Merge: Finetune Diffusion Models as Multi-Task Learning" (Ma et al., 2025): gradients of distant
+timesteps conflict, so each copy trains on one of N equal ranges of [0, T) (with probability p on all of [0, T)),
+stays close to the pre-trained model through a consistency loss, and gets identity-initialised channel projections.
+`merge_timestep_models.py` then merges the copies in parameter space: one model, no extra inference cost.
+
+    accelerate launch train_deme.py --pretrained_model_name_or_path google/ddpm-cifar10-32 --dataset <...> \\
+        --output_dir out --num_ranges 4 [--range_index 2]
+
+Models: DDPM/DDIM pipelines (`UNet2DModel`) and Stable Diffusion (`UNet2DConditionModel`; frozen VAE and text
+encoder, `--caption_column`). Output: `out/range_{i}/`, a stock diffusers UNet folder with a model card per range,
+and `out/deme_manifest.json`. Defaults are the paper's DDPM CIFAR-10 setup.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+
+import datasets
+import torch
+from accelerate.logging import get_logger
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from utils import hub
+from utils.channel_projection import (PLACEMENTS, add_projections, fold_projections, save_official_projections,
+                                      split_official_projections)
+from utils.checkpointing import resume, step_generator
+from utils.data import ResumableLoader, check_images, find_column, load_image_dataset
+from utils.errors import UserError
+from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
+from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
+                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator,
+                            make_optimizer, tracker_config, weight_dtype)
+from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind
+
+logger = get_logger(__name__)
+MANIFEST = "deme_manifest.json"
+RANGE_FILE = "deme_range.json"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="DDPM/DDIM (UNet2DModel) or Stable Diffusion pipeline: Hub id or folder.")
+    g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
+    g.add_argument("--dataset", required=True, help="Hub id, image folder (with metadata.jsonl for captions) or "
+                   "save_to_disk folder.")
+    g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
+    g.add_argument("--train_split", default="train", help="Split to train on.")
+    g.add_argument("--image_column", default=None, help="Image column (default: the only Image column, or 'image').")
+    g.add_argument("--caption_column", default=None,
+                   help="Caption column, Stable Diffusion only (default: 'text' or 'caption').")
+    g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
+    g.add_argument("--output_dir", default="deme", help="Where range_{i}/ folders and the manifest go.")
+    g.add_argument("--resolution", type=int, default=None, help="Training resolution (default: the model's).")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
+    g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
+
+    g = p.add_argument_group("DeMe")
+    g.add_argument("--num_ranges", type=int, default=4, help="N: equal timestep ranges of [0, T), one copy each.")
+    g.add_argument("--range_index", type=int, default=None,
+                   help="Train only range i (run N jobs in parallel); default: all ranges in turn.")
+    g.add_argument("--global_sample_prob", type=float, default=0.3,
+                   help="p: probability that t comes from all of [0, T) instead of the range (CIFAR-10: 0.4).")
+    g.add_argument("--global_sample_mode", choices=GLOBAL_SAMPLE_MODES, default="sample",
+                   help="Decide range-or-global per sample (ours: every step mixes both), or per batch with mirrored "
+                        "timesteps (official code). Both give each sample the same distribution.")
+    g.add_argument("--consistency_weight", type=float, default=1.0,
+                   help="Weight of the MSE to the frozen pre-trained model's prediction (0: off).")
+    g.add_argument("--channel_projection", choices=PLACEMENTS, default="foldable",
+                   help="foldable: identity-initialised C x C maps on conv outputs, folded into the convs on save "
+                        "(a stock UNet, zero cost). official: maps after each down/mid/up block as the official "
+                        "code; they cannot be folded, are saved in channel_projection.safetensors, which stock "
+                        "from_pretrained ignores (utils.channel_projection.attach_saved_projections restores them). "
+                        "none: no maps.")
+
+    add_optimisation_args(p, batch_size=64, batch_help="Batch per device (CIFAR-10: 64; LSUN/SD: 16 x 4 accumulation).",
+                          max_train_steps=20000, learning_rate=2e-4, max_grad_norm=1.0, ema_decay=0.9999,
+                          paper="paper, per range: 20K; lr CIFAR-10 2e-4, LSUN/SD 5e-5")
+    g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
+    g.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="Stable Diffusion validation prompts (default: the first captions of the data).")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Hyper-parameters that cannot work, caught before anything is loaded."""
+    check_common_args(args, positive=("num_ranges",))
+    if args.range_index is not None and not 0 <= args.range_index < args.num_ranges:
+        raise UserError(f"--range_index must be in 0..{args.num_ranges - 1} for --num_ranges {args.num_ranges}, "
+                        f"got {args.range_index}")
+    if not 0 <= args.global_sample_prob <= 1:
+        raise UserError(f"--global_sample_prob must be in [0, 1], got {args.global_sample_prob}")
+    if args.consistency_weight < 0:
+        raise UserError(f"--consistency_weight must be >= 0, got {args.consistency_weight}")
+
+
+def range_dir(output_dir, index):
+    return os.path.join(output_dir, f"range_{index}")
+
+
+def is_finished(folder) -> bool:
+    return os.path.exists(os.path.join(folder, "README.md"))  # the card is written last
+
+
+def write_json(path, content):
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def main(args):
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    # The processes; each range then gets an Accelerator of its own. Like Accelerator, honour `accelerate launch
+    # --cpu` (PartialState alone would not see the other CPU processes and every one would write the manifest).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    set_seed(args.seed)
+    if args.push_to_hub:
+        hub.check_hub_access(args.hub_token)  # not after N x 20K steps
+
+    # ---- Data and model: load and check everything cheap first.
+    ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
+    image_column = find_column(ds, args.image_column, datasets.Image, "image")
+    if image_column is None:
+        raise UserError(f"dataset has no image column (columns: {', '.join(ds.column_names)}); pass --image_column")
+    kind = unet_pipeline_kind(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    caption_column = None
+    if kind == "sd":
+        caption_column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
+        if caption_column not in ds.column_names:
+            raise UserError(f"a Stable Diffusion model needs captions: dataset has no caption column "
+                            f"{caption_column or 'text/caption'!r} (columns: {', '.join(ds.column_names)}); "
+                            "pass --caption_column")
+    elif args.caption_column:
+        raise UserError(f"--caption_column given, but {args.pretrained_model_name_or_path} is an unconditional "
+                        "UNet2DModel pipeline")
+    pipeline = load_unet_pipeline(args.pretrained_model_name_or_path, kind, args.revision, args.cache_dir)
+    if getattr(pipeline.unet.config, "num_class_embeds", None):
+        raise UserError("class-conditional UNet2DModel pipelines are not supported; DeMe here trains unconditional "
+                        "DDPM and text-conditional Stable Diffusion UNets")
+    denoising = UNetDenoising(pipeline, kind, "cpu")
+    resolution = args.resolution or denoising.resolution
+    if resolution != denoising.resolution:
+        raise UserError(f"--resolution {resolution} does not match the model, which takes {denoising.resolution}x"
+                        f"{denoising.resolution} images")
+    if len(ds) < args.train_batch_size:
+        raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {args.train_batch_size}; "
+                        "lower --train_batch_size")
+    if not args.skip_image_check:
+        check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
+                                                              disable=not state.is_local_main_process))
+
+    T = denoising.scheduler.config.num_train_timesteps
+    if args.num_ranges > T:
+        raise UserError(f"--num_ranges {args.num_ranges} is more than the model's {T} timesteps")
+    ranges = timestep_ranges(T, args.num_ranges)
+    if state.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(os.path.join(args.output_dir, MANIFEST), {
+            "method": "deme", "base_model": args.pretrained_model_name_or_path,
+            "model_class": type(pipeline.unet).__name__, "num_train_timesteps": T,
+            "channel_projection": args.channel_projection,
+            "ranges": [{"index": i, "timesteps": list(r), "folder": os.path.basename(range_dir("", i))}
+                       for i, r in enumerate(ranges)],
+        })
+
+    models = {}
+    for index in [args.range_index] if args.range_index is not None else range(args.num_ranges):
+        folder = range_dir(args.output_dir, index)
+        if args.resume_from_checkpoint and is_finished(folder):
+            logger.info(f"range {index} {ranges[index]} is finished; skipping it", main_process_only=True)
+            continue
+        models[index] = train_range(args, index, ranges[index], pipeline, kind, ds, image_column, caption_column,
+                                    resolution)
+    return models
+
+
+def train_range(args, index, time_range, pipeline, kind, ds, image_column, caption_column, resolution):
+    """Fine-tune one copy on one timestep range and save it as a stock UNet in range_{index}/."""
+    out = range_dir(args.output_dir, index)
+    accelerator = make_accelerator(args, out, os.path.join(out, args.logging_dir))
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+    dtype = weight_dtype(accelerator)
+    denoising = UNetDenoising(pipeline, kind, accelerator.device, dtype)
+
+    # pipeline.unet stays the untouched fp32 pre-trained model for every range. A frozen copy in the mixed-precision
+    # dtype gives the consistency targets; the trained copy is fp32 (autocast does the mixed precision).
+    frozen = freeze(copy.deepcopy(pipeline.unet), accelerator.device, dtype)
+    unet = copy.deepcopy(pipeline.unet).requires_grad_(True).train()
+    projections = add_projections(unet, args.channel_projection)
+    unet.to(accelerator.device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        frozen.enable_xformers_memory_efficient_attention()
+    total = sum(p.numel() for p in unet.parameters())
+    extra = sum(p.numel() for p in projections)
+
+    lo, hi = time_range
+    T = denoising.scheduler.config.num_train_timesteps
+    sampler = RangeTimestepSampler(T, lo, hi, args.global_sample_prob, args.global_sample_mode)
+
+    rows = ds.with_transform(denoising.transform(image_column, caption_column, resolution))
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.dataloader_num_workers)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, args.learning_rate)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("deme", config={**tracker_config(args), "range_index": index, "range_lo": lo,
+                                                  "range_hi": hi})
+
+    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger)
+    micro_step = global_step * args.gradient_accumulation_steps
+    data_iter = ResumableLoader(loader, accelerator, micro_step)
+    prompts = None
+    if caption_column:
+        first = ds.select_columns([caption_column])[: args.num_validation_images][caption_column]
+        prompts = args.validation_prompts or [c[0] if isinstance(c, list) else c for c in first]
+    logger.info(f"range {index}: t in [{lo}, {hi}) with probability {1 - args.global_sample_prob:g}, else [0, {T}); "
+                f"{total:,} parameters, {extra:,} in channel projections ({args.channel_projection}); "
+                f"steps {global_step} -> {args.max_train_steps}")
+    logs = {}
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc=f"range {index}",
+                    disable=not accelerator.is_local_main_process)
+
+    while global_step < args.max_train_steps:
+        generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
+        batch = next(data_iter)
+        with torch.no_grad(), accelerator.autocast():
+            n = len(batch["pixel_values"])
+            flip = torch.rand(n, generator=generator, device=accelerator.device) < 0.5 if args.random_flip else None
+            x0, cond = denoising.inputs(batch, generator, flip)
+            timesteps = sampler.sample(n, generator, accelerator.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+            noisy = denoising.scheduler.add_noise(x0, noise, timesteps)
+            reference = denoising.predict(frozen, noisy.to(dtype), timesteps, cond) if args.consistency_weight else None
+        micro_step += 1
+
+        with accelerator.accumulate(unet), accelerator.autocast():
+            pred = denoising.predict(unet, noisy, timesteps, cond).float()
+            loss_denoise = (pred - denoising.target(x0, noise, timesteps).float()).pow(2).mean()
+            loss_consistency = (pred - reference.float()).pow(2).mean() if reference is not None else torch.zeros(())
+            loss = loss_denoise + args.consistency_weight * loss_consistency
+            apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm)
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        logs = {"loss": loss.detach().item(), "loss_denoise": loss_denoise.detach().item(),
+                "loss_consistency": loss_consistency.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        end_of_step(accelerator, unet, ema, progress, logs, global_step, out, args, logger)
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            with averaged_weights(accelerator.unwrap_model(unet), ema) as model, accelerator.autocast():
+                images = denoising.sample(pipeline, model, args.num_validation_images,
+                                          args.validation_inference_steps, args.seed, prompts)
+            log_images(accelerator, "validation", images, global_step)
+    progress.close()
+
+    # ---- Save a stock UNet (projections folded in, or beside it for the official placement) and a card.
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(unet)  # every process returns the same final model; the main one writes it
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    model.eval()
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            images = denoising.sample(pipeline, model, args.num_validation_images, args.validation_inference_steps,
+                                      args.seed, prompts)
+        log_images(accelerator, "final", images, global_step)
+    if args.channel_projection == "foldable":
+        fold_projections(model)
+    official_maps = split_official_projections(model) if args.channel_projection == "official" else None
+    if accelerator.is_main_process:
+        model.save_pretrained(out)
+        if official_maps:
+            save_official_projections(official_maps, out)
+        image_grid(images).save(os.path.join(out, "samples.png"))
+        write_json(os.path.join(out, RANGE_FILE), {
+            "index": index, "num_ranges": args.num_ranges, "timesteps": [lo, hi], "num_train_timesteps": T,
+            "base_model": args.pretrained_model_name_or_path, "channel_projection": args.channel_projection})
+        write_card(args, out, index, time_range, T, kind, total, extra, logs)
+        if args.push_to_hub:
+            repo = hub.push_folder(out, f"{hub_repo_id(args)}-range-{index}", args.hub_token, args.hub_private_repo)
+            logger.info(f"pushed range {index} to https://huggingface.co/{repo}")
+    accelerator.end_training()
+    return model
+
+
+def hub_repo_id(args):
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
+def write_card(args, out, index, time_range, T, kind, total, extra, last_logs):
+    lo, hi = time_range
+    hyper = {"range_index": f"{index} of {args.num_ranges}", "timesteps": f"[{lo}, {hi}) of [0, {T})",
+             "global_sample_prob": args.global_sample_prob, "global_sample_mode": args.global_sample_mode,
+             "consistency_weight": args.consistency_weight, "channel_projection": args.channel_projection,
+             "channel_projection_parameters": f"{extra:,} ({100 * extra / total:.2f}% of {total:,}; "
+                                              + ("folded into the convs" if args.channel_projection == "foldable"
+                                                 else "not folded") + ")",
+             "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
+             "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": args.mixed_precision,
+             "seed": args.seed}
+    model_class = "UNet2DConditionModel" if kind == "sd" else "UNet2DModel"
+    repo = f"{hub_repo_id(args)}-range-{index}"
+    pipe_class = "StableDiffusionPipeline" if kind == "sd" else "DDIMPipeline"
+    call = 'pipe("a photo of a cat", num_inference_steps=50)' if kind == "sd" else "pipe(num_inference_steps=50)"
+    usage = f'''from diffusers import {pipe_class}, {model_class}
+unet = {model_class}.from_pretrained("{repo}")
+pipe = {pipe_class}.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet)
+image = {call}.images[0]'''
+    if args.channel_projection == "official":
+        usage += ('\n# official placement: re-attach the channel maps (stock loading leaves them out)\n'
+                  'from utils.channel_projection import attach_saved_projections  # this project\'s code\n'
+                  f'attach_saved_projections(unet, "<local folder of {repo}>")')
+    hub.save_training_card(
+        out,
+        title=f"DeMe range {index} ({lo} <= t < {hi}) of {args.pretrained_model_name_or_path}",
+        base_model=args.pretrained_model_name_or_path,
+        dataset=args.dataset, last_logs=last_logs,
+        tags=["deme", "timestep-range", "stable-diffusion" if kind == "sd" else "ddpm"],
+        description=(
+            f"One of {args.num_ranges} copies of `{args.pretrained_model_name_or_path}` fine-tuned on `{args.dataset}` "
+            f"with DeMe ([Ma et al., 2025](https://arxiv.org/abs/2410.06664)); this copy trained on timesteps "
+            f"[{lo}, {hi}). Decouple-then-merge fine-tunes one copy per timestep range, so gradients of distant "
+            "timesteps do not conflict, then merges the copies in parameter space with "
+            "`merge_timestep_models.py`; use the merged model for sampling, this one as merge input."),
+        hyperparameters=hyper,
+        usage=usage,
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

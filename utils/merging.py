@@ -1,0 +1,188 @@
+"""Merging fine-tuned copies of one model in parameter space, and the timestep-wise ensemble ("before merge").
+
+theta_merged = theta + combine(theta_i - theta, w_i), where combine is peft's task arithmetic, TIES, DARE-linear or
+DARE-TIES. Weights are read tensor by tensor from safetensors files, so memory holds the merged model plus one
+tensor of each input at a time, whatever the number of models.
+"""
+
+import json
+import os
+
+import diffusers
+import torch
+from peft.utils import merge_utils
+from safetensors import safe_open
+
+from .errors import UserError
+
+MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+ENSEMBLE_CONFIG = "ensemble.json"
+
+
+class SafetensorsWeights:
+    """The tensors of one safetensors file (or a sharded index of them), read one at a time on demand.
+
+    Each read opens the file afresh, so no mapping of a whole model stays resident between reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.isdir(path):
+            if os.path.exists(os.path.join(path, INDEX_NAME)):
+                with open(os.path.join(path, INDEX_NAME)) as f:
+                    weight_map = json.load(f)["weight_map"]
+                self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+            elif os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+                self.files = self._keys_of(os.path.join(path, WEIGHTS_NAME))
+            else:
+                raise UserError(f"{path} has no {WEIGHTS_NAME} (merging reads safetensors weights)")
+        elif os.path.exists(path):
+            self.files = self._keys_of(path)
+        else:
+            raise UserError(f"{path} does not exist")
+        self.meta = {}
+        for file in sorted(set(self.files.values())):
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    self.meta[key] = (tuple(s.get_shape()), s.get_dtype())
+
+    @staticmethod
+    def _keys_of(file):
+        with safe_open(file, "pt") as f:
+            return {k: file for k in f.keys()}
+
+    def keys(self):
+        return list(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key)
+
+
+class IdentityMaps:
+    """The pre-trained value of channel-projection maps (which the base model does not have): identities."""
+
+    def __init__(self, like: SafetensorsWeights):
+        self.meta = like.meta
+
+    def keys(self):
+        return list(self.meta)
+
+    def get(self, key):
+        return torch.eye(self.meta[key][0][0])
+
+
+def check_compatible(base, models, names):
+    """One-line error naming the first tensor whose name, shape or dtype differs between the base and a model."""
+    for model, name in zip(models, names):
+        missing = [k for k in base.keys() if k not in model.meta]
+        extra = [k for k in model.keys() if k not in base.meta]
+        if missing or extra:
+            first = missing[0] if missing else extra[0]
+            raise UserError(f"{name} does not match the base model: tensor {first!r} is "
+                            f"{'missing' if missing else 'not in the base model'} ({len(missing)} missing, "
+                            f"{len(extra)} extra); models of different architectures cannot be merged")
+        for key in base.keys():
+            if model.meta[key][0] != base.meta[key][0]:
+                raise UserError(f"{name} does not match the base model: tensor {key!r} has shape "
+                                f"{list(model.meta[key][0])}, the base {list(base.meta[key][0])}")
+
+
+def merge_tensors(base, models, weights, method="task_arithmetic", density=1.0, seed=0) -> dict:
+    """{name: theta + combine(theta_i - theta, w)} for floating tensors; integer buffers are copied from the base."""
+    if method not in MERGE_METHODS:
+        raise UserError(f"--merge_method must be one of {MERGE_METHODS}, got {method!r}")
+    weights = torch.tensor(weights, dtype=torch.float32)
+    torch.manual_seed(seed)  # DARE's random pruning
+    merged = {}
+    for key in base.keys():
+        theta = base.get(key)
+        if not theta.is_floating_point():
+            merged[key] = theta
+            continue
+        deltas = [model.get(key).float() - theta.float() for model in models]
+        if method == "task_arithmetic":
+            delta = merge_utils.task_arithmetic(deltas, weights)
+        elif method == "ties":
+            delta = merge_utils.ties(deltas, weights, density)
+        else:
+            delta = getattr(merge_utils, method)(deltas, weights, density)
+        merged[key] = (theta.float() + delta).to(theta.dtype).contiguous()
+    return merged
+
+
+class TimestepEnsemble(torch.nn.Module):
+    """N models, model i used for timesteps in range i: DeMe's "before merge". It stands in for the UNet of a stock
+    pipeline (same call, `config`, `dtype`, `device`), N times the weights of one model.
+
+        pipe = DDIMPipeline(unet=TimestepEnsemble.from_pretrained("ensemble"), scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"))
+    """
+
+    def __init__(self, models, ranges):
+        super().__init__()
+        if len(models) != len(ranges):
+            raise ValueError("one timestep range per model")
+        self.models = torch.nn.ModuleList(models)
+        self.ranges = [tuple(r) for r in ranges]
+        self.register_buffer("_upper", torch.tensor([hi for _, hi in self.ranges]), persistent=False)
+
+    @property
+    def config(self):
+        return self.models[0].config
+
+    @property
+    def dtype(self):
+        return self.models[0].dtype
+
+    @property
+    def device(self):
+        return self.models[0].device
+
+    def model_index(self, timestep, batch_size) -> torch.Tensor:
+        """Which model serves each sample."""
+        t = torch.as_tensor(timestep, device=self._upper.device).reshape(-1).expand(batch_size)
+        return torch.bucketize(t.long().contiguous(), self._upper, right=True).clamp(max=len(self.models) - 1)
+
+    def forward(self, sample, timestep, *args, return_dict=True, **kwargs):
+        which = self.model_index(timestep, len(sample))
+        if (which == which[0]).all():
+            return self.models[int(which[0])](sample, timestep, *args, return_dict=return_dict, **kwargs)
+        out = torch.empty_like(sample)  # mixed timesteps (a training-style batch): each group to its model
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(len(sample))
+        for i in which.unique().tolist():
+            rows = which == i
+
+            def pick(x):
+                return x[rows] if torch.is_tensor(x) and x.dim() > 0 and len(x) == len(sample) else x
+
+            result = self.models[i](sample[rows], t[rows], *map(pick, args),
+                                    **{k: pick(v) for k, v in kwargs.items()}, return_dict=False)
+            out[rows] = result[0].to(out.dtype)
+        return _wrap(self.models[0], out) if return_dict else (out,)
+
+    def save_pretrained(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        entries = []
+        for i, (model, r) in enumerate(zip(self.models, self.ranges)):
+            model.save_pretrained(os.path.join(folder, f"range_{i}"))
+            entries.append({"folder": f"range_{i}", "timesteps": list(r), "class": type(model).__name__})
+        with open(os.path.join(folder, ENSEMBLE_CONFIG), "w") as f:
+            json.dump({"models": entries}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs):
+        with open(os.path.join(folder, ENSEMBLE_CONFIG)) as f:
+            entries = json.load(f)["models"]
+        models = [getattr(diffusers, e["class"]).from_pretrained(os.path.join(folder, e["folder"]), **kwargs)
+                  for e in entries]
+        return cls(models, [e["timesteps"] for e in entries])
+
+
+def _wrap(model, sample):
+    """The output type the model itself returns (UNet2DOutput or UNet2DConditionOutput) around `sample`."""
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return (UNet2DConditionOutput if isinstance(model, diffusers.UNet2DConditionModel) else UNet2DOutput)(sample=sample)

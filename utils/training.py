@@ -1,0 +1,167 @@
+"""The training conventions every script shares, as in diffusers' examples: the optimisation and output flags,
+the Accelerator, the optimizer and lr schedule, EMA weights for sampling, and image logging."""
+
+import argparse
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from PIL import Image
+
+from .checkpointing import save_checkpoint
+from .errors import UserError
+
+
+def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_help: str, max_train_steps: int,
+                          learning_rate: float, max_grad_norm: float | None, ema_decay: float, paper: str):
+    """The "optimisation" flag group; defaults are the paper's (`paper` names the setup in the help)."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=batch_size, help=batch_help)
+    g.add_argument("--max_train_steps", type=int, default=max_train_steps, help=f"Optimizer steps ({paper}).")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    g.add_argument("--learning_rate", type=float, default=learning_rate, help=f"Adam learning rate ({paper}).")
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
+    g.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name (constant, cosine, ...).")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="Gradient clipping norm (none: off).")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what gets saved.")
+    g.add_argument("--ema_decay", type=float, default=ema_decay, help="EMA decay.")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Mixed precision (default: accelerate config).")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA).")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
+
+
+def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int):
+    """Checkpoints, validation, logging and Hub flags (a script adds its own validation options to the group)."""
+    g = p.add_argument_group("checkpoints, validation, logging, Hub")
+    g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps, help="Save resumable state every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
+    g.add_argument("--validation_steps", type=int, default=validation_steps, help="Sample a validation grid every N steps (0: never).")
+    g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
+    g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps of validation samples.")
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--logging_dir", default="logs", help="Log folder, relative to the output folder.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, no logs).")
+    g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    return g
+
+
+def check_common_args(args, positive=()):
+    """Flags of the shared groups (and `positive` others) that cannot work, caught before anything loads."""
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                 "num_validation_images", *positive):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; xformers has no CPU kernels")
+
+
+def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=logging_dir),
+        # Epoch e always shuffles the same way, so a resumed run can skip to the exact batch it stopped at.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of frozen models under the run's mixed precision (trained weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(params, args, accelerator, lr: float):
+    """AdamW and the lr schedule over max_train_steps (scheduler steps count every process, as accelerate does)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    return optimizer, lr_scheduler
+
+
+def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float | None):
+    """Backward, then clip and step. Call inside `accelerator.accumulate(model)`: the prepared optimizer and
+    scheduler only step on the micro-batch that completes an accumulation, which is also the only one clipped."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log):
+    """After optimizer step `step`: update the EMA, the progress bar and the trackers, and checkpoint when due."""
+    if ema is not None:
+        ema.step(model.parameters())
+    progress.update(1)
+    progress.set_postfix(loss=f"{logs['loss']:.4f}")
+    accelerator.log(logs, step=step)
+    if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+        log.info(f"saved state to {save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)}")
+
+
+def tracker_config(args) -> dict:
+    """The flags worth logging; never the token."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+
+
+@contextmanager
+def averaged_weights(model, ema):
+    """Sample with the EMA weights (if any) in eval mode, then go back to the training weights."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
+        if ema is not None:
+            ema.restore(model.parameters())
+
+
+def image_grid(images: np.ndarray, cols: int = 8) -> Image.Image:
+    """NHWC images in [0, 1] as one grid, the last row padded with black."""
+    cols = min(len(images), cols)
+    rows = math.ceil(len(images) / cols)
+    padded = np.concatenate([images, np.zeros((rows * cols - len(images), *images.shape[1:]))])
+    tiles = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in padded]
+    return make_image_grid(tiles, rows=rows, cols=cols)
+
+
+def log_images(accelerator, tag: str, images: np.ndarray, step: int):
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, images, step, dataformats="NHWC")
+
+
+def freeze(module, device, dtype=torch.float32):
+    """A frozen, eval-mode model on `device`, cast only when mixed precision asks for it (diffusers warns on every
+    explicit cast)."""
+    module = module.requires_grad_(False).eval().to(device)
+    return module.to(dtype) if dtype != torch.float32 else module
