@@ -26,7 +26,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from utils import hub
@@ -37,7 +36,7 @@ from utils.data import ResumableLoader, check_images, find_column, load_image_da
 from utils.errors import UserError
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
 from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator,
+                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator, make_ema,
                             make_optimizer, tracker_config, weight_dtype)
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind
 
@@ -217,21 +216,18 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
 
     rows = ds.with_transform(denoising.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.dataloader_num_workers)
+                                         num_workers=args.dataloader_num_workers,
+                                         persistent_workers=args.dataloader_num_workers > 0)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, args.learning_rate)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_decay)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
     unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
     if accelerator.is_main_process:
         accelerator.init_trackers("deme", config={**tracker_config(args), "range_index": index, "range_lo": lo,
                                                   "range_hi": hi})
 
-    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger)
+    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger, ema)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     prompts = None

@@ -26,7 +26,6 @@ from accelerate.utils import set_seed
 from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from utils import hub
@@ -38,10 +37,10 @@ from utils.losses import LearnedVarianceLoss, epsilon_mse
 from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
 from utils.timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
 from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator,
+                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator, make_ema,
                             make_optimizer, tracker_config, weight_dtype)
-from utils.tuning import (DEFAULT_LORA_TARGETS, TUNING_MODES, apply_tuning, fold_difffit_scales, parameter_counts,
-                          stock_model)
+from utils.tuning import (DEFAULT_LORA_TARGETS, TUNING_MODES, apply_tuning, difffit_block_count, fold_difffit_scales,
+                          parameter_counts, stock_model)
 
 logger = get_logger(__name__)
 
@@ -90,7 +89,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("parameter-efficient tuning (orthogonal to --method)")
     g.add_argument("--tuning", choices=TUNING_MODES, default="full",
                    help="Which weights train: all, biases only (BitFit), DiffFit, or LoRA adapters (peft).")
-    g.add_argument("--difffit_blocks", type=int, default=14, help="DiffFit: blocks that get scale factors gamma.")
+    g.add_argument("--difffit_blocks", type=int, default=None,
+                   help="DiffFit: the first blocks that get scale factors gamma (default: the first half, the paper's "
+                        "14 of DiT-XL's 28).")
     g.add_argument("--difffit_lr_scale", type=float, default=10.0, help="DiffFit: learning-rate multiplier.")
     g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
@@ -248,6 +249,8 @@ def main(args):
         if hasattr(module, "class_embedder"):
             module.class_embedder.dropout_prob = 0.0
     null_class = num_label_rows
+    if args.tuning == "difffit":  # checked now, not after the memory bank is generated
+        args.difffit_blocks = difffit_block_count(transformer, args.difffit_blocks)
     learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     vb_loss = LearnedVarianceLoss(noise_scheduler.betas) if learned_sigma else None
@@ -308,13 +311,16 @@ def main(args):
         rows, collate = ArrowBatches(ds, ["labels", "latent_moments", "latent_moments_flipped"]), as_batch
     else:
         rows, collate = ds.with_transform(image_transform(image_column, "labels", args.resolution)), None
+    # Persistent workers: the bank's loader ends an epoch every few steps (5000 rows / 16 per step), and respawning
+    # its workers each time would cost more than the fetch they hide.
+    workers = dict(num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0)
     loader = torch.utils.data.DataLoader(rows, batch_size=n_data, shuffle=True, drop_last=True, collate_fn=collate,
-                                         num_workers=args.dataloader_num_workers)
+                                         **workers)
     bank_loader = None
     if bank is not None:
         bank_loader = torch.utils.data.DataLoader(
             ArrowBatches(bank, ["class_label", "latent_moments", "latent_moments_flipped"]), batch_size=n_bank,
-            shuffle=True, drop_last=True, collate_fn=as_batch, num_workers=args.dataloader_num_workers)
+            shuffle=True, drop_last=True, collate_fn=as_batch, **workers)
 
     # ---- Optimisation.
     if args.scale_lr:
@@ -322,11 +328,7 @@ def main(args):
     lr = args.learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
     optimizer, lr_scheduler = make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
                                              accelerator, lr)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(transformer.parameters(), decay=args.ema_decay)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(transformer, args.ema_decay, accelerator) if args.use_ema else None
     transformer, optimizer, lr_scheduler, loader = accelerator.prepare(transformer, optimizer, lr_scheduler, loader)
     if bank_loader is not None:
         bank_loader = accelerator.prepare(bank_loader)
@@ -335,7 +337,7 @@ def main(args):
         accelerator.init_trackers("diff-tuning-dit", config=tracker_config(args))
 
     # ---- Resume.
-    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger)
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 
 def build_pipeline(resolution=8, vae_channels=(8, 16), latent_channels=4, hidden=(2, 8), layers=2, patch=2,
-                   learned_sigma=True, seed=0) -> DiTPipeline:
+                   learned_sigma=True, seed=0, vae_layers_per_block=1) -> DiTPipeline:
     """Random-weight DiTPipeline. num_embeds_ada_norm is 1000 so that class 1000 is the null class, as
     DiTPipeline's classifier-free guidance expects."""
     torch.manual_seed(seed)
@@ -17,7 +17,7 @@ def build_pipeline(resolution=8, vae_channels=(8, 16), latent_channels=4, hidden
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        block_out_channels=vae_channels, layers_per_block=1, norm_num_groups=min(vae_channels),
+        block_out_channels=vae_channels, layers_per_block=vae_layers_per_block, norm_num_groups=min(32, *vae_channels),
         sample_size=resolution,
     )
     heads, head_dim = hidden

@@ -1,4 +1,6 @@
 import glob
+import logging
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -8,7 +10,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import DiTPipeline
+from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -16,6 +20,7 @@ from safetensors.torch import load_file
 import train_diff_tuning_dit as script
 from conftest import ROOT, TINY_ARGS, run_module, run_main
 from utils import training
+from utils.checkpointing import resume
 from utils.errors import UserError
 
 
@@ -124,6 +129,18 @@ def test_resume_matches_uninterrupted_run(tiny_pipeline_dir, digits_dir, tiny_ba
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     at_crash = load_file(str(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors"))
     assert any(not torch.equal(at_crash[k], resumed[k]) for k in at_crash)  # it did train after resuming
+
+
+def test_resume_puts_the_ema_back_on_the_training_device(tmp_path, monkeypatch):
+    """accelerate loads registered custom states (the EMA) on the CPU; on a GPU the next EMA step would then mix
+    devices, so resume() must move it back."""
+    accelerator = Accelerator(cpu=True)
+    ema = training.make_ema(torch.nn.Linear(2, 2), 0.5, accelerator)
+    accelerator.save_state(str(tmp_path / "checkpoint-4"))
+    moved = []
+    monkeypatch.setattr(EMAModel, "to", lambda self, device=None, **kw: moved.append(device))
+    assert resume(accelerator, str(tmp_path), "latest", logging.getLogger("test"), ema) == 4
+    assert moved == [accelerator.device]
 
 
 def test_two_processes(tiny_pipeline_dir, digits_dir, tiny_bank_dir, tmp_path):
@@ -264,6 +281,7 @@ def _nothing_written(out):
     ("resolution", "--resolution 16 gives 8x latents but the model takes 4x"),
     ("missing_model", "cannot load a DiTPipeline transformer from"),
     ("smaller_than_batch", "dataset has 3 images, fewer than one batch of 4"),
+    ("difffit_blocks", r"--difffit_blocks must be in 1\.\.2 for this model, got 3"),
 ])
 def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digits_dir, tmp_path):
     data, extra = digits_dir, []
@@ -292,6 +310,8 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
         data = _dataset_on_disk(tmp_path / "ds", image=[Image.new("RGB", (8, 8))] * 3, label=[0, 1, 2])
     elif case == "resolution":
         extra = ["--resolution", "16"]
+    elif case == "difffit_blocks":  # caught before the memory bank is generated
+        extra = ["--tuning", "difffit", "--difffit_blocks", "3"]
     model = str(tmp_path / "no_model") if case == "missing_model" else tiny_pipeline_dir
     with pytest.raises(UserError, match=message):
         train(model, data, tmp_path / "out", *extra)
@@ -306,11 +326,20 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
     (["--tau", "0"], "zero everywhere"),
     (["--enable_xformers_memory_efficient_attention"], "needs a CUDA GPU"),
 ])
-def test_impossible_hyperparameters(flags, message):
-    if "xformers" in flags[0] and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_impossible_hyperparameters(flags, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=message):
         script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", *flags])
+
+
+def test_xformers_flag_without_the_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "xformers" else real_find_spec(name, *a))
+    with pytest.raises(UserError, match="needs the xformers package"):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y",
+                           "--enable_xformers_memory_efficient_attention"])
 
 
 @pytest.mark.parametrize("flags", [["--tau", "-1"], ["--dataset_corrupt"]])

@@ -49,7 +49,8 @@ def init_key(mode, key):
                                          ("lora", "standard")])
 def test_exactly_the_intended_parameters_change(mode, method, tiny_pipeline_dir, digits_dir, tiny_bank_dir,
                                                 tmp_path):
-    train(tiny_pipeline_dir, digits_dir, tmp_path, "--tuning", mode, "--method", method, "--difffit_blocks", "1",
+    # No --difffit_blocks: the default is the first half of the blocks, block 0 of the tiny model's 2.
+    train(tiny_pipeline_dir, digits_dir, tmp_path, "--tuning", mode, "--method", method,
           "--memory_bank", tiny_bank_dir, "--max_train_steps", "3", "--checkpointing_steps", "3")
     init, trained = transformer_weights(tiny_pipeline_dir), checkpoint_weights(tmp_path, 3)
     changed, meant = set(), set()

@@ -58,14 +58,17 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return path
 
 
-def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log) -> int:
+def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log, ema=None) -> int:
     """Load the checkpoint `--resume_from_checkpoint` names (`latest`: the newest in output_dir, if any) and return
-    its global step; 0 when there is nothing to resume."""
+    its global step; 0 when there is nothing to resume. `ema` (registered for checkpointing) goes back to the
+    accelerator's device: accelerate loads custom states on the CPU."""
     path = resolve_resume(output_dir, resume_from_checkpoint)
     if path is None:
         if resume_from_checkpoint:
             log.info("no checkpoint to resume from; starting a new run")
         return 0
     accelerator.load_state(path)
+    if ema is not None:
+        ema.to(accelerator.device)
     log.info(f"resumed from {path} at step {checkpoint_step(path)}")
     return checkpoint_step(path)

@@ -2,6 +2,7 @@
 the Accelerator, the optimizer and lr schedule, EMA weights for sampling, and image logging."""
 
 import argparse
+import importlib.util
 import math
 from contextlib import contextmanager
 
@@ -10,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -72,6 +74,9 @@ def check_common_args(args, positive=()):
         raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
         raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; xformers has no CPU kernels")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise UserError("--enable_xformers_memory_efficient_attention needs the xformers package "
+                        "(pip install xformers); PyTorch's own attention is used without the flag")
 
 
 def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
@@ -112,6 +117,14 @@ def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad()
+
+
+def make_ema(model, decay: float, accelerator) -> EMAModel:
+    """EMA of `model`'s trainable weights, on the accelerator's device and saved with every checkpoint."""
+    ema = EMAModel(model.parameters(), decay=decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log):

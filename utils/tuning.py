@@ -39,18 +39,26 @@ class ScaledLinear(nn.Module):
         return self.linear
 
 
-def _difffit_sites(model, num_blocks):
-    """(parent ModuleList, index) of the attention-output and feed-forward-output linears of the first blocks."""
+def difffit_block_count(model, num_blocks: int | None) -> int:
+    """`--difffit_blocks` for `model`, checked; None gives the first half of its blocks (the paper's 14 of 28)."""
     blocks = getattr(model, "transformer_blocks", None)
     if blocks is None:
         raise UserError(f"--tuning difffit needs a model with transformer_blocks; {type(model).__name__} has none")
+    if num_blocks is None:
+        return max(1, len(blocks) // 2)
     if not 0 < num_blocks <= len(blocks):
         raise UserError(f"--difffit_blocks must be in 1..{len(blocks)} for this model, got {num_blocks}")
+    return num_blocks
+
+
+def _difffit_sites(model, num_blocks):
+    """(parent ModuleList, index) of the attention-output and feed-forward-output linears of the first blocks."""
+    blocks = model.transformer_blocks[:difffit_block_count(model, num_blocks)]
     return [(site, len(site) - 1 if site is block.ff.net else 0)
-            for block in blocks[:num_blocks] for site in (block.attn1.to_out, block.ff.net)]
+            for block in blocks for site in (block.attn1.to_out, block.ff.net)]
 
 
-def add_difffit_scales(model, num_blocks: int) -> None:
+def add_difffit_scales(model, num_blocks: int | None) -> None:
     for parent, index in _difffit_sites(model, num_blocks):
         parent[index] = ScaledLinear(parent[index])
 
@@ -68,7 +76,7 @@ def _is_difffit_parameter(module_name, module, param_name):
             or "class_embedder" in module_name)
 
 
-def apply_tuning(model, mode: str, difffit_blocks: int = 14, lora_rank: int = 4, lora_alpha: float | None = None,
+def apply_tuning(model, mode: str, difffit_blocks: int | None = None, lora_rank: int = 4, lora_alpha: float | None = None,
                  lora_target_modules=None):
     """Set up `model` for `mode` and return the model to train (a `PeftModel` for lora)."""
     if mode not in TUNING_MODES:
