@@ -32,7 +32,7 @@ from utils import hub
 from utils.channel_projection import (PLACEMENTS, add_projections, fold_projections, save_official_projections,
                                       split_official_projections)
 from utils.checkpointing import resume, step_generator
-from utils.data import ResumableLoader, check_images, find_column, load_image_dataset
+from utils.data import ResumableLoader, check_images, find_column, load_image_dataset, worker_options
 from utils.errors import UserError
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
 from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
@@ -216,8 +216,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
 
     rows = ds.with_transform(denoising.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.dataloader_num_workers,
-                                         persistent_workers=args.dataloader_num_workers > 0)
+                                         **worker_options(args.dataloader_num_workers))
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, args.learning_rate)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from utils import hub
 from utils.checkpointing import resume, step_generator
 from utils.data import (ArrowBatches, ResumableLoader, as_batch, check_images, class_names, find_column,
-                        image_transform, load_image_dataset, to_tensor)
+                        image_transform, load_image_dataset, to_tensor, worker_options)
 from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
 from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
@@ -311,9 +311,7 @@ def main(args):
         rows, collate = ArrowBatches(ds, ["labels", "latent_moments", "latent_moments_flipped"]), as_batch
     else:
         rows, collate = ds.with_transform(image_transform(image_column, "labels", args.resolution)), None
-    # Persistent workers: the bank's loader ends an epoch every few steps (5000 rows / 16 per step), and respawning
-    # its workers each time would cost more than the fetch they hide.
-    workers = dict(num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0)
+    workers = worker_options(args.dataloader_num_workers)
     loader = torch.utils.data.DataLoader(rows, batch_size=n_data, shuffle=True, drop_last=True, collate_fn=collate,
                                          **workers)
     bank_loader = None

@@ -22,11 +22,10 @@ import os
 import shutil
 import time
 
-from accelerate.state import AcceleratorState, GradientState
-
 import evaluate
 import merge_timestep_models
 import train_deme
+from benchmarks.in_process import run_script
 from benchmarks.offline_data import mnist_5k, write_image_folder
 from benchmarks.small_unet import build_ddpm_pipeline
 from benchmarks.transfer import feature_extractor
@@ -39,13 +38,11 @@ def train(pipeline, data, out, steps, *extra):
     if os.path.exists(os.path.join(out, "deme_manifest.json")) and all(
             os.path.exists(os.path.join(out, d, "README.md")) for d in os.listdir(out) if d.startswith("range_")):
         return
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    train_deme.main(train_deme.parse_args([
+    run_script(train_deme, [
         "--pretrained_model_name_or_path", pipeline, "--dataset", data, "--output_dir", out, "--no-random_flip",
         "--train_batch_size", "64", "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
         "--validation_steps", "0", "--report_to", "none", "--num_validation_images", "8",
-        "--validation_inference_steps", "25", "--seed", "0", *extra]))
+        "--validation_inference_steps", "25", "--seed", "0", *extra])
 
 
 def as_pipeline(base_pipeline, unet_folder, out):

@@ -21,11 +21,11 @@ import tempfile
 import time
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDIMScheduler, DiTPipeline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diff_tuning_dit as script  # noqa: E402
+from benchmarks.in_process import run_script  # noqa: E402
 from benchmarks.small_dit import build_pipeline  # noqa: E402
 from utils.memory_bank import generate_shards  # noqa: E402
 
@@ -34,8 +34,6 @@ WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start
 
 def timed_run(argv, steps):
     """Run the training script for WARMUP + 1 + `steps` steps; return (seconds per step, peak CUDA bytes or None)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     gc.collect()  # the previous run's model and optimizer must not count towards this run's peak
     cuda = torch.cuda.is_available()
     if cuda:
@@ -51,7 +49,7 @@ def timed_run(argv, steps):
 
     script.end_of_step = end_of_step
     try:
-        script.main(script.parse_args([*argv, "--max_train_steps", str(WARMUP + 1 + steps)]))
+        run_script(script, [*argv, "--max_train_steps", str(WARMUP + 1 + steps)])
     finally:
         script.end_of_step = real_end_of_step
     return (stamps[-1] - stamps[WARMUP]) / steps, torch.cuda.max_memory_allocated() if cuda else None

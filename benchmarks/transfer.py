@@ -29,11 +29,11 @@ import time
 
 import numpy as np
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
 import evaluate
 import train_diff_tuning_dit
+from benchmarks.in_process import run_script
 from benchmarks.offline_data import mnist_5k, sklearn_digits, write_image_folder
 from utils.memory_bank import is_memory_bank
 
@@ -104,14 +104,12 @@ def feature_extractor(path):
 def fine_tune(source, bank, data, out, method, steps, seed, checkpointing_steps):
     if os.path.exists(os.path.join(out, "README.md")):
         return
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    train_diff_tuning_dit.main(train_diff_tuning_dit.parse_args([
+    run_script(train_diff_tuning_dit, [
         "--pretrained_model_name_or_path", source, "--dataset", data, "--output_dir", out, *METHODS[method],
         "--memory_bank", bank, "--resolution", "16", "--no-random_flip", "--cache_latents",
         "--train_batch_size", "32", "--learning_rate", "5e-4", "--max_train_steps", str(steps),
         "--checkpointing_steps", str(checkpointing_steps), "--validation_steps", "0", "--report_to", "none",
-        "--num_validation_images", "10", "--validation_inference_steps", "25", "--seed", str(seed)]))
+        "--num_validation_images", "10", "--validation_inference_steps", "25", "--seed", str(seed)])
 
 
 def fid(model, reference, extractor, samples, out_file, *extra):

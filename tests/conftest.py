@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.in_process import run_script  # noqa: E402
 from benchmarks.offline_data import sklearn_digits, write_image_folder  # noqa: E402
 from benchmarks.small_dit import build_pipeline  # noqa: E402
 
@@ -64,10 +64,8 @@ TEST_EXTRACTOR = "conftest:mean_colour"
 
 def run_main(script, pipeline_dir, data_dir, out, *args):
     """A training script's main() in this process (fast); accelerate's singletons are reset between runs."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    argv = ["--pretrained_model_name_or_path", pipeline_dir, "--dataset", data_dir, "--output_dir", str(out), *args]
-    return script.main(script.parse_args(argv))
+    return run_script(script, ["--pretrained_model_name_or_path", pipeline_dir, "--dataset", data_dir,
+                               "--output_dir", str(out), *args])
 
 
 def run_module(module, *args, env=None, check=True):

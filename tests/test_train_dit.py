@@ -1,6 +1,6 @@
 import glob
-import logging
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess

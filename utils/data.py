@@ -158,6 +158,12 @@ def as_batch(batch):
     return batch
 
 
+def worker_options(num_workers: int) -> dict:
+    """DataLoader worker options. Workers persist across epochs: a memory bank's loader ends an epoch every few
+    steps (5000 rows / 16 per step), and respawning its workers each time costs more than the fetches they hide."""
+    return dict(num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
 class ResumableLoader:
     """Cycles a (prepared) DataLoader forever and can start at any micro-step of a previous run.
 
