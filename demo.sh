@@ -9,7 +9,7 @@ OUT=${1:-demo_out}
 
 python -m benchmarks.small_dit --output_dir "$OUT/source"
 python -m benchmarks.offline_data digits "$OUT/digits"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train_diff_tuning_dit.py \
   --pretrained_model_name_or_path "$OUT/source" --dataset "$OUT/digits" --output_dir "$OUT/diff_tuning" \
   --method diff_tuning --resolution 16 --no-random_flip --cache_latents \

@@ -13,6 +13,7 @@ FID needs a prompt set). Writes a JSON report naming the feature extractor; `--p
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -24,6 +25,7 @@ from utils.data import find_column, load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
 from utils.merging import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.outputs import check_output_file, write_json_atomically
 from utils.sampling import generate
 
 
@@ -65,7 +67,40 @@ def parse_args(argv=None):
         raise UserError(f"--handoff_fractions must lie in [0, 1], got {args.handoff_fractions}")
     if args.handoff_model is None and args.handoff_fractions != [0.0]:
         raise UserError("--handoff_fractions other than 0 need --handoff_model")
+    # Before any sampling: a report that cannot be written would lose all of it.
+    check_output_file(report_path(args), "--output_file", is_own=is_report)
+    if args.plot:
+        if not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot {args.plot} must be a .png file")
+        check_output_file(args.plot, "--plot", is_own=is_plot)
     return args
+
+
+REPORT_KIND, PLOT_TITLE = "fid-report", "FID along the chain of forgetting"  # how this script knows its own files
+
+
+def report_path(args) -> str:
+    return args.output_file or (os.path.join(args.model, "fid.json") if os.path.isdir(args.model) else "fid.json")
+
+
+def is_report(path) -> bool:
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        # earlier versions wrote no "kind"
+        return report.get("kind") == REPORT_KIND or {"feature_extractor", "results", "protocol"} <= set(report)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_plot(path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Title") == PLOT_TITLE
+    except OSError:
+        return False
 
 
 def load_denoiser(name, scheduler_model=None):
@@ -112,7 +147,7 @@ def plot(results, path, title):
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": PLOT_TITLE})
     plt.close(fig)
 
 
@@ -148,11 +183,15 @@ def main(args):
         for images in generate(kind, denoiser, parts, args.num_samples, args.batch_size, args.num_inference_steps,
                                args.guidance_scale, args.seed, device, f"sampling (k = {100 * fraction:g}%)"):
             metric.update(images.to(device), real=False)
-        results.append({"handoff_fraction": fraction, "fid": float(metric.compute())})
+        fid = float(metric.compute())
+        if not math.isfinite(fid):
+            raise UserError(f"FID is {fid} at k = {100 * fraction:g}%: the samples are not finite (a diverged model?); "
+                            "no report was written")
+        results.append({"handoff_fraction": fraction, "fid": fid})
         print(f"k = {100 * fraction:5.1f}%  FID {results[-1]['fid']:.3f}")
 
     report = {
-        "model": args.model, "handoff_model": args.handoff_model, "dataset": args.dataset, "split": args.split,
+        "kind": REPORT_KIND, "model": args.model, "handoff_model": args.handoff_model, "dataset": args.dataset, "split": args.split,
         "feature_extractor": extractor.name, "num_samples": args.num_samples, "num_reference_images": n_ref,
         "resolution": resolution,
         "protocol": {"sampler": "DDIM", "num_inference_steps": args.num_inference_steps, "seed": args.seed,
@@ -160,10 +199,8 @@ def main(args):
                          "num_classes": len(parts["classes"])} if kind == "dit" else {})},
         "results": results,
     }
-    out = args.output_file or (os.path.join(args.model, "fid.json") if os.path.isdir(args.model) else "fid.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(out + ".tmp", out)
+    out = report_path(args)
+    write_json_atomically(out, report)
     print(f"feature extractor: {extractor.name}\nreport: {out}")
     if args.plot:
         plot(results, args.plot, f"{os.path.basename(os.path.normpath(args.model))}: chain of forgetting")

@@ -14,6 +14,7 @@ output folder) means all its ranges in order.
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -29,6 +30,7 @@ from utils.channel_projection import PROJECTION_FILE
 from utils.data import find_column, load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.outputs import check_finite_model, check_output_dir, replace_dir, work_dir
 from utils.merging import (MERGE_METHODS, WEIGHTS_NAME, IdentityMaps, SafetensorsWeights, TimestepEnsemble,
                            check_compatible, merge_tensors)
 from utils.sampling import generate
@@ -36,6 +38,7 @@ from utils.timesteps import timestep_ranges
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind, unet_weights_folder
 
 MANIFEST, RANGE_FILE = "deme_manifest.json", "deme_range.json"  # written by train_deme.py
+SCRIPT = "merge_timestep_models.py"  # marks the output folders it writes (utils.outputs): only those are replaced
 
 
 def parse_args(argv=None):
@@ -111,6 +114,10 @@ def check_args(args):
         raise UserError(f"--fid_samples must be >= 2, got {args.fid_samples}")
     if args.search == "grid" and len(args.grid_values) ** n > 10_000:
         raise UserError(f"--search grid would try {len(args.grid_values)}^{n} combinations; use coordinate")
+    # The output folder is replaced at the end: it may only be new, empty, or an earlier output of this script,
+    # and never one of the inputs or a folder holding them.
+    check_output_dir(args.output_dir, SCRIPT, [("--base_model", args.base_model), *(("--models", m) for m in args.models),
+                                               ("--validation_dataset", args.validation_dataset)])
 
 
 def local_folder(name):
@@ -173,12 +180,13 @@ def main(args):
         "num_train_timesteps"] if is_pipeline else 1000
     ranges = model_ranges(args.models, num_timesteps)
 
-    tmp = args.output_dir.rstrip("/") + ".tmp"  # renamed when complete: a crash never leaves a finished-looking folder
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Built in a marked temporary folder and renamed when complete: a crash never leaves a finished-looking folder.
+    tmp = work_dir(args.output_dir, SCRIPT)
     # A merged UNet goes into a copy of the base pipeline; an ensemble is no stock UNet, so it stands alone.
     as_pipeline = is_pipeline and not args.ensemble
     if as_pipeline:
-        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("unet", "README.md", ".cache"))
+        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("unet", "README.md", ".cache"),
+                        dirs_exist_ok=True)
     unet_dir = os.path.join(tmp, "unet") if as_pipeline else tmp
     os.makedirs(unet_dir, exist_ok=True)
 
@@ -201,12 +209,16 @@ def main(args):
                       os.path.join(unet_dir, PROJECTION_FILE))
         with open(os.path.join(unet_dir, "config.json"), "w") as f:
             json.dump(configs[0], f, indent=2)
+    try:
+        check_finite_model(unet_dir, "the merged model" if not args.ensemble else "the ensemble")
+    except UserError:
+        shutil.rmtree(tmp)
+        raise
     if table:
         with open(os.path.join(tmp, "search_results.json"), "w") as f:
-            json.dump(table, f, indent=2)
+            json.dump(table, f, indent=2, allow_nan=False)
     write_card(args, tmp, model_class, as_pipeline, ranges, weights, table)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(tmp, args.output_dir)
+    replace_dir(tmp, args.output_dir, SCRIPT)
     print(f"saved {'ensemble' if args.ensemble else 'merged model'} to {args.output_dir}")
     if args.push_to_hub:
         repo = hub.push_folder(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
@@ -268,9 +280,11 @@ def search_weights(args, base, models, pipeline, denoising, batches, metric, ran
                 row = {"fid": float(metric.compute())}
                 row["score"] = row["fid"]
                 detail = f"FID {row['fid']:.3f}"
+            if not math.isfinite(row["score"]):  # a diverging candidate: recorded, never chosen
+                row, detail = {"score": None, "non_finite": True}, "not finite"
             scored[key] = {"weights": list(key), **row}
             print(f"weights {list(key)}: {detail}", flush=True)
-        return scored[key]["score"]
+        return math.inf if scored[key]["score"] is None else scored[key]["score"]
 
     if args.search == "grid":
         best = min(itertools.product(args.grid_values, repeat=len(models)), key=score)
@@ -279,7 +293,9 @@ def search_weights(args, base, models, pipeline, denoising, batches, metric, ran
         for _ in range(args.search_rounds):
             for i in range(len(models)):
                 best[i] = min(args.grid_values + [best[i]], key=lambda v: score(best[:i] + [v] + best[i + 1:]))
-    table = sorted(scored.values(), key=lambda row: row["score"])
+    table = sorted(scored.values(), key=lambda row: math.inf if row["score"] is None else row["score"])
+    if table[0]["score"] is None:
+        raise UserError("every merge candidate scored NaN or infinity: the models to merge are broken")
     return list(table[0]["weights"]), table
 
 
@@ -315,7 +331,9 @@ image = pipe(num_inference_steps=50).images[0]'''
             usage = f'from diffusers import {model_class}\nunet = {model_class}.from_pretrained("<this repo>")'
     metrics = {}
     for row in table[:20]:
-        if "fid" in row:
+        if row["score"] is None:
+            metrics[f"weights {row['weights']}"] = "not finite"
+        elif "fid" in row:
             metrics[f"FID, weights {row['weights']}"] = f"{row['fid']:.3f}"
         else:
             metrics[f"held-out loss, weights {row['weights']}"] = (

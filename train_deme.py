@@ -16,7 +16,6 @@ and `out/deme_manifest.json`. Defaults are the paper's DDPM CIFAR-10 setup.
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -34,13 +33,16 @@ from utils.channel_projection import (PLACEMENTS, add_projections, fold_projecti
 from utils.checkpointing import resume, step_generator
 from utils.data import ResumableLoader, check_images, find_column, load_image_dataset, worker_options
 from utils.errors import UserError
+from utils.outputs import check_output_dir, mark, write_json_atomically
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
 from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator, make_ema,
-                            make_optimizer, tracker_config, weight_dtype)
+                            check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
+                            image_grid, log_images, make_accelerator, make_ema, make_optimizer, tracker_config,
+                            weight_dtype)
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind
 
 logger = get_logger(__name__)
+SCRIPT = "train_deme.py"  # marks the output folders it writes (utils.outputs)
 MANIFEST = "deme_manifest.json"
 RANGE_FILE = "deme_range.json"
 
@@ -105,6 +107,8 @@ def check_args(args):
         raise UserError(f"--global_sample_prob must be in [0, 1], got {args.global_sample_prob}")
     if args.consistency_weight < 0:
         raise UserError(f"--consistency_weight must be >= 0, got {args.consistency_weight}")
+    check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                                               ("--dataset", args.dataset)])
 
 
 def range_dir(output_dir, index):
@@ -113,12 +117,6 @@ def range_dir(output_dir, index):
 
 def is_finished(folder) -> bool:
     return os.path.exists(os.path.join(folder, "README.md"))  # the card is written last
-
-
-def write_json(path, content):
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def main(args):
@@ -166,9 +164,11 @@ def main(args):
     if args.num_ranges > T:
         raise UserError(f"--num_ranges {args.num_ranges} is more than the model's {T} timesteps")
     ranges = timestep_ranges(T, args.num_ranges)
+    learning_rate = args.learning_rate * (  # computed once: every range, and a resumed run, train at the same rate
+        args.gradient_accumulation_steps * args.train_batch_size * state.num_processes if args.scale_lr else 1)
     if state.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, MANIFEST), {
+        mark(args.output_dir, SCRIPT)
+        write_json_atomically(os.path.join(args.output_dir, MANIFEST), {
             "method": "deme", "base_model": args.pretrained_model_name_or_path,
             "model_class": type(pipeline.unet).__name__, "num_train_timesteps": T,
             "channel_projection": args.channel_projection,
@@ -183,11 +183,13 @@ def main(args):
             logger.info(f"range {index} {ranges[index]} is finished; skipping it", main_process_only=True)
             continue
         models[index] = train_range(args, index, ranges[index], pipeline, kind, ds, image_column, caption_column,
-                                    resolution)
+                                    resolution, learning_rate)
+    state.destroy_process_group()  # once, after the last range (each range's Accelerator shares the processes)
     return models
 
 
-def train_range(args, index, time_range, pipeline, kind, ds, image_column, caption_column, resolution):
+def train_range(args, index, time_range, pipeline, kind, ds, image_column, caption_column, resolution,
+                learning_rate):
     """Fine-tune one copy on one timestep range and save it as a stock UNet in range_{index}/."""
     out = range_dir(args.output_dir, index)
     accelerator = make_accelerator(args, out, os.path.join(out, args.logging_dir))
@@ -217,9 +219,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
     rows = ds.with_transform(denoising.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                          **worker_options(args.dataloader_num_workers))
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, args.learning_rate)
+    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, learning_rate)
     ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
     unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
     if accelerator.is_main_process:
@@ -258,6 +258,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
             loss_denoise = (pred - denoising.target(x0, noise, timesteps).float()).pow(2).mean()
             loss_consistency = (pred - reference.float()).pow(2).mean() if reference is not None else torch.zeros(())
             loss = loss_denoise + args.consistency_weight * loss_consistency
+            check_finite_loss(accelerator, loss, global_step + 1, out)
             apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm)
 
         if not accelerator.sync_gradients:
@@ -278,6 +279,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
     model = accelerator.unwrap_model(unet)  # every process returns the same final model; the main one writes it
     if ema is not None:
         ema.copy_to(model.parameters())
+    check_finite_weights(accelerator, model, global_step, out)  # nothing non-finite is saved or pushed
     model.eval()
     if accelerator.is_main_process:
         with accelerator.autocast():
@@ -292,14 +294,16 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
         if official_maps:
             save_official_projections(official_maps, out)
         image_grid(images).save(os.path.join(out, "samples.png"))
-        write_json(os.path.join(out, RANGE_FILE), {
+        write_json_atomically(os.path.join(out, RANGE_FILE), {
             "index": index, "num_ranges": args.num_ranges, "timesteps": [lo, hi], "num_train_timesteps": T,
             "base_model": args.pretrained_model_name_or_path, "channel_projection": args.channel_projection})
-        write_card(args, out, index, time_range, T, kind, total, extra, logs)
+        write_card(args, out, index, time_range, T, kind, total, extra, logs, accelerator.mixed_precision,
+                   learning_rate)
         if args.push_to_hub:
             repo = hub.push_folder(out, f"{hub_repo_id(args)}-range-{index}", args.hub_token, args.hub_private_repo)
             logger.info(f"pushed range {index} to https://huggingface.co/{repo}")
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it would end the process group the next range needs
+        tracker.finish()
     return model
 
 
@@ -307,7 +311,9 @@ def hub_repo_id(args):
     return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
-def write_card(args, out, index, time_range, T, kind, total, extra, last_logs):
+def write_card(args, out, index, time_range, T, kind, total, extra, last_logs, mixed_precision, learning_rate):
+    """`mixed_precision`: the effective one (also when accelerate's config set it); `learning_rate` after
+    --scale_lr."""
     lo, hi = time_range
     hyper = {"range_index": f"{index} of {args.num_ranges}", "timesteps": f"[{lo}, {hi}) of [0, {T})",
              "global_sample_prob": args.global_sample_prob, "global_sample_mode": args.global_sample_mode,
@@ -316,8 +322,8 @@ def write_card(args, out, index, time_range, T, kind, total, extra, last_logs):
                                               + ("folded into the convs" if args.channel_projection == "foldable"
                                                  else "not folded") + ")",
              "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
-             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
-             "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": args.mixed_precision,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": learning_rate,
+             "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": mixed_precision,
              "seed": args.seed}
     model_class = "UNet2DConditionModel" if kind == "sd" else "UNet2DModel"
     repo = f"{hub_repo_id(args)}-range-{index}"

@@ -34,15 +34,19 @@ from utils.data import (ArrowBatches, ResumableLoader, as_batch, check_images, c
                         image_transform, load_image_dataset, to_tensor, worker_options)
 from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
-from utils.memory_bank import bank_info, build_memory_bank, encode_moments, is_memory_bank, load_memory_bank
+from utils.memory_bank import (bank_info, build_memory_bank, check_bank_dir, encode_moments, is_memory_bank,
+                               load_memory_bank)
+from utils.outputs import check_output_dir, mark
 from utils.timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
 from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, end_of_step, freeze, image_grid, log_images, make_accelerator, make_ema,
-                            make_optimizer, tracker_config, weight_dtype)
+                            check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
+                            image_grid, log_images, make_accelerator, make_ema, make_optimizer, tracker_config,
+                            weight_dtype)
 from utils.tuning import (DEFAULT_LORA_TARGETS, TUNING_MODES, apply_tuning, difffit_block_count, fold_difffit_scales,
                           parameter_counts, stock_model)
 
 logger = get_logger(__name__)
+SCRIPT = "train_diff_tuning_dit.py"  # marks the output folders it writes (utils.outputs)
 
 
 def parse_args(argv=None):
@@ -123,7 +127,8 @@ def check_args(args):
         raise UserError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     if args.retention_weight < 0:
         raise UserError(f"--retention_weight must be >= 0, got {args.retention_weight}")
-    check_common_args(args, positive=("memory_bank_size", "memory_bank_batch_size", "resolution"))
+    check_common_args(args, positive=("memory_bank_size", "memory_bank_batch_size", "memory_bank_inference_steps",
+                                      "resolution"))
     if args.method == "diff_tuning":
         n_bank = num_bank_samples(args)
         if n_bank == 0:
@@ -133,6 +138,8 @@ def check_args(args):
             raise UserError("--retention_ratio x --train_batch_size leaves no downstream samples in the batch")
         if args.xi_form == "paper" and args.weighting == "power" and args.tau == 0:
             raise UserError("--tau 0 makes xi = 1 - u^0 zero everywhere (no retention); use --method standard")
+    check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                                               ("--dataset", args.dataset)])
 
 
 def num_bank_samples(args) -> int:
@@ -228,12 +235,17 @@ def main(args):
                         f"on each of {accelerator.num_processes} process(es)")
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
     latent_shape = (2 * config["in_channels"], config["sample_size"], config["sample_size"])
+    if args.method == "diff_tuning":
+        check_bank_dir(bank_dir)  # a folder that is not a bank fails now, not after generating one
     if args.method == "diff_tuning" and is_memory_bank(bank_dir):
         load_memory_bank(bank_dir, latent_shape)  # a bank made for another model fails here, not at step 1
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
                                                                   disable=not accelerator.is_local_main_process))
+
+    if accelerator.is_main_process:
+        mark(args.output_dir, SCRIPT)  # from here on this script writes into it
 
     # ---- Models.
     pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
@@ -249,8 +261,8 @@ def main(args):
         if hasattr(module, "class_embedder"):
             module.class_embedder.dropout_prob = 0.0
     null_class = num_label_rows
-    if args.tuning == "difffit":  # checked now, not after the memory bank is generated
-        args.difffit_blocks = difffit_block_count(transformer, args.difffit_blocks)
+    # checked now, not after the memory bank is generated
+    difffit_blocks = difffit_block_count(transformer, args.difffit_blocks) if args.tuning == "difffit" else None
     learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     vb_loss = LearnedVarianceLoss(noise_scheduler.betas) if learned_sigma else None
@@ -273,7 +285,7 @@ def main(args):
             )
 
     # ---- Which weights train (after the bank, so that it always comes from the untouched pre-trained model).
-    transformer = apply_tuning(transformer, args.tuning, args.difffit_blocks, args.lora_rank, args.lora_alpha,
+    transformer = apply_tuning(transformer, args.tuning, difffit_blocks, args.lora_rank, args.lora_alpha,
                                args.lora_target_modules)
     trainable, total = parameter_counts(transformer)
 
@@ -321,9 +333,9 @@ def main(args):
             shuffle=True, drop_last=True, collate_fn=as_batch, **workers)
 
     # ---- Optimisation.
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    lr = args.learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
+    learning_rate = args.learning_rate * (
+        args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
+    lr = learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
     optimizer, lr_scheduler = make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
                                              accelerator, lr)
     ema = make_ema(transformer, args.ema_decay, accelerator) if args.use_ema else None
@@ -373,6 +385,7 @@ def main(args):
             loss_adapt = per_sample[n_bank_rows:].mean()
             loss_retain = per_sample[:n_bank_rows].mean() if n_bank_rows else torch.zeros_like(loss_adapt)
             loss = loss_adapt + args.retention_weight * loss_retain
+            check_finite_loss(accelerator, loss, global_step + 1, args.output_dir)
             apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm)
 
         if not accelerator.sync_gradients:
@@ -391,10 +404,11 @@ def main(args):
 
     # ---- Save a stock DiTPipeline, the class names and a model card.
     accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(transformer)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(transformer)
-        if ema is not None:
-            ema.copy_to(model.parameters())
         model.eval()
         if vae.dtype != torch.float32:
             vae.to(torch.float32)  # it ran in the mixed-precision dtype; the saved pipeline is fp32
@@ -411,8 +425,8 @@ def main(args):
                                accelerator.device)
         image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
         log_images(accelerator, "final", images, global_step)
-        args.mixed_precision = accelerator.mixed_precision  # the effective one, also when set by accelerate config
-        write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs)
+        write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs,
+                   accelerator.mixed_precision, learning_rate, difffit_blocks)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub_repo_id(args), args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
@@ -440,17 +454,19 @@ def hub_repo_id(args):
     return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
-def write_card(args, names, bank_dir, trainable, total, last_logs):
+def write_card(args, names, bank_dir, trainable, total, last_logs, mixed_precision, learning_rate, difffit_blocks):
+    """`mixed_precision`: the effective one (also when accelerate's config set it); `learning_rate` after
+    --scale_lr; `difffit_blocks` as resolved for the model."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard fine-tuning"
     tuning = {"full": "all weights", "bitfit": "bias terms only (BitFit)", "lora": "LoRA adapters",
               "difffit": "DiffFit (biases, class embedding, scale factors)"}[args.tuning]
     hyper = {"method": args.method, "tuning": args.tuning, "steps": args.max_train_steps,
              "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-             "learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
-             "label_dropout": args.label_dropout, "use_ema": args.use_ema, "mixed_precision": args.mixed_precision,
+             "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
+             "label_dropout": args.label_dropout, "use_ema": args.use_ema, "mixed_precision": mixed_precision,
              "seed": args.seed, "trainable_parameters": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"}
     if args.tuning == "difffit":
-        hyper.update({"difffit_blocks": args.difffit_blocks, "difffit_lr_scale": args.difffit_lr_scale})
+        hyper.update({"difffit_blocks": difffit_blocks, "difffit_lr_scale": args.difffit_lr_scale})
     if args.tuning == "lora":
         hyper.update({"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank,
                       "lora_target_modules": " ".join(args.lora_target_modules), "merged": args.merge_lora})

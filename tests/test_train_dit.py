@@ -325,11 +325,43 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
     (["--retention_ratio", "0.01"], "rounds to 0 memory-bank samples"),
     (["--tau", "0"], "zero everywhere"),
     (["--enable_xformers_memory_efficient_attention"], "needs a CUDA GPU"),
+    (["--validation_inference_steps", "0"], "--validation_inference_steps must be >= 1"),
+    (["--memory_bank_inference_steps", "0"], "--memory_bank_inference_steps must be >= 1"),
+    (["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
 ])
 def test_impossible_hyperparameters(flags, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=message):
         script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", *flags])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr_scheduler", "cosinus"], "invalid choice: 'cosinus'"),
+    (["--report_to", "tensorbord"], "invalid choice: 'tensorbord'"),
+])
+def test_unknown_names_are_refused_by_the_parser(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(UserError, match="--report_to wandb needs the wandb package"):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--report_to", "wandb"])
+
+
+def test_memory_bank_module_refuses_a_missing_or_wrong_model(tiny_ddpm_dir, tmp_path):
+    for model, message in ((str(tmp_path / "none"), "error: cannot load a pipeline from"),
+                           (tiny_ddpm_dir, "is a DDPMPipeline; this module generates banks from")):
+        proc = run_module("utils.memory_bank", "--pretrained_model_name_or_path", model, "--output_dir",
+                          str(tmp_path / "bank"), check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bank").exists()
 
 
 def test_xformers_flag_without_the_package_is_a_clear_error(monkeypatch):

@@ -126,7 +126,7 @@ def test_lora_adapter_loads_with_peft_and_matches_merge(tiny_pipeline_dir, digit
     train(tiny_pipeline_dir, digits_dir, tmp_path / "adapter", *args)
     train(tiny_pipeline_dir, digits_dir, tmp_path / "merged", *args, "--merge_lora")
     assert sorted(os.listdir(tmp_path / "adapter")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "id2label.json", "samples.png"]
+        ".created_by.json", "README.md", "adapter_config.json", "adapter_model.safetensors", "id2label.json", "samples.png"]
     base = DiTTransformer2DModel.from_pretrained(tiny_pipeline_dir, subfolder="transformer")
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().eval()
     merged = DiTPipeline.from_pretrained(tmp_path / "merged").transformer.eval()

@@ -44,17 +44,18 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     """Save the full training state as checkpoint-<step>, keeping at most `total_limit` checkpoints.
 
     The state is written to a temporary folder and renamed, so a kill never leaves a checkpoint that looks
-    complete but is not."""
+    complete but is not, and older checkpoints are rotated out only after that."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
-    if total_limit is not None:
-        old = list_checkpoints(output_dir)
-        for stale in old[: max(0, len(old) - total_limit + 1)]:
-            shutil.rmtree(stale)
     tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a kill's left-over in this script's own output folder
     accelerator.save_state(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+    # Old checkpoints go only once the new one is complete: a kill during the save keeps the previous one.
+    if total_limit is not None:
+        others = [c for c in list_checkpoints(output_dir) if c != path]
+        for stale in others[: max(0, len(others) - (total_limit - 1))]:
+            shutil.rmtree(stale)
     return path
 
 

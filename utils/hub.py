@@ -5,12 +5,14 @@ import os
 import datasets
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub import get_token, whoami
+from huggingface_hub.utils import filter_repo_objects
 
 from .errors import UserError
+from .outputs import MARKER, check_finite_model
 
 # Never uploaded with a model: resumable training state, logs, the memory bank (a dataset of its own, see
-# push_memory_bank) and anything half-written.
-UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*"]
+# push_memory_bank), anything half-written and the output-folder marker.
+UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*", ".*.tmp-*", MARKER]
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -86,7 +88,13 @@ def save_training_card(output_dir: str, *, base_model: str, dataset: str, last_l
 
 
 def push_folder(output_dir: str, repo_id: str, token: str | None, private: bool = False) -> str:
-    """Create the repo if needed and upload the output folder, without checkpoints and logs. Returns the repo id."""
+    """Create the repo if needed and upload the output folder, without checkpoints and logs. Returns the repo id.
+    A folder whose uploaded weights hold a NaN or an infinity is refused before anything is sent."""
+    uploaded = filter_repo_objects(
+        (os.path.relpath(os.path.join(d, f), output_dir) for d, _, fs in os.walk(output_dir) for f in fs),
+        ignore_patterns=UPLOAD_IGNORE)
+    check_finite_model(output_dir, f"push of {output_dir}",
+                       [os.path.join(output_dir, f) for f in uploaded if f.endswith(".safetensors")])
     token = resolve_token(token)
     repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
     upload_folder(

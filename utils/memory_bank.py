@@ -27,8 +27,27 @@ from diffusers import DDIMScheduler, DiTPipeline
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .outputs import created_by, mark, replace_dir, work_dir, write_json_atomically
 
 CONFIG_NAME = "memory_bank.json"
+SCRIPT = "utils.memory_bank"  # marks the folders it writes (utils.outputs): only those are ever replaced or removed
+
+
+def shard_dir_of(bank_dir: str) -> str:
+    return bank_dir.rstrip("/") + ".partial"
+
+
+def check_bank_dir(bank_dir: str, flag: str = "--memory_bank") -> None:
+    """Before any generation: the bank folder is a finished bank (reused), or new, or empty; and its shard folder,
+    if any, was left by an interrupted generation of this module. Anything else is the user's: refused."""
+    if os.path.exists(bank_dir) and not os.path.isdir(bank_dir):
+        raise UserError(f"{flag} {bank_dir} is a file, not a memory bank folder")
+    if os.path.isdir(bank_dir) and os.listdir(bank_dir) and not is_memory_bank(bank_dir):
+        raise UserError(f"{flag} {bank_dir} exists but is not a memory bank (no {CONFIG_NAME}); name a finished bank "
+                        "or a new folder")
+    shards = shard_dir_of(bank_dir)
+    if os.path.exists(shards) and not is_memory_bank(bank_dir) and created_by(shards) != SCRIPT:
+        raise UserError(f"{shards} exists and was not written by a memory-bank generation; move it away")
 
 
 def features(latent_shape) -> datasets.Features:
@@ -88,8 +107,9 @@ def generate_shards(
     device = pipeline.transformer.device
     latent_channels = 2 * pipeline.transformer.config.in_channels
     latent_size = pipeline.transformer.config.sample_size
-    shard_dir = bank_dir.rstrip("/") + ".partial"
-    os.makedirs(shard_dir, exist_ok=True)
+    check_bank_dir(bank_dir)
+    shard_dir = shard_dir_of(bank_dir)
+    mark(shard_dir, SCRIPT)
 
     mine = list(range(process_index, math.ceil(size / batch_size), num_processes))
     todo = [k for k in mine if not os.path.exists(os.path.join(shard_dir, f"shard-{k:06d}"))]
@@ -134,17 +154,18 @@ def generate_shards(
 
 def finalize(bank_dir: str, size: int, info: dict) -> None:
     """Concatenate the shards into the bank folder (main process only), then delete the shards."""
-    shard_dir = bank_dir.rstrip("/") + ".partial"
+    shard_dir = shard_dir_of(bank_dir)
     shards = sorted(d for d in os.listdir(shard_dir) if d.startswith("shard-") and not d.endswith(".tmp"))
     bank = datasets.concatenate_datasets([datasets.load_from_disk(os.path.join(shard_dir, d)) for d in shards])
     if len(bank) != size:
         raise RuntimeError(f"memory bank shards hold {len(bank)} samples, expected {size}")
-    tmp = bank_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    work = work_dir(bank_dir, SCRIPT)
+    tmp = os.path.join(work, "bank")
     bank.save_to_disk(tmp)
-    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-        json.dump({**info, "size": size}, f, indent=2)
-    os.replace(tmp, bank_dir)  # the config file marks a complete bank; it appears only now
+    mark(tmp, SCRIPT)
+    write_json_atomically(os.path.join(tmp, CONFIG_NAME), {**info, "size": size})
+    replace_dir(tmp, bank_dir, SCRIPT)  # the config file marks a complete bank; it appears only now
+    shutil.rmtree(work)
     shutil.rmtree(shard_dir)
 
 
@@ -200,7 +221,22 @@ def parse_args(argv=None):
     p.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Sampling dtype (default: no)."
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("size", "num_inference_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    check_bank_dir(args.output_dir, "--output_dir")
+    try:  # the pipeline's index only: a missing or wrong model fails before any weights load
+        index = DiTPipeline.load_config(args.pretrained_model_name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a pipeline from {args.pretrained_model_name_or_path!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from e
+    if index.get("_class_name") != "DiTPipeline":
+        raise UserError(f"{args.pretrained_model_name_or_path} is a {index.get('_class_name')}; this module generates "
+                        "banks from class-conditional DiTPipelines")
+    return args
 
 
 def main(args):

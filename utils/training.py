@@ -15,8 +15,14 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .checkpointing import save_checkpoint
+from .checkpointing import list_checkpoints, save_checkpoint
 from .errors import UserError
+
+# diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules)
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+# --report_to value -> the package accelerate needs for it
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_help: str, max_train_steps: int,
@@ -28,7 +34,7 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     g.add_argument("--learning_rate", type=float, default=learning_rate, help=f"Adam learning rate ({paper}).")
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
-    g.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name (constant, cosine, ...).")
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers lr schedule.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
@@ -55,7 +61,8 @@ def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, val
     g.add_argument("--validation_steps", type=int, default=validation_steps, help="Sample a validation grid every N steps (0: never).")
     g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
     g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps of validation samples.")
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    g.add_argument("--report_to", default="tensorboard", choices=sorted(TRACKER_PACKAGES) + ["all", "none"],
+                   help="Where to log: a tracker (its package must be installed), all installed ones, or none.")
     g.add_argument("--logging_dir", default="logs", help="Log folder, relative to the output folder.")
     g.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (no checkpoints, no logs).")
     g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
@@ -67,11 +74,23 @@ def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, val
 def check_common_args(args, positive=()):
     """Flags of the shared groups (and `positive` others) that cannot work, caught before anything loads."""
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "num_validation_images", *positive):
+                 "num_validation_images", "validation_inference_steps", *positive):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.validation_steps is not None and args.validation_steps < 0:
+        raise UserError(f"--validation_steps must be >= 0 (0: never), got {args.validation_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
+    if args.lr_warmup_steps < 0:
+        raise UserError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    package = TRACKER_PACKAGES.get(args.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--report_to {args.report_to} needs the {package} package (pip install {package}); "
+                        "or use --report_to tensorboard or none")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast is GPU-only); use bf16 on CPU")
     if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
         raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; xformers has no CPU kernels")
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
@@ -128,14 +147,50 @@ def make_ema(model, decay: float, accelerator) -> EMAModel:
 
 
 def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log):
-    """After optimizer step `step`: update the EMA, the progress bar and the trackers, and checkpoint when due."""
+    """After optimizer step `step`: update the EMA, the progress bar and the trackers, and checkpoint when due
+    (never a state with non-finite weights)."""
     if ema is not None:
         ema.step(model.parameters())
     progress.update(1)
     progress.set_postfix(loss=f"{logs['loss']:.4f}")
     accelerator.log(logs, step=step)
-    if step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-        log.info(f"saved state to {save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)}")
+    if step % args.checkpointing_steps == 0:
+        check_finite_weights(accelerator, model, step, output_dir)
+        if accelerator.is_main_process:
+            log.info(f"saved state to {save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)}")
+
+
+def divergence_error(what: str, step: int, output_dir: str) -> UserError:
+    """The one line a diverged run ends with: what went non-finite, at which step, and the latest good state."""
+    found = list_checkpoints(output_dir)
+    last = (f"the latest good state is {found[-1]} (--resume_from_checkpoint latest)" if found
+            else "no checkpoint was written")
+    return UserError(f"{what} is not finite at step {step}: training diverged (lower --learning_rate or set "
+                     f"--max_grad_norm); nothing was saved, {last}")
+
+
+def _all_processes_agree(accelerator, ok: bool) -> bool:
+    """True only if `ok` holds on every process (each must take the same branch, or the others would hang in the
+    next collective)."""
+    flag = torch.tensor([float(ok)], device=accelerator.device)
+    return bool(accelerator.gather(flag).min() > 0) if accelerator.num_processes > 1 else ok
+
+
+def check_finite_loss(accelerator, loss: torch.Tensor, step: int, output_dir: str):
+    """Stop before the backward pass of a non-finite loss, on every process at once (`step`: the optimizer step
+    being computed)."""
+    if not _all_processes_agree(accelerator, bool(torch.isfinite(loss.detach()).all())):
+        raise divergence_error(f"the loss ({loss.detach().float().mean().item():g} on one process)", step, output_dir)
+
+
+def weights_are_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+def check_finite_weights(accelerator, model, step: int, output_dir: str):
+    """Refuse to checkpoint or save weights with a NaN or infinity (a finite loss can still take a huge step)."""
+    if not _all_processes_agree(accelerator, weights_are_finite(model)):
+        raise divergence_error("a weight of the model", step, output_dir)
 
 
 def tracker_config(args) -> dict:
