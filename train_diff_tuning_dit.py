@@ -15,7 +15,6 @@ Defaults reproduce the paper's DiT setup; see the README for where they differ f
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 
@@ -30,14 +29,15 @@ from tqdm.auto import tqdm
 
 from utils import hub
 from utils.checkpointing import resume, step_generator
+from utils.diff_tuning import (DiffTuningLoss, DiffTuningTimesteps, add_diff_tuning_args, check_diff_tuning_args,
+                               num_bank_rows)
 from utils.data import (ArrowBatches, ResumableLoader, as_batch, check_images, class_names, find_column,
                         image_transform, load_image_dataset, to_tensor, worker_options)
 from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
-from utils.memory_bank import (bank_info, build_memory_bank, check_bank_dir, encode_moments, is_memory_bank,
-                               load_memory_bank)
+from utils.memory_bank import (DiTBankSampler, bank_info, build_memory_bank, check_bank_dir, encode_moments,
+                               is_memory_bank, load_memory_bank)
 from utils.outputs import check_output_dir, mark
-from utils.timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
 from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
                             check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
                             image_grid, log_images, make_accelerator, make_ema, make_optimizer, tracker_config,
@@ -69,26 +69,9 @@ def parse_args(argv=None):
                    "cached by `datasets`, instead of at every step.")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
-    g = p.add_argument_group("Diff-Tuning")
-    g.add_argument("--method", choices=["diff_tuning", "standard"], default="diff_tuning",
-                   help="diff_tuning: memory bank + psi/xi timesteps; standard: plain fine-tuning (tau = 0, no bank).")
-    g.add_argument("--tau", type=float, default=1.0, help="Exponent of psi(t) = u^tau, u = (t+1)/T; 0 = uniform.")
-    g.add_argument("--xi_form", choices=XI_FORMS, default="paper",
-                   help="Retention weights: paper xi = 1 - u^tau, official code xi = (1-u)^tau (equal at tau = 1).")
-    g.add_argument("--weighting", choices=WEIGHTINGS, default="power",
-                   help="power: psi = u^tau; snr: psi = 1/(1+SNR(t)), xi = 1 - psi (tau unused).")
-    g.add_argument("--retention_ratio", type=float, default=0.5,
-                   help="Fraction of each batch from the memory bank (paper 0.5, official code 0.2).")
-    g.add_argument("--retention_weight", type=float, default=1.0,
-                   help="loss = L_adapt + w * L_retain (paper 1.0, official code 0.1).")
+    g = add_diff_tuning_args(p, bank_guidance_scale=1.5, bank_batch_size=32,
+                             bank_help="Bank rows: samples of random classes, trained on the null class.")
     g.add_argument("--label_dropout", type=float, default=0.1, help="Downstream label dropout for classifier-free guidance.")
-    g.add_argument("--memory_bank", default=None,
-                   help="Memory bank folder: used if it exists, generated there otherwise "
-                        "(default: <output_dir>/memory_bank).")
-    g.add_argument("--memory_bank_size", type=int, default=5000, help="Samples to generate for a new bank.")
-    g.add_argument("--memory_bank_guidance_scale", type=float, default=1.5, help="CFG scale of bank generation.")
-    g.add_argument("--memory_bank_inference_steps", type=int, default=50, help="DDIM steps of bank generation.")
-    g.add_argument("--memory_bank_batch_size", type=int, default=32, help="Generation batch size (per process).")
 
     g = p.add_argument_group("parameter-efficient tuning (orthogonal to --method)")
     g.add_argument("--tuning", choices=TUNING_MODES, default="full",
@@ -119,32 +102,12 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
-    if args.tau < 0:
-        raise UserError(f"--tau must be >= 0, got {args.tau}")
-    if not 0 <= args.retention_ratio < 1:
-        raise UserError(f"--retention_ratio must be in [0, 1), got {args.retention_ratio}")
+    check_common_args(args, positive=("resolution",))
+    check_diff_tuning_args(args)
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
-    if args.retention_weight < 0:
-        raise UserError(f"--retention_weight must be >= 0, got {args.retention_weight}")
-    check_common_args(args, positive=("memory_bank_size", "memory_bank_batch_size", "memory_bank_inference_steps",
-                                      "resolution"))
-    if args.method == "diff_tuning":
-        n_bank = num_bank_samples(args)
-        if n_bank == 0:
-            raise UserError(f"--retention_ratio {args.retention_ratio} x --train_batch_size {args.train_batch_size} "
-                            "rounds to 0 memory-bank samples; raise either, or use --method standard")
-        if n_bank == args.train_batch_size:
-            raise UserError("--retention_ratio x --train_batch_size leaves no downstream samples in the batch")
-        if args.xi_form == "paper" and args.weighting == "power" and args.tau == 0:
-            raise UserError("--tau 0 makes xi = 1 - u^0 zero everywhere (no retention); use --method standard")
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
                                                ("--dataset", args.dataset)])
-
-
-def num_bank_samples(args) -> int:
-    """Memory-bank rows per micro-batch: round(r * B), halves rounded up."""
-    return int(math.floor(args.retention_ratio * args.train_batch_size + 0.5)) if args.method == "diff_tuning" else 0
 
 
 def sample_latents(moments, generator, scaling_factor):
@@ -152,7 +115,7 @@ def sample_latents(moments, generator, scaling_factor):
     return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
 
 
-def compose_batch(data, bank, encode, null_class, adapt_sampler, retain_sampler, args, generator, device):
+def compose_batch(data, bank, encode, null_class, timestep_sampler, args, generator, device):
     """One micro-batch: memory-bank rows first (null class, t ~ xi), then downstream rows (own labels with
     dropout, t ~ psi). Returns (latents x_0, class labels, timesteps, number of bank rows)."""
 
@@ -172,14 +135,13 @@ def compose_batch(data, bank, encode, null_class, adapt_sampler, retain_sampler,
     drop = torch.rand(n_data, generator=generator, device=device) < args.label_dropout
     labels = torch.where(drop, torch.full_like(labels, null_class), labels)
     moments = [pick_moments(data, n_data)]
-    timesteps = [adapt_sampler.sample(n_data, generator, device)]
     n_bank = 0
     if bank is not None:
         n_bank = len(bank["class_label"])
         moments.insert(0, pick_moments(bank, n_bank))
-        timesteps.insert(0, retain_sampler.sample(n_bank, generator, device))
         labels = torch.cat([torch.full((n_bank,), null_class, device=device, dtype=labels.dtype), labels])
-    return torch.cat(moments), labels, torch.cat(timesteps), n_bank
+    timesteps = timestep_sampler.sample(n_bank, n_data, generator, device)
+    return torch.cat(moments), labels, timesteps, n_bank
 
 
 @torch.no_grad()
@@ -225,7 +187,7 @@ def main(args):
     num_label_rows = config["num_embeds_ada_norm"]  # ImageNet: 1000 rows, and row 1000 is the null class
     if len(names) > num_label_rows:
         raise UserError(f"dataset has {len(names)} classes but the model's label table has {num_label_rows} rows")
-    n_bank = num_bank_samples(args)
+    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
     n_data = args.train_batch_size - n_bank
     if len(ds) < n_data * accelerator.num_processes:
         raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {n_data} downstream rows on each of "
@@ -278,24 +240,20 @@ def main(args):
     transformer.to(accelerator.device)  # trainable weights stay fp32; mixed precision runs under autocast
     if args.method == "diff_tuning":
         with accelerator.autocast():
-            bank = build_memory_bank(
-                accelerator, pipeline, bank_dir, args.memory_bank_size, args.pretrained_model_name_or_path,
-                guidance_scale=args.memory_bank_guidance_scale, num_inference_steps=args.memory_bank_inference_steps,
-                batch_size=args.memory_bank_batch_size, seed=args.seed,
-            )
+            sampler = DiTBankSampler(pipeline, args.memory_bank_guidance_scale, args.memory_bank_inference_steps)
+            bank = build_memory_bank(accelerator, sampler, bank_dir, args.memory_bank_size,
+                                     {"base_model": args.pretrained_model_name_or_path},
+                                     args.memory_bank_batch_size, args.seed)
 
     # ---- Which weights train (after the bank, so that it always comes from the untouched pre-trained model).
     transformer = apply_tuning(transformer, args.tuning, difffit_blocks, args.lora_rank, args.lora_alpha,
                                args.lora_target_modules)
     trainable, total = parameter_counts(transformer)
 
-    # ---- Timestep distributions.
-    T = noise_scheduler.config.num_train_timesteps
-    tau = args.tau if args.method == "diff_tuning" else 0.0
-    adapt_sampler = CategoricalTimestepSampler(
-        adaptation_weights(T, tau, args.weighting, noise_scheduler.alphas_cumprod))
-    retain_sampler = CategoricalTimestepSampler(
-        retention_weights(T, tau, args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)) if bank else None
+    # ---- The method: timesteps of the bank (xi) and data (psi) rows, and the split loss.
+    timestep_sampler = DiffTuningTimesteps(noise_scheduler.config.num_train_timesteps, args.method, args.tau,
+                                           args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)
+    diff_tuning_loss = DiffTuningLoss(args.retention_weight)
 
     # ---- Data loaders: downstream rows and bank rows of every micro-batch.
     ds = ds.rename_column(label_column, "labels") if label_column != "labels" else ds
@@ -370,7 +328,7 @@ def main(args):
         with torch.no_grad():
             moments, labels, timesteps, n_bank_rows = compose_batch(
                 next(data_iter), next(bank_iter) if bank_iter else None, encode, null_class,
-                adapt_sampler, retain_sampler, args, generator, accelerator.device)
+                timestep_sampler, args, generator, accelerator.device)
             latents = sample_latents(moments, generator, scaling_factor)
             noise = torch.randn(latents.shape, generator=generator, device=latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -382,17 +340,15 @@ def main(args):
             per_sample = epsilon_mse(eps_pred, noise)
             if learned_sigma:
                 per_sample = per_sample + vb_loss(eps_pred, var_values, latents, noisy, timesteps)
-            loss_adapt = per_sample[n_bank_rows:].mean()
-            loss_retain = per_sample[:n_bank_rows].mean() if n_bank_rows else torch.zeros_like(loss_adapt)
-            loss = loss_adapt + args.retention_weight * loss_retain
+            loss, parts = diff_tuning_loss(per_sample, n_bank_rows)
             check_finite_loss(accelerator, loss, global_step + 1, args.output_dir)
             apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm)
 
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        logs = {"loss": loss.detach().item(), "loss_adapt": loss_adapt.detach().item(),
-                "loss_retain": loss_retain.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts.items()},
+                "lr": lr_scheduler.get_last_lr()[0]}
         end_of_step(accelerator, transformer, ema, progress, logs, global_step, args.output_dir, args, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             # autocast: the frozen VAE is in the mixed-precision dtype

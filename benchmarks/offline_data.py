@@ -41,6 +41,23 @@ def write_image_folder(images, labels, names, out_dir, limit=None):
     return out_dir
 
 
+def write_control_folder(images, labels, names, out_dir, annotator, size=16, limit=None, caption="a digit {}"):
+    """An image folder in diffusers' ControlNet layout: `<i>.png`, its control `<i>_control.png` (made by
+    `annotator`, PIL in, PIL out) and a metadata.jsonl row {"file_name", "conditioning_image_file_name", "text"}.
+    Images are upscaled to `size` with nearest neighbour. Returns out_dir."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
+        for i, (img, label) in enumerate(zip(images[:limit], labels[:limit])):
+            image = Image.fromarray(img).convert("RGB").resize((size, size), Image.NEAREST)
+            image.save(os.path.join(out_dir, f"{i:05d}.png"))
+            annotator(image).save(os.path.join(out_dir, f"{i:05d}_control.png"))
+            f.write(json.dumps({"file_name": f"{i:05d}.png", "conditioning_image_file_name": f"{i:05d}_control.png",
+                                "text": caption.format(names[label])}) + "\n")
+    return out_dir
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", choices=sorted(SOURCES))

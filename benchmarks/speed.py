@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diff_tuning_dit as script  # noqa: E402
 from benchmarks.in_process import run_script  # noqa: E402
 from benchmarks.small_dit import build_pipeline  # noqa: E402
-from utils.memory_bank import generate_shards  # noqa: E402
+from utils.memory_bank import DiTBankSampler, generate_shards  # noqa: E402
 
 WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start
 
@@ -103,8 +103,8 @@ def main():
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.mixed_precision)
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         start = time.perf_counter()
-        generate_shards(pipe, f"{tmp}/gen", a.bank_size, num_inference_steps=a.bank_steps, batch_size=32,
-                        show_progress=False)
+        generate_shards(DiTBankSampler(pipe, num_inference_steps=a.bank_steps), f"{tmp}/gen", a.bank_size,
+                        batch_size=32, show_progress=False)
         ours = time.perf_counter() - start
         stock = DiTPipeline(transformer=pipe.transformer, vae=pipe.vae,
                             scheduler=DDIMScheduler.from_config(pipe.scheduler.config))

@@ -109,3 +109,35 @@ def captioned_digits_dir(tmp_path_factory):
             Image.fromarray(images[i]).convert("RGB").save(path / f"{i:03d}.png")
             f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a digit {names[labels[i]]}"}) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def control_digits_dir(tmp_path_factory):
+    """48 sklearn digits at 16 px in diffusers' ControlNet layout: image, Canny control, caption "a digit seven"."""
+    from benchmarks.offline_data import write_control_folder
+    from utils.annotators import make_annotator
+
+    return write_control_folder(*sklearn_digits(), str(tmp_path_factory.mktemp("control_digits")),
+                                make_annotator("canny"), limit=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_annotator_models(tmp_path_factory):
+    """Tiny random transformers models saved to folders: a DPT depth estimator and a SegFormer segmenter."""
+    from transformers import (DPTConfig, DPTForDepthEstimation, DPTImageProcessor, SegformerConfig,
+                              SegformerForSemanticSegmentation, SegformerImageProcessor)
+
+    root = tmp_path_factory.mktemp("annotators")
+    torch.manual_seed(0)
+    DPTForDepthEstimation(DPTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8,
+        backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], fusion_hidden_size=16, reassemble_factors=[4, 2],
+        head_in_index=-1)).save_pretrained(root / "dpt")
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dpt")
+    SegformerForSemanticSegmentation(SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[3, 3],
+        strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=3,
+        id2label={0: "sky", 1: "tree", 2: "road"}, label2id={"sky": 0, "tree": 1, "road": 2})).save_pretrained(
+        root / "seg")
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "seg")
+    return str(root / "dpt"), str(root / "seg")

@@ -235,13 +235,13 @@ def test_mixed_precision_ema_and_gradient_checkpointing(tiny_pipeline_dir, digit
 
 def test_memory_bank_is_deterministic_and_resumable(tmp_path):
     from benchmarks.small_dit import build_pipeline
-    from utils.memory_bank import finalize, generate_shards
+    from utils.memory_bank import DiTBankSampler, finalize, generate_shards
 
     pipe = build_pipeline()
     pipe.labels = {"a": 3, "b": 7}  # named classes: the bank draws only these
-    generate_shards(pipe, str(tmp_path / "a"), 10, num_inference_steps=3, batch_size=4, seed=5)
+    generate_shards(DiTBankSampler(pipe, num_inference_steps=3), str(tmp_path / "a"), 10, batch_size=4, seed=5)
     finalize(str(tmp_path / "a"), 10, {})
-    generate_shards(pipe, str(tmp_path / "b"), 10, num_inference_steps=3, batch_size=5, seed=5)
+    generate_shards(DiTBankSampler(pipe, num_inference_steps=3), str(tmp_path / "b"), 10, batch_size=5, seed=5)
     finalize(str(tmp_path / "b"), 10, {})
     a, b = datasets.load_from_disk(str(tmp_path / "a")), datasets.load_from_disk(str(tmp_path / "b"))
     assert a["seed"] == b["seed"] == list(range(5, 15)) and a["class_label"] == b["class_label"]
@@ -250,10 +250,10 @@ def test_memory_bank_is_deterministic_and_resumable(tmp_path):
 
     # Interrupted: shard 1 missing. A rerun regenerates only shard 1 and yields the same bank.
     shards = tmp_path / "c.partial"
-    generate_shards(pipe, str(tmp_path / "c"), 10, num_inference_steps=3, batch_size=4, seed=5)
+    generate_shards(DiTBankSampler(pipe, num_inference_steps=3), str(tmp_path / "c"), 10, batch_size=4, seed=5)
     shutil.rmtree(shards / "shard-000001")
     kept = os.path.getmtime(shards / "shard-000000")
-    generate_shards(pipe, str(tmp_path / "c"), 10, num_inference_steps=3, batch_size=4, seed=5)
+    generate_shards(DiTBankSampler(pipe, num_inference_steps=3), str(tmp_path / "c"), 10, batch_size=4, seed=5)
     assert os.path.getmtime(shards / "shard-000000") == kept
     finalize(str(tmp_path / "c"), 10, {})
     c = datasets.load_from_disk(str(tmp_path / "c"))

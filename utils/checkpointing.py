@@ -40,7 +40,7 @@ def checkpoint_step(path: str) -> int:
     return int(os.path.basename(path.rstrip("/")).split("-", 1)[1])
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, save_extra=None) -> str:
     """Save the full training state as checkpoint-<step>, keeping at most `total_limit` checkpoints.
 
     The state is written to a temporary folder and renamed, so a kill never leaves a checkpoint that looks
@@ -49,6 +49,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a kill's left-over in this script's own output folder
     accelerator.save_state(tmp)
+    if save_extra is not None:  # e.g. a loadable model folder beside accelerate's state
+        save_extra(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     # Old checkpoints go only once the new one is complete: a kill during the save keeps the previous one.

@@ -33,7 +33,11 @@ def load_image_dataset(name: str, split: str = "train", config_name=None, cache_
         ):
             ds = datasets.load_from_disk(path)
         else:
-            ds = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+            try:
+                ds = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+            except datasets.data_files.EmptyDatasetError as e:
+                raise DatasetError(f"--dataset {name} holds no images: give a folder of images (in class "
+                                   "sub-folders, or with a metadata.jsonl), a save_to_disk folder or a Hub id") from e
     elif os.path.exists(path):
         raise DatasetError(f"--dataset {name} is a file; give a folder of images, a save_to_disk folder or a Hub id")
     elif _looks_like_path(name):
@@ -105,6 +109,16 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
     return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+
+
+def resize_center_crop(image: Image.Image, resolution: int, resample=Image.BILINEAR) -> Image.Image:
+    """The short side resized to `resolution`, then a centred square crop (diffusers' ControlNet preprocessing;
+    a control is resized with the same geometry, segmentation maps with `Image.NEAREST`)."""
+    scale = resolution / min(image.size)
+    w, h = (max(resolution, round(x * scale)) for x in image.size)
+    image = image.resize((w, h), resample=resample)
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def to_tensor(pil_image: Image.Image, resolution: int) -> torch.Tensor:

@@ -1,13 +1,19 @@
-"""Memory banks: samples of the pre-trained model, stored as a `datasets` dataset.
+"""Memory banks: samples of the pre-trained model, stored as a `datasets` dataset (Diff-Tuning's retention data).
 
-Each row holds the generated `image` (PNG), the `class_label` and `seed` that generated it, and the VAE posterior of
-the image and of its mirror image (`latent_moments`, `latent_moments_flipped`: mean and log-variance stacked on the
-channel axis, diffusers' `latent_dist.parameters`, unscaled). Training samples a latent from them exactly as
-`vae.encode(x).latent_dist.sample()` would, so it never runs the VAE on the bank.
+What a row holds depends on the generator (a "bank sampler" here):
+- `DiTBankSampler` (class-conditional DiT): the generated `image` (PNG), the `class_label` and `seed` that
+  generated it, and the VAE posterior of the image and of its mirror image (`latent_moments`,
+  `latent_moments_flipped`).
+- `ControlBankSampler` (Stable Diffusion, for ControlNet): the generated `image`, its `conditioning_image` annotated
+  by the run's annotator, the `text` prompt, the `seed`, and `latent_moments`.
+Moments are mean and log-variance stacked on the channel axis (diffusers' `latent_dist.parameters`, unscaled);
+training samples a latent from them exactly as `vae.encode(x).latent_dist.sample()` would, so it never runs the VAE
+on the bank.
 
 Generation is sharded: shard k holds samples k*B .. (k+1)*B-1, each written atomically to `<bank>.partial/`, so an
 interrupted run keeps what it wrote and continues; sample i always uses seed + i, so the bank does not depend on
-the batch size or the number of processes. The finished bank is moved into place in one rename.
+the batch size or the number of processes. The finished bank is moved into place in one rename, with
+`memory_bank.json`: the generator's settings, which a training run compares with its own before using the bank.
 
 Build a bank once and reuse it across runs:
     accelerate launch -m utils.memory_bank --pretrained_model_name_or_path facebook/DiT-XL-2-256 \\
@@ -24,6 +30,7 @@ import datasets
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiTPipeline
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import UserError
@@ -50,24 +57,18 @@ def check_bank_dir(bank_dir: str, flag: str = "--memory_bank") -> None:
         raise UserError(f"{shards} exists and was not written by a memory-bank generation; move it away")
 
 
-def features(latent_shape) -> datasets.Features:
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "class_label": datasets.Value("int64"),
-            "seed": datasets.Value("int64"),
-            "latent_moments": datasets.Array3D(shape=tuple(latent_shape), dtype="float32"),
-            "latent_moments_flipped": datasets.Array3D(shape=tuple(latent_shape), dtype="float32"),
-        }
-    )
-
-
 @torch.no_grad()
 def encode_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior parameters of images in [-1, 1] and of their mirror images, as float32."""
     both = torch.cat([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
     moments = vae.encode(both).latent_dist.parameters.float()
     return moments.chunk(2)
+
+
+def _as_uint8(images: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Pipeline output in [0, 1] as the uint8 pixels a PNG holds, and those pixels in [-1, 1] for the VAE."""
+    images = (images * 255).round().astype(np.uint8)
+    return images, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def is_memory_bank(path) -> bool:
@@ -81,32 +82,100 @@ def class_pool(pipeline: DiTPipeline) -> list[int]:
     return list(range(pipeline.transformer.config.num_embeds_ada_norm))
 
 
+class DiTBankSampler:
+    """Bank rows of a class-conditional DiTPipeline: random classes (of its named ones), CFG, DDIM as the official
+    sampler. `sampler(seeds)` -> the columns of those rows."""
+
+    def __init__(self, pipeline: DiTPipeline, guidance_scale: float = 1.5, num_inference_steps: int = 50):
+        self.pipeline, self.guidance_scale, self.num_inference_steps = pipeline, guidance_scale, num_inference_steps
+        # DDIM as in the official sampler; the pipeline keeps its own scheduler untouched.
+        self.sampler = DiTPipeline(transformer=pipeline.transformer, vae=pipeline.vae,
+                                   scheduler=DDIMScheduler.from_config(pipeline.scheduler.config))
+        self.sampler.set_progress_bar_config(disable=True)
+        cfg = pipeline.transformer.config
+        self.latent_shape = (2 * cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.pool = class_pool(pipeline)
+        self.model = pipeline.transformer
+        self.settings = {"guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps}
+
+    @property
+    def features(self) -> datasets.Features:
+        return datasets.Features({
+            "image": datasets.Image(), "class_label": datasets.Value("int64"), "seed": datasets.Value("int64"),
+            "latent_moments": datasets.Array3D(shape=self.latent_shape, dtype="float32"),
+            "latent_moments_flipped": datasets.Array3D(shape=self.latent_shape, dtype="float32"),
+        })
+
+    def __call__(self, seeds: list[int]) -> dict:
+        device = self.model.device
+        labels = [self.pool[np.random.default_rng(s).integers(len(self.pool))] for s in seeds]
+        images = self.sampler(class_labels=labels, guidance_scale=self.guidance_scale,
+                              num_inference_steps=self.num_inference_steps,
+                              generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="np").images
+        images, pixels = _as_uint8(images)  # exactly what a PNG of the sample holds
+        moments, moments_flipped = encode_moments(self.pipeline.vae, pixels)
+        return {"image": list(images), "class_label": labels, "seed": seeds,
+                "latent_moments": moments.cpu().numpy(), "latent_moments_flipped": moments_flipped.cpu().numpy()}
+
+
+class ControlBankSampler:
+    """Bank rows of a text-to-image Stable Diffusion pipeline for ControlNet Diff-Tuning: samples of one prompt (the
+    paper's "a high-quality, detailed, and professional image"), each with its control annotated from the
+    generated image by the run's annotator. `sampler(seeds)` -> the columns of those rows."""
+
+    def __init__(self, pipeline, annotator, prompt: str, guidance_scale: float = 7.5, num_inference_steps: int = 50,
+                 resolution: int = 512):
+        from diffusers import StableDiffusionPipeline
+
+        self.pipeline, self.annotator, self.prompt, self.resolution = pipeline, annotator, prompt, resolution
+        self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
+        self.sampler = StableDiffusionPipeline(
+            vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=pipeline.unet,
+            scheduler=DDIMScheduler.from_config(pipeline.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        self.sampler.set_progress_bar_config(disable=True)
+        factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        self.latent_shape = (2 * pipeline.vae.config.latent_channels, resolution // factor, resolution // factor)
+        self.model = pipeline.unet
+        self.settings = {"prompt": prompt, "guidance_scale": guidance_scale,
+                         "num_inference_steps": num_inference_steps, "resolution": resolution,
+                         "annotator": annotator.settings}
+
+    @property
+    def features(self) -> datasets.Features:
+        return datasets.Features({
+            "image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+            "latent_moments": datasets.Array3D(shape=self.latent_shape, dtype="float32"),
+        })
+
+    def __call__(self, seeds: list[int]) -> dict:
+        device = self.model.device
+        images = self.sampler([self.prompt] * len(seeds), height=self.resolution, width=self.resolution,
+                              guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                              generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                              output_type="np").images
+        images, pixels = _as_uint8(images)
+        moments, _ = encode_moments(self.pipeline.vae, pixels)
+        controls = [self.annotator(Image.fromarray(img)) for img in images]
+        return {"image": list(images), "conditioning_image": controls, "text": [self.prompt] * len(seeds),
+                "seed": seeds, "latent_moments": moments.cpu().numpy()}
+
+
 def generate_shards(
-    pipeline: DiTPipeline,
+    sampler,
     bank_dir: str,
     size: int,
-    guidance_scale: float = 1.5,
-    num_inference_steps: int = 50,
     batch_size: int = 32,
     seed: int = 0,
     process_index: int = 0,
     num_processes: int = 1,
     show_progress: bool = True,
 ) -> None:
-    """Generate this process's shards (k = process_index, process_index + num_processes, ...), skipping done ones."""
+    """Generate this process's shards (k = process_index, process_index + num_processes, ...), skipping done ones.
+    `sampler(seeds)` gives the columns of the rows with those seeds (`DiTBankSampler`, `ControlBankSampler`)."""
     if size < 1 or batch_size < 1:
         raise UserError(f"memory bank size and batch size must be >= 1, got {size} and {batch_size}")
-    # DDIM as in the official sampler; the pipeline keeps its own scheduler untouched.
-    sampler = DiTPipeline(
-        transformer=pipeline.transformer,
-        vae=pipeline.vae,
-        scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
-    )
-    sampler.set_progress_bar_config(disable=True)
-    pool = class_pool(pipeline)
-    device = pipeline.transformer.device
-    latent_channels = 2 * pipeline.transformer.config.in_channels
-    latent_size = pipeline.transformer.config.sample_size
     check_bank_dir(bank_dir)
     shard_dir = shard_dir_of(bank_dir)
     mark(shard_dir, SCRIPT)
@@ -114,34 +183,13 @@ def generate_shards(
     mine = list(range(process_index, math.ceil(size / batch_size), num_processes))
     todo = [k for k in mine if not os.path.exists(os.path.join(shard_dir, f"shard-{k:06d}"))]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="memory bank", disable=not show_progress)
-    was_training = pipeline.transformer.training
-    pipeline.transformer.eval()  # in train mode every DiT block would drop labels at random
+    was_training = sampler.model.training
+    sampler.model.eval()  # in train mode every DiT block would drop labels at random
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar for the bank, not one per shard written
     for k in todo:
         seeds = list(range(seed + k * batch_size, seed + min((k + 1) * batch_size, size)))
-        labels = [pool[np.random.default_rng(s).integers(len(pool))] for s in seeds]
-        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        images = sampler(
-            class_labels=labels,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            generator=generators,
-            output_type="np",
-        ).images
-        images = (images * 255).round().astype(np.uint8)  # exactly what a PNG of the sample holds
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        moments, moments_flipped = encode_moments(pipeline.vae, pixels)
-        shard = datasets.Dataset.from_dict(
-            {
-                "image": list(images),
-                "class_label": labels,
-                "seed": seeds,
-                "latent_moments": moments.cpu().numpy(),
-                "latent_moments_flipped": moments_flipped.cpu().numpy(),
-            },
-            features=features((latent_channels, latent_size, latent_size)),
-        )
+        shard = datasets.Dataset.from_dict(sampler(seeds), features=sampler.features)
         path = os.path.join(shard_dir, f"shard-{k:06d}")
         shard.save_to_disk(path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -149,7 +197,7 @@ def generate_shards(
     bar.close()
     if bars_were_on:
         datasets.enable_progress_bars()
-    pipeline.transformer.train(was_training)
+    sampler.model.train(was_training)
 
 
 def finalize(bank_dir: str, size: int, info: dict) -> None:
@@ -188,25 +236,28 @@ def bank_info(bank_dir: str) -> dict:
         return json.load(f)
 
 
-def build_memory_bank(accelerator, pipeline, bank_dir, size, base_model, **generation):
-    """Generate the bank across all processes unless it exists, and return it. `generation` goes to
-    `generate_shards` (guidance_scale, num_inference_steps, batch_size, seed)."""
+def build_memory_bank(accelerator, sampler, bank_dir, size, info: dict, batch_size: int = 32, seed: int = 0):
+    """Generate the bank across all processes unless it exists, and return it. `info` (the base model and what
+    else the run checks) is recorded in memory_bank.json with the sampler's settings, the batch size and seed."""
     if not is_memory_bank(bank_dir):
-        generate_shards(
-            pipeline,
-            bank_dir,
-            size,
-            process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes,
-            show_progress=accelerator.is_local_main_process,
-            **generation,
-        )
+        generate_shards(sampler, bank_dir, size, batch_size=batch_size, seed=seed,
+                        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                        show_progress=accelerator.is_local_main_process)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finalize(bank_dir, size, {"base_model": base_model, **generation})
+            finalize(bank_dir, size, {**info, **sampler.settings, "batch_size": batch_size, "seed": seed})
         accelerator.wait_for_everyone()
-    cfg = pipeline.transformer.config
-    return load_memory_bank(bank_dir, (2 * cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    return load_memory_bank(bank_dir, sampler.latent_shape)
+
+
+def check_bank_settings(bank_dir: str, expected: dict) -> None:
+    """Refuse, in one line, a bank whose recorded settings differ from the run's (another base model, condition,
+    annotator setting or resolution would teach the model someone else's samples)."""
+    recorded = bank_info(bank_dir)
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            raise UserError(f"memory bank {bank_dir} was made with {key} = {recorded.get(key)!r}, but this run has "
+                            f"{value!r}; use a bank made for this run, or a new --memory_bank folder")
 
 
 def parse_args(argv=None):
@@ -246,17 +297,9 @@ def main(args):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype)
     pipeline.to(accelerator.device)
-    bank = build_memory_bank(
-        accelerator,
-        pipeline,
-        args.output_dir,
-        args.size,
-        args.pretrained_model_name_or_path,
-        guidance_scale=args.guidance_scale,
-        num_inference_steps=args.num_inference_steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    sampler = DiTBankSampler(pipeline, args.guidance_scale, args.num_inference_steps)
+    bank = build_memory_bank(accelerator, sampler, args.output_dir, args.size,
+                             {"base_model": args.pretrained_model_name_or_path}, args.batch_size, args.seed)
     accelerator.print(f"memory bank {args.output_dir}: {len(bank)} samples")
 
 

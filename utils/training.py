@@ -50,6 +50,7 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
+    return g
 
 
 def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int):
@@ -117,9 +118,10 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_optimizer(params, args, accelerator, lr: float):
-    """AdamW and the lr schedule over max_train_steps (scheduler steps count every process, as accelerate does)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+def make_optimizer(params, args, accelerator, lr: float, optimizer_class=None):
+    """AdamW (or `optimizer_class`, e.g. bitsandbytes' 8-bit AdamW) and the lr schedule over max_train_steps
+    (scheduler steps count every process, as accelerate does)."""
+    optimizer = (optimizer_class or torch.optim.AdamW)(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -127,7 +129,8 @@ def make_optimizer(params, args, accelerator, lr: float):
     return optimizer, lr_scheduler
 
 
-def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float | None):
+def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float | None,
+                    set_to_none: bool = True):
     """Backward, then clip and step. Call inside `accelerator.accumulate(model)`: the prepared optimizer and
     scheduler only step on the micro-batch that completes an accumulation, which is also the only one clipped."""
     accelerator.backward(loss)
@@ -135,7 +138,7 @@ def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     lr_scheduler.step()
-    optimizer.zero_grad()
+    optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def make_ema(model, decay: float, accelerator) -> EMAModel:
@@ -146,9 +149,10 @@ def make_ema(model, decay: float, accelerator) -> EMAModel:
     return ema
 
 
-def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log):
+def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log,
+                save_extra=None):
     """After optimizer step `step`: update the EMA, the progress bar and the trackers, and checkpoint when due
-    (never a state with non-finite weights)."""
+    (never a state with non-finite weights; `save_extra(folder)` adds to the checkpoint before it is complete)."""
     if ema is not None:
         ema.step(model.parameters())
     progress.update(1)
@@ -157,7 +161,8 @@ def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output
     if step % args.checkpointing_steps == 0:
         check_finite_weights(accelerator, model, step, output_dir)
         if accelerator.is_main_process:
-            log.info(f"saved state to {save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)}")
+            path = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, save_extra)
+            log.info(f"saved state to {path}")
 
 
 def divergence_error(what: str, step: int, output_dir: str) -> UserError:

@@ -1,0 +1,730 @@
+#!/usr/bin/env python
+"""Diff-Tuning (and standard training) of a ControlNet on Stable Diffusion, with a sudden-convergence tracker.
+
+Diff-Tuning ("Diffusion Tuning: Transferring Diffusion Models via Chain of Forgetting", Zhong et al. 2024, its
+ControlNet experiment): each micro-batch mixes memory-bank rows (samples of the pre-trained Stable Diffusion for
+the default prompt, each with its control annotated by the run's annotator; t ~ xi, "retention") with downstream
+rows (image, control, caption; t ~ psi, "adaptation"). Only the ControlNet trains. `--method standard` is plain
+ControlNet training (diffusers' examples/controlnet/train_controlnet.py) through the same code and tracker.
+
+    accelerate launch train_diff_tuning_controlnet.py --pretrained_model_name_or_path \\
+        stable-diffusion-v1-5/stable-diffusion-v1-5 --dataset <hub id | image folder with metadata.jsonl | \\
+        save_to_disk folder> --condition canny --output_dir out --method diff_tuning
+
+Defaults reproduce the paper: 512 px, batch 4 (2 bank + 2 data rows), lr 1e-5 constant, 15,000 steps, tau 1, a
+5,000-sample bank, control fidelity every 100 steps with 50 sampling steps.
+"""
+
+import argparse
+import copy
+import io
+import logging
+import os
+import sys
+
+import datasets
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object, set_seed
+from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
+                       StableDiffusionControlNetPipeline, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+from tqdm.auto import tqdm
+
+from utils import hub
+from utils.annotators import CONDITIONS, make_annotator
+from utils.checkpointing import resume, step_generator
+from utils.data import (ArrowBatches, DatasetError, ResumableLoader, check_images, find_column, load_image_dataset,
+                        resize_center_crop, worker_options)
+from utils.diff_tuning import (DiffTuningLoss, DiffTuningTimesteps, add_diff_tuning_args, check_diff_tuning_args,
+                               num_bank_rows)
+from utils.errors import UserError
+from utils.fidelity import CONVERGENCE_FILE, METRICS, ConvergenceTracker, check_threshold, fidelity_score, \
+    reference_map
+from utils.losses import epsilon_mse
+from utils.memory_bank import ControlBankSampler, build_memory_bank, check_bank_dir, check_bank_settings, \
+    is_memory_bank
+from utils.outputs import check_output_dir, mark
+from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
+                            check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
+                            log_images, make_accelerator, make_ema, make_optimizer, tracker_config, weight_dtype)
+
+logger = get_logger(__name__)
+SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes (utils.outputs)
+DEFAULT_BANK_PROMPT = "a high-quality, detailed, and professional image"  # the paper's
+# ControlNetModel.from_unet's conditioning embedding assumes a VAE that downsamples 8x (3 stride-2 convs between
+# these 4 widths); a VAE of factor f takes the first log2(f) + 1 of them.
+CONDITIONING_CHANNELS = (16, 32, 96, 256)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data (flag names as in diffusers' train_controlnet.py)")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel): Hub id or folder.")
+    g.add_argument("--controlnet_model_name_or_path", default=None,
+                   help="ControlNet to start from (default: a new one copied from the UNet's encoder).")
+    g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
+    g.add_argument("--variant", default=None, help="Variant of the pipeline's weight files, e.g. fp16.")
+    g.add_argument("--tokenizer_name", default=None, help="Tokenizer, if not the pipeline's.")
+    g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", required=True,
+                   help="Hub id, image folder with a metadata.jsonl (file_name, conditioning_image_file_name, text), "
+                        "or save_to_disk folder. --dataset_name and --train_data_dir are aliases.")
+    g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
+    g.add_argument("--train_split", default="train", help="Split to train on.")
+    g.add_argument("--image_column", default="image", help="Target image column.")
+    g.add_argument("--conditioning_image_column", default="conditioning_image", help="Control image column.")
+    g.add_argument("--caption_column", default="text", help="Caption column: a string or a list of strings.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Train on a seeded subset of this size.")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Fraction of downstream captions replaced by the empty prompt (bank rows never are).")
+    g.add_argument("--annotate_dataset", action="store_true",
+                   help="Compute the control column with the run's annotator (cached by datasets) when the data "
+                        "has none, or replace it.")
+    g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
+    g.add_argument("--output_dir", default="diff-tuning-controlnet", help="Where the ControlNet, card, curve, logs "
+                   "and checkpoints go.")
+    g.add_argument("--resolution", type=int, default=512,
+                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor.")
+    g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image and control first.")
+
+    g = p.add_argument_group("control")
+    g.add_argument("--condition", choices=CONDITIONS, default="canny",
+                   help="canny, sketch (XDoG), depth / normal / segmentation (transformers models), or custom.")
+    g.add_argument("--annotator_model", default=None,
+                   help="depth, normal: a depth-estimation model; segmentation: a semantic-segmentation model "
+                        "(Hub id or folder).")
+    g.add_argument("--annotator", default=None, help="custom: module:callable, PIL image in, PIL control out.")
+    g.add_argument("--canny_sigma", type=float, default=1.0, help="canny: Gaussian sigma (scikit-image).")
+    g.add_argument("--canny_low_threshold", type=float, default=0.1, help="canny: low hysteresis threshold.")
+    g.add_argument("--canny_high_threshold", type=float, default=0.2, help="canny: high hysteresis threshold.")
+    g.add_argument("--xdog_sigma", type=float, default=1.0, help="sketch: XDoG inner Gaussian sigma.")
+    g.add_argument("--xdog_k", type=float, default=1.6, help="sketch: outer / inner sigma.")
+    g.add_argument("--xdog_tau", type=float, default=0.98, help="sketch: weight of the outer Gaussian.")
+    g.add_argument("--xdog_epsilon", type=float, default=-0.01, help="sketch: a line where the DoG is below this.")
+    g.add_argument("--normal_background", type=float, default=0.1,
+                   help="normal: depth below this (far background) gets a flat normal.")
+
+    g = add_diff_tuning_args(p, bank_guidance_scale=7.5, bank_batch_size=8,
+                             bank_help="Bank rows: samples of --memory_bank_prompt, each with its control annotated "
+                                       "by the run's annotator.")
+    g.add_argument("--memory_bank_prompt", default=DEFAULT_BANK_PROMPT,
+                   help="Prompt of the bank samples; bank rows train with it, never dropped.")
+
+    g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data together (the paper: "
+                              "4 = 2 bank + 2 data rows).", max_train_steps=15000, learning_rate=1e-5,
+                              max_grad_norm=1.0, ema_decay=0.9999, paper="paper: 15K steps, lr 1e-5")
+    g.add_argument("--set_grads_to_none", action="store_true",
+                   help="Free gradients after each step instead of zeroing them (less memory).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
+    g = add_output_args(p, checkpointing_steps=500, validation_steps=100)
+    g.add_argument("--push_memory_bank", action="store_true", help="Also push the memory bank as a Hub dataset.")
+    g.add_argument("--memory_bank_hub_id", default=None,
+                   help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
+    g.add_argument("--tracker_project_name", default="diff-tuning-controlnet", help="Project name of the trackers.")
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
+    g.add_argument("--validation_prompt", nargs="+", default=None,
+                   help="Extra qualitative grids: prompts (one, or one per --validation_image).")
+    g.add_argument("--validation_image", nargs="+", default=None,
+                   help="Extra qualitative grids: control images (one, or one per --validation_prompt).")
+
+    g = p.add_argument_group("sudden-convergence tracker")
+    g.add_argument("--validation_dataset", default=None,
+                   help="Held-out rows (same layout as --dataset); default: a seeded hold-out of the training data.")
+    g.add_argument("--validation_split", default="train", help="Split of --validation_dataset.")
+    g.add_argument("--num_validation_samples", type=int, default=16,
+                   help="Held-out rows scored at every evaluation (each with a fixed seed).")
+    g.add_argument("--fidelity_blur_sigma", type=float, default=2.0,
+                   help="canny/sketch: Gaussian blur (pixels) of both maps before SSIM.")
+    g.add_argument("--convergence_threshold", type=float, default=None,
+                   help="Score at which the control counts as learned (default: the paper's: canny 0.55 SSIM, "
+                        "sketch 0.75 SSIM, depth 0.04 MSE, normal 0.06 MSE, segmentation 0.5 accuracy).")
+    g.add_argument("--convergence_patience", type=int, default=1,
+                   help="Consecutive evaluations past the threshold before it counts.")
+    g.add_argument("--stop_at_convergence", action="store_true", help="End training at the convergence step.")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Flags that cannot work, caught before anything is loaded."""
+    check_common_args(args, positive=("resolution", "num_validation_samples", "convergence_patience"))
+    check_diff_tuning_args(args)
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise UserError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
+    annotator_of(args)  # unknown condition, a missing --annotator_model, an --annotator that does not import
+    check_threshold(args.condition, args.convergence_threshold)
+    if args.stop_at_convergence and not args.validation_steps:
+        raise UserError("--stop_at_convergence needs the tracker: set --validation_steps above 0")
+    if args.use_8bit_adam:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)")
+    prompts, images = args.validation_prompt or [], args.validation_image or []
+    if bool(prompts) != bool(images) or (len(prompts) != len(images) and 1 not in (len(prompts), len(images))):
+        raise UserError("--validation_prompt and --validation_image go together: one of each, one of one and "
+                        "several of the other, or as many of each")
+    for path in images:
+        if not os.path.isfile(path):
+            raise UserError(f"--validation_image {path} does not exist")
+    check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                                               ("--dataset", args.dataset),
+                                               ("--controlnet_model_name_or_path", args.controlnet_model_name_or_path),
+                                               ("--validation_dataset", args.validation_dataset)])
+
+
+def annotator_of(args, device=None):
+    return make_annotator(args.condition, annotator_model=args.annotator_model, annotator=args.annotator,
+                          canny_sigma=args.canny_sigma, canny_low_threshold=args.canny_low_threshold,
+                          canny_high_threshold=args.canny_high_threshold, xdog_sigma=args.xdog_sigma,
+                          xdog_k=args.xdog_k, xdog_tau=args.xdog_tau, xdog_epsilon=args.xdog_epsilon,
+                          normal_background=args.normal_background, device=device)
+
+
+def check_pipeline(args) -> tuple[int, dict]:
+    """From the configs alone (no weights): a Stable Diffusion 1.x/2.x pipeline whose UNet a ControlNet can
+    follow, trained to predict epsilon or v. Returns the VAE's downsampling factor and the UNet config."""
+    name = args.pretrained_model_name_or_path
+    try:
+        index = DiffusionPipeline.load_config(name, revision=args.revision, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from e
+    pipeline_class = index.get("_class_name", "")
+    if "XL" in pipeline_class or index.get("text_encoder_2"):
+        raise UserError(f"{name} is a {pipeline_class}: Stable Diffusion XL is not supported yet (SD 1.x/2.x only)")
+    if index.get("unet", [None, None])[1] != "UNet2DConditionModel" or "text_encoder" not in index:
+        raise UserError(f"{name} is a {pipeline_class} without a text-conditioned UNet2DConditionModel; ControlNet "
+                        "needs a Stable Diffusion pipeline")
+    try:
+        unet_config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
+                                                       cache_dir=args.cache_dir)
+        vae_config = AutoencoderKL.load_config(name, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+        scheduler_config = DDPMScheduler.load_config(name, subfolder="scheduler", revision=args.revision,
+                                                     cache_dir=args.cache_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from e
+    if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise UserError(f"the pipeline's scheduler predicts {scheduler_config['prediction_type']!r}; ControlNet "
+                        "training supports epsilon and v_prediction")
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if args.resolution % factor:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
+    if args.controlnet_model_name_or_path:
+        try:
+            control_config = ControlNetModel.load_config(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a ControlNet from {args.controlnet_model_name_or_path!r}: "
+                            f"{str(e).strip().splitlines()[0]}") from e
+        for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
+            if list(np.atleast_1d(control_config.get(key))) != list(np.atleast_1d(unet_config.get(key))):
+                raise UserError(f"--controlnet_model_name_or_path does not match the UNet: {key} "
+                                f"{control_config.get(key)} vs {unet_config.get(key)}")
+    return factor, unet_config
+
+
+def load_rows(args, name, split, config_name=None):
+    """A dataset of (image, control, caption) rows with its columns checked, in one line each."""
+    ds = load_image_dataset(name, split, config_name, args.cache_dir)
+    columns = ", ".join(ds.column_names)
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column not in ds.column_names:
+            raise DatasetError(f"dataset {name} has no column {column!r} ({flag}); its columns: {columns}")
+    if not isinstance(ds.features[args.image_column], datasets.Image):
+        raise DatasetError(f"column {args.image_column!r} of {name} holds {ds.features[args.image_column]}, not images")
+    control = ds.features.get(args.conditioning_image_column)
+    if control is None and not args.annotate_dataset:
+        raise DatasetError(f"dataset {name} has no control column {args.conditioning_image_column!r} "
+                           f"(--conditioning_image_column); its columns: {columns}. Pass --annotate_dataset to "
+                           f"compute it with the {args.condition} annotator")
+    if control is not None and not isinstance(control, datasets.Image) and not args.annotate_dataset:
+        raise DatasetError(
+            f"control column {args.conditioning_image_column!r} of {name} holds {control}, not images. In an image "
+            'folder, metadata.jsonl rows look like {"file_name": "0001.png", "conditioning_image_file_name": '
+            '"0001_canny.png", "text": "a caption"} (the *_file_name columns load as images)')
+    captions = ds.features[args.caption_column]
+    if not (getattr(captions, "dtype", None) == "string"
+            or getattr(getattr(captions, "feature", None), "dtype", None) == "string"):
+        raise DatasetError(f"caption column {args.caption_column!r} of {name} holds {captions}, not strings or lists "
+                           "of strings")
+    return ds
+
+
+def check_pairs(ds, args, progress):
+    """Decode every control once (images are decoded by check_images) and refuse a control whose aspect ratio
+    differs from its image's: the shared resize and crop would then misalign them."""
+    raw = ds.select_columns([args.image_column, args.conditioning_image_column]).cast_column(
+        args.image_column, datasets.Image(decode=False)).cast_column(args.conditioning_image_column,
+                                                                      datasets.Image(decode=False))
+    check_images(ds, args.conditioning_image_column)
+    for i, row in enumerate(progress(raw, total=len(raw))):
+        sizes = []
+        for item in (row[args.image_column], row[args.conditioning_image_column]):
+            with Image.open(item["path"] if item.get("bytes") is None else io.BytesIO(item["bytes"])) as im:
+                sizes.append(im.size)
+        (w1, h1), (w2, h2) = sizes
+        if abs(w1 * h2 - w2 * h1) > max(w1, h1, w2, h2):  # more than a pixel's rounding apart
+            where = row[args.image_column].get("path") or f"row {i}"
+            raise DatasetError(f"image {where} is {w1}x{h1} but its control is {w2}x{h2}: different aspect ratios")
+
+
+def annotate(ds, args, annotator):
+    """Add (or replace) the control column with the run's annotator, cached by datasets per annotator setting."""
+    from datasets.fingerprint import Hasher
+
+    def add(batch):
+        return {args.conditioning_image_column: [annotator(img.convert("RGB")) for img in batch[args.image_column]]}
+
+    features = ds.features.copy()
+    features[args.conditioning_image_column] = datasets.Image()
+    return ds.map(add, batched=True, batch_size=16, features=features, desc=f"annotating ({args.condition})",
+                  new_fingerprint=Hasher.hash([ds._fingerprint, annotator.settings, args.conditioning_image_column]))
+
+
+def fit_control(image, resolution, condition):
+    """A control resized and cropped like its image (segmentation maps with nearest neighbour: no new colours)."""
+    resample = Image.NEAREST if condition == "segmentation" else Image.BILINEAR
+    return resize_center_crop(image.convert("RGB"), resolution, resample)
+
+
+def control_tensor(image, resolution, condition):
+    """A control image resized and cropped like its image, as (3, H, W) in [0, 1] (diffusers' convention)."""
+    arr = np.asarray(fit_control(image, resolution, condition), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def image_tensor(image, resolution):
+    arr = np.asarray(resize_center_crop(image.convert("RGB"), resolution), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def row_transform(args):
+    def transform(batch):
+        return {"pixel_values": [image_tensor(im, args.resolution) for im in batch[args.image_column]],
+                "conditioning_pixel_values": [control_tensor(c, args.resolution, args.condition)
+                                              for c in batch[args.conditioning_image_column]],
+                "captions": batch[args.caption_column]}
+    return transform
+
+
+def collate(rows):
+    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+            "conditioning_pixel_values": torch.stack([r["conditioning_pixel_values"] for r in rows]),
+            "captions": [r["captions"] for r in rows]}
+
+
+class BankRows(ArrowBatches):
+    """Bank rows: stored latent moments straight from Arrow, and the decoded control."""
+
+    def __init__(self, bank, args):
+        super().__init__(bank, ["latent_moments"])
+        self.controls, self.args = bank.select_columns(["conditioning_image"]), args
+
+    def __getitems__(self, indices):
+        batch = super().__getitems__(indices)
+        controls = self.controls[list(indices)]["conditioning_image"]
+        batch["conditioning_pixel_values"] = torch.stack(
+            [control_tensor(c, self.args.resolution, self.args.condition) for c in controls])
+        return batch
+
+
+def compose_batch(data, bank, vae, tokenize, bank_ids, empty_ids, timestep_sampler, args, generator, device):
+    """One micro-batch: memory-bank rows first (the bank prompt, never dropped; their own control; t ~ xi), then
+    downstream rows (a caption, replaced by the empty prompt with probability --proportion_empty_prompts; their
+    control; t ~ psi). Returns (latents x_0, token ids, controls, timesteps, number of bank rows)."""
+    n_data = len(data["captions"])
+    picks = torch.rand(n_data, generator=generator, device=device).tolist()  # which caption of a list
+    drop = torch.rand(n_data, generator=generator, device=device) < args.proportion_empty_prompts
+    captions = [c[min(int(u * len(c)), len(c) - 1)] if isinstance(c, list) else c
+                for c, u in zip(data["captions"], picks)]
+    ids = torch.where(drop[:, None], empty_ids.to(device), tokenize(captions).to(device))
+    moments = vae.encode(data["pixel_values"].to(device, vae.dtype)).latent_dist.parameters.float()
+    controls = data["conditioning_pixel_values"].to(device)
+    n_bank = 0
+    if bank is not None:
+        n_bank = len(bank["latent_moments"])
+        moments = torch.cat([bank["latent_moments"].to(device), moments])
+        ids = torch.cat([bank_ids.to(device).expand(n_bank, -1), ids])
+        controls = torch.cat([bank["conditioning_pixel_values"].to(device), controls])
+    latents = DiagonalGaussianDistribution(moments).sample(generator) * vae.config.scaling_factor
+    timesteps = timestep_sampler.sample(n_bank, n_data, generator, device)
+    return latents, ids, controls, timesteps, n_bank
+
+
+@torch.no_grad()
+def generate(pipeline_parts, controlnet, prompts, controls, seeds, args, device):
+    """Images of a ControlNet pipeline (DDIM, --validation_inference_steps), one seed per image."""
+    if controlnet.dtype != pipeline_parts["unet"].dtype:  # mixed precision: the frozen UNet is in bf16/fp16, and
+        controlnet = copy.deepcopy(controlnet).to(pipeline_parts["unet"].dtype)  # the pipeline adds their outputs
+    pipe = StableDiffusionControlNetPipeline(**pipeline_parts, controlnet=controlnet, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt, control, seed in zip(prompts, controls, seeds):
+        images.append(pipe(prompt, image=control, height=args.resolution, width=args.resolution,
+                           num_inference_steps=args.validation_inference_steps,
+                           guidance_scale=args.validation_guidance_scale,
+                           generator=torch.Generator(device).manual_seed(seed), output_type="pil").images[0])
+    return images
+
+
+def evaluate_fidelity(accelerator, pipeline_parts, controlnet, rows, annotator, args):
+    """Mean control fidelity over the held-out rows, sharded over the processes (every process must call it).
+    Row i always uses seed + i, so every evaluation sees the same noise. Returns the mean score and, on every
+    process, the first rows' (control, sample) pairs for a picture."""
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    controls = [fit_control(rows[i]["control"], args.resolution, args.condition) for i in mine]
+    images = generate(pipeline_parts, controlnet, [rows[i]["caption"] for i in mine], controls,
+                      [args.seed + i for i in mine], args, accelerator.device)
+    scores = [(i, fidelity_score(args.condition, rows[i]["reference"], annotator.measure(img), args.fidelity_blur_sigma),
+               controls[k], img) for k, (i, img) in enumerate(zip(mine, images))]
+    gathered = sorted(gather_object(scores) if accelerator.num_processes > 1 else scores, key=lambda s: s[0])
+    return float(np.mean([s[1] for s in gathered])), [(s[2], s[3]) for s in gathered[:args.num_validation_images]]
+
+
+def pair_grid(pairs, cols=8, min_tile=128) -> Image.Image:
+    """Controls above their samples: two rows per group of `cols` pairs; small images are upscaled (nearest
+    neighbour) to at least `min_tile` pixels so that a person can see them."""
+    size = tuple(x * max(1, -(-min_tile // x)) for x in pairs[0][1].size)
+    cols = min(cols, len(pairs))
+    rows = -(-len(pairs) // cols)
+    grid = Image.new("RGB", (cols * size[0], 2 * rows * size[1]))
+    for k, (control, image) in enumerate(pairs):
+        x, y = (k % cols) * size[0], (k // cols) * 2 * size[1]
+        grid.paste(control.convert("RGB").resize(size, Image.NEAREST), (x, y))
+        grid.paste(image.resize(size, Image.NEAREST), (x, y + size[1]))
+    return grid
+
+
+def held_out_rows(ds, args, annotator, resolution):
+    """The tracker's rows: caption (the first of a list), control, the real image, and the reference map."""
+    rows = []
+    for row in ds:
+        caption = row[args.caption_column]
+        caption = caption[0] if isinstance(caption, list) else caption
+        image = resize_center_crop(row[args.image_column].convert("RGB"), resolution)
+        control = row[args.conditioning_image_column].convert("RGB")
+        rows.append({"caption": caption, "control": control, "reference": reference_map(
+            annotator, image, fit_control(control, resolution, args.condition), args.condition)})
+    return rows
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = make_accelerator(args, args.output_dir, logging_dir)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.push_to_hub:
+        hub.check_hub_access(args.hub_token)  # not after 15K steps
+    annotator = annotator_of(args, accelerator.device)
+    threshold = check_threshold(args.condition, args.convergence_threshold)
+
+    # ---- Configs and data: everything cheap is checked before any weights load.
+    vae_factor, unet_config = check_pipeline(args)
+    ds = load_rows(args, args.dataset, args.train_split, args.dataset_config_name)
+    if args.max_train_samples is not None:
+        ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
+    if args.validation_dataset:
+        val = load_rows(args, args.validation_dataset, args.validation_split)
+        val = val.select(range(min(args.num_validation_samples, len(val))))
+    else:  # a seeded hold-out, never trained on
+        if len(ds) <= args.num_validation_samples:
+            raise DatasetError(f"dataset has {len(ds)} rows, too few to hold out --num_validation_samples "
+                               f"{args.num_validation_samples} for the tracker; lower it or pass --validation_dataset")
+        split = ds.train_test_split(test_size=args.num_validation_samples, seed=args.seed, shuffle=True)
+        ds, val = split["train"], split["test"]
+    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
+    n_data = args.train_batch_size - n_bank
+    if len(ds) < n_data * accelerator.num_processes:
+        raise DatasetError(f"dataset has {len(ds)} training rows, fewer than one batch of {n_data} downstream rows on "
+                           f"each of {accelerator.num_processes} process(es); lower --train_batch_size")
+    if not args.skip_image_check and not args.annotate_dataset:
+        bar = lambda it, total: tqdm(it, total=total, desc="checking images and controls",  # noqa: E731
+                                     disable=not accelerator.is_local_main_process)
+        with accelerator.main_process_first():
+            for part in (ds, val):
+                check_images(part, args.image_column)
+                check_pairs(part, args, bar)
+    bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
+    bank_settings = {"base_model": args.pretrained_model_name_or_path, "resolution": args.resolution,
+                     "annotator": annotator.settings, "prompt": args.memory_bank_prompt}
+    if args.method == "diff_tuning":
+        check_bank_dir(bank_dir)
+        if is_memory_bank(bank_dir):
+            check_bank_settings(bank_dir, bank_settings)  # a bank of another model or annotator fails now
+    if accelerator.is_main_process:
+        mark(args.output_dir, SCRIPT)  # from here on this script writes into it
+    if args.annotate_dataset:
+        with accelerator.main_process_first():
+            ds, val = annotate(ds, args, annotator), annotate(val, args, annotator)
+
+    # ---- Models: only the ControlNet trains; the UNet, VAE and text encoder stay frozen.
+    common = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
+                                                       requires_safety_checker=False, **common)
+    if args.tokenizer_name:
+        from transformers import AutoTokenizer
+
+        pipeline.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+    tokenizer, noise_scheduler = pipeline.tokenizer, DDPMScheduler.from_config(pipeline.scheduler.config)
+    if args.controlnet_model_name_or_path:
+        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        channels = CONDITIONING_CHANNELS[: int(np.log2(vae_factor)) + 1]
+        controlnet = ControlNetModel.from_unet(pipeline.unet, conditioning_embedding_out_channels=channels)
+    dtype = weight_dtype(accelerator)
+    vae = freeze(pipeline.vae, accelerator.device, dtype)
+    unet = freeze(pipeline.unet, accelerator.device, dtype)
+    text_encoder = freeze(pipeline.text_encoder, accelerator.device, dtype)
+    controlnet.to(accelerator.device).train()
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        controlnet.enable_xformers_memory_efficient_attention()
+
+    def tokenize(captions):
+        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids
+
+    bank_ids, empty_ids = tokenize([args.memory_bank_prompt]), tokenize([""])
+
+    # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
+    bank = None
+    if args.method == "diff_tuning":
+        with accelerator.autocast():
+            sampler = ControlBankSampler(pipeline, annotator, args.memory_bank_prompt, args.memory_bank_guidance_scale,
+                                         args.memory_bank_inference_steps, args.resolution)
+            bank = build_memory_bank(accelerator, sampler, bank_dir, args.memory_bank_size,
+                                     {"base_model": args.pretrained_model_name_or_path},
+                                     args.memory_bank_batch_size, args.seed)
+        if len(bank) < n_bank * accelerator.num_processes:
+            raise UserError(f"memory bank {bank_dir} has {len(bank)} rows, fewer than one batch of {n_bank} bank "
+                            f"rows on each of {accelerator.num_processes} process(es)")
+
+    # ---- The method, data loaders and optimisation.
+    timestep_sampler = DiffTuningTimesteps(noise_scheduler.config.num_train_timesteps, args.method, args.tau,
+                                           args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)
+    diff_tuning_loss = DiffTuningLoss(args.retention_weight)
+    workers = worker_options(args.dataloader_num_workers)
+    loader = torch.utils.data.DataLoader(ds.with_transform(row_transform(args)), batch_size=n_data, shuffle=True,
+                                         drop_last=True, collate_fn=collate, **workers)
+    bank_loader = None
+    if bank is not None:
+        bank_loader = torch.utils.data.DataLoader(BankRows(bank, args), batch_size=n_bank, shuffle=True,
+                                                  drop_last=True, collate_fn=lambda b: b, **workers)
+    learning_rate = args.learning_rate * (
+        args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
+    optimizer_class = None
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    optimizer, lr_scheduler = make_optimizer(controlnet.parameters(), args, accelerator, learning_rate,
+                                             optimizer_class)
+    ema = make_ema(controlnet, args.ema_decay, accelerator) if args.use_ema else None
+    controlnet, optimizer, lr_scheduler, loader = accelerator.prepare(controlnet, optimizer, lr_scheduler, loader)
+    if bank_loader is not None:
+        bank_loader = accelerator.prepare(bank_loader)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    # ---- Resume: the weights, the data order, and the fidelity curve up to the checkpoint.
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema)
+    micro_step = global_step * args.gradient_accumulation_steps
+    data_iter = ResumableLoader(loader, accelerator, micro_step)
+    bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
+    tracker = ConvergenceTracker(args.condition, threshold, args.convergence_patience,
+                                 os.path.join(args.output_dir, CONVERGENCE_FILE) if accelerator.is_main_process
+                                 else None)
+    tracker.resume(global_step)
+    rows = held_out_rows(val, args, annotator, args.resolution)
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                 scheduler=DDIMScheduler.from_config(pipeline.scheduler.config))
+
+    def track(step):
+        """Score the control fidelity (EMA weights when --use_ema) and log the curve; returns the pairs."""
+        with averaged_weights(accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False), ema) as model, accelerator.autocast():
+            score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, args)
+        if accelerator.is_main_process:
+            tracker.add(step, score)
+            accelerator.log({f"fidelity/{tracker.metric}": score}, step=step)
+            log_images(accelerator, "validation", np.stack([np.asarray(im) / 255.0 for im in
+                                                            (pair_grid(pairs),)]), step)
+            logger.info(f"step {step}: {tracker.metric} {score:.4f} (threshold {threshold:g}, "
+                        f"{tracker.direction_word}); converged at {tracker.converged_at}")
+        return pairs
+
+    logger.info(f"{len(ds)} training rows, {len(rows)} held-out rows; memory bank: "
+                f"{len(bank) if bank is not None else 0} rows; per micro-batch {n_bank} bank + {n_data} data rows; "
+                f"steps {global_step} -> {args.max_train_steps}")
+    if args.validation_steps and not any(p["step"] == global_step for p in tracker.points):
+        track(global_step)  # step 0: the curve starts from the untrained ControlNet
+    logs = {}
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
+        with torch.no_grad():
+            latents, ids, controls, timesteps, n_bank_rows = compose_batch(
+                next(data_iter), next(bank_iter) if bank_iter else None, vae, tokenize, bank_ids, empty_ids,
+                timestep_sampler, args, generator, accelerator.device)
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                noise_scheduler.get_velocity(latents, noise, timesteps)
+        micro_step += 1
+
+        with accelerator.accumulate(controlnet), accelerator.autocast():
+            down, mid = controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                   controlnet_cond=controls.to(dtype), return_dict=False)
+            pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states,
+                        down_block_additional_residuals=[d.to(dtype) for d in down],
+                        mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+            loss, loss_parts = diff_tuning_loss(epsilon_mse(pred, target), n_bank_rows)
+            check_finite_loss(accelerator, loss, global_step + 1, args.output_dir)
+            apply_gradients(accelerator, controlnet, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                            set_to_none=args.set_grads_to_none)
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in loss_parts.items()},
+                "lr": lr_scheduler.get_last_lr()[0]}
+        end_of_step(accelerator, controlnet, ema, progress, logs, global_step, args.output_dir, args, logger,
+                    save_extra=lambda folder: accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False).save_pretrained(
+                        os.path.join(folder, "controlnet")))
+        if args.validation_steps and global_step % args.validation_steps == 0:
+            track(global_step)
+            if args.stop_at_convergence and tracker.converged_at is not None:
+                logger.info(f"the control was learned at step {tracker.converged_at}; stopping (--stop_at_convergence)")
+                break
+    progress.close()
+
+    # ---- Save a stock ControlNetModel, samples (controls above samples), the curve and a model card.
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
+    model.eval()
+    with accelerator.autocast():
+        score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, args)
+        extra = extra_grids(parts, model, args, accelerator.device) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        if args.validation_steps and not any(p["step"] == global_step for p in tracker.points):
+            tracker.add(global_step, score)
+        model.save_pretrained(args.output_dir)
+        pair_grid(pairs).save(os.path.join(args.output_dir, "samples.png"))
+        if extra is not None:
+            extra.save(os.path.join(args.output_dir, "validation_prompts.png"))
+        if tracker.points:
+            tracker.plot(os.path.join(args.output_dir, "convergence.png"), f"{args.method}, {args.condition}")
+        write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_dir if bank else None,
+                   annotator.settings)
+        if args.push_to_hub:
+            repo = hub.push_folder(args.output_dir, hub_repo_id(args), args.hub_token, args.hub_private_repo)
+            logger.info(f"pushed to https://huggingface.co/{repo}")
+            if args.push_memory_bank and bank is not None:
+                from utils.hub import push_memory_bank
+
+                repo = push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank", args.hub_token,
+                                        args.hub_private_repo)
+                logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
+    accelerator.end_training()
+    return model
+
+
+def extra_grids(parts, controlnet, args, device):
+    """--validation_prompt / --validation_image: --num_validation_images samples per pair, controls above."""
+    if not args.validation_prompt:
+        return None
+    prompts, images = args.validation_prompt, args.validation_image
+    n = max(len(prompts), len(images))
+    prompts, images = (prompts * n)[:n], (images * n)[:n]
+    pairs = []
+    for prompt, path in zip(prompts, images):
+        control = fit_control(Image.open(path), args.resolution, args.condition)
+        k = args.num_validation_images
+        samples = generate(parts, controlnet, [prompt] * k, [control] * k, [args.seed + i for i in range(k)], args,
+                           device)
+        pairs += [(control, s) for s in samples]
+    return pair_grid(pairs, cols=args.num_validation_images)
+
+
+def hub_repo_id(args):
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
+def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_dir, annotator_settings):
+    from utils.memory_bank import bank_info
+
+    method = "Diff-Tuning" if args.method == "diff_tuning" else "standard ControlNet training"
+    metric, higher, _ = METRICS[args.condition]
+    hyper = {"method": args.method, "condition": args.condition, "annotator": str(annotator_settings),
+             "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": learning_rate,
+             "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
+             "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,
+             "mixed_precision": mixed_precision, "seed": args.seed}
+    if bank_dir is not None:
+        info = bank_info(bank_dir)
+        hyper.update({"tau": args.tau, "xi_form": args.xi_form, "weighting": args.weighting,
+                      "retention_ratio": args.retention_ratio, "retention_weight": args.retention_weight,
+                      "memory_bank_prompt": args.memory_bank_prompt, "memory_bank_size": info["size"],
+                      "memory_bank_guidance_scale": info["guidance_scale"],
+                      "memory_bank_inference_steps": info["num_inference_steps"]})
+    converged = tracker.converged_at
+    metrics = {f"control fidelity ({metric}, {'higher' if higher else 'lower'} is better), final":
+               f"{final_score:.4f} on {args.num_validation_samples} held-out rows"}
+    if tracker.points:
+        metrics["sudden convergence step"] = (
+            f"{converged} (first of {args.convergence_patience} evaluation(s) past {tracker.threshold:g})"
+            if converged is not None else f"not reached in {tracker.points[-1]['step']} steps "
+                                          f"(threshold {tracker.threshold:g})")
+    repo = hub_repo_id(args)
+    usage = f'''import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers.utils import load_image
+
+controlnet = ControlNetModel.from_pretrained("{repo}")
+pipe = StableDiffusionControlNetPipeline.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
+control = load_image("<a {args.condition} control image>")
+image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.manual_seed(0)).images[0]'''
+    description = (
+        f"A ControlNet for `{args.condition}` controls on `{args.pretrained_model_name_or_path}`, trained on "
+        f"`{args.dataset}` with {method}. "
+        + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples of "
+           "the pre-trained model (with their own annotated controls) at small timesteps, to retain its knowledge "
+           "near the data, and trains on the new data mostly at large timesteps. " if bank_dir else "")
+        + f"`samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
+          f"fidelity along training (the \"sudden convergence\" of ControlNet).")
+    hub.save_model_card(
+        args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
+        base_model=args.pretrained_model_name_or_path,
+        tags=["controlnet", "stable-diffusion", args.condition,
+              "diff-tuning" if bank_dir else "standard-fine-tuning"],
+        datasets=[args.dataset] if not os.path.exists(args.dataset) else None,
+        license=hub.base_model_license(args.pretrained_model_name_or_path),
+        description=description, hyperparameters=hyper,
+        metrics={**metrics, **{f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items()
+                               if k.startswith("loss")}},
+        image="samples.png", usage=usage)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
