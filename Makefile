@@ -17,4 +17,7 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
-.PHONY: setup demo test
+lint: setup
+	$(VENV)/bin/ruff check .
+
+.PHONY: setup demo test lint

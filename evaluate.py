@@ -115,7 +115,8 @@ def load_denoiser(name, scheduler_model=None):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a diffusers pipeline from {name!r}: {str(e).strip().splitlines()[0]}") from e
     if isinstance(pipe, DiTPipeline):
-        classes = sorted(set(pipe.labels.values())) if pipe.labels else list(range(pipe.transformer.config.num_embeds_ada_norm))
+        classes = (sorted(set(pipe.labels.values())) if pipe.labels
+                   else list(range(pipe.transformer.config.num_embeds_ada_norm)))
         return "dit", pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes}
     unet = getattr(pipe, "unet", None)
     if type(unet).__name__ != "UNet2DModel":
@@ -191,7 +192,8 @@ def main(args):
         print(f"k = {100 * fraction:5.1f}%  FID {results[-1]['fid']:.3f}")
 
     report = {
-        "kind": REPORT_KIND, "model": args.model, "handoff_model": args.handoff_model, "dataset": args.dataset, "split": args.split,
+        "kind": REPORT_KIND, "model": args.model, "handoff_model": args.handoff_model, "dataset": args.dataset,
+        "split": args.split,
         "feature_extractor": extractor.name, "num_samples": args.num_samples, "num_reference_images": n_ref,
         "resolution": resolution,
         "protocol": {"sampler": "DDIM", "num_inference_steps": args.num_inference_steps, "seed": args.seed,

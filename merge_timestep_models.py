@@ -30,9 +30,16 @@ from utils.channel_projection import PROJECTION_FILE
 from utils.data import find_column, load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.merging import (
+    MERGE_METHODS,
+    WEIGHTS_NAME,
+    IdentityMaps,
+    SafetensorsWeights,
+    TimestepEnsemble,
+    check_compatible,
+    merge_tensors,
+)
 from utils.outputs import check_finite_model, check_output_dir, replace_dir, work_dir
-from utils.merging import (MERGE_METHODS, WEIGHTS_NAME, IdentityMaps, SafetensorsWeights, TimestepEnsemble,
-                           check_compatible, merge_tensors)
 from utils.sampling import generate
 from utils.timesteps import timestep_ranges
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind, unet_weights_folder
@@ -44,7 +51,8 @@ SCRIPT = "merge_timestep_models.py"  # marks the output folders it writes (utils
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base_model", required=True, help="The pre-trained model theta: pipeline or model folder, or Hub id.")
+    p.add_argument("--base_model", required=True,
+                   help="The pre-trained model theta: pipeline or model folder, or Hub id.")
     p.add_argument("--models", nargs="+", required=True,
                    help="Fine-tuned model folders theta_i in range order, or one train_deme.py output folder.")
     p.add_argument("--weights", type=float, nargs="+", default=None,
@@ -116,7 +124,8 @@ def check_args(args):
         raise UserError(f"--search grid would try {len(args.grid_values)}^{n} combinations; use coordinate")
     # The output folder is replaced at the end: it may only be new, empty, or an earlier output of this script,
     # and never one of the inputs or a folder holding them.
-    check_output_dir(args.output_dir, SCRIPT, [("--base_model", args.base_model), *(("--models", m) for m in args.models),
+    check_output_dir(args.output_dir, SCRIPT, [("--base_model", args.base_model),
+                                               *(("--models", m) for m in args.models),
                                                ("--validation_dataset", args.validation_dataset)])
 
 
@@ -221,7 +230,7 @@ def main(args):
     replace_dir(tmp, args.output_dir, SCRIPT)
     print(f"saved {'ensemble' if args.ensemble else 'merged model'} to {args.output_dir}")
     if args.push_to_hub:
-        repo = hub.push_folder(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+        repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                args.hub_token, args.hub_private_repo)
         print(f"pushed to https://huggingface.co/{repo}")
     return weights, table
@@ -326,7 +335,8 @@ image = pipe(num_inference_steps=50).images[0]'''
                        "([Ma et al.](https://arxiv.org/abs/2410.06664)), merged in parameter space: "
                        "theta + sum_i w_i (theta_i - theta). One stock model, no extra inference cost.")
         if is_pipeline:
-            usage = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{args.hub_model_id or "<this repo>"}")'
+            repo = args.hub_model_id or "<this repo>"
+            usage = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{repo}")'
         else:
             usage = f'from diffusers import {model_class}\nunet = {model_class}.from_pretrained("<this repo>")'
     metrics = {}

@@ -16,29 +16,49 @@ and `out/deme_manifest.json`. Defaults are the paper's DDPM CIFAR-10 setup.
 
 import argparse
 import copy
+import gc
 import logging
 import os
 import sys
 
 import datasets
 import torch
-from accelerate.logging import get_logger
 from accelerate import PartialState
+from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from utils import hub
-from utils.channel_projection import (PLACEMENTS, add_projections, fold_projections, save_official_projections,
-                                      split_official_projections)
-from utils.checkpointing import resume, step_generator
+from utils.channel_projection import (
+    PLACEMENTS,
+    add_projections,
+    fold_projections,
+    save_official_projections,
+    split_official_projections,
+)
+from utils.checkpointing import resume, run_identity, step_generator
 from utils.data import ResumableLoader, check_images, find_column, load_image_dataset, worker_options
 from utils.errors import UserError
 from utils.outputs import check_output_dir, mark, write_json_atomically
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
-from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
-                            image_grid, log_images, make_accelerator, make_ema, make_optimizer, tracker_config,
-                            weight_dtype)
+from utils.training import (
+    add_optimisation_args,
+    add_output_args,
+    apply_gradients,
+    averaged_weights,
+    check_common_args,
+    check_finite_loss,
+    check_finite_weights,
+    end_of_step,
+    freeze,
+    image_grid,
+    log_images,
+    make_accelerator,
+    make_ema,
+    make_optimizer,
+    tracker_config,
+    weight_dtype,
+)
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind
 
 logger = get_logger(__name__)
@@ -65,7 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
     g.add_argument("--output_dir", default="deme", help="Where range_{i}/ folders and the manifest go.")
     g.add_argument("--resolution", type=int, default=None, help="Training resolution (default: the model's).")
-    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="Random horizontal flips.")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("DeMe")
@@ -184,6 +205,7 @@ def main(args):
             continue
         models[index] = train_range(args, index, ranges[index], pipeline, kind, ds, image_column, caption_column,
                                     resolution, learning_rate)
+    gc.collect()  # every range's DDP wrapper is gone before the group ends (see utils.training.end_training)
     state.destroy_process_group()  # once, after the last range (each range's Accelerator shares the processes)
     return models
 
@@ -226,7 +248,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
         accelerator.init_trackers("deme", config={**tracker_config(args), "range_index": index, "range_lo": lo,
                                                   "range_hi": hi})
 
-    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger, ema)
+    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger, ema, run_identity(args))
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     prompts = None
@@ -300,15 +322,15 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
         write_card(args, out, index, time_range, T, kind, total, extra, logs, accelerator.mixed_precision,
                    learning_rate)
         if args.push_to_hub:
-            repo = hub.push_folder(out, f"{hub_repo_id(args)}-range-{index}", args.hub_token, args.hub_private_repo)
+            repo = hub.push_folder(out, f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}",
+                                   args.hub_token, args.hub_private_repo)
             logger.info(f"pushed range {index} to https://huggingface.co/{repo}")
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group the next range needs
         tracker.finish()
+    del unet, optimizer, lr_scheduler, loader  # the DDP wrapper goes while the group is alive (utils.training)
+    accelerator.free_memory()
     return model
 
-
-def hub_repo_id(args):
-    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
 def write_card(args, out, index, time_range, T, kind, total, extra, last_logs, mixed_precision, learning_rate):
@@ -326,7 +348,7 @@ def write_card(args, out, index, time_range, T, kind, total, extra, last_logs, m
              "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": mixed_precision,
              "seed": args.seed}
     model_class = "UNet2DConditionModel" if kind == "sd" else "UNet2DModel"
-    repo = f"{hub_repo_id(args)}-range-{index}"
+    repo = f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}"
     pipe_class = "StableDiffusionPipeline" if kind == "sd" else "DDIMPipeline"
     call = 'pipe("a photo of a cat", num_inference_steps=50)' if kind == "sd" else "pipe(num_inference_steps=50)"
     usage = f'''from diffusers import {pipe_class}, {model_class}

@@ -27,29 +27,62 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
-from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
-                       StableDiffusionControlNetPipeline, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from tqdm.auto import tqdm
 
 from utils import hub
 from utils.annotators import CONDITIONS, make_annotator
-from utils.checkpointing import resume, step_generator
-from utils.data import (ArrowBatches, DatasetError, ResumableLoader, check_images, find_column, load_image_dataset,
-                        resize_center_crop, worker_options)
-from utils.diff_tuning import (DiffTuningLoss, DiffTuningTimesteps, add_diff_tuning_args, check_diff_tuning_args,
-                               num_bank_rows)
+from utils.checkpointing import resume, run_identity, step_generator
+from utils.data import (
+    ArrowBatches,
+    DatasetError,
+    ResumableLoader,
+    check_images,
+    load_image_dataset,
+    resize_center_crop,
+    worker_options,
+)
+from utils.diff_tuning import (
+    DiffTuningLoss,
+    DiffTuningTimesteps,
+    add_diff_tuning_args,
+    check_diff_tuning_args,
+    num_bank_rows,
+)
 from utils.errors import UserError
-from utils.fidelity import CONVERGENCE_FILE, METRICS, ConvergenceTracker, check_threshold, fidelity_score, \
-    reference_map
+from utils.fidelity import CONVERGENCE_FILE, METRICS, ConvergenceTracker, check_threshold, fidelity_score, reference_map
 from utils.losses import epsilon_mse
-from utils.memory_bank import ControlBankSampler, build_memory_bank, check_bank_dir, check_bank_settings, \
-    is_memory_bank
+from utils.memory_bank import ControlBankSampler, build_memory_bank, check_bank_dir, check_bank_settings, is_memory_bank
 from utils.outputs import check_output_dir, mark
-from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
-                            log_images, make_accelerator, make_ema, make_optimizer, tracker_config, weight_dtype)
+from utils.training import (
+    add_optimisation_args,
+    add_output_args,
+    apply_gradients,
+    averaged_weights,
+    check_common_args,
+    check_finite_loss,
+    check_finite_weights,
+    end_of_step,
+    end_training,
+    freeze,
+    log_images,
+    make_accelerator,
+    make_ema,
+    make_optimizer,
+    tracker_config,
+    weight_dtype,
+)
 
 logger = get_logger(__name__)
 SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes (utils.outputs)
@@ -137,6 +170,7 @@ def parse_args(argv=None):
     g.add_argument("--validation_split", default="train", help="Split of --validation_dataset.")
     g.add_argument("--num_validation_samples", type=int, default=16,
                    help="Held-out rows scored at every evaluation (each with a fixed seed).")
+    g.add_argument("--validation_batch_size", type=int, default=8, help="Images per sampling batch.")
     g.add_argument("--fidelity_blur_sigma", type=float, default=2.0,
                    help="canny/sketch: Gaussian blur (pixels) of both maps before SSIM.")
     g.add_argument("--convergence_threshold", type=float, default=None,
@@ -152,7 +186,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Flags that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("resolution", "num_validation_samples", "convergence_patience"))
+    check_common_args(args, positive=("resolution", "num_validation_samples", "convergence_patience",
+                                      "validation_batch_size"))
     check_diff_tuning_args(args)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
@@ -368,11 +403,13 @@ def generate(pipeline_parts, controlnet, prompts, controls, seeds, args, device)
                                              feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     images = []
-    for prompt, control, seed in zip(prompts, controls, seeds):
-        images.append(pipe(prompt, image=control, height=args.resolution, width=args.resolution,
-                           num_inference_steps=args.validation_inference_steps,
-                           guidance_scale=args.validation_guidance_scale,
-                           generator=torch.Generator(device).manual_seed(seed), output_type="pil").images[0])
+    for i in range(0, len(prompts), args.validation_batch_size):  # each image keeps its own seed in any batch
+        chunk = slice(i, i + args.validation_batch_size)
+        images += pipe(prompts[chunk], image=controls[chunk], height=args.resolution, width=args.resolution,
+                       num_inference_steps=args.validation_inference_steps,
+                       guidance_scale=args.validation_guidance_scale,
+                       generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
+                       output_type="pil").images
     return images
 
 
@@ -384,8 +421,9 @@ def evaluate_fidelity(accelerator, pipeline_parts, controlnet, rows, annotator, 
     controls = [fit_control(rows[i]["control"], args.resolution, args.condition) for i in mine]
     images = generate(pipeline_parts, controlnet, [rows[i]["caption"] for i in mine], controls,
                       [args.seed + i for i in mine], args, accelerator.device)
-    scores = [(i, fidelity_score(args.condition, rows[i]["reference"], annotator.measure(img), args.fidelity_blur_sigma),
-               controls[k], img) for k, (i, img) in enumerate(zip(mine, images))]
+    scores = [(i, fidelity_score(args.condition, rows[i]["reference"], annotator.measure(img),
+                                 args.fidelity_blur_sigma), controls[k], img)
+              for k, (i, img) in enumerate(zip(mine, images))]
     gathered = sorted(gather_object(scores) if accelerator.num_processes > 1 else scores, key=lambda s: s[0])
     return float(np.mean([s[1] for s in gathered])), [(s[2], s[3]) for s in gathered[:args.num_validation_images]]
 
@@ -540,7 +578,7 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     # ---- Resume: the weights, the data order, and the fidelity curve up to the checkpoint.
-    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema)
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, run_identity(args))
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
@@ -554,7 +592,8 @@ def main(args):
 
     def track(step):
         """Score the control fidelity (EMA weights when --use_ema) and log the curve; returns the pairs."""
-        with averaged_weights(accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False), ema) as model, accelerator.autocast():
+        unwrapped = accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False)  # outputs in the model's dtype
+        with averaged_weights(unwrapped, ema) as model, accelerator.autocast():
             score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, args)
         if accelerator.is_main_process:
             tracker.add(step, score)
@@ -603,8 +642,8 @@ def main(args):
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in loss_parts.items()},
                 "lr": lr_scheduler.get_last_lr()[0]}
         end_of_step(accelerator, controlnet, ema, progress, logs, global_step, args.output_dir, args, logger,
-                    save_extra=lambda folder: accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False).save_pretrained(
-                        os.path.join(folder, "controlnet")))
+                    save_extra=lambda folder: accelerator.unwrap_model(
+                        controlnet, keep_fp32_wrapper=False).save_pretrained(os.path.join(folder, "controlnet")))
         if args.validation_steps and global_step % args.validation_steps == 0:
             track(global_step)
             if args.stop_at_convergence and tracker.converged_at is not None:
@@ -634,7 +673,8 @@ def main(args):
         write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_dir if bank else None,
                    annotator.settings)
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, hub_repo_id(args), args.hub_token, args.hub_private_repo)
+            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
+                                   args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
             if args.push_memory_bank and bank is not None:
                 from utils.hub import push_memory_bank
@@ -642,7 +682,9 @@ def main(args):
                 repo = push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank", args.hub_token,
                                         args.hub_private_repo)
                 logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
-    accelerator.end_training()
+    # The DDP wrapper must go before the process group ends (utils.training.end_training).
+    controlnet = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
+    end_training(accelerator)
     return model
 
 
@@ -662,9 +704,6 @@ def extra_grids(parts, controlnet, args, device):
         pairs += [(control, s) for s in samples]
     return pair_grid(pairs, cols=args.num_validation_images)
 
-
-def hub_repo_id(args):
-    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
 def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_dir, annotator_settings):
@@ -693,7 +732,7 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
             f"{converged} (first of {args.convergence_patience} evaluation(s) past {tracker.threshold:g})"
             if converged is not None else f"not reached in {tracker.points[-1]['step']} steps "
                                           f"(threshold {tracker.threshold:g})")
-    repo = hub_repo_id(args)
+    repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
     usage = f'''import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from diffusers.utils import load_image
@@ -708,8 +747,8 @@ image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.
         + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples of "
            "the pre-trained model (with their own annotated controls) at small timesteps, to retain its knowledge "
            "near the data, and trains on the new data mostly at large timesteps. " if bank_dir else "")
-        + f"`samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
-          f"fidelity along training (the \"sudden convergence\" of ControlNet).")
+        + "`samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
+          "fidelity along training (the \"sudden convergence\" of ControlNet).")
     hub.save_model_card(
         args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
         base_model=args.pretrained_model_name_or_path,

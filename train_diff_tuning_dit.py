@@ -28,22 +28,66 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from utils import hub
-from utils.checkpointing import resume, step_generator
-from utils.diff_tuning import (DiffTuningLoss, DiffTuningTimesteps, add_diff_tuning_args, check_diff_tuning_args,
-                               num_bank_rows)
-from utils.data import (ArrowBatches, ResumableLoader, as_batch, check_images, class_names, find_column,
-                        image_transform, load_image_dataset, to_tensor, worker_options)
+from utils.checkpointing import resume, run_identity, step_generator
+from utils.data import (
+    ArrowBatches,
+    ResumableLoader,
+    as_batch,
+    check_images,
+    class_names,
+    find_column,
+    image_transform,
+    load_image_dataset,
+    to_tensor,
+    worker_options,
+)
+from utils.diff_tuning import (
+    DiffTuningLoss,
+    DiffTuningTimesteps,
+    add_diff_tuning_args,
+    check_diff_tuning_args,
+    num_bank_rows,
+)
 from utils.errors import UserError
 from utils.losses import LearnedVarianceLoss, epsilon_mse
-from utils.memory_bank import (DiTBankSampler, bank_info, build_memory_bank, check_bank_dir, encode_moments,
-                               is_memory_bank, load_memory_bank)
+from utils.memory_bank import (
+    DiTBankSampler,
+    bank_info,
+    build_memory_bank,
+    check_bank_dir,
+    encode_moments,
+    is_memory_bank,
+    load_memory_bank,
+)
 from utils.outputs import check_output_dir, mark
-from utils.training import (add_optimisation_args, add_output_args, apply_gradients, averaged_weights,
-                            check_common_args, check_finite_loss, check_finite_weights, end_of_step, freeze,
-                            image_grid, log_images, make_accelerator, make_ema, make_optimizer, tracker_config,
-                            weight_dtype)
-from utils.tuning import (DEFAULT_LORA_TARGETS, TUNING_MODES, apply_tuning, difffit_block_count, fold_difffit_scales,
-                          parameter_counts, stock_model)
+from utils.training import (
+    add_optimisation_args,
+    add_output_args,
+    apply_gradients,
+    averaged_weights,
+    check_common_args,
+    check_finite_loss,
+    check_finite_weights,
+    end_of_step,
+    end_training,
+    freeze,
+    image_grid,
+    log_images,
+    make_accelerator,
+    make_ema,
+    make_optimizer,
+    tracker_config,
+    weight_dtype,
+)
+from utils.tuning import (
+    DEFAULT_LORA_TARGETS,
+    TUNING_MODES,
+    apply_tuning,
+    difffit_block_count,
+    fold_difffit_scales,
+    parameter_counts,
+    stock_model,
+)
 
 logger = get_logger(__name__)
 SCRIPT = "train_diff_tuning_dit.py"  # marks the output folders it writes (utils.outputs)
@@ -56,22 +100,28 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="DiTPipeline Hub id or folder.")
     g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
-    g.add_argument("--dataset", required=True, help="Hub id, folder of class sub-folders of images, or save_to_disk folder.")
+    g.add_argument("--dataset", required=True, help="Hub id, folder of class sub-folders of images, or "
+                   "save_to_disk folder.")
     g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
     g.add_argument("--train_split", default="train", help="Split to train on.")
     g.add_argument("--image_column", default=None, help="Image column (default: the only Image column, or 'image').")
-    g.add_argument("--label_column", default=None, help="Class column (default: the only ClassLabel column, or 'label').")
+    g.add_argument("--label_column", default=None,
+                   help="Class column (default: the only ClassLabel column, or 'label').")
     g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
-    g.add_argument("--output_dir", default="diff-tuning-dit", help="Where the pipeline, card, logs and checkpoints go.")
-    g.add_argument("--resolution", type=int, default=256, help="Training resolution; must match the model's latent size.")
-    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="Random horizontal flips.")
+    g.add_argument("--output_dir", default="diff-tuning-dit",
+                   help="Where the pipeline, card, logs and checkpoints go.")
+    g.add_argument("--resolution", type=int, default=256,
+                   help="Training resolution; must match the model's latent size.")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="Random horizontal flips.")
     g.add_argument("--cache_latents", action="store_true", help="Encode the data (and its mirror) with the VAE once, "
                    "cached by `datasets`, instead of at every step.")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = add_diff_tuning_args(p, bank_guidance_scale=1.5, bank_batch_size=32,
                              bank_help="Bank rows: samples of random classes, trained on the null class.")
-    g.add_argument("--label_dropout", type=float, default=0.1, help="Downstream label dropout for classifier-free guidance.")
+    g.add_argument("--label_dropout", type=float, default=0.1,
+                   help="Downstream label dropout for classifier-free guidance.")
 
     g = p.add_argument_group("parameter-efficient tuning (orthogonal to --method)")
     g.add_argument("--tuning", choices=TUNING_MODES, default="full",
@@ -91,7 +141,8 @@ def parse_args(argv=None):
                           "one device).", max_train_steps=24000, learning_rate=1e-4, max_grad_norm=None,
                           ema_decay=0.9999, paper="DiT: 24K steps, lr 1e-4")
     g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
-    g.add_argument("--validation_guidance_scale", type=float, default=1.5, help="CFG scale of validation/final samples.")
+    g.add_argument("--validation_guidance_scale", type=float, default=1.5,
+                   help="CFG scale of validation/final samples.")
     g.add_argument("--push_memory_bank", action="store_true", help="Also push the memory bank as a Hub dataset.")
     g.add_argument("--memory_bank_hub_id", default=None,
                    help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
@@ -215,8 +266,9 @@ def main(args):
     transformer, vae = pipeline.transformer, pipeline.vae
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution // vae_scale != transformer.config.sample_size or args.resolution % vae_scale:
+        size = transformer.config.sample_size
         raise UserError(f"--resolution {args.resolution} gives {args.resolution / vae_scale:g}x latents but the model "
-                        f"takes {transformer.config.sample_size}x; use --resolution {transformer.config.sample_size * vae_scale}")
+                        f"takes {size}x; use --resolution {size * vae_scale}")
     # DiT blocks each own a label embedding with 10% dropout; in train mode each would drop labels independently.
     # We drop labels once per sample (compose_batch) and switch the built-in dropout off.
     for module in transformer.modules():
@@ -305,7 +357,7 @@ def main(args):
         accelerator.init_trackers("diff-tuning-dit", config=tracker_config(args))
 
     # ---- Resume.
-    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema)
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, run_identity(args))
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
@@ -384,14 +436,18 @@ def main(args):
         write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs,
                    accelerator.mixed_precision, learning_rate, difffit_blocks)
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, hub_repo_id(args), args.hub_token, args.hub_private_repo)
+            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
+                                   args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
             if args.push_memory_bank and bank is not None:
                 repo = hub.push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
                                             args.hub_token, args.hub_private_repo)
                 logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
-    accelerator.end_training()
-    return accelerator.unwrap_model(transformer)
+    model = accelerator.unwrap_model(transformer)
+    # The DDP wrapper must go before the process group ends (utils.training.end_training).
+    transformer = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
+    end_training(accelerator)
+    return model
 
 
 def save_pipeline(transformer, vae, scheduler, names, output_dir):
@@ -405,9 +461,6 @@ def save_pipeline(transformer, vae, scheduler, names, output_dir):
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
 
-
-def hub_repo_id(args):
-    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
 
 
 def write_card(args, names, bank_dir, trainable, total, last_logs, mixed_precision, learning_rate, difffit_blocks):
@@ -441,7 +494,7 @@ def write_card(args, names, bank_dir, trainable, total, last_logs, mixed_precisi
            "and trains on the new data mostly at large timesteps, where the domain is shaped."
            if bank_dir else "The new data was trained with the ordinary uniform-timestep denoising loss.")
     )
-    repo, example = hub_repo_id(args), ", ".join(repr(n) for n in names[:2])
+    repo, example = hub.hub_repo_id(args.hub_model_id, args.output_dir), ", ".join(repr(n) for n in names[:2])
     if args.tuning == "lora" and not args.merge_lora:
         load = f'''import json
 from huggingface_hub import hf_hub_download

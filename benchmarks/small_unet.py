@@ -6,8 +6,15 @@ import json
 import os
 
 import torch
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMPipeline,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -25,7 +32,7 @@ def build_ddpm_pipeline(resolution=8, channels=(8, 16), seed=0) -> DDPMPipeline:
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
-def tiny_clip_tokenizer(folder: str) -> CLIPTokenizer:
+def tiny_clip_tokenizer(folder: str, max_length: int = 16) -> CLIPTokenizer:
     """A CLIP tokenizer with one token per byte (no merges), saved to and loaded from `folder`."""
     os.makedirs(folder, exist_ok=True)
     chars = list(bytes_to_unicode().values())
@@ -34,13 +41,15 @@ def tiny_clip_tokenizer(folder: str) -> CLIPTokenizer:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=16)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
 
 
-def build_sd_pipeline(folder: str, resolution=16, seed=0) -> StableDiffusionPipeline:
-    """Random-weight StableDiffusionPipeline (no safety checker); `folder` receives the tokenizer files."""
+def build_sd_pipeline(folder: str, resolution=16, seed=0, max_length=16,
+                      unet_channels=(8, 16)) -> StableDiffusionPipeline:
+    """Random-weight StableDiffusionPipeline (no safety checker); `folder` receives the tokenizer files. The tokenizer
+    has one token per character: `max_length` 16 truncates "a handwritten digit 3", 32 does not."""
     torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer(os.path.join(folder, "tokenizer-src"))
+    tokenizer = tiny_clip_tokenizer(os.path.join(folder, "tokenizer-src"), max_length)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
@@ -49,7 +58,8 @@ def build_sd_pipeline(folder: str, resolution=16, seed=0) -> StableDiffusionPipe
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=resolution)
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        sample_size=resolution // 2, in_channels=4, out_channels=4, block_out_channels=unet_channels,
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
     scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -60,8 +60,9 @@ def main():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", help="DiTPipeline folder (e.g. the demo's source model).")
     src.add_argument("--dit_xl", action="store_true",
-                     help="Build DiT-XL/2 (28 blocks of width 1152) and an SD-sized VAE with random weights: the compute of "
-                          "facebook/DiT-XL-2-256 without a download (step times do not depend on weight values).")
+                     help="Build DiT-XL/2 (28 blocks of width 1152) and an SD-sized VAE with random weights: "
+                          "the compute of facebook/DiT-XL-2-256 without a download (step times do not depend on "
+                          "weight values).")
     p.add_argument("--dataset", required=True, help="Image-folder data set.")
     p.add_argument("--resolution", type=int, default=16, help="Training resolution.")
     p.add_argument("--batch_size", type=int, default=32, help="Training batch.")

@@ -124,8 +124,14 @@ def control_digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_annotator_models(tmp_path_factory):
     """Tiny random transformers models saved to folders: a DPT depth estimator and a SegFormer segmenter."""
-    from transformers import (DPTConfig, DPTForDepthEstimation, DPTImageProcessor, SegformerConfig,
-                              SegformerForSemanticSegmentation, SegformerImageProcessor)
+    from transformers import (
+        DPTConfig,
+        DPTForDepthEstimation,
+        DPTImageProcessor,
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessor,
+    )
 
     root = tmp_path_factory.mktemp("annotators")
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_main
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -17,7 +18,6 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_controlnet as script
 from benchmarks.in_process import run_script
-from conftest import ROOT, run_main
 from utils import training
 from utils.annotators import make_annotator, normals_from_depth
 from utils.errors import UserError
@@ -193,7 +193,8 @@ def test_bf16_ema_gradient_checkpointing_and_v_prediction(tiny_sd_dir, control_d
     vpred = tmp_path / "sd_v"
     shutil.copytree(tiny_sd_dir, vpred)
     config = json.loads((vpred / "scheduler" / "scheduler_config.json").read_text())
-    (vpred / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    config["prediction_type"] = "v_prediction"
+    (vpred / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     model = train(str(vpred), control_digits_dir, tmp_path / "out", "--mixed_precision", "bf16", "--use_ema",
                   "--ema_decay", "0.5", "--gradient_checkpointing", "--max_train_steps", "2")
     assert {w.dtype for w in weights(tmp_path / "out").values()} == {torch.float32}

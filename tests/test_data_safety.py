@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TEST_EXTRACTOR, TINY_ARGS, run_main
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +18,6 @@ import merge_timestep_models as merge_script
 import train_deme
 import train_diff_tuning_dit as dit_script
 from benchmarks.small_dit import build_pipeline
-from conftest import ROOT, TEST_EXTRACTOR, TINY_ARGS, run_main
 from utils import hub, outputs, training
 from utils.errors import UserError
 from utils.memory_bank import check_bank_dir
@@ -272,3 +272,24 @@ def test_deme_all_ranges_with_two_processes_and_scale_lr(tiny_ddpm_dir, digits_d
         rates.append([line for line in card.splitlines() if line.startswith("| `learning_rate`")][0])
     # lr x accumulation 2 x batch 8 x processes 2, the same for both ranges (it used to compound per range)
     assert rates == ["| `learning_rate` | `0.0032` |"] * 2
+
+
+# ---- Resume: a checkpoint of another model, or a corrupt one, is refused in one line.
+
+def test_resume_refuses_a_checkpoint_of_another_model_or_a_corrupt_one(tiny_pipeline_dir, digits_dir, tmp_path):
+    out = tmp_path / "out"
+    common = [*TINY_ARGS, "--method", "standard", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
+    run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *common, "--max_train_steps", "2")
+    recorded = json.loads((out / "checkpoint-2" / "training_run.json").read_text())
+    assert recorded["pretrained_model_name_or_path"] == tiny_pipeline_dir and recorded["method"] == "standard"
+    other = tmp_path / "other_dit"  # the same architecture, other weights: shapes alone would not tell them apart
+    build_pipeline(seed=1).save_pretrained(other)
+    with pytest.raises(UserError, match="was made with --pretrained_model_name_or_path .* this run has"):
+        run_main(dit_script, str(other), digits_dir, out, *common, "--max_train_steps", "4")
+    with pytest.raises(UserError, match="was made with --tuning 'full', this run has 'bitfit'"):
+        run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *common, "--max_train_steps", "4",
+                 "--tuning", "bitfit")
+    weights = out / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(UserError, match="cannot resume from .*checkpoint-2: it is corrupt or incomplete"):
+        run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *common, "--max_train_steps", "4")

@@ -7,18 +7,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TEST_EXTRACTOR
 from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
 import evaluate as script
 from benchmarks.small_dit import build_pipeline
-from conftest import ROOT, TEST_EXTRACTOR
 from utils.data import load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
 from utils.merging import ENSEMBLE_CONFIG, TimestepEnsemble
 from utils.sampling import balanced_classes
-
 
 EXTRACTOR = TEST_EXTRACTOR
 

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TEST_EXTRACTOR
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import merge_timestep_models as script
 from benchmarks.small_unet import build_ddpm_pipeline
-from conftest import ROOT, TEST_EXTRACTOR
 from utils.errors import UserError
 from utils.merging import SafetensorsWeights, TimestepEnsemble, merge_tensors
 

@@ -3,8 +3,14 @@ import pytest
 import torch
 from scipy import stats
 
-from utils.timesteps import (GLOBAL_SAMPLE_MODES, CategoricalTimestepSampler, RangeTimestepSampler, adaptation_weights,
-                             retention_weights, timestep_ranges)
+from utils.timesteps import (
+    GLOBAL_SAMPLE_MODES,
+    CategoricalTimestepSampler,
+    RangeTimestepSampler,
+    adaptation_weights,
+    retention_weights,
+    timestep_ranges,
+)
 
 T = 1000
 u = np.arange(1, T + 1) / T

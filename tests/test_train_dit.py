@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import ROOT, TINY_ARGS, run_main, run_module
 from diffusers import DiTPipeline
 from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard
@@ -18,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_diff_tuning_dit as script
-from conftest import ROOT, TINY_ARGS, run_module, run_main
 from utils import training
 from utils.checkpointing import resume
 from utils.errors import UserError

@@ -6,9 +6,9 @@ from diffusers import DiTPipeline, DiTTransformer2DModel
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_train_dit import train, transformer_weights
 
 from benchmarks.small_dit import build_pipeline
-from test_train_dit import train, transformer_weights
 from utils.errors import UserError
 from utils.tuning import add_difffit_scales, apply_tuning, fold_difffit_scales, parameter_counts
 
@@ -101,7 +101,8 @@ def test_difffit_output_loads_in_stock_model(tiny_pipeline_dir, digits_dir, tmp_
     unfolded.load_state_dict(checkpoint_weights(tmp_path, 3))
     x, t, y = tiny_inputs(model)
     with torch.no_grad():
-        diff = model.eval()(x, timestep=t, class_labels=y).sample - unfolded.eval()(x, timestep=t, class_labels=y).sample
+        diff = (model.eval()(x, timestep=t, class_labels=y).sample
+                - unfolded.eval()(x, timestep=t, class_labels=y).sample)
     assert diff.abs().max() < 1e-5
 
 
@@ -126,7 +127,8 @@ def test_lora_adapter_loads_with_peft_and_matches_merge(tiny_pipeline_dir, digit
     train(tiny_pipeline_dir, digits_dir, tmp_path / "adapter", *args)
     train(tiny_pipeline_dir, digits_dir, tmp_path / "merged", *args, "--merge_lora")
     assert sorted(os.listdir(tmp_path / "adapter")) == [
-        ".created_by.json", "README.md", "adapter_config.json", "adapter_model.safetensors", "id2label.json", "samples.png"]
+        ".created_by.json", "README.md", "adapter_config.json", "adapter_model.safetensors", "id2label.json",
+        "samples.png"]
     base = DiTTransformer2DModel.from_pretrained(tiny_pipeline_dir, subfolder="transformer")
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().eval()
     merged = DiTPipeline.from_pretrained(tmp_path / "merged").transformer.eval()

@@ -1,13 +1,17 @@
-"""Control annotators for ControlNet: image in, control image out, plus the map the fidelity tracker compares.
+"""Control annotators for ControlNet: image in, control image out, plus the map the fidelity tracker compares
+(`Annotator.measure`).
 
-| condition | control image | map for fidelity (`Annotator.measure`) | needs |
-|---|---|---|---|
-| `canny` | white edges on black (scikit-image Canny) | edge map in [0, 1] | nothing |
-| `sketch` | white lines on black: binarised XDoG (the paper's binarised HED needs weights: bring it with `custom`) | line map in [0, 1] | nothing |
-| `depth` | grey depth, min-max normalised per image | depth in [0, 1] | `--annotator_model`: a transformers depth-estimation model (e.g. a DPT/MiDaS checkpoint) |
-| `normal` | RGB normals from the depth's Sobel gradients, as ControlNet 1.0 derived them from MiDaS | normals in [0, 1] | `--annotator_model` (depth) |
-| `segmentation` | a colour per class (a fixed palette) | class ids | `--annotator_model`: a transformers semantic-segmentation model |
-| `custom` | whatever `--annotator module:callable` returns (PIL image in, PIL image out) | the control as RGB in [0, 1] | the callable |
+- `canny`: white edges on black (scikit-image Canny); map: edges in [0, 1]; needs nothing.
+- `sketch`: white lines on black, binarised XDoG (the paper's binarised HED needs weights: bring it with `custom`);
+  map: lines in [0, 1]; needs nothing.
+- `depth`: grey depth, min-max normalised per image; map: depth in [0, 1]; needs `--annotator_model`, a transformers
+  depth-estimation model (e.g. a DPT/MiDaS checkpoint).
+- `normal`: RGB normals from the depth's Sobel gradients, as ControlNet 1.0 derived them from MiDaS; map: normals
+  in [0, 1]; needs `--annotator_model` (depth).
+- `segmentation`: a colour per class (a fixed palette); map: class ids; needs `--annotator_model`, a transformers
+  semantic-segmentation model.
+- `custom`: whatever `--annotator module:callable` returns (PIL image in, PIL image out); map: the control as RGB
+  in [0, 1].
 
 No `controlnet_aux` and no torchvision: on our pinned stack both fail to import, and the detectors download weights
 at run time. Every annotator is deterministic, so the same image always gets the same control.

@@ -1,12 +1,22 @@
 """Resumable training state: `checkpoint-<step>` folders written by accelerate, rotation, resume, and the
 per-step random generator that makes a resumed run draw exactly what an uninterrupted one would."""
 
+import json
 import os
 import shutil
 
 import torch
 
 from .errors import UserError
+
+RUN_FILE = "training_run.json"  # what a checkpoint belongs to: the base model and the flags that shape the weights
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "controlnet_model_name_or_path", "method", "tuning",
+                  "lora_rank", "difffit_blocks", "condition", "num_ranges", "channel_projection")
+
+
+def run_identity(args) -> dict:
+    """The flags of `args` that decide which weights a checkpoint holds; a resume with others is refused."""
+    return {k: getattr(args, k) for k in IDENTITY_FLAGS if hasattr(args, k)}
 
 
 def step_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
@@ -40,7 +50,8 @@ def checkpoint_step(path: str) -> int:
     return int(os.path.basename(path.rstrip("/")).split("-", 1)[1])
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, save_extra=None) -> str:
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, save_extra=None,
+                    identity: dict | None = None) -> str:
     """Save the full training state as checkpoint-<step>, keeping at most `total_limit` checkpoints.
 
     The state is written to a temporary folder and renamed, so a kill never leaves a checkpoint that looks
@@ -51,6 +62,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.save_state(tmp)
     if save_extra is not None:  # e.g. a loadable model folder beside accelerate's state
         save_extra(tmp)
+    if identity is not None:
+        with open(os.path.join(tmp, RUN_FILE), "w") as f:
+            json.dump(identity, f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     # Old checkpoints go only once the new one is complete: a kill during the save keeps the previous one.
@@ -61,7 +75,24 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return path
 
 
-def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log, ema=None) -> int:
+def check_identity(path: str, identity: dict | None, log) -> None:
+    """Refuse a checkpoint made for another model or another kind of run (one line, before loading it)."""
+    file = os.path.join(path, RUN_FILE)
+    if identity is None:
+        return
+    if not os.path.exists(file):
+        log.warning(f"{path} does not record which model it belongs to (an older checkpoint); resuming anyway")
+        return
+    with open(file) as f:
+        recorded = json.load(f)
+    for key, value in identity.items():
+        if key in recorded and recorded[key] != value:
+            raise UserError(f"checkpoint {path} was made with --{key} {recorded[key]!r}, this run has {value!r}; "
+                            "resume with the same flags, or use a new --output_dir")
+
+
+def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log, ema=None,
+           identity: dict | None = None) -> int:
     """Load the checkpoint `--resume_from_checkpoint` names (`latest`: the newest in output_dir, if any) and return
     its global step; 0 when there is nothing to resume. `ema` (registered for checkpointing) goes back to the
     accelerator's device: accelerate loads custom states on the CPU."""
@@ -70,7 +101,12 @@ def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log
         if resume_from_checkpoint:
             log.info("no checkpoint to resume from; starting a new run")
         return 0
-    accelerator.load_state(path)
+    check_identity(path, identity, log)
+    try:
+        accelerator.load_state(path)
+    except Exception as e:  # a truncated or foreign file: say which, in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot resume from {path}: it is corrupt or incomplete ({type(e).__name__}: {first})") from e
     if ema is not None:
         ema.to(accelerator.device)
     log.info(f"resumed from {path} at step {checkpoint_step(path)}")

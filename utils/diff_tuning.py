@@ -19,7 +19,7 @@ import math
 import torch
 
 from .errors import UserError
-from .timesteps import XI_FORMS, WEIGHTINGS, CategoricalTimestepSampler, adaptation_weights, retention_weights
+from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler, adaptation_weights, retention_weights
 
 METHODS = ("diff_tuning", "standard")
 

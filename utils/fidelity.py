@@ -4,12 +4,11 @@ ControlNet "suddenly converges": after some steps the model abruptly starts to f
 ControlNet experiment measures when: on held-out real images with their controls, generate with the control,
 annotate the generated image with the same annotator, and compare the two maps:
 
-| condition | score | direction | default threshold (the paper's) |
-|---|---|---|---|
-| canny, sketch | SSIM of the two maps after the same Gaussian blur (a 1-pixel shift of a thin edge keeps a high score) | higher | 0.55, 0.75 |
-| depth, normal | MSE of the maps in [0, 1] | lower | 0.04, 0.06 |
-| segmentation | pixel accuracy of the class ids | higher | 0.5 |
-| custom | SSIM of the blurred RGB maps | higher | none: pass --convergence_threshold |
+- canny, sketch: SSIM of the two maps after the same Gaussian blur (a 1-pixel shift of a thin edge keeps a high
+  score); higher is better; the paper's thresholds 0.55, 0.75.
+- depth, normal: MSE of the maps in [0, 1]; lower is better; 0.04, 0.06.
+- segmentation: pixel accuracy of the class ids; higher is better; 0.5.
+- custom: SSIM of the blurred RGB maps; higher is better; no default: pass --convergence_threshold.
 
 The convergence step is the first evaluation of `patience` consecutive ones past the threshold. The paper notes
 that after convergence the score no longer ranks quality: the tracker detects convergence, it does not grade images.

@@ -3,8 +3,16 @@
 import os
 
 import datasets
-from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, create_repo, upload_folder
-from huggingface_hub import get_token, whoami
+from huggingface_hub import (
+    DatasetCard,
+    DatasetCardData,
+    ModelCard,
+    ModelCardData,
+    create_repo,
+    get_token,
+    upload_folder,
+    whoami,
+)
 from huggingface_hub.utils import filter_repo_objects
 
 from .errors import UserError
@@ -13,6 +21,11 @@ from .outputs import MARKER, check_finite_model
 # Never uploaded with a model: resumable training state, logs, the memory bank (a dataset of its own, see
 # push_memory_bank), anything half-written and the output-folder marker.
 UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*", ".*.tmp-*", MARKER]
+
+
+def hub_repo_id(hub_model_id: str | None, output_dir: str) -> str:
+    """--hub_model_id, else the output folder's name (the diffusers examples' rule)."""
+    return hub_model_id or os.path.basename(os.path.abspath(output_dir))
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -63,7 +76,8 @@ def save_model_card(
         license=license,
     )
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters.items())
-    body = [f"# {title}", "", description, "", "## Training hyper-parameters", "", "| name | value |", "|---|---|", rows]
+    body = [f"# {title}", "", description, "", "## Training hyper-parameters", "", "| name | value |", "|---|---|",
+            rows]
     if metrics:
         body += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {v} |" for k, v in metrics.items()]

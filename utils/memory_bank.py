@@ -111,7 +111,8 @@ class DiTBankSampler:
         labels = [self.pool[np.random.default_rng(s).integers(len(self.pool))] for s in seeds]
         images = self.sampler(class_labels=labels, guidance_scale=self.guidance_scale,
                               num_inference_steps=self.num_inference_steps,
-                              generator=[torch.Generator(device).manual_seed(s) for s in seeds], output_type="np").images
+                              generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                              output_type="np").images
         images, pixels = _as_uint8(images)  # exactly what a PNG of the sample holds
         moments, moments_flipped = encode_moments(self.pipeline.vae, pixels)
         return {"image": list(images), "class_label": labels, "seed": seeds,

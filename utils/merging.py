@@ -117,7 +117,8 @@ class TimestepEnsemble(torch.nn.Module):
     """N models, model i used for timesteps in range i: DeMe's "before merge". It stands in for the UNet of a stock
     pipeline (same call, `config`, `dtype`, `device`), N times the weights of one model.
 
-        pipe = DDIMPipeline(unet=TimestepEnsemble.from_pretrained("ensemble"), scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"))
+        pipe = DDIMPipeline(unet=TimestepEnsemble.from_pretrained("ensemble"),
+                            scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"))
     """
 
     def __init__(self, models, ranges):

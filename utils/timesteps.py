@@ -101,6 +101,7 @@ class RangeTimestepSampler:
             lo = torch.where(is_global, 0, self.lo)
             width = torch.where(is_global, self.T, self.hi - self.lo)
             return lo + (torch.rand(n, generator=generator, device=device) * width).long().clamp(max=width - 1)
-        lo, hi = (0, self.T) if torch.rand(1, generator=generator, device=device).item() < self.p else (self.lo, self.hi)
+        is_global = torch.rand(1, generator=generator, device=device).item() < self.p
+        lo, hi = (0, self.T) if is_global else (self.lo, self.hi)
         half = torch.randint(lo, hi, ((n + 1) // 2,), generator=generator, device=device)
         return torch.cat([half, lo + hi - 1 - half])[:n]

@@ -2,6 +2,7 @@
 the Accelerator, the optimizer and lr schedule, EMA weights for sampling, and image logging."""
 
 import argparse
+import gc
 import importlib.util
 import math
 from contextlib import contextmanager
@@ -15,14 +16,14 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .checkpointing import list_checkpoints, save_checkpoint
+from .checkpointing import list_checkpoints, run_identity, save_checkpoint
 from .errors import UserError
 
 # diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules)
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # --report_to value -> the package accelerate needs for it
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
-                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKER_PACKAGES = {name: name for name in ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive",
+                                            "swanlab", "trackio")}
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_help: str, max_train_steps: int,
@@ -46,7 +47,8 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Mixed precision (default: accelerate config).")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA).")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention (CUDA).")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
@@ -56,10 +58,12 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
 def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int):
     """Checkpoints, validation, logging and Hub flags (a script adds its own validation options to the group)."""
     g = p.add_argument_group("checkpoints, validation, logging, Hub")
-    g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps, help="Save resumable state every N steps.")
+    g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps,
+                   help="Save resumable state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
-    g.add_argument("--validation_steps", type=int, default=validation_steps, help="Sample a validation grid every N steps (0: never).")
+    g.add_argument("--validation_steps", type=int, default=validation_steps,
+                   help="Sample a validation grid every N steps (0: never).")
     g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
     g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps of validation samples.")
     g.add_argument("--report_to", default="tensorboard", choices=sorted(TRACKER_PACKAGES) + ["all", "none"],
@@ -161,7 +165,8 @@ def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output
     if step % args.checkpointing_steps == 0:
         check_finite_weights(accelerator, model, step, output_dir)
         if accelerator.is_main_process:
-            path = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, save_extra)
+            path = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, save_extra,
+                                   run_identity(args))
             log.info(f"saved state to {path}")
 
 
@@ -196,6 +201,19 @@ def check_finite_weights(accelerator, model, step: int, output_dir: str):
     """Refuse to checkpoint or save weights with a NaN or infinity (a finite loss can still take a huge step)."""
     if not _all_processes_agree(accelerator, weights_are_finite(model)):
         raise divergence_error("a weight of the model", step, output_dir)
+
+
+def end_training(accelerator) -> None:
+    """Finish the trackers and end the process group, in an order that cannot hang.
+
+    A DDP wrapper's reducer holds a reference to the gloo/NCCL group; if the wrapper is the last to let go (after
+    `destroy_process_group`), the group's destructor runs while the GIL is held and joins a worker thread that
+    needs the GIL to free a tensor of an earlier all-gather: a deadlock at exit, seen here under load with two CPU
+    processes (pytorch/pytorch#56297). So the caller deletes its prepared model first, accelerate drops its own
+    references here, and the group is destroyed while it is still registered."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 def tracker_config(args) -> dict:

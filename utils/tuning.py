@@ -76,8 +76,8 @@ def _is_difffit_parameter(module_name, module, param_name):
             or "class_embedder" in module_name)
 
 
-def apply_tuning(model, mode: str, difffit_blocks: int | None = None, lora_rank: int = 4, lora_alpha: float | None = None,
-                 lora_target_modules=None):
+def apply_tuning(model, mode: str, difffit_blocks: int | None = None, lora_rank: int = 4,
+                 lora_alpha: float | None = None, lora_target_modules=None):
     """Set up `model` for `mode` and return the model to train (a `PeftModel` for lora)."""
     if mode not in TUNING_MODES:
         raise UserError(f"--tuning must be one of {TUNING_MODES}, got {mode!r}")
