@@ -3,6 +3,7 @@
 #   1. pre-train a small class-conditional DiT (with its own small VAE) on MNIST-5k   (cached after the first run)
 #   2. write sklearn's 8x8 digits as an image folder: the downstream data set
 #   3. Diff-Tune the small DiT on it: memory bank, psi/xi timesteps, checkpoints, validation, model card
+#   4. one picture of the transfer: target data, the pre-trained model's samples, the fine-tuned model's samples
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=${1:-demo_out}
@@ -18,5 +19,9 @@ accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --d
   --checkpointing_steps 200 --validation_steps 200 --num_validation_images 10 --validation_inference_steps 25 \
   --resume_from_checkpoint latest
 
+python -m benchmarks.transfer_figure --data "$OUT/digits" --source "$OUT/source" --tuned "$OUT/diff_tuning" \
+  --output "$OUT/transfer.png"
+
 echo
 echo "Fine-tuned DiTPipeline: $OUT/diff_tuning (samples.png, README.md; TensorBoard logs in $OUT/diff_tuning/logs)"
+echo "The transfer in one picture (target data, pre-trained samples, fine-tuned samples): $OUT/transfer.png"

@@ -37,9 +37,11 @@ from utils.merging import (
     SafetensorsWeights,
     TimestepEnsemble,
     check_compatible,
+    iter_merged,
     merge_tensors,
+    save_merged,
 )
-from utils.outputs import check_finite_model, check_output_dir, replace_dir, work_dir
+from utils.outputs import check_finite_model, check_output_dir, finite_tensors, replace_dir, work_dir
 from utils.sampling import generate
 from utils.timesteps import timestep_ranges
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind, unet_weights_folder
@@ -210,16 +212,23 @@ def main(args):
         if args.search != "none":
             weights, table = search_weights(args, base, models, pipeline, denoising, batches, metric, ranges,
                                             weights)
-        merged = merge_tensors(base, models, weights, args.merge_method, args.density, args.seed)
-        save_file(merged, os.path.join(unet_dir, WEIGHTS_NAME))
+        try:  # tensor by tensor, each checked as it is written: never the whole model in memory
+            save_merged(os.path.join(unet_dir, WEIGHTS_NAME), base.meta, finite_tensors(
+                iter_merged(base, models, weights, args.merge_method, args.density, args.seed), "the merged model"))
+        except UserError:
+            shutil.rmtree(tmp)
+            raise
         if all(projected) and projected:
             maps = [SafetensorsWeights(os.path.join(m, PROJECTION_FILE)) for m in args.models]
             save_file(merge_tensors(IdentityMaps(maps[0]), maps, weights, args.merge_method, args.density, args.seed),
                       os.path.join(unet_dir, PROJECTION_FILE))
         with open(os.path.join(unet_dir, "config.json"), "w") as f:
             json.dump(configs[0], f, indent=2)
-    try:
-        check_finite_model(unet_dir, "the merged model" if not args.ensemble else "the ensemble")
+    try:  # the merged UNet was checked while it streamed; the ensemble and merged projection maps are read back
+        if args.ensemble:
+            check_finite_model(unet_dir, "the ensemble")
+        elif os.path.exists(os.path.join(unet_dir, PROJECTION_FILE)):
+            check_finite_model(unet_dir, "the merged channel projections", [os.path.join(unet_dir, PROJECTION_FILE)])
     except UserError:
         shutil.rmtree(tmp)
         raise

@@ -186,3 +186,23 @@ def test_bad_input_is_one_line(case, message, tiny_ddpm_dir, three_copies, tmp_p
 def test_parse_args_rejects_weight_count():
     with pytest.raises(UserError, match="one weight per model"):
         script.parse_args(["--base_model", "b", "--models", ROOT, ROOT, "--weights", "1", "--output_dir", "o"])
+
+
+def test_streamed_merge_file_reads_back_exactly(tmp_path):
+    """save_merged writes the safetensors file tensor by tensor; it must read back as save_file's would."""
+    from safetensors.torch import save_file
+
+    from utils.merging import save_merged
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"conv.weight": torch.randn(3, 4, 3, 3, generator=g), "steps": torch.arange(5),
+               "norm.bf16": torch.randn(6, generator=g).bfloat16(), "emb.half": torch.randn(2, 7, generator=g).half(),
+               "flag": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "reference.safetensors")
+    meta = SafetensorsWeights(str(tmp_path / "reference.safetensors")).meta
+    save_merged(str(tmp_path / "streamed.safetensors"), meta, ((k, tensors[k]) for k in meta))
+    loaded = load_file(tmp_path / "streamed.safetensors")
+    assert set(loaded) == set(tensors)
+    assert all(loaded[k].dtype == tensors[k].dtype and torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError, match="does not match the header"):
+        save_merged(str(tmp_path / "bad.safetensors"), meta, ((k, tensors[k][:1]) for k in meta))

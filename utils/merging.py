@@ -1,12 +1,14 @@
 """Merging fine-tuned copies of one model in parameter space, and the timestep-wise ensemble ("before merge").
 
 theta_merged = theta + combine(theta_i - theta, w_i), where combine is peft's task arithmetic, TIES, DARE-linear or
-DARE-TIES. Weights are read tensor by tensor from safetensors files, so memory holds the merged model plus one
-tensor of each input at a time, whatever the number of models.
+DARE-TIES. Weights are read tensor by tensor from safetensors files and the merged file is written tensor by tensor
+(`save_merged`: its header is known from the base model's), so memory holds one tensor of each input and one merged
+tensor at a time, whatever the size and number of models.
 """
 
 import json
 import os
+import struct
 
 import diffusers
 import torch
@@ -54,7 +56,7 @@ class SafetensorsWeights:
             return {k: file for k in f.keys()}
 
     def keys(self):
-        return list(self.files)
+        return list(self.meta)  # the order of the files' headers, which save_merged keeps
 
     def get(self, key: str) -> torch.Tensor:
         with safe_open(self.files[key], "pt") as f:
@@ -92,25 +94,61 @@ def check_compatible(base, models, names):
 
 def merge_tensors(base, models, weights, method="task_arithmetic", density=1.0, seed=0) -> dict:
     """{name: theta + combine(theta_i - theta, w)} for floating tensors; integer buffers are copied from the base."""
+    return dict(iter_merged(base, models, weights, method, density, seed))
+
+
+def iter_merged(base, models, weights, method="task_arithmetic", density=1.0, seed=0):
+    """(name, merged tensor) in the base model's order, one at a time (see merge_tensors)."""
     if method not in MERGE_METHODS:
         raise UserError(f"--merge_method must be one of {MERGE_METHODS}, got {method!r}")
     weights = torch.tensor(weights, dtype=torch.float32)
     torch.manual_seed(seed)  # DARE's random pruning
-    merged = {}
     for key in base.keys():
         theta = base.get(key)
         if not theta.is_floating_point():
-            merged[key] = theta
+            yield key, theta
+            continue
+        if method == "task_arithmetic":
+            # theta + sum_i w_i (theta_i - theta) = (1 - sum_i w_i) theta + sum_i w_i theta_i: one fused pass per
+            # input, one input tensor in memory at a time (all-zero weights still give theta bit for bit).
+            merged = theta.float() * (1.0 - float(weights.sum()))
+            for model, w in zip(models, weights.tolist()):
+                merged.add_(model.get(key), alpha=w)
+            yield key, merged.to(theta.dtype).contiguous()
             continue
         deltas = [model.get(key).float() - theta.float() for model in models]
-        if method == "task_arithmetic":
-            delta = merge_utils.task_arithmetic(deltas, weights)
-        elif method == "ties":
+        if method == "ties":
             delta = merge_utils.ties(deltas, weights, density)
         else:
             delta = getattr(merge_utils, method)(deltas, weights, density)
-        merged[key] = (theta.float() + delta).to(theta.dtype).contiguous()
-    return merged
+        yield key, (theta.float() + delta).to(theta.dtype).contiguous()
+
+
+def save_merged(path: str, meta: dict, tensors) -> None:
+    """Write a safetensors file from (name, tensor) pairs as they come. `meta` ({name: (shape, dtype)}, as
+    `SafetensorsWeights.meta`) gives the header up front; each tensor must match its entry. Bytes as
+    `safetensors.torch.save_file` lays them out: an 8-byte header length, the JSON header padded to 8 bytes, then
+    the tensors in header order."""
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    header, offset = {}, 0
+    for name, (shape, dtype) in meta.items():
+        end = offset + sizes[dtype] * int(torch.Size(shape).numel())
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, tensor), expected in zip(tensors, meta):
+            if name != expected or list(tensor.shape) != header[name]["shape"]:
+                raise ValueError(f"tensor {name} {list(tensor.shape)} does not match the header's {expected}")
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            written += data.nbytes
+    if written != offset:
+        raise ValueError(f"wrote {written} bytes of tensor data, the header promises {offset}")
 
 
 class TimestepEnsemble(torch.nn.Module):

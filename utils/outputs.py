@@ -147,11 +147,23 @@ def nonfinite_tensors(folder: str, files=None) -> list[str]:
     for path in files if files is not None else glob.glob(os.path.join(folder, "**", "*.safetensors"),
                                                            recursive=True):
         with safe_open(path, "pt") as f:
-            for name in f.keys():
+            names = list(f.keys())
+        for name in names:
+            with safe_open(path, "pt") as f:  # reopened per tensor: a mapping kept open would grow to the file
                 tensor = f.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad.append(f"{os.path.relpath(path, folder)}:{name}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(f"{os.path.relpath(path, folder)}:{name}")
     return bad
+
+
+def finite_tensors(items, what: str):
+    """Pass (name, tensor) pairs through, refusing (one line) the first with a NaN or an infinity: a check for
+    weights being streamed to disk, without reading them back."""
+    for name, tensor in items:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{what}: tensor {name} holds NaN or infinite values; a diverged or broken model is not "
+                            "saved or pushed")
+        yield name, tensor
 
 
 def check_finite_model(folder: str, what: str, files=None) -> None:

@@ -236,12 +236,19 @@ def averaged_weights(model, ema):
             ema.restore(model.parameters())
 
 
-def image_grid(images: np.ndarray, cols: int = 8) -> Image.Image:
-    """NHWC images in [0, 1] as one grid, the last row padded with black."""
+def upscale(image: Image.Image, min_size: int) -> Image.Image:
+    """`image` enlarged by a whole factor (nearest neighbour: no invented detail) to at least `min_size` pixels."""
+    factor = max(1, math.ceil(min_size / min(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def image_grid(images: np.ndarray, cols: int = 8, min_tile: int = 64) -> Image.Image:
+    """NHWC images in [0, 1] as one grid, the last row padded with black; tiles smaller than `min_tile` pixels are
+    upscaled (nearest neighbour) so that a person can see them."""
     cols = min(len(images), cols)
     rows = math.ceil(len(images) / cols)
     padded = np.concatenate([images, np.zeros((rows * cols - len(images), *images.shape[1:]))])
-    tiles = [Image.fromarray((img * 255).round().astype(np.uint8)) for img in padded]
+    tiles = [upscale(Image.fromarray((img * 255).round().astype(np.uint8)), min_tile) for img in padded]
     return make_image_grid(tiles, rows=rows, cols=cols)
 
 
