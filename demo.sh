@@ -8,8 +8,8 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=${1:-demo_out}
 
-python -m benchmarks.small_dit --output_dir "$OUT/source"
-python -m benchmarks.offline_data digits "$OUT/digits"
+python -m fixtures.small_dit --output_dir "$OUT/source"
+python -m fixtures.offline_data digits "$OUT/digits"
 accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train_diff_tuning_dit.py \
   --pretrained_model_name_or_path "$OUT/source" --dataset "$OUT/digits" --output_dir "$OUT/diff_tuning" \
@@ -19,7 +19,7 @@ accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --d
   --checkpointing_steps 200 --validation_steps 200 --num_validation_images 10 --validation_inference_steps 25 \
   --resume_from_checkpoint latest
 
-python -m benchmarks.transfer_figure --data "$OUT/digits" --source "$OUT/source" --tuned "$OUT/diff_tuning" \
+python -m fixtures.transfer_figure --data "$OUT/digits" --source "$OUT/source" --tuned "$OUT/diff_tuning" \
   --output "$OUT/transfer.png"
 
 echo

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--search_metric", choices=["loss", "fid"], default="loss",
                    help="loss: held-out denoising loss of the merged model, averaged over the timestep ranges "
                         "(cheap). fid: FID of --fid_samples DDIM samples against the validation images (DDPM "
-                        "pipelines; see evaluate.py for the feature extractors).")
+                        "pipelines; see evaluate_fid.py for the feature extractors).")
     g.add_argument("--grid_values", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="Candidate weight values.")
     g.add_argument("--search_rounds", type=int, default=2, help="Coordinate search: passes over the weights.")
     g.add_argument("--validation_dataset", default=None, help="Held-out images (same forms as --dataset elsewhere).")
@@ -262,7 +262,7 @@ def validation_batches(args, denoising, kind):
 
 
 def fid_reference(args, extractor, denoising):
-    """The FID metric holding the validation images' statistics (cached like evaluate.py's)."""
+    """The FID metric holding the validation images' statistics (cached like evaluate_fid.py's)."""
     ds = load_image_dataset(args.validation_dataset, args.validation_split)
     image_column = find_column(ds, args.image_column, datasets.Image, "image")
     if image_column is None:

@@ -66,10 +66,10 @@ def build_source(work, steps):
     from PIL import Image
 
     import train_deme
-    from benchmarks.in_process import run_script
-    from benchmarks.offline_data import mnist_5k
-    from benchmarks.small_dit import train_vae
-    from benchmarks.small_unet import build_sd_pipeline
+    from fixtures.in_process import run_script
+    from fixtures.offline_data import mnist_5k
+    from fixtures.small_dit import train_vae
+    from fixtures.small_unet import build_sd_pipeline
     from utils.data import to_tensor
 
     source = os.path.join(work, "source")
@@ -107,7 +107,7 @@ def build_source(work, steps):
 
 def write_downstream(work):
     """sklearn digits with Canny controls: a training folder and a disjoint held-out folder."""
-    from benchmarks.offline_data import sklearn_digits, write_control_folder
+    from fixtures.offline_data import sklearn_digits, write_control_folder
     from utils.annotators import make_annotator
 
     images, labels, names = sklearn_digits()
@@ -126,7 +126,7 @@ def write_downstream(work):
 def run_arm(work, source, folders, arm, seed, steps, bank):
     """One ControlNet training run; returns its convergence curve (cached once finished)."""
     import train_diff_tuning_controlnet as script
-    from benchmarks.in_process import run_script
+    from fixtures.in_process import run_script
 
     out = os.path.join(work, "runs", f"{arm}_seed{seed}")
     curve = os.path.join(out, "convergence.json")

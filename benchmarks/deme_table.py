@@ -22,13 +22,13 @@ import os
 import shutil
 import time
 
-import evaluate
+import evaluate_fid
 import merge_timestep_models
 import train_deme
-from benchmarks.in_process import run_script
-from benchmarks.offline_data import mnist_5k, write_image_folder
-from benchmarks.small_unet import build_ddpm_pipeline
 from benchmarks.transfer import feature_extractor
+from fixtures.in_process import run_script
+from fixtures.offline_data import mnist_5k, write_image_folder
+from fixtures.small_unet import build_ddpm_pipeline
 
 PLAIN = ["--num_ranges", "1", "--global_sample_prob", "1", "--consistency_weight", "0",
          "--channel_projection", "none"]
@@ -106,7 +106,7 @@ def main():
     }
     results = {}
     for name, model in rows.items():
-        report = evaluate.main(evaluate.parse_args([
+        report = evaluate_fid.main(evaluate_fid.parse_args([
             "--model", model, "--scheduler_model", pretrained, "--dataset", data, "--feature_extractor", extractor,
             "--num_samples", str(a.fid_samples), "--batch_size", "200",
             "--reference_cache_dir", os.path.join(w, "fid_cache"),

@@ -25,8 +25,8 @@ from diffusers import DDIMScheduler, DiTPipeline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diff_tuning_dit as script  # noqa: E402
-from benchmarks.in_process import run_script  # noqa: E402
-from benchmarks.small_dit import build_pipeline  # noqa: E402
+from fixtures.in_process import run_script  # noqa: E402
+from fixtures.small_dit import build_pipeline  # noqa: E402
 from utils.memory_bank import DiTBankSampler, generate_shards  # noqa: E402
 
 WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start

@@ -2,7 +2,7 @@
 
     python -m benchmarks.transfer [--work_dir benchmarks_out/transfer] [--steps 300] [--seeds 0 1 2]
 
-1. Source: the small class-conditional DiT pre-trained on MNIST-5k (`benchmarks.small_dit`, cached), and one
+1. Source: the small class-conditional DiT pre-trained on MNIST-5k (`fixtures.small_dit`, cached), and one
    memory bank of it (`utils.memory_bank`, 320 samples), shared by every Diff-Tuning run.
 2. Targets (offline, 16 px): `digits` (sklearn's 1,797 digits), `digits_fewshot` (10 per class of them; scored
    against all 1,797), `digits_inverted` (the same digits, white background: a domain shift).
@@ -13,7 +13,7 @@
    The Inception extractors cost about 0.5 s per image on 2 CPU cores (the table needs ~30K images), and
    Inception features of 16 px digits mean little; so these FIDs are comparable with each other only.
 5. Convergence (FID against steps, target `digits`, seed 0) for standard fine-tuning and Diff-Tuning from their
-   checkpoints, and the chain of forgetting (`evaluate.py --handoff_model <source>`) for both.
+   checkpoints, and the chain of forgetting (`evaluate_fid.py --handoff_model <source>`) for both.
 
 Writes `<work_dir>/results.json`, `benchmarks/transfer_table.md`, `benchmarks/transfer_convergence.png`,
 `benchmarks/chain_of_forgetting.png`.
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-import evaluate
+import evaluate_fid
 import train_diff_tuning_dit
-from benchmarks.in_process import run_script
-from benchmarks.offline_data import mnist_5k, sklearn_digits, write_image_folder
+from fixtures.in_process import run_script
+from fixtures.offline_data import mnist_5k, sklearn_digits, write_image_folder
 from utils.memory_bank import is_memory_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +113,7 @@ def fine_tune(source, bank, data, out, method, steps, seed, checkpointing_steps)
 
 
 def fid(model, reference, extractor, samples, out_file, *extra):
-    report = evaluate.main(evaluate.parse_args([
+    report = evaluate_fid.main(evaluate_fid.parse_args([
         "--model", model, "--dataset", reference, "--feature_extractor", extractor, "--num_samples", str(samples),
         "--batch_size", "100", "--reference_cache_dir", os.path.join(os.path.dirname(out_file), "..", "fid_cache"),
         "--output_file", out_file, *extra]))
@@ -163,7 +163,7 @@ def main():
     w = os.path.abspath(a.work_dir)
     os.makedirs(os.path.join(w, "reports"), exist_ok=True)
     source = os.path.join(w, "source")
-    subprocess.run([sys.executable, "-m", "benchmarks.small_dit", "--output_dir", source], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "fixtures.small_dit", "--output_dir", source], cwd=ROOT, check=True)
     bank = os.path.join(w, "memory_bank")
     if not is_memory_bank(bank):
         subprocess.run([sys.executable, "-m", "utils.memory_bank", "--pretrained_model_name_or_path", source,

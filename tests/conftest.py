@@ -1,7 +1,7 @@
-"""Tiny pipelines built from configs and offline image folders; nothing here touches the network."""
+"""pytest fixtures: tiny pipelines built from configs and offline image folders; nothing here touches the network.
+Helpers live in fixtures.testing."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,16 +12,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.in_process import run_script  # noqa: E402
-from benchmarks.offline_data import sklearn_digits, write_image_folder  # noqa: E402
-from benchmarks.small_dit import build_pipeline  # noqa: E402
-
-# Small and fast: 8x8 images, 4x4 latents, 2 DiT blocks; a few steps take well under a second.
-TINY_ARGS = [
-    "--resolution", "8", "--train_batch_size", "8", "--memory_bank_size", "16", "--memory_bank_batch_size", "8",
-    "--memory_bank_inference_steps", "4", "--validation_inference_steps", "4", "--num_validation_images", "4",
-    "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
-]
+from fixtures.offline_data import sklearn_digits, write_image_folder  # noqa: E402
+from fixtures.small_dit import build_pipeline  # noqa: E402
+from fixtures.testing import run_module  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,40 +39,9 @@ def tiny_bank_dir(tiny_pipeline_dir, tmp_path_factory):
     return path
 
 
-class MeanColour(torch.nn.Module):
-    """A cheap FID feature extractor for tests (`--feature_extractor conftest:mean_colour`): channel means and
-    standard deviations and a 4x4 pooled image."""
-
-    def forward(self, x):
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(2)
-        return torch.cat([pooled.mean(-1), pooled.std(-1), pooled.flatten(1)], dim=1)
-
-
-def mean_colour():
-    return MeanColour()
-
-
-TEST_EXTRACTOR = "conftest:mean_colour"
-
-
-def run_main(script, pipeline_dir, data_dir, out, *args):
-    """A training script's main() in this process (fast); accelerate's singletons are reset between runs."""
-    return run_script(script, ["--pretrained_model_name_or_path", pipeline_dir, "--dataset", data_dir,
-                               "--output_dir", str(out), *args])
-
-
-def run_module(module, *args, env=None, check=True):
-    """Run `python -m module args` from the repo root, offline."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def tiny_ddpm_dir(tmp_path_factory):
-    from benchmarks.small_unet import build_ddpm_pipeline
+    from fixtures.small_unet import build_ddpm_pipeline
 
     path = tmp_path_factory.mktemp("tiny_ddpm")
     build_ddpm_pipeline().save_pretrained(path)
@@ -88,7 +50,7 @@ def tiny_ddpm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
-    from benchmarks.small_unet import build_sd_pipeline
+    from fixtures.small_unet import build_sd_pipeline
 
     path = tmp_path_factory.mktemp("tiny_sd")
     build_sd_pipeline(str(path / "src")).save_pretrained(path / "pipe")
@@ -114,7 +76,7 @@ def captioned_digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def control_digits_dir(tmp_path_factory):
     """48 sklearn digits at 16 px in diffusers' ControlNet layout: image, Canny control, caption "a digit seven"."""
-    from benchmarks.offline_data import write_control_folder
+    from fixtures.offline_data import write_control_folder
     from utils.annotators import make_annotator
 
     return write_control_folder(*sklearn_digits(), str(tmp_path_factory.mktemp("control_digits")),

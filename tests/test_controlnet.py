@@ -10,14 +10,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_main
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
 import train_diff_tuning_controlnet as script
-from benchmarks.in_process import run_script
+from fixtures.in_process import run_script
+from fixtures.testing import ROOT, run_main
 from utils import training
 from utils.annotators import make_annotator, normals_from_depth
 from utils.errors import UserError
@@ -234,7 +234,7 @@ def test_bank_is_deterministic(tiny_sd_dir, tmp_path):
 def test_annotate_dataset_computes_the_control_column(tiny_sd_dir, tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
-    from benchmarks.offline_data import sklearn_digits
+    from fixtures.offline_data import sklearn_digits
 
     images, labels, names = sklearn_digits()
     with open(folder / "metadata.jsonl", "w") as f:
@@ -383,7 +383,7 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         (tmp_path / "xl" / "model_index.json").write_text(json.dumps(
             {**index, "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": index["text_encoder"]}))
     elif case == "controlnet_mismatch":
-        from benchmarks.small_unet import build_sd_pipeline
+        from fixtures.small_unet import build_sd_pipeline
 
         other = build_sd_pipeline(str(tmp_path / "src"))
         unet = UNet2DConditionModel(**{**other.unet.config, "block_out_channels": (16, 32), "norm_num_groups": 8})

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TEST_EXTRACTOR, TINY_ARGS, run_main
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
-import evaluate
+import evaluate_fid as evaluate
 import merge_timestep_models as merge_script
 import train_deme
 import train_diff_tuning_dit as dit_script
-from benchmarks.small_dit import build_pipeline
+from fixtures.small_dit import build_pipeline
+from fixtures.testing import ROOT, TEST_EXTRACTOR, TINY_ARGS, run_main
 from utils import hub, outputs, training
 from utils.errors import UserError
 from utils.memory_bank import check_bank_dir
@@ -194,7 +194,7 @@ def test_a_nonfinite_model_is_never_pushed(tmp_path, monkeypatch):
     assert sent and ".created_by.json" in hub.UPLOAD_IGNORE
 
 
-# ---- evaluate.py: a non-finite FID is an error; the report is strict JSON, checked before any sampling.
+# ---- evaluate_fid.py: a non-finite FID is an error; the report is strict JSON, checked before any sampling.
 
 @pytest.fixture(scope="module")
 def nan_dit(tmp_path_factory):

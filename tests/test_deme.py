@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_main
 from diffusers import DDPMPipeline, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import train_deme as script
-from benchmarks.small_unet import build_ddpm_pipeline, build_sd_pipeline
+from fixtures.small_unet import build_ddpm_pipeline, build_sd_pipeline
+from fixtures.testing import ROOT, run_main
 from utils import channel_projection as cp
 from utils import training
 from utils.errors import UserError

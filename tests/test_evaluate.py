@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEST_EXTRACTOR
 from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
-import evaluate as script
-from benchmarks.small_dit import build_pipeline
+import evaluate_fid as script
+from fixtures.small_dit import build_pipeline
+from fixtures.testing import ROOT, TEST_EXTRACTOR
 from utils.data import load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
@@ -127,7 +127,7 @@ def test_a_merged_ddpm_and_an_ensemble_evaluate(tiny_ddpm_dir, digits_dir, tmp_p
     (["--num_samples", "1"], "must be >= 2"),
 ])
 def test_bad_input_is_one_line(argv, message, two_dits, digits_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "evaluate.py", "--model", two_dits[0], "--dataset", digits_dir,
+    proc = subprocess.run([sys.executable, "evaluate_fid.py", "--model", two_dits[0], "--dataset", digits_dir,
                            "--output_file", str(tmp_path / "r.json"), *argv], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

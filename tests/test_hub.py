@@ -4,9 +4,9 @@ import datasets
 import pytest
 from huggingface_hub import DatasetCard, ModelCard
 from huggingface_hub.utils import filter_repo_objects
-from test_train_dit import train
 
 import train_diff_tuning_dit as script
+from fixtures.testing import train_dit as train
 from utils import hub
 from utils.errors import UserError
 

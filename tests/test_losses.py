@@ -1,7 +1,7 @@
 import torch
 from diffusers import DDPMScheduler
 
-from benchmarks.small_dit import build_pipeline
+from fixtures.small_dit import build_pipeline
 from utils.losses import LearnedVarianceLoss, epsilon_mse
 
 sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")

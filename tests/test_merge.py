@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TEST_EXTRACTOR
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import merge_timestep_models as script
-from benchmarks.small_unet import build_ddpm_pipeline
+from fixtures.small_unet import build_ddpm_pipeline
+from fixtures.testing import ROOT, TEST_EXTRACTOR
 from utils.errors import UserError
 from utils.merging import SafetensorsWeights, TimestepEnsemble, merge_tensors
 
@@ -129,7 +129,7 @@ def test_grid_search_keeps_the_best_and_records_the_table(tiny_ddpm_dir, three_c
 
 
 def test_fid_search_scores_what_evaluate_measures(tiny_ddpm_dir, three_copies, digits_dir, tmp_path):
-    import evaluate
+    import evaluate_fid as evaluate
 
     weights, table = merge("--base_model", tiny_ddpm_dir, "--models", *three_copies[:2], "--search", "coordinate",
                            "--search_rounds", "1", "--grid_values", "0", "1", "--search_metric", "fid",

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, TINY_ARGS, run_main, run_module
 from diffusers import DiTPipeline
 from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard
@@ -19,17 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_diff_tuning_dit as script
+from fixtures.testing import ROOT, TINY_ARGS, run_module, train_dit, transformer_weights
 from utils import training
 from utils.checkpointing import resume
 from utils.errors import UserError
 
-
-def train(pipeline_dir, data_dir, out, *extra):
-    return run_main(script, pipeline_dir, data_dir, out, *TINY_ARGS, *extra)
-
-
-def transformer_weights(path):
-    return load_file(os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"))
+train = train_dit
 
 
 def test_end_to_end_with_accelerate_launch(tiny_pipeline_dir, digits_dir, tmp_path):
@@ -234,7 +228,7 @@ def test_mixed_precision_ema_and_gradient_checkpointing(tiny_pipeline_dir, digit
 
 
 def test_memory_bank_is_deterministic_and_resumable(tmp_path):
-    from benchmarks.small_dit import build_pipeline
+    from fixtures.small_dit import build_pipeline
     from utils.memory_bank import DiTBankSampler, finalize, generate_shards
 
     pipe = build_pipeline()
@@ -300,7 +294,7 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
         ds.save_to_disk(str(tmp_path / "ds"))
         data = str(tmp_path / "ds")
     elif case == "bank_shape":
-        from benchmarks.small_dit import build_pipeline
+        from fixtures.small_dit import build_pipeline
 
         build_pipeline(resolution=16).save_pretrained(tmp_path / "other")
         run_module("utils.memory_bank", "--pretrained_model_name_or_path", str(tmp_path / "other"),

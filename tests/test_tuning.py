@@ -6,9 +6,10 @@ from diffusers import DiTPipeline, DiTTransformer2DModel
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_train_dit import train, transformer_weights
 
-from benchmarks.small_dit import build_pipeline
+from fixtures.small_dit import build_pipeline
+from fixtures.testing import train_dit as train
+from fixtures.testing import transformer_weights
 from utils.errors import UserError
 from utils.tuning import add_difffit_scales, apply_tuning, fold_difffit_scales, parameter_counts
 

@@ -1,6 +1,6 @@
 """Timestep weights and samplers.
 
-Diff-Tuning (METHODS.md section 1) samples the timestep of each loss from a categorical distribution over
+Diff-Tuning (docs/methods.md) samples the timestep of each loss from a categorical distribution over
 t in {0..T-1} with u = (t+1)/T:
   adaptation (downstream data)  psi(t) = u^tau                      ("power", the paper's main form)
                                 psi(t) = 1 / (1 + SNR(t)) = 1 - abar_t ("snr" variant; no tau)
@@ -8,7 +8,7 @@ t in {0..T-1} with u = (t+1)/T:
                                 xi(t)  = (1 - u)^tau                (official code; equal to the paper at tau = 1)
 tau = 0 gives a uniform psi, i.e. standard fine-tuning.
 
-DeMe (METHODS.md section 2) splits [0, T) into N equal ranges and trains copy i on range i, drawing t from the
+DeMe (docs/methods.md) splits [0, T) into N equal ranges and trains copy i on range i, drawing t from the
 whole of [0, T) with probability p instead (`RangeTimestepSampler`).
 """
 

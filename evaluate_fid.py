@@ -2,8 +2,9 @@
 """FID of a diffusion model against a reference dataset, sampled with the papers' protocols; optionally along the
 chain of forgetting (the last k% of the denoising steps handed to another model, e.g. the pre-trained one).
 
-    python evaluate.py --model out --dataset <reference images> --feature_extractor fid-helper
-    python evaluate.py --model out --dataset <...> --handoff_model <pre-trained> --handoff_fractions 0 0.2 0.4 0.6 0.8 1
+    python evaluate_fid.py --model out --dataset <reference images> --feature_extractor fid-helper
+    python evaluate_fid.py --model out --dataset <...> --handoff_model <pre-trained> \\
+        --handoff_fractions 0 0.2 0.4 0.6 0.8 1
 
 Protocols: DiT pipelines: DDIM, 50 steps, classifier-free guidance 1.5, classes balanced over the model's classes
 (Diff-Tuning's FID-10K: --num_samples 10000). DDPM/DDIM UNet pipelines, merged DeMe models and DeMe ensembles
@@ -120,7 +121,7 @@ def load_denoiser(name, scheduler_model=None):
         return "dit", pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes}
     unet = getattr(pipe, "unet", None)
     if type(unet).__name__ != "UNet2DModel":
-        raise UserError(f"{name} is a {type(pipe).__name__}; evaluate.py samples DiT and unconditional UNet2DModel "
+        raise UserError(f"{name} is a {type(pipe).__name__}; evaluate_fid.py samples DiT and unconditional UNet2DModel "
                         "pipelines (text-to-image FID needs a prompt set)")
     return "ddpm", unet, {"scheduler": pipe.scheduler}
 
