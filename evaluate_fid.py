@@ -25,9 +25,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 from utils.data import find_column, load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
-from utils.merging import ENSEMBLE_CONFIG, TimestepEnsemble
 from utils.outputs import check_output_file, write_json_atomically
 from utils.sampling import generate
+from utils.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
 
 
 def parse_args(argv=None):

@@ -35,7 +35,6 @@ from utils.merging import (
     WEIGHTS_NAME,
     IdentityMaps,
     SafetensorsWeights,
-    TimestepEnsemble,
     check_compatible,
     iter_merged,
     merge_tensors,
@@ -43,6 +42,7 @@ from utils.merging import (
 )
 from utils.outputs import check_finite_model, check_output_dir, finite_tensors, replace_dir, work_dir
 from utils.sampling import generate
+from utils.timestep_ensemble import TimestepEnsemble
 from utils.timesteps import timestep_ranges
 from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind, unet_weights_folder
 
@@ -327,7 +327,7 @@ def write_card(args, out, model_class, is_pipeline, ranges, weights, table):
                        "([Ma et al.](https://arxiv.org/abs/2410.06664)), kept apart: model i denoises the timesteps "
                        "of range i (the paper's \"before merge\", N times the weights of one model).")
         usage = f'''from diffusers import DDIMPipeline, DDIMScheduler
-from utils.merging import TimestepEnsemble  # from this project (diff-tuning examples)
+from utils.timestep_ensemble import TimestepEnsemble  # from this project (diff-tuning examples)
 pipe = DDIMPipeline(unet=TimestepEnsemble.from_pretrained("<this folder>"),
                     scheduler=DDIMScheduler.from_pretrained("{args.base_model}", subfolder="scheduler"))
 image = pipe(num_inference_steps=50).images[0]'''

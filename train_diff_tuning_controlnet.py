@@ -677,7 +677,7 @@ def main(args):
                                    args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
             if args.push_memory_bank and bank is not None:
-                from utils.hub import push_memory_bank
+                from utils.memory_bank import push_memory_bank
 
                 repo = push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank", args.hub_token,
                                         args.hub_private_repo)
@@ -749,17 +749,12 @@ image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.
            "near the data, and trains on the new data mostly at large timesteps. " if bank_dir else "")
         + "`samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
           "fidelity along training (the \"sudden convergence\" of ControlNet).")
-    hub.save_model_card(
+    hub.save_training_card(
         args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
-        base_model=args.pretrained_model_name_or_path,
+        base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
         tags=["controlnet", "stable-diffusion", args.condition,
               "diff-tuning" if bank_dir else "standard-fine-tuning"],
-        datasets=[args.dataset] if not os.path.exists(args.dataset) else None,
-        license=hub.base_model_license(args.pretrained_model_name_or_path),
-        description=description, hyperparameters=hyper,
-        metrics={**metrics, **{f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items()
-                               if k.startswith("loss")}},
-        image="samples.png", usage=usage)
+        description=description, hyperparameters=hyper, usage=usage)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from utils.memory_bank import (
     encode_moments,
     is_memory_bank,
     load_memory_bank,
+    push_memory_bank,
 )
 from utils.outputs import check_output_dir, mark
 from utils.training import (
@@ -440,7 +441,7 @@ def main(args):
                                    args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
             if args.push_memory_bank and bank is not None:
-                repo = hub.push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
+                repo = push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
                                             args.hub_token, args.hub_private_repo)
                 logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
     model = accelerator.unwrap_model(transformer)

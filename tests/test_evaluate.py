@@ -16,8 +16,8 @@ from fixtures.testing import ROOT, TEST_EXTRACTOR
 from utils.data import load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
-from utils.merging import ENSEMBLE_CONFIG, TimestepEnsemble
 from utils.sampling import balanced_classes
+from utils.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
 
 EXTRACTOR = TEST_EXTRACTOR
 

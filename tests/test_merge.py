@@ -13,7 +13,8 @@ import merge_timestep_models as script
 from fixtures.small_unet import build_ddpm_pipeline
 from fixtures.testing import ROOT, TEST_EXTRACTOR
 from utils.errors import UserError
-from utils.merging import SafetensorsWeights, TimestepEnsemble, merge_tensors
+from utils.merging import SafetensorsWeights, merge_tensors
+from utils.timestep_ensemble import TimestepEnsemble
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

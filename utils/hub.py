@@ -1,11 +1,8 @@
-"""Model cards and Hub pushes, shared by every script."""
+"""Model cards and Hub pushes, shared by every script; nothing here knows a method or a model family."""
 
 import os
 
-import datasets
 from huggingface_hub import (
-    DatasetCard,
-    DatasetCardData,
     ModelCard,
     ModelCardData,
     create_repo,
@@ -19,7 +16,7 @@ from .errors import UserError
 from .outputs import MARKER, check_finite_model
 
 # Never uploaded with a model: resumable training state, logs, the memory bank (a dataset of its own, see
-# push_memory_bank), anything half-written and the output-folder marker.
+# utils.memory_bank.push_memory_bank), anything half-written and the output-folder marker.
 UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*", ".*.tmp-*", MARKER]
 
 
@@ -66,10 +63,12 @@ def save_model_card(
     metrics: dict | None = None,
     image: str | None = None,
     license: str | None = None,
+    library_name: str = "diffusers",
 ) -> ModelCard:
-    """Write `README.md` with diffusers-style metadata and a body that says what was trained and how to load it."""
+    """Write `README.md` with the Hub's metadata (`library_name`: diffusers, transformers...) and a body that says
+    what was trained and how to load it."""
     data = ModelCardData(
-        library_name="diffusers",
+        library_name=library_name,
         base_model=base_model,
         tags=sorted(set(tags) | {"diffusers-training"}),
         datasets=datasets or None,
@@ -90,15 +89,18 @@ def save_model_card(
     return card
 
 
-def save_training_card(output_dir: str, *, base_model: str, dataset: str, last_logs: dict, **card) -> ModelCard:
-    """The card of a training script's output: the dataset when it is a Hub id, the base model's license, the last
-    step's losses, `samples.png`; `card` gives the title, tags, description, hyper-parameters and usage."""
+def save_training_card(output_dir: str, *, base_model: str, dataset: str, last_logs: dict, metrics: dict = None,
+                       image: str | None = "samples.png", **card) -> ModelCard:
+    """The card of a training script's output: the dataset when it is a Hub id, the base model's license,
+    `metrics` and the last step's losses, the sample `image`; `card` gives the title, tags, description,
+    hyper-parameters and usage (and `library_name`)."""
     return save_model_card(
         output_dir, base_model=base_model,
         datasets=[dataset] if not os.path.exists(dataset) else None,
         license=base_model_license(base_model),
-        metrics={f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")},
-        image="samples.png", **card)
+        metrics={**(metrics or {}),
+                 **{f"last-step training {k}": f"{v:.4f}" for k, v in last_logs.items() if k.startswith("loss")}},
+        image=image, **card)
 
 
 def push_folder(output_dir: str, repo_id: str, token: str | None, private: bool = False) -> str:
@@ -118,41 +120,4 @@ def push_folder(output_dir: str, repo_id: str, token: str | None, private: bool 
         ignore_patterns=UPLOAD_IGNORE,
         token=token,
     )
-    return repo_id
-
-
-def memory_bank_card(info: dict) -> DatasetCard:
-    """Dataset card of a memory bank: what generated it and how to use it."""
-    data = DatasetCardData(tags=["diff-tuning", "memory-bank", "synthetic"], size_categories=None)
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in info.items())
-    return DatasetCard(f"""---
-{data.to_yaml()}
----
-
-# Diff-Tuning memory bank of {info.get("base_model")}
-
-Samples of the pre-trained pipeline `{info.get("base_model")}`, generated for Diff-Tuning
-([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)): each row holds the generated `image`, the `class_label` and
-`seed` that generated it, and the VAE posterior of the image and of its mirror image (`latent_moments`,
-`latent_moments_flipped`: mean and log-variance stacked on the channel axis, unscaled).
-
-| generation setting | value |
-|---|---|
-{rows}
-
-To reuse it: `datasets.load_dataset("<this repo>", split="train").save_to_disk("bank")`, download
-`memory_bank.json` from this repo into `bank/`, then `train_diff_tuning_dit.py --memory_bank bank`.
-""")
-
-
-def push_memory_bank(bank_dir: str, repo_id: str, token: str | None, private: bool = False) -> str:
-    """Push a memory bank as a Hub dataset with its own card and generation settings. Returns the repo id."""
-    from .memory_bank import CONFIG_NAME, bank_info
-
-    token = resolve_token(token)
-    repo_id = create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private, token=token).repo_id
-    datasets.load_from_disk(bank_dir).push_to_hub(repo_id, token=token, private=private)
-    memory_bank_card(bank_info(bank_dir)).push_to_hub(repo_id, repo_type="dataset", token=token)
-    upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=bank_dir, allow_patterns=[CONFIG_NAME],
-                  token=token, commit_message="Add memory-bank generation settings")
     return repo_id

@@ -30,9 +30,11 @@ import datasets
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiTPipeline
+from huggingface_hub import DatasetCard, DatasetCardData
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import hub
 from .errors import UserError
 from .outputs import created_by, mark, replace_dir, work_dir, write_json_atomically
 
@@ -259,6 +261,42 @@ def check_bank_settings(bank_dir: str, expected: dict) -> None:
         if recorded.get(key) != value:
             raise UserError(f"memory bank {bank_dir} was made with {key} = {recorded.get(key)!r}, but this run has "
                             f"{value!r}; use a bank made for this run, or a new --memory_bank folder")
+
+
+def memory_bank_card(info: dict) -> DatasetCard:
+    """Dataset card of a memory bank: what generated it and how to use it."""
+    data = DatasetCardData(tags=["diff-tuning", "memory-bank", "synthetic"], size_categories=None)
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in info.items())
+    return DatasetCard(f"""---
+{data.to_yaml()}
+---
+
+# Diff-Tuning memory bank of {info.get("base_model")}
+
+Samples of the pre-trained pipeline `{info.get("base_model")}`, generated for Diff-Tuning
+([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)): each row holds the generated `image` with what generated
+it (the `class_label` or the prompt `text`, and the `seed`), the control annotated from it for ControlNet banks
+(`conditioning_image`), and the VAE posterior of the image (`latent_moments`, and of its mirror image for DiT
+banks: mean and log-variance stacked on the channel axis, unscaled).
+
+| generation setting | value |
+|---|---|
+{rows}
+
+To reuse it: `datasets.load_dataset("<this repo>", split="train").save_to_disk("bank")`, download
+`memory_bank.json` from this repo into `bank/`, then pass `--memory_bank bank` to the training script.
+""")
+
+
+def push_memory_bank(bank_dir: str, repo_id: str, token: str | None, private: bool = False) -> str:
+    """Push a memory bank as a Hub dataset with its own card and generation settings. Returns the repo id."""
+    token = hub.resolve_token(token)
+    repo_id = hub.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private, token=token).repo_id
+    datasets.load_from_disk(bank_dir).push_to_hub(repo_id, token=token, private=private)
+    memory_bank_card(bank_info(bank_dir)).push_to_hub(repo_id, repo_type="dataset", token=token)
+    hub.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=bank_dir, allow_patterns=[CONFIG_NAME],
+                  token=token, commit_message="Add memory-bank generation settings")
+    return repo_id
 
 
 def parse_args(argv=None):

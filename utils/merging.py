@@ -1,4 +1,5 @@
-"""Merging fine-tuned copies of one model in parameter space, and the timestep-wise ensemble ("before merge").
+"""Merging fine-tuned copies of one model in parameter space (the timestep-wise ensemble, DeMe's "before merge", is
+in utils.timestep_ensemble).
 
 theta_merged = theta + combine(theta_i - theta, w_i), where combine is peft's task arithmetic, TIES, DARE-linear or
 DARE-TIES. Weights are read tensor by tensor from safetensors files and the merged file is written tensor by tensor
@@ -10,7 +11,6 @@ import json
 import os
 import struct
 
-import diffusers
 import torch
 from peft.utils import merge_utils
 from safetensors import safe_open
@@ -20,7 +20,6 @@ from .errors import UserError
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-ENSEMBLE_CONFIG = "ensemble.json"
 
 
 class SafetensorsWeights:
@@ -149,79 +148,3 @@ def save_merged(path: str, meta: dict, tensors) -> None:
             written += data.nbytes
     if written != offset:
         raise ValueError(f"wrote {written} bytes of tensor data, the header promises {offset}")
-
-
-class TimestepEnsemble(torch.nn.Module):
-    """N models, model i used for timesteps in range i: DeMe's "before merge". It stands in for the UNet of a stock
-    pipeline (same call, `config`, `dtype`, `device`), N times the weights of one model.
-
-        pipe = DDIMPipeline(unet=TimestepEnsemble.from_pretrained("ensemble"),
-                            scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"))
-    """
-
-    def __init__(self, models, ranges):
-        super().__init__()
-        if len(models) != len(ranges):
-            raise ValueError("one timestep range per model")
-        self.models = torch.nn.ModuleList(models)
-        self.ranges = [tuple(r) for r in ranges]
-        self.register_buffer("_upper", torch.tensor([hi for _, hi in self.ranges]), persistent=False)
-
-    @property
-    def config(self):
-        return self.models[0].config
-
-    @property
-    def dtype(self):
-        return self.models[0].dtype
-
-    @property
-    def device(self):
-        return self.models[0].device
-
-    def model_index(self, timestep, batch_size) -> torch.Tensor:
-        """Which model serves each sample."""
-        t = torch.as_tensor(timestep, device=self._upper.device).reshape(-1).expand(batch_size)
-        return torch.bucketize(t.long().contiguous(), self._upper, right=True).clamp(max=len(self.models) - 1)
-
-    def forward(self, sample, timestep, *args, return_dict=True, **kwargs):
-        which = self.model_index(timestep, len(sample))
-        if (which == which[0]).all():
-            return self.models[int(which[0])](sample, timestep, *args, return_dict=return_dict, **kwargs)
-        out = torch.empty_like(sample)  # mixed timesteps (a training-style batch): each group to its model
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(len(sample))
-        for i in which.unique().tolist():
-            rows = which == i
-
-            def pick(x):
-                return x[rows] if torch.is_tensor(x) and x.dim() > 0 and len(x) == len(sample) else x
-
-            result = self.models[i](sample[rows], t[rows], *map(pick, args),
-                                    **{k: pick(v) for k, v in kwargs.items()}, return_dict=False)
-            out[rows] = result[0].to(out.dtype)
-        return _wrap(self.models[0], out) if return_dict else (out,)
-
-    def save_pretrained(self, folder):
-        os.makedirs(folder, exist_ok=True)
-        entries = []
-        for i, (model, r) in enumerate(zip(self.models, self.ranges)):
-            model.save_pretrained(os.path.join(folder, f"range_{i}"))
-            entries.append({"folder": f"range_{i}", "timesteps": list(r), "class": type(model).__name__})
-        with open(os.path.join(folder, ENSEMBLE_CONFIG), "w") as f:
-            json.dump({"models": entries}, f, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, folder, **kwargs):
-        with open(os.path.join(folder, ENSEMBLE_CONFIG)) as f:
-            entries = json.load(f)["models"]
-        models = [getattr(diffusers, e["class"]).from_pretrained(os.path.join(folder, e["folder"]), **kwargs)
-                  for e in entries]
-        return cls(models, [e["timesteps"] for e in entries])
-
-
-def _wrap(model, sample):
-    """The output type the model itself returns (UNet2DOutput or UNet2DConditionOutput) around `sample`."""
-    from diffusers.models.unets.unet_2d import UNet2DOutput
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-    return (UNet2DConditionOutput if isinstance(model, diffusers.UNet2DConditionModel) else UNet2DOutput)(sample=sample)
