@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 from utils.data import find_column, load_image_dataset
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.latents import vae_scale_factor
 from utils.outputs import check_output_file, write_json_atomically
 from utils.sampling import generate
 from utils.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
@@ -169,7 +170,7 @@ def main(args):
         handoff.to(device)
     model.to(device)
     if kind == "dit":
-        resolution = model.config.sample_size * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+        resolution = model.config.sample_size * vae_scale_factor(parts["vae"])
     else:
         resolution = model.config.sample_size
 

@@ -37,7 +37,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -62,9 +61,11 @@ from utils.diff_tuning import (
 )
 from utils.errors import UserError
 from utils.fidelity import CONVERGENCE_FILE, METRICS, ConvergenceTracker, check_threshold, fidelity_score, reference_map
+from utils.latents import sample_latents, vae_scale_factor
 from utils.losses import epsilon_mse
 from utils.memory_bank import ControlBankSampler, build_memory_bank, check_bank_dir, check_bank_settings, is_memory_bank
 from utils.outputs import check_output_dir, mark
+from utils.sampling import seeded_generators
 from utils.training import (
     add_optimisation_args,
     add_output_args,
@@ -250,7 +251,7 @@ def check_pipeline(args) -> tuple[int, dict]:
     if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
         raise UserError(f"the pipeline's scheduler predicts {scheduler_config['prediction_type']!r}; ControlNet "
                         "training supports epsilon and v_prediction")
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    factor = vae_scale_factor(vae_config)
     if args.resolution % factor:
         raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
     if args.controlnet_model_name_or_path:
@@ -389,7 +390,7 @@ def compose_batch(data, bank, vae, tokenize, bank_ids, empty_ids, timestep_sampl
         moments = torch.cat([bank["latent_moments"].to(device), moments])
         ids = torch.cat([bank_ids.to(device).expand(n_bank, -1), ids])
         controls = torch.cat([bank["conditioning_pixel_values"].to(device), controls])
-    latents = DiagonalGaussianDistribution(moments).sample(generator) * vae.config.scaling_factor
+    latents = sample_latents(moments, generator, vae.config.scaling_factor)
     timesteps = timestep_sampler.sample(n_bank, n_data, generator, device)
     return latents, ids, controls, timesteps, n_bank
 
@@ -408,7 +409,7 @@ def generate(pipeline_parts, controlnet, prompts, controls, seeds, args, device)
         images += pipe(prompts[chunk], image=controls[chunk], height=args.resolution, width=args.resolution,
                        num_inference_steps=args.validation_inference_steps,
                        guidance_scale=args.validation_guidance_scale,
-                       generator=[torch.Generator(device).manual_seed(seed) for seed in seeds[chunk]],
+                       generator=seeded_generators(seeds[chunk], device),
                        output_type="pil").images
     return images
 

@@ -24,7 +24,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from utils import hub
@@ -49,13 +48,13 @@ from utils.diff_tuning import (
     num_bank_rows,
 )
 from utils.errors import UserError
+from utils.latents import encode_moments, sample_latents, vae_scale_factor
 from utils.losses import LearnedVarianceLoss, epsilon_mse
 from utils.memory_bank import (
     DiTBankSampler,
     bank_info,
     build_memory_bank,
     check_bank_dir,
-    encode_moments,
     is_memory_bank,
     load_memory_bank,
     push_memory_bank,
@@ -162,11 +161,6 @@ def check_args(args):
                                                ("--dataset", args.dataset)])
 
 
-def sample_latents(moments, generator, scaling_factor):
-    """z ~ q(z|x), exactly as `vae.encode(x).latent_dist.sample()`, scaled as the model was trained."""
-    return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
-
-
 def compose_batch(data, bank, encode, null_class, timestep_sampler, args, generator, device):
     """One micro-batch: memory-bank rows first (null class, t ~ xi), then downstream rows (own labels with
     dropout, t ~ psi). Returns (latents x_0, class labels, timesteps, number of bank rows)."""
@@ -265,7 +259,7 @@ def main(args):
     pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                            cache_dir=args.cache_dir)
     transformer, vae = pipeline.transformer, pipeline.vae
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_scale = vae_scale_factor(vae)
     if args.resolution // vae_scale != transformer.config.sample_size or args.resolution % vae_scale:
         size = transformer.config.sample_size
         raise UserError(f"--resolution {args.resolution} gives {args.resolution / vae_scale:g}x latents but the model "

@@ -28,6 +28,7 @@ import train_diff_tuning_dit as script  # noqa: E402
 from fixtures.in_process import run_script  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
 from utils.memory_bank import DiTBankSampler, generate_shards  # noqa: E402
+from utils.training import precision_dtype  # noqa: E402
 
 WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start
 
@@ -101,7 +102,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
     # Under the runs' mixed precision, as the training script generates its bank.
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.mixed_precision)
+    dtype = precision_dtype(a.mixed_precision) if a.mixed_precision != "no" else None
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         start = time.perf_counter()
         generate_shards(DiTBankSampler(pipe, num_inference_steps=a.bank_steps), f"{tmp}/gen", a.bank_size,

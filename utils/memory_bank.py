@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import UserError
+from .latents import encode_moments, vae_scale_factor
 from .outputs import created_by, mark, replace_dir, work_dir, write_json_atomically
+from .sampling import seeded_generators
 
 CONFIG_NAME = "memory_bank.json"
 SCRIPT = "utils.memory_bank"  # marks the folders it writes (utils.outputs): only those are ever replaced or removed
@@ -57,14 +59,6 @@ def check_bank_dir(bank_dir: str, flag: str = "--memory_bank") -> None:
     shards = shard_dir_of(bank_dir)
     if os.path.exists(shards) and not is_memory_bank(bank_dir) and created_by(shards) != SCRIPT:
         raise UserError(f"{shards} exists and was not written by a memory-bank generation; move it away")
-
-
-@torch.no_grad()
-def encode_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior parameters of images in [-1, 1] and of their mirror images, as float32."""
-    both = torch.cat([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
-    moments = vae.encode(both).latent_dist.parameters.float()
-    return moments.chunk(2)
 
 
 def _as_uint8(images: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
@@ -113,7 +107,7 @@ class DiTBankSampler:
         labels = [self.pool[np.random.default_rng(s).integers(len(self.pool))] for s in seeds]
         images = self.sampler(class_labels=labels, guidance_scale=self.guidance_scale,
                               num_inference_steps=self.num_inference_steps,
-                              generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                              generator=seeded_generators(seeds, device),
                               output_type="np").images
         images, pixels = _as_uint8(images)  # exactly what a PNG of the sample holds
         moments, moments_flipped = encode_moments(self.pipeline.vae, pixels)
@@ -137,7 +131,7 @@ class ControlBankSampler:
             scheduler=DDIMScheduler.from_config(pipeline.scheduler.config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         self.sampler.set_progress_bar_config(disable=True)
-        factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(pipeline.vae)
         self.latent_shape = (2 * pipeline.vae.config.latent_channels, resolution // factor, resolution // factor)
         self.model = pipeline.unet
         self.settings = {"prompt": prompt, "guidance_scale": guidance_scale,
@@ -156,7 +150,7 @@ class ControlBankSampler:
         device = self.model.device
         images = self.sampler([self.prompt] * len(seeds), height=self.resolution, width=self.resolution,
                               guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-                              generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                              generator=seeded_generators(seeds, device),
                               output_type="np").images
         images, pixels = _as_uint8(images)
         moments, _ = encode_moments(self.pipeline.vae, pixels)
@@ -332,8 +326,10 @@ def parse_args(argv=None):
 def main(args):
     from accelerate import Accelerator
 
+    from .training import precision_dtype
+
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    dtype = precision_dtype(args.mixed_precision)
     pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype)
     pipeline.to(accelerator.device)
     sampler = DiTBankSampler(pipeline, args.guidance_scale, args.num_inference_steps)

@@ -8,6 +8,11 @@ from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline
 from tqdm.auto import tqdm
 
 
+def seeded_generators(seeds, device="cpu") -> list[torch.Generator]:
+    """One generator per image, seeded with its own seed: an image is the same in any batch, on any process."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+
 def balanced_classes(classes, start: int, count: int):
     """Class ids of images start .. start+count-1 when images cycle through the classes."""
     return [classes[i % len(classes)] for i in range(start, start + count)]

@@ -117,9 +117,14 @@ def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
     return accelerator
 
 
+def precision_dtype(mixed_precision: str | None) -> torch.dtype:
+    """"fp16" / "bf16" / "no" (or None) as a torch dtype."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def weight_dtype(accelerator) -> torch.dtype:
     """The dtype of frozen models under the run's mixed precision (trained weights stay fp32)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return precision_dtype(accelerator.mixed_precision)
 
 
 def make_optimizer(params, args, accelerator, lr: float, optimizer_class=None):

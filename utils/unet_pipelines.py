@@ -8,10 +8,10 @@ import os
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .data import to_tensor
 from .errors import UserError
+from .latents import sample_latents, vae_scale_factor
 from .training import freeze
 
 KINDS = {"UNet2DModel": "ddpm", "UNet2DConditionModel": "sd"}
@@ -56,7 +56,7 @@ class UNetDenoising:
             self.text_encoder = freeze(pipeline.text_encoder, device, dtype)
             self.tokenizer = pipeline.tokenizer
         self.device = device
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        vae_scale = vae_scale_factor(self.vae) if self.vae is not None else 1
         self.resolution = pipeline.unet.config.sample_size * vae_scale  # the size the model was trained at
 
     def transform(self, image_column: str, caption_column: str | None, resolution: int):
@@ -83,7 +83,7 @@ class UNetDenoising:
         if self.vae is None:
             return pixels, None
         moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
-        latents = DiagonalGaussianDistribution(moments.float()).sample(generator) * self.vae.config.scaling_factor
+        latents = sample_latents(moments, generator, self.vae.config.scaling_factor)
         cond = self.text_encoder(batch["input_ids"].to(self.device))[0]
         return latents, cond
 
