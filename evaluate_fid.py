@@ -22,7 +22,7 @@ import datasets
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
-from utils.data import find_column, load_image_dataset
+from utils.data import load_image_dataset, require_column
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
 from utils.latents import vae_scale_factor
@@ -158,9 +158,7 @@ def main(args):
     device = torch.device(args.device)
     extractor = load_feature_extractor(args.feature_extractor)  # fails before any sampling
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name)
-    image_column = find_column(ds, args.image_column, datasets.Image, "image")
-    if image_column is None:
-        raise UserError(f"dataset has no image column (columns: {', '.join(ds.column_names)}); pass --image_column")
+    image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     kind, model, parts = load_denoiser(args.model, args.scheduler_model)
     handoff = None
     if args.handoff_model:

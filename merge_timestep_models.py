@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from utils import hub
 from utils.channel_projection import PROJECTION_FILE
-from utils.data import find_column, load_image_dataset
+from utils.data import load_image_dataset, require_column
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
 from utils.merging import (
@@ -248,9 +248,8 @@ def main(args):
 def validation_batches(args, denoising, kind):
     """The held-out batches every candidate is scored on (fixed order, no flips)."""
     ds = load_image_dataset(args.validation_dataset, args.validation_split)
-    image_column = find_column(ds, args.image_column, datasets.Image, "image")
-    if image_column is None:
-        raise UserError(f"validation dataset has no image column (columns: {', '.join(ds.column_names)})")
+    image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column",
+                                  "validation dataset")
     caption_column = None
     if kind == "sd":
         caption_column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
@@ -264,9 +263,8 @@ def validation_batches(args, denoising, kind):
 def fid_reference(args, extractor, denoising):
     """The FID metric holding the validation images' statistics (cached like evaluate_fid.py's)."""
     ds = load_image_dataset(args.validation_dataset, args.validation_split)
-    image_column = find_column(ds, args.image_column, datasets.Image, "image")
-    if image_column is None:
-        raise UserError(f"validation dataset has no image column (columns: {', '.join(ds.column_names)})")
+    image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column",
+                                  "validation dataset")
     metric = make_metric(extractor).to(denoising.device)
     cache = os.path.expanduser(args.reference_cache_dir) if args.reference_cache_dir else None
     reference_statistics(metric, ds, image_column, denoising.resolution, args.feature_extractor, cache)

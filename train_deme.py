@@ -37,7 +37,7 @@ from utils.channel_projection import (
     split_official_projections,
 )
 from utils.checkpointing import resume, run_identity, step_generator
-from utils.data import ResumableLoader, check_images, find_column, load_image_dataset, worker_options
+from utils.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
 from utils.errors import UserError
 from utils.outputs import check_output_dir, mark, write_json_atomically
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
@@ -151,9 +151,7 @@ def main(args):
 
     # ---- Data and model: load and check everything cheap first.
     ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
-    image_column = find_column(ds, args.image_column, datasets.Image, "image")
-    if image_column is None:
-        raise UserError(f"dataset has no image column (columns: {', '.join(ds.column_names)}); pass --image_column")
+    image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     kind = unet_pipeline_kind(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     caption_column = None
     if kind == "sd":

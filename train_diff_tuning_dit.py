@@ -34,9 +34,9 @@ from utils.data import (
     as_batch,
     check_images,
     class_names,
-    find_column,
     image_transform,
     load_image_dataset,
+    require_column,
     to_tensor,
     worker_options,
 )
@@ -217,12 +217,8 @@ def main(args):
 
     # ---- Data: load and check everything cheap before any model is loaded.
     ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
-    image_column = find_column(ds, args.image_column, datasets.Image, "image")
-    label_column = find_column(ds, args.label_column, datasets.ClassLabel, "label")
-    if image_column is None:
-        raise UserError(f"dataset has no image column (columns: {', '.join(ds.column_names)}); pass --image_column")
-    if label_column is None:
-        raise UserError(f"dataset has no label column (columns: {', '.join(ds.column_names)}); pass --label_column")
+    image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
+    label_column = require_column(ds, args.label_column, datasets.ClassLabel, "label", "--label_column")
     names = class_names(ds, label_column)
     try:
         config = DiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer",

@@ -72,6 +72,14 @@ def find_column(ds: datasets.Dataset, wanted, feature_type, what: str) -> str | 
     return None
 
 
+def require_column(ds: datasets.Dataset, wanted, feature_type, what: str, flag: str, where: str = "dataset") -> str:
+    """find_column, or one error line listing the columns and the flag that names one."""
+    column = find_column(ds, wanted, feature_type, what)
+    if column is None:
+        raise DatasetError(f"{where} has no {what} column (columns: {', '.join(ds.column_names)}); pass {flag}")
+    return column
+
+
 def class_names(ds: datasets.Dataset, label_column: str) -> list[str]:
     """Names of the classes, index = label id. A ClassLabel gives its names; other ints are named by their value."""
     feature = ds.features[label_column]
