@@ -222,9 +222,10 @@ def plot(curves, report, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work_dir", default=os.path.join("benchmarks_out", "controlnet"))
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--source_steps", type=int, default=3000)
+    p.add_argument("--work_dir", default=os.path.join("benchmarks_out", "controlnet"),
+                   help="Source model, data, bank and runs (not committed; finished runs are reused).")
+    p.add_argument("--steps", type=int, default=1000, help="ControlNet training steps of every run.")
+    p.add_argument("--source_steps", type=int, default=3000, help="Pre-training steps of the source UNet.")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
