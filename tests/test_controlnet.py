@@ -458,3 +458,45 @@ def test_help_documents_every_flag():
                  "--fidelity_blur_sigma", "--tau", "--xi_form", "--retention_ratio", "--retention_weight"):
         assert flag in text, flag
     assert "(default: 15000)" in text and "(default: 1e-05)" in text and "(default: 512)" in text
+
+
+def test_stop_at_convergence_and_extra_validation_grids(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path):
+    """A threshold every score passes: converged at step 0, so training ends at the first evaluation after it."""
+    control = os.path.join(control_digits_dir, "00007_control.png")
+    argv = [*TINY, "--memory_bank", bank_dir, "--max_train_steps", "10", "--convergence_threshold", "-1",
+            "--stop_at_convergence", "--validation_prompt", "a digit seven", "--validation_image", control,
+            "--num_validation_images", "2"]
+    run_script(script, ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", control_digits_dir,
+                        "--output_dir", str(tmp_path), *argv])
+    curve = json.loads((tmp_path / "convergence.json").read_text())
+    assert curve["converged_at"] == 0 and [p["step"] for p in curve["points"]] == [0, 2]
+    assert Image.open(tmp_path / "validation_prompts.png").size == (2 * 128, 2 * 128)  # control above 2 samples
+    assert "sudden convergence step | 0 (first of 1 evaluation(s) past -1)" in (tmp_path / "README.md").read_text()
+
+
+def test_a_list_of_captions_gives_one_caption_per_row_and_step(tiny_sd_dir, tmp_path, monkeypatch):
+    """diffusers' caption lists: one caption of each row's list is picked per step, by the step's generator."""
+    captions = [["a digit one", "the number one", "one, handwritten"]] * 2
+    data = {"captions": captions, "pixel_values": torch.zeros(2, 3, 16, 16),
+            "conditioning_pixel_values": torch.zeros(2, 3, 16, 16)}
+
+    class FakeVae:
+        dtype, config = torch.float32, type("C", (), {"scaling_factor": 1.0})
+
+        def encode(self, x):
+            return type("E", (), {"latent_dist": type("D", (), {"parameters": torch.zeros(len(x), 8, 8, 8)})})
+
+    seen = []
+
+    def tokenize(texts):
+        seen.append(list(texts))
+        return torch.zeros(len(texts), 4, dtype=torch.long)
+
+    args = script.parse_args(["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", str(tmp_path / "data"),
+                              "--output_dir", str(tmp_path / "out"), "--method", "standard"])
+    sampler = script.DiffTuningTimesteps(1000, "standard", 1.0, "paper", "power", None)
+    for step in range(12):
+        script.compose_batch(data, None, FakeVae(), tokenize, None, torch.zeros(1, 4, dtype=torch.long), sampler,
+                             args, torch.Generator().manual_seed(step), "cpu")
+    picked = {c for texts in seen for c in texts}
+    assert picked <= set(captions[0]) and len(picked) > 1  # every caption of the list is used, and only those
