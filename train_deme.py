@@ -47,8 +47,8 @@ from utils.training import (
     apply_gradients,
     averaged_weights,
     check_common_args,
-    check_finite_loss,
     check_finite_weights,
+    effective_learning_rate,
     end_of_step,
     freeze,
     image_grid,
@@ -183,8 +183,7 @@ def main(args):
     if args.num_ranges > T:
         raise UserError(f"--num_ranges {args.num_ranges} is more than the model's {T} timesteps")
     ranges = timestep_ranges(T, args.num_ranges)
-    learning_rate = args.learning_rate * (  # computed once: every range, and a resumed run, train at the same rate
-        args.gradient_accumulation_steps * args.train_batch_size * state.num_processes if args.scale_lr else 1)
+    learning_rate = effective_learning_rate(args, state.num_processes)  # every range, resumed or not, the same
     if state.is_main_process:
         mark(args.output_dir, SCRIPT)
         write_json_atomically(os.path.join(args.output_dir, MANIFEST), {
@@ -278,8 +277,8 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
             loss_denoise = (pred - denoising.target(x0, noise, timesteps).float()).pow(2).mean()
             loss_consistency = (pred - reference.float()).pow(2).mean() if reference is not None else torch.zeros(())
             loss = loss_denoise + args.consistency_weight * loss_consistency
-            check_finite_loss(accelerator, loss, global_step + 1, out)
-            apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm)
+            apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                            step=global_step + 1, output_dir=out)
 
         if not accelerator.sync_gradients:
             continue

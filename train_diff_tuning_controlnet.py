@@ -72,8 +72,8 @@ from utils.training import (
     apply_gradients,
     averaged_weights,
     check_common_args,
-    check_finite_loss,
     check_finite_weights,
+    effective_learning_rate,
     end_of_step,
     end_training,
     freeze,
@@ -562,8 +562,7 @@ def main(args):
     if bank is not None:
         bank_loader = torch.utils.data.DataLoader(BankRows(bank, args), batch_size=n_bank, shuffle=True,
                                                   drop_last=True, collate_fn=lambda b: b, **workers)
-    learning_rate = args.learning_rate * (
-        args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
     if args.use_8bit_adam:
         import bitsandbytes as bnb
@@ -633,9 +632,8 @@ def main(args):
                         down_block_additional_residuals=[d.to(dtype) for d in down],
                         mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
             loss, loss_parts = diff_tuning_loss(epsilon_mse(pred, target), n_bank_rows)
-            check_finite_loss(accelerator, loss, global_step + 1, args.output_dir)
             apply_gradients(accelerator, controlnet, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            set_to_none=args.set_grads_to_none)
+                            step=global_step + 1, output_dir=args.output_dir, set_to_none=args.set_grads_to_none)
 
         if not accelerator.sync_gradients:
             continue

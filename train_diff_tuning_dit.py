@@ -66,8 +66,8 @@ from utils.training import (
     apply_gradients,
     averaged_weights,
     check_common_args,
-    check_finite_loss,
     check_finite_weights,
+    effective_learning_rate,
     end_of_step,
     end_training,
     freeze,
@@ -334,8 +334,7 @@ def main(args):
             shuffle=True, drop_last=True, collate_fn=as_batch, **workers)
 
     # ---- Optimisation.
-    learning_rate = args.learning_rate * (
-        args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes if args.scale_lr else 1)
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
     lr = learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
     optimizer, lr_scheduler = make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
                                              accelerator, lr)
@@ -384,8 +383,8 @@ def main(args):
             if learned_sigma:
                 per_sample = per_sample + vb_loss(eps_pred, var_values, latents, noisy, timesteps)
             loss, parts = diff_tuning_loss(per_sample, n_bank_rows)
-            check_finite_loss(accelerator, loss, global_step + 1, args.output_dir)
-            apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm)
+            apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                            step=global_step + 1, output_dir=args.output_dir)
 
         if not accelerator.sync_gradients:
             continue

@@ -117,6 +117,12 @@ def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
     return accelerator
 
 
+def effective_learning_rate(args, num_processes: int) -> float:
+    """--learning_rate, times accumulation x batch x processes under --scale_lr; computed once per run."""
+    scale = args.gradient_accumulation_steps * args.train_batch_size * num_processes if args.scale_lr else 1
+    return args.learning_rate * scale
+
+
 def precision_dtype(mixed_precision: str | None) -> torch.dtype:
     """"fp16" / "bf16" / "no" (or None) as a torch dtype."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
@@ -138,10 +144,12 @@ def make_optimizer(params, args, accelerator, lr: float, optimizer_class=None):
     return optimizer, lr_scheduler
 
 
-def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float | None,
-                    set_to_none: bool = True):
-    """Backward, then clip and step. Call inside `accelerator.accumulate(model)`: the prepared optimizer and
-    scheduler only step on the micro-batch that completes an accumulation, which is also the only one clipped."""
+def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float | None, *, step: int,
+                    output_dir: str, set_to_none: bool = True):
+    """Stop on a non-finite loss (every process at once; `step` is the optimizer step being computed), then
+    backward, clip and step. Call inside `accelerator.accumulate(model)`: the prepared optimizer and scheduler only
+    step on the micro-batch that completes an accumulation, which is also the only one clipped."""
+    check_finite_loss(accelerator, loss, step, output_dir)
     accelerator.backward(loss)
     if accelerator.sync_gradients and max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
