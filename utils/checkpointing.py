@@ -11,7 +11,8 @@ from .errors import UserError
 
 RUN_FILE = "training_run.json"  # what a checkpoint belongs to: the base model and the flags that shape the weights
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "controlnet_model_name_or_path", "method", "tuning",
-                  "lora_rank", "difffit_blocks", "condition", "num_ranges", "channel_projection")
+                  "lora_rank", "difffit_blocks", "condition", "num_ranges", "channel_projection",
+                  "queue_size", "projection_dim")
 
 
 def run_identity(args) -> dict:

@@ -24,8 +24,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.rstrip("/").count("/") > 1
 
 
-def load_image_dataset(name: str, split: str = "train", config_name=None, cache_dir=None) -> datasets.Dataset:
-    """A Hub id, a folder of class sub-folders of images, or a `Dataset(Dict).save_to_disk` folder."""
+def load_image_splits(name: str, config_name=None, cache_dir=None) -> datasets.DatasetDict:
+    """Every split of a Hub id, a folder of class sub-folders of images, or a `Dataset(Dict).save_to_disk` folder
+    (a single saved `Dataset` is the split "train")."""
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(
@@ -48,13 +49,21 @@ def load_image_dataset(name: str, split: str = "train", config_name=None, cache_
         except Exception as e:  # offline, unknown id, private repo...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DatasetError(f"no local folder {name!r}, and loading it from the Hub failed: {first}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DatasetError(f"dataset {name} has no split {split!r} (it has {', '.join(ds)})")
-        ds = ds[split]
-    if len(ds) == 0:
+    return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
+
+
+def pick_split(splits: datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
+    """One non-empty split, or one error line naming the splits there are."""
+    if split not in splits:
+        raise DatasetError(f"dataset {name} has no split {split!r} (it has {', '.join(splits)})")
+    if len(splits[split]) == 0:
         raise DatasetError(f"dataset {name} split {split!r} is empty")
-    return ds
+    return splits[split]
+
+
+def load_image_dataset(name: str, split: str = "train", config_name=None, cache_dir=None) -> datasets.Dataset:
+    """One split of a Hub id, a folder of class sub-folders of images, or a `Dataset(Dict).save_to_disk` folder."""
+    return pick_split(load_image_splits(name, config_name, cache_dir), split, name)
 
 
 def find_column(ds: datasets.Dataset, wanted, feature_type, what: str) -> str | None:
@@ -89,6 +98,37 @@ def class_names(ds: datasets.Dataset, label_column: str) -> list[str]:
     if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in values):
         raise DatasetError(f"label column {label_column!r} must hold non-negative integers or be a ClassLabel")
     return [str(i) for i in range(max(values) + 1)]
+
+
+def indices_by_class(labels, num_classes: int) -> list[np.ndarray]:
+    """The row indices of each class, ascending."""
+    labels = np.asarray(labels)
+    return [np.flatnonzero(labels == c) for c in range(num_classes)]
+
+
+def stratified_split(labels, num_classes: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) row indices: `fraction` of every class held out (rounded, at least one image where a class
+    has two or more), seeded; both sorted."""
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for rows in indices_by_class(labels, num_classes):
+        rows = rng.permutation(rows)
+        n = min(len(rows) - 1, max(1, int(fraction * len(rows) + 0.5))) if len(rows) > 1 else 0
+        held.append(rows[:n])
+        kept.append(rows[n:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def per_class_subset(labels, num_classes: int, seed: int, fraction: float | None = None,
+                     samples_per_class: int | None = None) -> np.ndarray:
+    """Seeded per-class subset of the rows: `fraction` of each class (rounded half up) or `samples_per_class`
+    images of each (all of a smaller class). Sorted row indices."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for rows in indices_by_class(labels, num_classes):
+        n = int(fraction * len(rows) + 0.5) if fraction is not None else min(samples_per_class, len(rows))
+        chosen.append(rng.permutation(rows)[:n])
+    return np.sort(np.concatenate(chosen))
 
 
 def check_images(ds: datasets.Dataset, image_column: str, progress=None) -> None:

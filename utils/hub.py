@@ -64,13 +64,15 @@ def save_model_card(
     image: str | None = None,
     license: str | None = None,
     library_name: str = "diffusers",
+    pipeline_tag: str | None = None,
 ) -> ModelCard:
-    """Write `README.md` with the Hub's metadata (`library_name`: diffusers, transformers...) and a body that says
-    what was trained and how to load it."""
+    """Write `README.md` with the Hub's metadata (`library_name`: diffusers, transformers...; `pipeline_tag`: the
+    Hub task, e.g. image-classification) and a body that says what was trained and how to load it."""
     data = ModelCardData(
         library_name=library_name,
+        pipeline_tag=pipeline_tag,
         base_model=base_model,
-        tags=sorted(set(tags) | {"diffusers-training"}),
+        tags=sorted(set(tags) | ({"diffusers-training"} if library_name == "diffusers" else set())),
         datasets=datasets or None,
         license=license,
     )
@@ -81,7 +83,7 @@ def save_model_card(
         body += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {v} |" for k, v in metrics.items()]
     if image:
-        body += ["", "## Samples", "", f"![samples]({image})"]
+        body += ["", "## Samples" if library_name == "diffusers" else "## Figures", "", f"![samples]({image})"]
     body += ["", "## Usage", "", "```python", usage.strip(), "```", ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     card = ModelCard(content)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -55,17 +55,20 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     return g
 
 
-def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int):
-    """Checkpoints, validation, logging and Hub flags (a script adds its own validation options to the group)."""
+def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int,
+                    validation_help: str = "Sample a validation grid every N steps (0: never).", sampling: bool = True):
+    """Checkpoints, validation, logging and Hub flags (a script adds its own validation options to the group);
+    `sampling`: the validation-grid flags of a generative model."""
     g = p.add_argument_group("checkpoints, validation, logging, Hub")
     g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps,
                    help="Save resumable state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
-    g.add_argument("--validation_steps", type=int, default=validation_steps,
-                   help="Sample a validation grid every N steps (0: never).")
-    g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
-    g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps of validation samples.")
+    g.add_argument("--validation_steps", type=int, default=validation_steps, help=validation_help)
+    if sampling:
+        g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
+        g.add_argument("--validation_inference_steps", type=int, default=50,
+                       help="DDIM steps of validation samples.")
     g.add_argument("--report_to", default="tensorboard", choices=sorted(TRACKER_PACKAGES) + ["all", "none"],
                    help="Where to log: a tracker (its package must be installed), all installed ones, or none.")
     g.add_argument("--logging_dir", default="logs", help="Log folder, relative to the output folder.")
@@ -80,7 +83,7 @@ def check_common_args(args, positive=()):
     """Flags of the shared groups (and `positive` others) that cannot work, caught before anything loads."""
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_validation_images", "validation_inference_steps", *positive):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
@@ -96,16 +99,20 @@ def check_common_args(args, positive=()):
                         "or use --report_to tensorboard or none")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast is GPU-only); use bf16 on CPU")
-    if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+    xformers = getattr(args, "enable_xformers_memory_efficient_attention", False)
+    if xformers and not torch.cuda.is_available():
         raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; xformers has no CPU kernels")
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+    if xformers and importlib.util.find_spec("xformers") is None:
         raise UserError("--enable_xformers_memory_efficient_attention needs the xformers package "
                         "(pip install xformers); PyTorch's own attention is used without the flag")
 
 
 def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # Our loaders cycle forever (utils.data.ResumableLoader): an epoch's end must not force an early optimizer
+        # step, or an accumulation would hold fewer micro-batches there and a resume would count steps differently.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=logging_dir),
@@ -167,9 +174,10 @@ def make_ema(model, decay: float, accelerator) -> EMAModel:
 
 
 def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log,
-                save_extra=None):
+                save_extra=None, identity: dict | None = None):
     """After optimizer step `step`: update the EMA, the progress bar and the trackers, and checkpoint when due
-    (never a state with non-finite weights; `save_extra(folder)` adds to the checkpoint before it is complete)."""
+    (never a state with non-finite weights; `save_extra(folder)` adds to the checkpoint before it is complete;
+    `identity`: what the checkpoint belongs to, default `run_identity(args)`)."""
     if ema is not None:
         ema.step(model.parameters())
     progress.update(1)
@@ -179,7 +187,7 @@ def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output
         check_finite_weights(accelerator, model, step, output_dir)
         if accelerator.is_main_process:
             path = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, save_extra,
-                                   run_identity(args))
+                                   identity if identity is not None else run_identity(args))
             log.info(f"saved state to {path}")
 
 

@@ -1,0 +1,468 @@
+"""Bi-tuning: the vectorised method against a literal port of the reference loops, the heads on real transformers
+classifiers, and train_bi_tuning.py end to end (stock outputs, resume, two processes, bad inputs)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForImageClassification,
+    BertConfig,
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextImageProcessor,
+    ResNetConfig,
+    ResNetForImageClassification,
+    TimmWrapperConfig,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    pipeline,
+)
+
+import train_bi_tuning as script
+from fixtures.testing import ROOT, run_main
+from utils import training
+from utils.bi_tuning import (
+    BiTuningLoss,
+    ClassQueues,
+    Features,
+    TwoHeadClassifier,
+    classifier_contrast_logits,
+    contrastive_target,
+    head_directions,
+    key_encoder,
+    momentum_update,
+    projector_logits,
+)
+from utils.data import per_class_subset, stratified_split
+from utils.errors import UserError
+from utils.image_classifiers import find_head, replace_head
+
+FAST = ["--train_batch_size", "8", "--max_train_steps", "4", "--validation_steps", "0", "--checkpointing_steps", "100",
+        "--report_to", "none", "--queue_size", "4", "--projection_dim", "8", "--per_device_eval_batch_size", "32"]
+
+
+def tiny_classifiers():
+    """(name, model, processor) for a tiny ResNet, ViT and ConvNeXt at 16x16."""
+    torch.manual_seed(0)
+    return [
+        ("resnet", ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                             num_labels=3)),
+         ConvNextImageProcessor(size={"shortest_edge": 16})),
+        ("vit", ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32, image_size=16, patch_size=4, num_labels=3)),
+         ViTImageProcessor(size={"height": 16, "width": 16})),
+        ("convnext", ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                                   num_labels=3)),
+         ConvNextImageProcessor(size={"shortest_edge": 16})),
+    ]
+
+
+@pytest.fixture(scope="session")
+def classifier_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classifiers")
+    for name, model, processor in tiny_classifiers():
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    return {name: str(root / name) for name in ("resnet", "vit", "convnext")}
+
+
+def train(model_dir, data_dir, out, *extra):
+    return run_main(script, model_dir, data_dir, out, *FAST, *extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The method against a literal port of the reference's per-sample loops (tllib/regularization/bi_tuning.py).
+
+def reference_step(z_q, z_k, hn_q, hn_k, labels, w, queue_h, queue_z, ptr, K, T):
+    """The reference's forward, one sample at a time, on queues laid out as ours (C, K, dim). Returns
+    (logits_z, logits_y, queue_h, queue_z, ptr) with the queues updated."""
+    queue_h, queue_z, ptr = queue_h.clone(), queue_z.clone(), ptr.clone()
+    C = queue_h.shape[0]
+    before_z = queue_z.clone()
+    rows_z = []
+    for i in range(len(labels)):
+        c = int(labels[i])
+        pos = before_z[c]  # K x D
+        neg = torch.cat([before_z[:c], before_z[c + 1:]]).reshape(-1, before_z.shape[-1])
+        rows_z.append(torch.cat([(z_q[i] * z_k[i]).sum()[None], pos @ z_q[i], neg @ z_q[i]]))
+        p = int(ptr[c])
+        queue_h[c, p], queue_z[c, p] = hn_k[i], z_k[i]
+        ptr[c] = (p + 1) % K
+    rows_y = []
+    for i in range(len(labels)):
+        c = int(labels[i])
+        pos = queue_h[c] @ w[c]
+        neg = torch.cat([queue_h[:c], queue_h[c + 1:]]).reshape(-1, queue_h.shape[-1]) @ w[c]
+        rows_y.append(torch.cat([(hn_q[i] * w[c]).sum()[None], pos, neg]))
+    assert len(rows_y[0]) == 1 + C * K
+    return torch.stack(rows_z) / T, torch.stack(rows_y) / T, queue_h, queue_z, ptr
+
+
+def unit(*shape, g):
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("K,labels", [
+    (4, [0, 2, 1, 0, 0, 2]),  # fewer than K per class
+    (3, [1, 1, 1, 1, 1, 0, 1, 2, 1]),  # 7 keys of class 1 > K: the ring wraps within the batch
+])
+def test_vectorised_logits_and_queues_equal_the_reference_loops(K, labels):
+    g = torch.Generator().manual_seed(0)
+    C, F1, D, T = 3, 6, 5, 0.07
+    labels = torch.tensor(labels)
+    n = len(labels)
+    queues = ClassQueues(C, K, F1 - 1, D, g)
+    queues.ptr.copy_(torch.tensor([1, K - 1, 0]))  # rings already part-way round
+    z_q, z_k, hn_q, hn_k, w = unit(n, D, g=g), unit(n, D, g=g), unit(n, F1, g=g), unit(n, F1, g=g), unit(C, F1, g=g)
+    ref_z, ref_y, ref_h, ref_qz, ref_ptr = reference_step(z_q, z_k, hn_q, hn_k, labels, w, queues.h, queues.z,
+                                                          queues.ptr, K, T)
+    ours_z = projector_logits(z_q, z_k, queues.z, labels, T)
+    queues.enqueue(hn_k, z_k, labels)
+    ours_y = classifier_contrast_logits(hn_q, w, queues.h, labels, T)
+    torch.testing.assert_close(ours_z, ref_z)
+    torch.testing.assert_close(ours_y, ref_y)
+    assert torch.equal(queues.h, ref_h) and torch.equal(queues.z, ref_qz) and torch.equal(queues.ptr, ref_ptr)
+
+
+def test_loss_equals_cross_entropy_plus_both_kl_terms_and_the_target_is_uniform_on_positives():
+    g = torch.Generator().manual_seed(1)
+    C, K, F1, D, T = 4, 5, 7, 3, 0.1
+    labels = torch.tensor([0, 3, 3, 1])
+    head = torch.nn.Linear(F1 - 1, C)
+    q = Features(torch.randn(4, C, generator=g), None, unit(4, D, g=g), unit(4, F1, g=g))
+    k = Features(None, None, unit(4, D, g=g), unit(4, F1, g=g))
+    queues = ClassQueues(C, K, F1 - 1, D, g)
+    snapshot = ClassQueues(C, K, F1 - 1, D)
+    snapshot.load_state_dict(queues.state_dict())
+    loss, parts = BiTuningLoss(T, 0.3, 2.0)(q, k, labels, head, queues)
+    target = contrastive_target(4, C, K)
+    assert torch.allclose(target.sum(1), torch.ones(4)) and (target[:, K + 1:] == 0).all()
+    logits_z = projector_logits(q.z, k.z, snapshot.z, labels, T)
+    snapshot.enqueue(k.hn, k.z, labels)
+    logits_y = classifier_contrast_logits(q.hn, head_directions(head), snapshot.h, labels, T)
+    kl = [(target[:, :K + 1] * (target[:, :K + 1].log() - F.log_softmax(x, 1)[:, :K + 1])).sum(1).mean()
+          for x in (logits_z, logits_y)]
+    torch.testing.assert_close(parts["loss_projector"], kl[0])
+    torch.testing.assert_close(parts["loss_classifier_contrast"], kl[1])
+    torch.testing.assert_close(loss, F.cross_entropy(q.logits, labels) + 0.3 * kl[0] + 2.0 * kl[1])
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit", "convnext"])
+def test_head_of_the_features_is_the_logits_and_only_cross_entropy_trains_the_head(name):
+    _, classifier, _ = next(c for c in tiny_classifiers() if c[0] == name)
+    path = find_head(classifier, (16, 16))
+    head = replace_head(classifier, path, 5)
+    weight, bias = head.weight.detach(), head.bias.detach()
+    assert head.out_features == 5 and float(bias.abs().max()) == 0 and 0.005 < float(weight.std()) < 0.02
+    model = TwoHeadClassifier(classifier, path, 8).train()
+    x = torch.randn(6, 3, 16, 16)
+    out = model(x)
+    assert out.logits.shape == (6, 5)
+    torch.testing.assert_close(model.head(out.h), out.logits)
+    torch.testing.assert_close(out.hn, F.normalize(torch.cat([out.h, torch.ones(6, 1)], 1), dim=1))
+
+    keys = key_encoder(model)
+    queues = ClassQueues(5, 3, head.in_features, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    _, parts = BiTuningLoss()(out, keys(torch.randn(6, 3, 16, 16)), labels, model.head, queues)
+    grads = {}
+    for part in ("loss_projector", "loss_classifier_contrast", "loss_ce"):
+        model.zero_grad(set_to_none=True)
+        parts[part].backward(retain_graph=True)
+        grads[part] = (model.head.weight.grad, next(classifier.parameters()).grad)
+    assert grads["loss_classifier_contrast"][0] is None and grads["loss_projector"][0] is None  # no head gradient
+    assert grads["loss_classifier_contrast"][1].abs().sum() > 0  # ...but it trains the backbone
+    assert grads["loss_ce"][0].abs().sum() > 0
+
+
+def test_momentum_zero_copies_the_query_and_one_keeps_the_keys():
+    query = torch.nn.Linear(3, 2)
+    keys = key_encoder(query)
+    assert all(not p.requires_grad for p in keys.parameters())
+    with torch.no_grad():
+        query.weight.add_(1.0)
+    before = keys.weight.clone()
+    momentum_update(keys, query, 1.0)
+    assert torch.equal(keys.weight, before)
+    momentum_update(keys, query, 0.0)
+    assert torch.equal(keys.weight, query.weight)
+    with torch.no_grad():
+        query.weight.add_(1.0)
+    momentum_update(keys, query, 0.75)
+    torch.testing.assert_close(keys.weight, 0.75 * (query.weight - 1.0) + 0.25 * query.weight)
+
+
+def test_subsets_are_per_class_seeded_and_stratified():
+    labels = np.repeat(np.arange(4), [10, 20, 3, 40])
+    a = per_class_subset(labels, 4, seed=0, fraction=0.15)
+    assert np.bincount(labels[a], minlength=4).tolist() == [2, 3, 0, 6]  # rounded half up: 1.5 -> 2, 0.45 -> 0
+    assert np.array_equal(a, per_class_subset(labels, 4, seed=0, fraction=0.15))
+    assert not np.array_equal(a, per_class_subset(labels, 4, seed=1, fraction=0.15))
+    b = per_class_subset(labels, 4, seed=0, samples_per_class=5)
+    assert np.bincount(labels[b], minlength=4).tolist() == [5, 5, 3, 5]
+    kept, held = stratified_split(labels, 4, 0.15, seed=0)
+    assert np.bincount(labels[held], minlength=4).tolist() == [2, 3, 1, 6]
+    assert sorted(np.concatenate([kept, held]).tolist()) == list(range(len(labels)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The script.
+
+def test_end_to_end_with_accelerate_gives_a_stock_classifier_and_pipeline(classifier_dirs, digits_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--cpu",
+         "train_bi_tuning.py", "--pretrained_model_name_or_path", classifier_dirs["resnet"], "--dataset", digits_dir,
+         "--output_dir", str(out), *FAST, "--train_fraction", "0.5", "--report_to", "tensorboard"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert type(model).__name__ == "ResNetForImageClassification" and model.config.num_labels == 10
+    assert model.config.id2label[0] == "eight" and model.config.label2id["zero"] == 9  # imagefolder's sorted names
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any("projector" in k for k in weights) and weights["classifier.1.weight"].shape == (10, 16)
+    five = os.path.join(digits_dir, "five")
+    digit = Image.open(os.path.join(five, sorted(os.listdir(five))[0]))
+    predictions = pipeline("image-classification", model=str(out))(digit, top_k=10)
+    assert sorted(p["label"] for p in predictions) == sorted(model.config.id2label.values())
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert card.data.base_model == classifier_dirs["resnet"] and "bi-tuning" in card.data.tags
+    assert "held-out accuracy (last step)" in card.text and "queue_size" in card.text
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0 <= results["eval_accuracy"] <= 1 and results["step"] == 4 and results["method"] == "bi_tuning"
+    subset = json.loads((out / "train_subset.json").read_text())
+    counts = subset["train_images_per_class"]
+    assert results["train_samples"] == sum(counts.values()) == len(subset["train_indices"])
+    assert set(subset["validation_indices"]).isdisjoint(subset["train_split_indices"])
+    assert (out / "confusion_matrix.png").exists() and list((out / "logs").rglob("events.out.tfevents.*"))
+    assert "Traceback" not in proc.stderr
+
+
+def test_both_contrastive_weights_zero_train_exactly_as_standard(classifier_dirs, digits_dir, tmp_path):
+    standard = train(classifier_dirs["resnet"], digits_dir, tmp_path / "standard", "--method", "standard")
+    zero = train(classifier_dirs["resnet"], digits_dir, tmp_path / "zero", "--projector_loss_weight", "0",
+                 "--classifier_contrast_weight", "0")
+    full = train(classifier_dirs["resnet"], digits_dir, tmp_path / "full")
+    a, b, c = (r.model.classifier.state_dict() for r in (standard, zero, full))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())  # the losses do act
+    assert standard.queues is None and standard.model.projector is None
+
+
+def test_resume_gives_identical_weights_queues_and_pointers(classifier_dirs, digits_dir, tmp_path, monkeypatch):
+    """Crash right after the step-3 checkpoint, resume: the same classifier, projector, key encoder and queues as an
+    uninterrupted run; with accumulation every micro-batch's keys are enqueued (K = 100 never wraps here)."""
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+              "--queue_size", "100", "--lr_decay_steps", "4"]
+    full = train(classifier_dirs["resnet"], digits_dir, tmp_path / "full", *common)
+    assert int(full.queues.ptr.sum()) == 6 * 2 * 8
+
+    real_save = training.save_checkpoint
+
+    def save_then_crash(*a, **kw):
+        raise KeyboardInterrupt(real_save(*a, **kw))
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(classifier_dirs["resnet"], digits_dir, tmp_path / "resumed", *common)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = train(classifier_dirs["resnet"], digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint",
+                    "latest")
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(full.queues.state_dict().values(),
+                                                 resumed.queues.state_dict().values()))
+    keys = [torch.load(tmp_path / run / "checkpoint-6" / "custom_checkpoint_0.pkl") for run in ("full", "resumed")]
+    assert all(torch.equal(keys[0][k], keys[1][k]) for k in keys[0])
+    with pytest.raises(UserError, match="made with --queue_size 100, this run has 50"):
+        train(classifier_dirs["resnet"], digits_dir, tmp_path / "resumed", *common[:-4], "--queue_size", "50",
+              "--lr_decay_steps", "4", "--resume_from_checkpoint", "latest")
+
+
+def test_push_uploads_the_classifier_and_never_the_training_state(classifier_dirs, digits_dir, tmp_path,
+                                                                  monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from utils import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "whoami", lambda token: calls.append(("whoami", token)) or {"name": "me"})
+    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    out = tmp_path / "out"
+    train(classifier_dirs["resnet"], digits_dir, out, "--checkpointing_steps", "2", "--push_to_hub", "--hub_token",
+          "hf_secret", "--hub_model_id", "me/digits-bi-tuning")
+    assert calls[0] == ("whoami", "hf_secret")  # checked before training
+    upload = calls[1][1]
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    uploaded = sorted(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert upload["repo_id"] == "me/digits-bi-tuning" and any(f.startswith("checkpoint-") for f in files)
+    assert uploaded == ["README.md", "all_results.json", "config.json", "confusion_matrix.png", "model.safetensors",
+                        "preprocessor_config.json", "train_subset.json"]
+
+
+def test_two_processes_hold_identical_queues(classifier_dirs, digits_dir, tmp_path):
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train_bi_tuning as s\n"
+        "r = s.main(s.parse_args(sys.argv[1:]))\n"
+        f"torch.save({{'queues': r.queues.state_dict(), 'model': r.model.state_dict(), 'metrics': r.metrics}}, "
+        f"os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(wrapper),
+         "--pretrained_model_name_or_path", classifier_dirs["resnet"], "--dataset", digits_dir, "--output_dir",
+         str(tmp_path / "out"), *FAST, "--queue_size", "100"],
+        cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert int(r0["queues"]["ptr"].sum()) == 4 * 2 * 8  # both processes' keys, every step
+    assert all(torch.equal(r0["queues"][k], r1["queues"][k]) for k in r0["queues"])
+    assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
+    assert r0["metrics"] == r1["metrics"] and (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: one line, before weights load where possible.
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train_fraction", "0"], r"--train_fraction must be in \(0, 1\]"),
+    (["--train_fraction", "1.5"], r"--train_fraction must be in \(0, 1\]"),
+    (["--queue_size", "0"], "--queue_size must be >= 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--key_momentum", "1.1"], r"--key_momentum must be in \[0, 1\]"),
+    (["--projector_loss_weight", "-1"], "--projector_loss_weight must be >= 0"),
+    (["--classifier_contrast_weight", "-0.5"], "--classifier_contrast_weight must be >= 0"),
+    (["--backbone_lr_scale", "-0.1"], "--backbone_lr_scale must be >= 0"),
+    (["--projector_lr_scale", "-1"], "--projector_lr_scale must be >= 0"),
+    (["--lr_decay_steps", "20000"], "--lr_decay_steps 20000 is beyond the run"),
+    (["--samples_per_class", "0"], "--samples_per_class must be >= 1"),
+    (["--train_val_split", "1"], r"--train_val_split must be in \(0, 1\)"),
+])
+def test_impossible_hyperparameters(flags, message):
+    with pytest.raises(UserError, match=message):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", *flags])
+
+
+def test_both_subset_flags_are_refused():
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--train_fraction", "0.5",
+                           "--samples_per_class", "3"])
+
+
+@pytest.fixture(scope="session")
+def odd_data(tmp_path_factory):
+    """save_to_disk datasets: float labels, one class, and a train/validation dict."""
+    root = tmp_path_factory.mktemp("odd")
+    images = [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(12)]
+    datasets.Dataset.from_dict({"image": images, "label": [0.5] * 12}).save_to_disk(root / "float_labels")
+    datasets.Dataset.from_dict({"image": images, "label": [0] * 12}).save_to_disk(root / "one_class")
+    return root
+
+
+def _bad(case, classifier_dirs, digits_dir, odd_data, tmp_path):
+    """(model, data, extra flags) of one bad-input case."""
+    model, data, extra = classifier_dirs["resnet"], digits_dir, []
+    if case == "missing_dataset":
+        data = str(tmp_path / "no" / "such" / "folder")
+    elif case == "missing_split":
+        extra = ["--train_split", "nope"]
+    elif case == "missing_column":
+        extra = ["--label_column", "nope"]
+    elif case == "float_labels":
+        data = str(odd_data / "float_labels")
+    elif case == "one_class":
+        data = str(odd_data / "one_class")
+    elif case == "empty_class_after_subset":
+        extra = ["--train_fraction", "0.02"]
+    elif case == "not_a_classifier":
+        model = str(tmp_path / "bert")
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                   intermediate_size=8).save_pretrained(model)
+    elif case == "timm_without_timm":
+        model = str(tmp_path / "timm")
+        TimmWrapperConfig(architecture="resnet18").save_pretrained(model)
+    elif case == "vit_resolution":
+        model, extra = classifier_dirs["vit"], ["--resolution", "24"]
+    elif case == "no_processor":
+        model = str(tmp_path / "bare")
+        ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(
+            model)
+    return model, data, extra
+
+
+BAD = [
+    ("missing_dataset", "does not exist"),
+    ("missing_split", "has no split 'nope'"),
+    ("missing_column", "has no label column 'nope'"),
+    ("float_labels", "must hold non-negative integers or be a ClassLabel"),
+    ("one_class", "has 1 class; a classifier needs at least 2"),
+    ("empty_class_after_subset", r"class\(es\) have no training image .* after --train_fraction"),
+    ("not_a_classifier", "is a 'bert' model, which transformers has no image-classification class for"),
+    ("timm_without_timm", "is a timm model, which needs the timm package"),
+    ("vit_resolution", "the model cannot take the 24x24 images its image processor makes"),
+    ("no_processor", "cannot load the image processor of"),
+]
+
+
+@pytest.mark.parametrize("case,message", BAD)
+def test_bad_input_is_refused_before_training(case, message, classifier_dirs, digits_dir, odd_data, tmp_path,
+                                              monkeypatch):
+    if case == "timm_without_timm" and importlib.util.find_spec("timm") is not None:
+        monkeypatch.setitem(sys.modules, "timm", None)  # as on our pinned stack: not importable
+    model, data, extra = _bad(case, classifier_dirs, digits_dir, odd_data, tmp_path)
+    started = []
+    monkeypatch.setattr(script, "ResumableLoader", lambda *a, **k: started.append(1))  # training would start here
+    with pytest.raises(UserError, match=message):
+        run_main(script, model, data, tmp_path / "out", *FAST, *extra)
+    assert not started and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_bad_input_reads_as_one_line_to_the_user(classifier_dirs, tmp_path):
+    proc = subprocess.run([sys.executable, "train_bi_tuning.py", "--pretrained_model_name_or_path",
+                           classifier_dirs["resnet"], "--dataset", str(tmp_path / "none" / "x"), "--output_dir",
+                           str(tmp_path / "out"), *FAST], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --dataset path ")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed (on our pinned stack it "
+                    "needs torchvision, which does not import); the refusal is tested above")
+def test_a_timm_model_trains_when_timm_imports(digits_dir, tmp_path):  # pragma: no cover - needs timm
+    from transformers import TimmWrapperForImageClassification
+
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet18", num_labels=3))
+    model.save_pretrained(tmp_path / "timm")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "timm")
+    result = train(str(tmp_path / "timm"), digits_dir, tmp_path / "out")
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.num_labels == 10
+    assert result.metrics["eval_samples"] > 0
+
+
+def test_help_documents_every_flag_with_its_default():
+    proc = subprocess.run([sys.executable, "train_bi_tuning.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    flags = {a.strip("[],") for a in proc.stdout.split() if a.startswith(("--", "[--"))}
+    assert {"--method", "--queue_size", "--temperature", "--key_momentum", "--projector_loss_weight",
+            "--classifier_contrast_weight", "--train_fraction", "--samples_per_class", "--backbone_lr_scale",
+            "--resume_from_checkpoint", "--push_to_hub"} <= flags
+    text = " ".join(proc.stdout.split())
+    assert "(default: 0.999)" in text and "(default: 40)" in text and "(default: 10000)" in text
