@@ -22,6 +22,7 @@ import datasets
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
+from utils.channel_projection import PROJECTION_FILE, attach_saved_projections
 from utils.data import load_image_dataset, require_column
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
@@ -53,6 +54,11 @@ def parse_args(argv=None):
                    help="Chain of forgetting: the model that takes over the last k%% of the steps (same kind).")
     p.add_argument("--handoff_fractions", type=float, nargs="+", default=[0.0],
                    help="k / 100 values: fraction of the last denoising steps the handoff model runs.")
+    p.add_argument("--handoff_condition", choices=["auto", "null", "class"], default="auto",
+                   help="What a DiT handoff model is conditioned on: null (its null class: unconditional, the "
+                        "chain of forgetting's measure when the classes differ), class (the evaluated model's class "
+                        "ids, meaningful only when both models' label rows mean the same classes), or auto: null "
+                        "unless both models record the same id2label.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed (batch b uses seed + b).")
     p.add_argument("--reference_cache_dir", default=os.path.join("~", ".cache", "diffusion-transfer", "fid"),
                    help="Where reference statistics are cached ('' : no cache).")
@@ -119,12 +125,61 @@ def load_denoiser(name, scheduler_model=None):
     if isinstance(pipe, DiTPipeline):
         classes = (sorted(set(pipe.labels.values())) if pipe.labels
                    else list(range(pipe.transformer.config.num_embeds_ada_norm)))
-        return "dit", pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes}
+        return "dit", pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes,
+                                         "labels": pipe.labels or None}
     unet = getattr(pipe, "unet", None)
     if type(unet).__name__ != "UNet2DModel":
         raise UserError(f"{name} is a {type(pipe).__name__}; evaluate_fid.py samples DiT and unconditional UNet2DModel "
                         "pipelines (text-to-image FID needs a prompt set)")
-    return "ddpm", unet, {"scheduler": pipe.scheduler}
+    return "ddpm", with_saved_projections(unet, name), {"scheduler": pipe.scheduler}
+
+
+def with_saved_projections(unet, name):
+    """The UNet with the official-placement channel projections saved beside its weights (train_deme.py
+    --channel_projection official, or a merge of such models): without them it computes something else."""
+    folder = os.path.join(name, "unet")
+    if not os.path.isdir(name):  # a Hub id: fetch the maps if the repo has them
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            folder = os.path.dirname(hf_hub_download(name, f"unet/{PROJECTION_FILE}"))
+        except EntryNotFoundError:
+            return unet
+        except Exception as e:
+            raise UserError(f"cannot check whether {name} carries channel projections (unet/{PROJECTION_FILE}): "
+                            f"{type(e).__name__}") from e
+    return attach_saved_projections(unet, folder)
+
+
+class NullClass(torch.nn.Module):
+    """A DiT that ignores the class ids it is given and denoises for its own null class (unconditionally; under
+    CFG both halves are then the same). It stands in for the handoff model when the two models' classes differ:
+    the evaluated model's class ids would prompt it with other classes, not measure forgetting."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.null_class = model.config.num_embeds_ada_norm  # the row after the classes
+
+    config = property(lambda self: self.model.config)
+    dtype = property(lambda self: self.model.dtype)
+    device = property(lambda self: self.model.device)
+
+    def forward(self, *args, class_labels=None, **kwargs):
+        if class_labels is not None:
+            class_labels = torch.full_like(torch.as_tensor(class_labels), self.null_class)
+        return self.model(*args, class_labels=class_labels, **kwargs)
+
+
+def handoff_condition(choice: str, kind: str, labels, handoff_labels) -> str | None:
+    """"null" or "class" for a DiT handoff (auto: class only when both models record the same id2label), None for
+    unconditional UNets."""
+    if kind != "dit":
+        return None
+    if choice != "auto":
+        return choice
+    return "class" if labels is not None and labels == handoff_labels else "null"
 
 
 def handoff_denoiser(model, handoff, scheduler, steps: int, fraction: float):
@@ -160,11 +215,14 @@ def main(args):
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     kind, model, parts = load_denoiser(args.model, args.scheduler_model)
-    handoff = None
+    handoff = condition = None
     if args.handoff_model:
-        handoff_kind, handoff, _ = load_denoiser(args.handoff_model, args.scheduler_model)
+        handoff_kind, handoff, handoff_parts = load_denoiser(args.handoff_model, args.scheduler_model)
         if handoff_kind != kind or handoff.config.sample_size != model.config.sample_size:
             raise UserError(f"--handoff_model {args.handoff_model} is not the same kind and size as {args.model}")
+        condition = handoff_condition(args.handoff_condition, kind, parts.get("labels"), handoff_parts.get("labels"))
+        handoff = NullClass(handoff) if condition == "null" else handoff
+        print(f"handoff model conditioned on: {condition or 'nothing (unconditional UNet)'}")
         handoff.to(device)
     model.to(device)
     if kind == "dit":
@@ -192,7 +250,8 @@ def main(args):
         print(f"k = {100 * fraction:5.1f}%  FID {results[-1]['fid']:.3f}")
 
     report = {
-        "kind": REPORT_KIND, "model": args.model, "handoff_model": args.handoff_model, "dataset": args.dataset,
+        "kind": REPORT_KIND, "model": args.model, "handoff_model": args.handoff_model, "handoff_condition": condition,
+        "dataset": args.dataset,
         "split": args.split,
         "feature_extractor": extractor.name, "num_samples": args.num_samples, "num_reference_images": n_ref,
         "resolution": resolution,

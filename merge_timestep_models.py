@@ -26,7 +26,7 @@ from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
 from utils import hub
-from utils.channel_projection import PROJECTION_FILE
+from utils.channel_projection import PROJECTION_FILE, attach_saved_projections
 from utils.data import load_image_dataset, require_column
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
@@ -203,8 +203,9 @@ def main(args):
 
     table = []
     if args.ensemble:
-        ensemble = TimestepEnsemble([getattr(diffusers, model_class).from_pretrained(
-            unet_weights_folder(m)) for m in args.models], ranges)
+        # each model with its official-placement channel projections, if it has them (saved beside it again)
+        ensemble = TimestepEnsemble([attach_saved_projections(getattr(diffusers, model_class).from_pretrained(
+            unet_weights_folder(m)), m) for m in args.models], ranges)
         ensemble.save_pretrained(unet_dir)
         weights = None
     else:

@@ -93,7 +93,8 @@ def test_chain_of_forgetting_ends_at_the_handoff_model(two_dits, digits_dir, tmp
     common = ["--dataset", digits_dir, "--feature_extractor", EXTRACTOR, "--num_samples", "12", "--batch_size", "8",
               "--num_inference_steps", "4", "--reference_cache_dir", tmp_path / "cache"]
     chain = evaluate("--model", b, "--handoff_model", a, "--handoff_fractions", "0", "0.5", "1",
-                     "--output_file", tmp_path / "chain.json", "--plot", tmp_path / "chain.png", *common)
+                     "--handoff_condition", "class", "--output_file", tmp_path / "chain.json", "--plot",
+                     tmp_path / "chain.png", *common)
     alone_a = evaluate("--model", a, "--output_file", tmp_path / "a.json", *common)
     alone_b = evaluate("--model", b, "--output_file", tmp_path / "b.json", *common)
     fids = [r["fid"] for r in chain["results"]]
@@ -105,6 +106,41 @@ def test_chain_of_forgetting_ends_at_the_handoff_model(two_dits, digits_dir, tmp
     assert report["protocol"] == {"sampler": "DDIM", "num_inference_steps": 4, "seed": 0, "guidance_scale": 1.5,
                                   "classes": "balanced", "num_classes": 1000}
     assert Image.open(tmp_path / "chain.png").size[0] > 100
+
+
+def test_handoff_is_unconditional_unless_both_models_have_the_same_classes(two_dits, digits_dir, tmp_path,
+                                                                           monkeypatch):
+    """The handoff model gets its null class (under CFG: both halves), never the fine-tuned model's class ids, when
+    the two models' classes differ or are unknown; an explicit --handoff_condition class keeps the ids."""
+    same, other = {"a": 0, "b": 1}, {"x": 0, "y": 1}
+    assert script.handoff_condition("auto", "dit", same, dict(same)) == "class"
+    assert script.handoff_condition("auto", "dit", same, other) == "null"
+    assert script.handoff_condition("auto", "dit", None, None) == "null"
+    assert script.handoff_condition("class", "dit", same, other) == "class"
+    assert script.handoff_condition("auto", "ddpm", None, None) is None
+
+    a, b = two_dits
+    seen = []
+    real = script.NullClass.forward
+
+    def spy(self, *args, class_labels=None, **kwargs):
+        seen.append(torch.as_tensor(class_labels).clone())
+        return real(self, *args, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(script.NullClass, "forward", spy)
+    common = ["--dataset", digits_dir, "--feature_extractor", EXTRACTOR, "--num_samples", "4", "--batch_size", "4",
+              "--num_inference_steps", "2", "--reference_cache_dir", tmp_path / "cache", "--handoff_model", a,
+              "--handoff_fractions", "1"]
+    null = evaluate("--model", b, "--output_file", tmp_path / "null.json", *common)
+    assert null["handoff_condition"] == "null" and seen and all(len(ids) == 8 for ids in seen)  # CFG: 2 x 4 rows
+    with torch.no_grad():  # the null row: the transformer's own, whatever ids it was handed
+        handoff = script.load_denoiser(a)[1]
+        model = script.NullClass(handoff)
+        x, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 10])
+        torch.testing.assert_close(model(x, timestep=t, class_labels=torch.tensor([3, 5])).sample,
+                                   handoff(x, timestep=t, class_labels=torch.tensor([1000, 1000])).sample)
+    classed = evaluate("--model", b, "--output_file", tmp_path / "class.json", "--handoff_condition", "class", *common)
+    assert classed["handoff_condition"] == "class" and classed["results"][0]["fid"] != null["results"][0]["fid"]
 
 
 def test_a_merged_ddpm_and_an_ensemble_evaluate(tiny_ddpm_dir, digits_dir, tmp_path):

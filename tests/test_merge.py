@@ -207,3 +207,52 @@ def test_streamed_merge_file_reads_back_exactly(tmp_path):
     assert all(loaded[k].dtype == tensors[k].dtype and torch.equal(loaded[k], tensors[k]) for k in tensors)
     with pytest.raises(ValueError, match="does not match the header"):
         save_merged(str(tmp_path / "bad.safetensors"), meta, ((k, tensors[k][:1]) for k in meta))
+
+
+@pytest.fixture(scope="module")
+def projected_copies(tiny_ddpm_dir, tmp_path_factory):
+    """Two range models saved as train_deme.py --channel_projection official saves them (maps beside the stock
+    weights), with maps far from the identity, and the models as they compute with their maps."""
+    from utils import channel_projection as cp
+
+    root, folders, live = tmp_path_factory.mktemp("projected"), [], []
+    for i in range(2):
+        unet = UNet2DModel.from_pretrained(tiny_ddpm_dir, subfolder="unet")
+        cp.add_projections(unet, "official")
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+                block.channel_projection.projection.add_(0.3 * torch.randn(block.channel_projection.projection.shape,
+                                                                           generator=g))
+        cp.save_unet(unet, root / f"r{i}")
+        assert (root / f"r{i}" / cp.PROJECTION_FILE).exists()
+        folders.append(str(root / f"r{i}"))
+        live.append(unet.eval())
+    return folders, live
+
+
+def test_official_projections_are_attached_wherever_a_model_is_loaded_for_sampling(tiny_ddpm_dir, projected_copies,
+                                                                                   tmp_path):
+    """Sampling an official-placement model without its maps computes another model: the ensemble export, the
+    ensemble loader and evaluate_fid.py's loader must all put them back."""
+    import shutil
+
+    import evaluate_fid
+
+    folders, live = projected_copies
+    size = live[0].config.sample_size
+    x, t = torch.randn(2, live[0].config.in_channels, size, size), torch.tensor([900, 900])
+    stock = UNet2DModel.from_pretrained(folders[1])
+    with torch.no_grad():
+        assert not torch.allclose(stock(x, t).sample, live[1](x, t).sample, atol=1e-3)  # the maps matter
+        merge("--base_model", tiny_ddpm_dir, "--models", *folders, "--ensemble", "--output_dir", str(tmp_path / "e"))
+        ensemble = TimestepEnsemble.from_pretrained(str(tmp_path / "e"))
+        torch.testing.assert_close(ensemble(x, t).sample, live[1](x, t).sample)
+        torch.testing.assert_close(ensemble(x, t - 800).sample, live[0](x, t - 800).sample)
+
+        pipeline = tmp_path / "pipeline"  # a pipeline whose UNet carries maps, as a merge of such models writes it
+        shutil.copytree(tiny_ddpm_dir, pipeline)
+        shutil.rmtree(pipeline / "unet")
+        shutil.copytree(folders[1], pipeline / "unet")
+        kind, unet, _ = evaluate_fid.load_denoiser(str(pipeline))
+        torch.testing.assert_close(unet(x, t).sample, live[1](x, t).sample)

@@ -128,3 +128,13 @@ def attach_saved_projections(unet, folder: str):
         with torch.no_grad():
             block.channel_projection.projection.copy_(maps[f"block_{i}"])
     return unet
+
+
+def save_unet(unet, folder: str) -> None:
+    """`save_pretrained`, with official-placement maps (if attached) written beside the stock weights instead of
+    into them; the model keeps its maps."""
+    maps = split_official_projections(unet)
+    unet.save_pretrained(folder)
+    if maps:
+        save_official_projections(maps, folder)
+        attach_saved_projections(unet, folder)

@@ -7,6 +7,8 @@ import os
 import diffusers
 import torch
 
+from .channel_projection import attach_saved_projections, save_unet
+
 ENSEMBLE_CONFIG = "ensemble.json"
 
 
@@ -64,17 +66,19 @@ class TimestepEnsemble(torch.nn.Module):
         os.makedirs(folder, exist_ok=True)
         entries = []
         for i, (model, r) in enumerate(zip(self.models, self.ranges)):
-            model.save_pretrained(os.path.join(folder, f"range_{i}"))
+            save_unet(model, os.path.join(folder, f"range_{i}"))  # official channel projections beside the weights
             entries.append({"folder": f"range_{i}", "timesteps": list(r), "class": type(model).__name__})
         with open(os.path.join(folder, ENSEMBLE_CONFIG), "w") as f:
             json.dump({"models": entries}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, folder, **kwargs):
+        """The saved ensemble; a model saved with official-placement channel projections gets them back (a stock
+        `from_pretrained` would silently compute without them)."""
         with open(os.path.join(folder, ENSEMBLE_CONFIG)) as f:
             entries = json.load(f)["models"]
-        models = [getattr(diffusers, e["class"]).from_pretrained(os.path.join(folder, e["folder"]), **kwargs)
-                  for e in entries]
+        models = [attach_saved_projections(getattr(diffusers, e["class"]).from_pretrained(
+            os.path.join(folder, e["folder"]), **kwargs), os.path.join(folder, e["folder"])) for e in entries]
         return cls(models, [e["timesteps"] for e in entries])
 
 
