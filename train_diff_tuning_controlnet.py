@@ -17,7 +17,6 @@ Defaults reproduce the paper: 512 px, batch 4 (2 bank + 2 data rows), lr 1e-5 co
 
 import argparse
 import copy
-import io
 import logging
 import os
 import sys
@@ -294,22 +293,12 @@ def load_rows(args, name, split, config_name=None):
     return ds
 
 
-def check_pairs(ds, args, progress):
-    """Decode every control once (images are decoded by check_images) and refuse a control whose aspect ratio
-    differs from its image's: the shared resize and crop would then misalign them."""
-    raw = ds.select_columns([args.image_column, args.conditioning_image_column]).cast_column(
-        args.image_column, datasets.Image(decode=False)).cast_column(args.conditioning_image_column,
-                                                                      datasets.Image(decode=False))
-    check_images(ds, args.conditioning_image_column)
-    for i, row in enumerate(progress(raw, total=len(raw))):
-        sizes = []
-        for item in (row[args.image_column], row[args.conditioning_image_column]):
-            with Image.open(item["path"] if item.get("bytes") is None else io.BytesIO(item["bytes"])) as im:
-                sizes.append(im.size)
-        (w1, h1), (w2, h2) = sizes
-        if abs(w1 * h2 - w2 * h1) > max(w1, h1, w2, h2):  # more than a pixel's rounding apart
-            where = row[args.image_column].get("path") or f"row {i}"
-            raise DatasetError(f"image {where} is {w1}x{h1} but its control is {w2}x{h2}: different aspect ratios")
+def same_aspect(i, images, where):
+    """Refuse a control whose aspect ratio differs from its image's: the shared resize and crop would then
+    misalign them (a `check_images` row check: image and control are decoded in one pass)."""
+    (w1, h1), (w2, h2) = (im.size for im in images)
+    if abs(w1 * h2 - w2 * h1) > max(w1, h1, w2, h2):  # more than a pixel's rounding apart
+        raise DatasetError(f"image {where} is {w1}x{h1} but its control is {w2}x{h2}: different aspect ratios")
 
 
 def annotate(ds, args, annotator):
@@ -492,8 +481,7 @@ def main(args):
                                      disable=not accelerator.is_local_main_process)
         with accelerator.main_process_first():
             for part in (ds, val):
-                check_images(part, args.image_column)
-                check_pairs(part, args, bar)
+                check_images(part, [args.image_column, args.conditioning_image_column], bar, same_aspect)
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
     bank_settings = {"base_model": args.pretrained_model_name_or_path, "resolution": args.resolution,
                      "annotator": annotator.settings, "prompt": args.memory_bank_prompt}

@@ -466,3 +466,19 @@ def test_help_documents_every_flag_with_its_default():
             "--resume_from_checkpoint", "--push_to_hub"} <= flags
     text = " ".join(proc.stdout.split())
     assert "(default: 0.999)" in text and "(default: 40)" in text and "(default: 10000)" in text
+
+
+def test_divergence_stops_every_process_with_one_line(classifier_dirs, digits_dir, tmp_path):
+    """A non-finite loss under torchrun: both processes stop at the same step (no hang in a collective), each
+    with the one-line error, and nothing is saved."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_bi_tuning.py",
+         "--pretrained_model_name_or_path", classifier_dirs["resnet"], "--dataset", digits_dir, "--output_dir",
+         str(tmp_path / "out"), *FAST, "--learning_rate", "1e12", "--max_train_steps", "20"],
+        cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("is not finite at step" in e for e in errors), proc.stderr[-3000:]
+    assert len({e.split(" at step ")[1].split(":")[0] for e in errors}) == 1  # the same step on both
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not list((tmp_path / "out").glob("checkpoint-*"))

@@ -131,20 +131,28 @@ def per_class_subset(labels, num_classes: int, seed: int, fraction: float | None
     return np.sort(np.concatenate(chosen))
 
 
-def check_images(ds: datasets.Dataset, image_column: str, progress=None) -> None:
-    """Decode every image once, so a corrupt file fails now, with its name, and not hours into training."""
-    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    rows = (row[image_column] for row in raw)  # one at a time: the whole set's bytes never sit in memory
-    for i, item in enumerate(progress(rows, total=len(raw)) if progress else rows):
-        where = item.get("path") or f"row {i}"
-        try:
-            if item.get("bytes") is not None:
-                img = Image.open(io.BytesIO(item["bytes"]))
-            else:
-                img = Image.open(item["path"])
-            img.load()
-        except Exception as e:
-            raise DatasetError(f"corrupt or unreadable image {where}: {type(e).__name__}: {e}") from e
+def check_images(ds: datasets.Dataset, image_column, progress=None, check_row=None) -> None:
+    """Decode every image once, so a corrupt file fails now, with its name, and not hours into training.
+    `image_column`: one column or several (e.g. image and control, decoded in the same pass); `check_row(i, images,
+    where)` may then check the decoded images of row i together and raise a DatasetError."""
+    columns = [image_column] if isinstance(image_column, str) else list(image_column)
+    raw = ds.select_columns(columns)
+    for column in columns:
+        raw = raw.cast_column(column, datasets.Image(decode=False))
+    rows = iter(raw)  # one at a time: the whole set's bytes never sit in memory
+    for i, row in enumerate(progress(rows, total=len(raw)) if progress else rows):
+        images = []
+        for column in columns:
+            item = row[column]
+            where = item.get("path") or f"row {i}"
+            try:
+                img = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"])
+                img.load()
+            except Exception as e:
+                raise DatasetError(f"corrupt or unreadable image {where}: {type(e).__name__}: {e}") from e
+            images.append(img)
+        if check_row is not None:
+            check_row(i, images, row[columns[0]].get("path") or f"row {i}")
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
