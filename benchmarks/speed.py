@@ -1,21 +1,27 @@
-"""Speed ratios of train_diff_tuning_dit.py, all measured in one run on one machine (CPU or GPU).
+"""Speed ratios of train_diff_tuning_dit.py, all measured in one process on one machine (CPU or GPU).
 
     python -m benchmarks.speed --pipeline demo_out/source --dataset demo_out/digits --resolution 16
+    python -m benchmarks.speed --small --dataset demo_out/digits          # the demo's architecture, random weights
     python -m benchmarks.speed --dit_xl --dataset digits_folder --resolution 256 --mixed_precision bf16  # GPU
 
 A step's time is the mean interval between optimisation steps inside one run (CUDA synchronised), after
 `WARMUP` steps, so start-up, data caching, memory-bank loading and the final save do not count. Each run is a
-fresh call of the training script's `main`.
+fresh call of the training script's `main`. The two kinds of run are interleaved (`--repeats` pairs, the order
+alternating), and every ratio is reported as the median over the pairs with its range: a single pair moved by
+up to 8% between runs on an idle 2-core machine.
 Measured:
-- Diff-Tuning step / standard fine-tuning step, same model and batch, both on cached latents (target <= 1.05);
+- Diff-Tuning step / standard fine-tuning step, same model and batch, both on cached latents (target <= 1.03:
+  the split adds no FLOPs);
 - standard step encoding with the VAE every step / standard step on cached latents;
-- memory-bank generation (`utils.memory_bank.generate_shards`, which also VAE-encodes and stores) / calling the
-  stock DiTPipeline directly for the same samples.
+- memory-bank generation (`utils.memory_bank.generate_shards`) / calling the stock DiTPipeline for the same
+  samples, and against the floor of what a bank must add: the stock pipeline plus the VAE encoding of every sample
+  and its mirror image (the stored latent moments). Target: at most 1.03 over that floor.
 """
 
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diff_tuning_dit as script  # noqa: E402
 from fixtures.in_process import run_script  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
+from utils.latents import encode_moments  # noqa: E402
 from utils.memory_bank import DiTBankSampler, generate_shards  # noqa: E402
 from utils.training import precision_dtype  # noqa: E402
 
@@ -56,10 +63,18 @@ def timed_run(argv, steps):
     return (stamps[-1] - stamps[WARMUP]) / steps, torch.cuda.max_memory_allocated() if cuda else None
 
 
+def fmt(values, digits=3):
+    """median (min-max)"""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", help="DiTPipeline folder (e.g. the demo's source model).")
+    src.add_argument("--small", action="store_true",
+                     help="The demo source model's architecture with random weights (step times do not depend on "
+                          "weight values).")
     src.add_argument("--dit_xl", action="store_true",
                      help="Build DiT-XL/2 (28 blocks of width 1152) and an SD-sized VAE with random weights: "
                           "the compute of facebook/DiT-XL-2-256 without a download (step times do not depend on "
@@ -67,7 +82,8 @@ def main():
     p.add_argument("--dataset", required=True, help="Image-folder data set.")
     p.add_argument("--resolution", type=int, default=16, help="Training resolution.")
     p.add_argument("--batch_size", type=int, default=32, help="Training batch.")
-    p.add_argument("--steps", type=int, default=40, help="Timed steps per run (after WARMUP + 1 untimed).")
+    p.add_argument("--steps", type=int, default=60, help="Timed steps per run (after WARMUP + 1 untimed).")
+    p.add_argument("--repeats", type=int, default=5, help="Interleaved pairs of runs per ratio.")
     p.add_argument("--bank_size", type=int, default=128, help="Samples for the generation benchmark.")
     p.add_argument("--bank_steps", type=int, default=50, help="DDIM steps for the generation benchmark.")
     p.add_argument("--num_workers", type=int, default=0, help="--dataloader_num_workers of the training runs.")
@@ -75,6 +91,9 @@ def main():
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.mkdtemp(prefix="speed-")
+    if a.small:
+        a.pipeline = f"{tmp}/small"
+        build_pipeline(resolution=16, vae_channels=(16, 32), hidden=(2, 32), layers=4).save_pretrained(a.pipeline)
     if a.dit_xl:
         a.pipeline = f"{tmp}/dit-xl"
         build_pipeline(resolution=256, vae_channels=(128, 256, 512, 512), hidden=(16, 72), layers=28,
@@ -88,53 +107,76 @@ def main():
     # Warm-up: builds the latent cache and the memory bank once for all runs.
     timed_run([*base, "--output_dir", f"{tmp}/warm", "--cache_latents"], 1)
 
-    # Standard steps are timed before and after the Diff-Tuning steps; their spread shows the timing noise.
-    standard_before, std_peak = timed_run([*base, "--method", "standard", "--cache_latents", "--output_dir",
-                                           f"{tmp}/std-c"], a.steps)
-    diff_cached, dt_peak = timed_run([*base, "--method", "diff_tuning", "--cache_latents", "--output_dir",
-                                      f"{tmp}/dt-c"], a.steps)
-    standard_after, _ = timed_run([*base, "--method", "standard", "--cache_latents", "--output_dir",
-                                   f"{tmp}/std-c2"], a.steps)
-    standard_cached = (standard_before + standard_after) / 2
-    standard_encode, _ = timed_run([*base, "--method", "standard", "--output_dir", f"{tmp}/std-e"], a.steps)
+    def run(kind, r):
+        flags = {"standard": ["--method", "standard", "--cache_latents"],
+                 "diff_tuning": ["--method", "diff_tuning", "--cache_latents"],
+                 "encode": ["--method", "standard"]}[kind]
+        return timed_run([*base, *flags, "--output_dir", f"{tmp}/{kind}-{r}"], a.steps)
+
+    times = {"standard": [], "diff_tuning": [], "encode": []}
+    peaks = {}
+    for r in range(a.repeats):  # interleaved, the order alternating, so drifts hit both kinds alike
+        for kind in (["standard", "diff_tuning"] if r % 2 == 0 else ["diff_tuning", "standard"]) + ["encode"]:
+            t, peaks[kind] = run(kind, r)
+            times[kind].append(t)
+    dt_ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
+    enc_ratio = [e / s for e, s in zip(times["encode"], times["standard"])]
 
     pipe = DiTPipeline.from_pretrained(a.pipeline)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
     # Under the runs' mixed precision, as the training script generates its bank.
     dtype = precision_dtype(a.mixed_precision) if a.mixed_precision != "no" else None
-    with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        start = time.perf_counter()
-        generate_shards(DiTBankSampler(pipe, num_inference_steps=a.bank_steps), f"{tmp}/gen", a.bank_size,
-                        batch_size=32, show_progress=False)
-        ours = time.perf_counter() - start
-        stock = DiTPipeline(transformer=pipe.transformer, vae=pipe.vae,
-                            scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
-        stock.set_progress_bar_config(disable=True)
-        start = time.perf_counter()
+    stock = DiTPipeline(transformer=pipe.transformer, vae=pipe.vae,
+                        scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    stock.set_progress_bar_config(disable=True)
+    sampler = DiTBankSampler(pipe, num_inference_steps=a.bank_steps)
+
+    def sample_stock(encode):
         for i in range(0, a.bank_size, 32):
             n = min(32, a.bank_size - i)
-            stock(class_labels=list(range(n)), guidance_scale=1.5, num_inference_steps=a.bank_steps,
-                  generator=[torch.Generator(device).manual_seed(i + j) for j in range(n)], output_type="np")
-        direct = time.perf_counter() - start
+            images = stock(class_labels=[sampler.pool[j % len(sampler.pool)] for j in range(n)], guidance_scale=1.5,
+                           num_inference_steps=a.bank_steps, output_type="np",
+                           generator=[torch.Generator(device).manual_seed(i + j) for j in range(n)]).images
+            if encode:  # what a bank must add: the latent moments of each sample and its mirror image
+                encode_moments(pipe.vae, torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1)
+        return 0
+
+    bank = {"ours": [], "stock": [], "floor": []}
+    with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None), torch.no_grad():
+        for r in range(a.repeats):
+            for kind in ("stock", "ours", "floor") if r % 2 == 0 else ("floor", "ours", "stock"):
+                start = time.perf_counter()
+                if kind == "ours":
+                    generate_shards(sampler, f"{tmp}/gen-{r}", a.bank_size, batch_size=32, show_progress=False)
+                else:
+                    sample_stock(encode=kind == "floor")
+                bank[kind].append(time.perf_counter() - start)
+    ours_stock = [o / s for o, s in zip(bank["ours"], bank["stock"])]
+    ours_floor = [o / f for o, f in zip(bank["ours"], bank["floor"])]
+    floor_stock = [f / s for f, s in zip(bank["floor"], bank["stock"])]
 
     print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, batch {a.batch_size}, "
           f"resolution {a.resolution}, {a.steps} timed steps per run, data-loader workers {a.num_workers}, "
           f"mixed precision {a.mixed_precision}")
+    print(f"{a.repeats} interleaved repeats; median (range)\n")
     print("| measurement | value |\n|---|---|")
-    print(f"| standard step, cached latents (before / after the Diff-Tuning runs) | {1000 * standard_before:.1f} / "
-          f"{1000 * standard_after:.1f} ms |")
-    print(f"| Diff-Tuning step, cached latents | {1000 * diff_cached:.1f} ms |")
-    print(f"| **Diff-Tuning / standard** (target <= 1.05) | **{diff_cached / standard_cached:.3f}** |")
-    print(f"| standard step, VAE every step | {1000 * standard_encode:.1f} ms |")
-    print(f"| **VAE every step / cached latents** | **{standard_encode / standard_cached:.3f}** |")
-    print(f"| memory bank: {a.bank_size} samples x {a.bank_steps} DDIM steps, ours | {ours:.2f} s |")
-    print(f"| same samples, stock DiTPipeline | {direct:.2f} s |")
-    print(f"| **bank generation / stock pipeline** | **{ours / direct:.3f}** |")
-    if std_peak is not None:
-        print(f"| peak CUDA memory, standard / Diff-Tuning (cached latents) | {std_peak / 2**30:.2f} / "
-              f"{dt_peak / 2**30:.2f} GiB |")
-        print(f"| **Diff-Tuning / standard peak memory** | **{dt_peak / std_peak:.3f}** |")
+    print(f"| standard step, cached latents | {fmt([1000 * t for t in times['standard']], 1)} ms |")
+    print(f"| Diff-Tuning step, cached latents | {fmt([1000 * t for t in times['diff_tuning']], 1)} ms |")
+    print(f"| **Diff-Tuning / standard** (target <= 1.03) | **{fmt(dt_ratio)}** |")
+    print(f"| standard step, VAE every step | {fmt([1000 * t for t in times['encode']], 1)} ms |")
+    print(f"| **VAE every step / cached latents** | **{fmt(enc_ratio)}** |")
+    print(f"| memory bank, {a.bank_size} samples x {a.bank_steps} DDIM steps: `generate_shards` | "
+          f"{fmt(bank['ours'], 2)} s |")
+    print(f"| same samples, stock DiTPipeline / + VAE encoding of sample and mirror (the floor) | "
+          f"{fmt(bank['stock'], 2)} / {fmt(bank['floor'], 2)} s |")
+    print(f"| bank generation / stock pipeline | {fmt(ours_stock)} |")
+    print(f"| floor / stock pipeline (the encoding a bank needs) | {fmt(floor_stock)} |")
+    print(f"| **bank generation / floor** (target <= 1.03) | **{fmt(ours_floor)}** |")
+    if peaks.get("standard") is not None:
+        print(f"| peak CUDA memory, standard / Diff-Tuning (cached latents) | {peaks['standard'] / 2**30:.2f} / "
+              f"{peaks['diff_tuning'] / 2**30:.2f} GiB |")
+        print(f"| **Diff-Tuning / standard peak memory** | **{peaks['diff_tuning'] / peaks['standard']:.3f}** |")
 
 
 if __name__ == "__main__":
