@@ -333,8 +333,8 @@ def main(args):
     classifier.config.problem_type = "single_label_classification"
     head_path = find_head(classifier, size, config.num_channels if hasattr(config, "num_channels") else 3)
     replace_head(classifier, head_path, len(names))  # from_pretrained keeps an old head of the same size
-    if args.gradient_checkpointing:
-        classifier.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # transformers 5 renamed it; older versions only have the first name
+        getattr(classifier, "activation_checkpointing_enable", classifier.gradient_checkpointing_enable)()
     bi_tuning = args.method == "bi_tuning"
     model = TwoHeadClassifier(classifier, head_path, args.projection_dim if bi_tuning else None)
     feature_dim = model.head.in_features

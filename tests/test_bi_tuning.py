@@ -21,8 +21,12 @@ from transformers import (
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextImageProcessor,
+    Dinov2Config,
+    Dinov2ForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
     TimmWrapperConfig,
     ViTConfig,
     ViTForImageClassification,
@@ -66,6 +70,13 @@ def tiny_classifiers():
         ("convnext", ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
                                                                    num_labels=3)),
          ConvNextImageProcessor(size={"shortest_edge": 16})),
+        ("swin", SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1],
+                                                       num_heads=[1, 2], window_size=2, num_labels=3)),
+         ViTImageProcessor(size={"height": 16, "width": 16})),
+        ("dinov2", Dinov2ForImageClassification(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=32, image_size=16, patch_size=4,
+                                                             num_labels=3)),  # head on [CLS, mean patch]: 32
+         ViTImageProcessor(size={"height": 16, "width": 16})),
     ]
 
 
@@ -75,7 +86,7 @@ def classifier_dirs(tmp_path_factory):
     for name, model, processor in tiny_classifiers():
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
-    return {name: str(root / name) for name in ("resnet", "vit", "convnext")}
+    return {name: str(root / name) for name in ("resnet", "vit", "convnext", "swin", "dinov2")}
 
 
 def train(model_dir, data_dir, out, *extra):
@@ -159,7 +170,7 @@ def test_loss_equals_cross_entropy_plus_both_kl_terms_and_the_target_is_uniform_
     torch.testing.assert_close(loss, F.cross_entropy(q.logits, labels) + 0.3 * kl[0] + 2.0 * kl[1])
 
 
-@pytest.mark.parametrize("name", ["resnet", "vit", "convnext"])
+@pytest.mark.parametrize("name", ["resnet", "vit", "convnext", "swin", "dinov2"])
 def test_head_of_the_features_is_the_logits_and_only_cross_entropy_trains_the_head(name):
     _, classifier, _ = next(c for c in tiny_classifiers() if c[0] == name)
     path = find_head(classifier, (16, 16))
@@ -291,6 +302,36 @@ def test_resume_gives_identical_weights_queues_and_pointers(classifier_dirs, dig
     with pytest.raises(UserError, match="made with --queue_size 100, this run has 50"):
         train(classifier_dirs["resnet"], digits_dir, tmp_path / "resumed", *common[:-4], "--queue_size", "50",
               "--lr_decay_steps", "4", "--resume_from_checkpoint", "latest")
+
+
+def test_vit_in_bf16_with_gradient_checkpointing_trains_and_loads(classifier_dirs, digits_dir, tmp_path):
+    result = train(classifier_dirs["vit"], digits_dir, tmp_path / "out", "--mixed_precision", "bf16",
+                   "--gradient_checkpointing", "--samples_per_class", "3")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "ViTForImageClassification" and model.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and result.queues.h.dtype == torch.float32
+    subset = json.loads((tmp_path / "out" / "train_subset.json").read_text())
+    assert set(subset["train_images_per_class"].values()) == {3} and result.metrics["eval_samples"] > 0
+    with pytest.raises(UserError, match="ResNetForImageClassification does not support it"):
+        train(classifier_dirs["resnet"], digits_dir, tmp_path / "r", "--gradient_checkpointing")
+
+
+def test_step_decay_happens_at_the_same_optimizer_step_on_any_process_count():
+    """accelerate steps a prepared scheduler once per process per optimizer step: the rules are scaled by it."""
+    for processes in (1, 2, 4):
+        args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--max_train_steps",
+                                  "10", "--lr_decay_steps", "4", "7"])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = script.make_lr_scheduler(optimizer, args, processes)
+        lrs = []
+        for _ in range(10):
+            lrs.append(round(scheduler.get_last_lr()[0], 6))
+            for _ in range(processes):
+                optimizer.step()
+                scheduler.step()
+        assert lrs == [1.0] * 4 + [0.1] * 3 + [0.01] * 3
+    default = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y"])
+    assert script.decay_steps(default) == [6000]  # the reference: x0.1 at 6,000 of 10,000
 
 
 def test_push_uploads_the_classifier_and_never_the_training_state(classifier_dirs, digits_dir, tmp_path,
