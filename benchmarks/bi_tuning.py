@@ -26,8 +26,8 @@ Seeds 1, 2, 3, paired: seed s picks the same label subset and data order in ever
 
 Measures: held-out accuracy after the LAST step (never a best step); per fraction and backbone the mean and std
 over seeds and the paired difference to standard (mean, 95% t-interval with 2 degrees of freedom); the step-time
-ratio of Bi-tuning over standard (per-step time from runs of 50 and 150 steps, three interleaved repeats, median
-and spread).
+ratio of Bi-tuning over standard (the median interval between optimizer steps inside runs of 120 steps, five
+interleaved repeats; median and range).
 
 Premise checks, reported first: (a) the supervised backbone reaches >= 95% on held-out digits 0-4 (it learned its
 source task); (b) each backbone transfers: standard fine-tuning from it beats the same network from random
@@ -176,31 +176,39 @@ def fine_tune(work, backbone_name, backbone, target, arm, fraction, seed, steps)
     return run(out, backbone, target, *flags)["eval_accuracy"]
 
 
-def step_time_ratio(work, backbone, target, repeats=3):
-    """Per-step time of Bi-tuning over standard: (t(150 steps) - t(50 steps)) / 100 for each, interleaved."""
+def step_time_ratio(work, backbone, target, repeats=5, steps=120, warmup=10):
+    """Per-step time of Bi-tuning over standard: the median interval between optimizer steps inside a run (timers in
+    the process: loading, evaluation and saving do not count), runs interleaved with the order alternating."""
+    import shutil
+    import statistics
+
+    import train_bi_tuning
+
+    real = train_bi_tuning.end_of_step
     ratios = []
     for r in range(repeats):
         per_step = {}
-        for arm in ("standard", "bi_tuning"):
-            times = []
-            for steps in (50, 150):
-                out = os.path.join(work, "timing", f"{arm}-{steps}-{r}")
-                if os.path.exists(out):
-                    import shutil
-                    shutil.rmtree(out)
-                start = time.perf_counter()
-                fine_tune_at(out, backbone, target, arm, steps)
-                times.append(time.perf_counter() - start)
-            per_step[arm] = (times[1] - times[0]) / 100
+        for arm in ("standard", "bi_tuning") if r % 2 == 0 else ("bi_tuning", "standard"):
+            stamps = []
+
+            def timed_end_of_step(*args, **kwargs):
+                stamps.append(time.perf_counter())
+                return real(*args, **kwargs)
+
+            out = os.path.join(work, "timing", f"{arm}-{r}")
+            shutil.rmtree(out, ignore_errors=True)
+            train_bi_tuning.end_of_step = timed_end_of_step
+            try:
+                run(out, backbone, target, *ARMS[arm], "--train_batch_size", "16", "--max_train_steps", str(steps),
+                    "--validation_steps", "0", "--checkpointing_steps", str(steps), "--seed", "1",
+                    "--train_val_split", "0.3")
+            finally:
+                train_bi_tuning.end_of_step = real
+            per_step[arm] = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
         ratios.append(per_step["bi_tuning"] / per_step["standard"])
         print(f"timing repeat {r}: standard {per_step['standard'] * 1e3:.1f} ms/step, bi_tuning "
               f"{per_step['bi_tuning'] * 1e3:.1f} ms/step, ratio {ratios[-1]:.3f}", flush=True)
     return ratios
-
-
-def fine_tune_at(out, backbone, target, arm, steps):
-    run(out, backbone, target, *ARMS[arm], "--train_batch_size", "16", "--max_train_steps", str(steps),
-        "--validation_steps", "0", "--checkpointing_steps", str(steps), "--seed", "1", "--train_val_split", "0.3")
 
 
 def t_interval(values):
@@ -302,7 +310,7 @@ def main():
                     acc[name][arm][f][s] = fine_tune(work, name, path, target, arm, f, s, steps)
                 print(f"{name} {f:g} seed {s}: " + ", ".join(f"{arm} {acc[name][arm][f][s]:.3f}" for arm in ARMS)
                       + f" ({time.time() - started:.0f} s)", flush=True)
-    ratios = step_time_ratio(work, supervised, target, repeats=1 if a.quick else 3)
+    ratios = step_time_ratio(work, supervised, target, repeats=1 if a.quick else 5)
     report = analyse(acc, scratch, source_accuracy, fractions, seeds)
     report.update(step_time_ratios=ratios, scratch=scratch, seconds=time.time() - started,
                   accuracy={n: {arm: {f"{f:g}": v for f, v in fs.items()} for arm, fs in arms.items()}

@@ -4,7 +4,7 @@
     python -m benchmarks.speed --small --dataset demo_out/digits          # the demo's architecture, random weights
     python -m benchmarks.speed --dit_xl --dataset digits_folder --resolution 256 --mixed_precision bf16  # GPU
 
-A step's time is the mean interval between optimisation steps inside one run (CUDA synchronised), after
+A step's time is the median interval between optimisation steps inside one run (CUDA synchronised), after
 `WARMUP` steps, so start-up, data caching, memory-bank loading and the final save do not count. Each run is a
 fresh call of the training script's `main`. The two kinds of run are interleaved (`--repeats` pairs, the order
 alternating), and every ratio is reported as the median over the pairs with its range: a single pair moved by
@@ -41,7 +41,8 @@ WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start
 
 
 def timed_run(argv, steps):
-    """Run the training script for WARMUP + 1 + `steps` steps; return (seconds per step, peak CUDA bytes or None)."""
+    """Run the training script for WARMUP + 1 + `steps` steps; return (median seconds per step, peak CUDA bytes or
+    None)."""
     gc.collect()  # the previous run's model and optimizer must not count towards this run's peak
     cuda = torch.cuda.is_available()
     if cuda:
@@ -60,7 +61,9 @@ def timed_run(argv, steps):
         run_script(script, [*argv, "--max_train_steps", str(WARMUP + 1 + steps)])
     finally:
         script.end_of_step = real_end_of_step
-    return (stamps[-1] - stamps[WARMUP]) / steps, torch.cuda.max_memory_allocated() if cuda else None
+    # The median interval: on a shared virtual machine a few steps stall for tens of ms, which a mean would carry.
+    intervals = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:])]
+    return statistics.median(intervals), torch.cuda.max_memory_allocated() if cuda else None
 
 
 def fmt(values, digits=3):

@@ -1,22 +1,48 @@
-"""Small-scale transfer benchmark on CPU, in the spirit of Diff-Tuning's Table 1, Figure 6a and Figure 1.
+"""Does Diff-Tuning help where its premise holds? Diff-Tuning's Table 1 / Figure 1 claim at toy scale on 2 CPU
+cores, with the premise checked first (about 2-2.5 hours from scratch; resumable: finished stages are kept).
 
-    python -m benchmarks.transfer [--work_dir benchmarks_out/transfer] [--steps 300] [--seeds 0 1 2]
+    python -m benchmarks.transfer [--work_dir benchmarks_out/transfer2] [--quick]
 
-1. Source: the small class-conditional DiT pre-trained on MNIST-5k (`fixtures.small_dit`, cached), and one
-   memory bank of it (`utils.memory_bank`, 320 samples), shared by every Diff-Tuning run.
-2. Targets (offline, 16 px): `digits` (sklearn's 1,797 digits), `digits_fewshot` (10 per class of them; scored
-   against all 1,797), `digits_inverted` (the same digits, white background: a domain shift).
-3. Methods, same steps, batch (32) and learning rate for all: standard fine-tuning, Diff-Tuning, bias-only
-   (BitFit), DiffFit, LoRA (merged), Diff-Tuning + DiffFit; every seed.
-4. FID of 500 samples per run (DDIM 50 steps, CFG 1.5, balanced classes) against the target images. Features:
-   the penultimate layer of a small CNN classifier trained here on MNIST-5k (TorchScript, `mnist_features.pt`).
-   The Inception extractors cost about 0.5 s per image on 2 CPU cores (the table needs ~30K images), and
-   Inception features of 16 px digits mean little; so these FIDs are comparable with each other only.
-5. Convergence (FID against steps, target `digits`, seed 0) for standard fine-tuning and Diff-Tuning from their
-   checkpoints, and the chain of forgetting (`evaluate_fid.py --handoff_model <source>`) for both.
+Fixed before any run (this docstring was written first; results go to benchmarks/RESULTS.md whichever way they go):
 
-Writes `<work_dir>/results.json`, `benchmarks/transfer_table.md`, `benchmarks/transfer_convergence.png`,
-`benchmarks/chain_of_forgetting.png`.
+Source. The small class-conditional DiT of the demo (`fixtures.small_dit`: hidden 64, 4 blocks, its own small VAE,
+16 px) pre-trained on the MNIST-5k digits 0-4 only (`--classes 0 1 2 3 4`, 2,000 steps), cached. One memory bank of
+it: 2,000 samples (the paper's smallest is 5K; 2K is what this source can be asked for on 2 cores), CFG 1.5,
+50 DDIM steps, shared by every Diff-Tuning run.
+
+Targets (16 px, their classes on the label rows 0..C-1, which meant other classes for the source, as ImageNet rows
+do for the paper's targets):
+  A  new classes, few-shot: MNIST digits 5-9, 10 per class (split seed 0); FID against the other images of 5-9.
+  B  the same with 100 per class.
+  C  negative control: sklearn digits 0-4 (the source's own classes in another rendering: 8x8 upsampled), 100 per
+     class; FID against the other sklearn digits 0-4. The premise (a good small-t denoiser, a new domain) is
+     reversed here; a method that helps on C helps for another reason.
+Arms (train_diff_tuning_dit.py; batch 32, lr 5e-4 constant, EMA 0.999 for all, sampled from the EMA):
+  standard, paper_mix (Diff-Tuning, 50% bank rows, retention weight 1), official_mix (20% bank rows, weight 0.1, as
+  thuml/Diffusion-Tuning's DiT code), difffit, lora (rank 4, merged). 3,000 steps; the model after 250, 500, 1,000,
+  2,000 and 3,000 steps (a resumed chain of runs: each stage's final EMA pipeline is kept).
+Seeds 0, 1, 2, paired: seed s sets the training randomness of every arm; data splits, the bank and the sampling seeds
+are shared by all arms.
+
+Measures, per target, arm and seed: FID of 1,000 samples (DDIM 50, CFG 1.5, balanced classes; MNIST-CNN features,
+comparable within this table only) at every stage on A, at the last stage on B and C; a memorisation index (share of
+300 samples whose nearest neighbour, in the same features, is a training image rather than one of as many held-out
+images of the same classes: 0.5 means no memorisation); the denoising error (epsilon MSE, null class, fixed noise)
+on 128 held-out target images per t bucket [0, 100), [100, 300), [300, 600), [600, 1000).
+
+Premise checks, reported per target before any arm is read: with standard fine-tuning (seed 0, last stage)
+  (a) the chain of forgetting: handing the last 2 / 5 / 10 / 20% of the DDIM steps to the source, unconditionally
+      (its null class), must not cost more than 5% FID at 10% (the paper's Fig. 1: neutral for small k);
+  (b) the source must denoise held-out target images at t < 100 at least as well as the fine-tuned model (error at
+      most 1.05 x the fine-tuned model's).
+A target failing (a) or (b) is reported as a negative control.
+
+Reading rule, for each Diff-Tuning mix: "reproduced" if on A (premise holding) its last-stage FID is lower than
+standard's in every seed, at least 10% lower on average, with the mean paired difference above 2 standard errors,
+AND on C it gains less than 10% (no gain where the premise is reversed); "contradicted" if on A it is worse than
+standard on average by more than 2 standard errors; otherwise "not reproduced (inconclusive at this scale)".
+`--quick` (seed 0, 600 steps in stages 300/600, 300 samples per FID, a 500-sample bank, a 800-step source) only
+checks that everything runs; its numbers are not read.
 """
 
 import argparse
@@ -29,7 +55,6 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 import evaluate_fid
 import train_diff_tuning_dit
@@ -38,30 +63,16 @@ from fixtures.offline_data import mnist_5k, sklearn_digits, write_image_folder
 from utils.memory_bank import is_memory_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {
+ARMS = {
     "standard": ["--method", "standard"],
-    "diff_tuning": ["--method", "diff_tuning"],
-    "bitfit": ["--method", "standard", "--tuning", "bitfit"],
-    "difffit": ["--method", "standard", "--tuning", "difffit"],  # the first half of the blocks, as 14 of DiT-XL's 28
+    "paper_mix": ["--method", "diff_tuning", "--retention_ratio", "0.5", "--retention_weight", "1.0"],
+    "official_mix": ["--method", "diff_tuning", "--retention_ratio", "0.2", "--retention_weight", "0.1"],
+    "difffit": ["--method", "standard", "--tuning", "difffit"],
     "lora": ["--method", "standard", "--tuning", "lora", "--merge_lora"],
-    "diff_tuning+difffit": ["--method", "diff_tuning", "--tuning", "difffit"],
 }
-
-
-def write_targets(root):
-    images, labels, names = sklearn_digits()
-    targets = {"digits": images, "digits_inverted": 255 - images}
-    for name, imgs in targets.items():
-        if not os.path.isdir(os.path.join(root, name)):
-            write_image_folder(imgs, labels, names, os.path.join(root, name + ".tmp"))
-            os.replace(os.path.join(root, name + ".tmp"), os.path.join(root, name))
-    few = os.path.join(root, "digits_fewshot")
-    if not os.path.isdir(few):
-        keep = np.concatenate([np.flatnonzero(labels == c)[:10] for c in range(10)])
-        write_image_folder(images[keep], labels[keep], names, few + ".tmp")
-        os.replace(few + ".tmp", few)
-    return {"digits": ("digits", "digits"), "digits_fewshot": ("digits_fewshot", "digits"),
-            "digits_inverted": ("digits_inverted", "digits_inverted")}  # name: (train folder, reference folder)
+BUCKETS = [(0, 100), (100, 300), (300, 600), (600, 1000)]
+HANDOFF = [0.0, 0.02, 0.05, 0.1, 0.2]
+PIPELINE_FILES = shutil.ignore_patterns("checkpoint-*", "logs", "memory_bank", "*.tmp*", ".created_by.json")
 
 
 class MnistFeatures(torch.nn.Module):
@@ -78,7 +89,7 @@ class MnistFeatures(torch.nn.Module):
 
 
 def feature_extractor(path):
-    """Train the FID feature network on MNIST-5k (both polarities, so inverted digits are in its domain)."""
+    """The FID feature network, trained on all of MNIST-5k (both polarities); cached as TorchScript."""
     if os.path.exists(path):
         return path
     torch.manual_seed(0)
@@ -88,165 +99,270 @@ def feature_extractor(path):
     x, y = torch.cat([x, 1 - x]), torch.from_numpy(np.concatenate([labels, labels]))
     net = MnistFeatures()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for step in range(1500):
+    for _ in range(1500):
         idx = torch.randint(0, len(x), (128,))
         loss = torch.nn.functional.cross_entropy(net.head(net(x[idx])), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        accuracy = (net.head(net(x)).argmax(1) == y).float().mean().item()
-    print(f"feature network: training accuracy {accuracy:.3f}")
     torch.jit.script(net.eval()).save(path)
     return path
 
 
-def fine_tune(source, bank, data, out, method, steps, seed, checkpointing_steps):
-    if os.path.exists(os.path.join(out, "README.md")):
-        return
-    run_script(train_diff_tuning_dit, [
-        "--pretrained_model_name_or_path", source, "--dataset", data, "--output_dir", out, *METHODS[method],
-        "--memory_bank", bank, "--resolution", "16", "--no-random_flip", "--cache_latents",
-        "--train_batch_size", "32", "--learning_rate", "5e-4", "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(checkpointing_steps), "--validation_steps", "0", "--report_to", "none",
-        "--num_validation_images", "10", "--validation_inference_steps", "25", "--seed", str(seed)])
+def write_targets(root, quick):
+    """{target: (train folder, reference folder, held-out folder)}: class folders of PNGs (split seed 0)."""
+    rng = np.random.default_rng(0)
+    mnist, mnist_y, names = mnist_5k()
+    digits, digits_y, _ = sklearn_digits()
+    specs = {"A": (mnist, mnist_y, [5, 6, 7, 8, 9], 10), "B": (mnist, mnist_y, [5, 6, 7, 8, 9], 100),
+             "C": (digits, digits_y, [0, 1, 2, 3, 4], 100)}
+    if quick:
+        specs = {k: specs[k] for k in ("A", "C")}
+    folders = {}
+    for target, (images, labels, classes, per_class) in specs.items():
+        train, rest = [], []
+        for c in classes:
+            rows = rng.permutation(np.flatnonzero(labels == c))
+            train.append(rows[:per_class])
+            rest.append(rows[per_class:])
+        train, rest = np.concatenate(train), np.concatenate(rest)
+        held = rng.permutation(rest)[:max(len(train), 128)]  # memorisation and denoising-error images
+        paths = []
+        for part, rows in (("train", train), ("reference", rest), ("held_out", held)):
+            path = os.path.join(root, target, part)
+            if not os.path.isdir(path):
+                write_image_folder(images[rows], labels[rows], names, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            paths.append(path)
+        folders[target] = tuple(paths)
+    return folders
 
 
-def fid(model, reference, extractor, samples, out_file, *extra):
-    report = evaluate_fid.main(evaluate_fid.parse_args([
-        "--model", model, "--dataset", reference, "--feature_extractor", extractor, "--num_samples", str(samples),
-        "--batch_size", "100", "--reference_cache_dir", os.path.join(os.path.dirname(out_file), "..", "fid_cache"),
-        "--output_file", out_file, *extra]))
-    return [r["fid"] for r in report["results"]]
+def train_stages(source, bank, data, run_dir, arm, seed, stages):
+    """Train to each stage in turn (a resumed chain: the same as one run) and keep each stage's EMA pipeline."""
+    out = os.path.join(run_dir, "train")
+    for step in stages:
+        stage = os.path.join(run_dir, f"step{step}")
+        if os.path.exists(os.path.join(stage, "model_index.json")):
+            continue
+        run_script(train_diff_tuning_dit, [
+            "--pretrained_model_name_or_path", source, "--dataset", data, "--output_dir", out, *ARMS[arm],
+            "--memory_bank", bank, "--resolution", "16", "--no-random_flip", "--cache_latents",
+            "--train_batch_size", "32", "--learning_rate", "5e-4", "--use_ema", "--ema_decay", "0.999",
+            "--max_train_steps", str(step), "--checkpointing_steps", str(np.gcd.reduce(stages)),
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", "--validation_steps", "0",
+            "--num_validation_images", "10", "--validation_inference_steps", "10", "--report_to", "none",
+            "--skip_image_check", "--seed", str(seed)])
+        shutil.copytree(out, stage + ".tmp", ignore=PIPELINE_FILES, dirs_exist_ok=True)
+        os.replace(stage + ".tmp", stage)
 
 
-def checkpoint_pipeline(final, checkpoint, out):
-    """The final pipeline folder with the transformer weights of a training checkpoint."""
-    if not os.path.exists(out):
-        shutil.copytree(final, out, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "memory_bank"))
-        state = load_file(os.path.join(checkpoint, "model.safetensors"))
-        target = os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors")
-        keys = load_file(target).keys()
-        save_file({k: state[k].contiguous() for k in keys}, target)
+def fid(model, reference, extractor, samples, report, *extra):
+    if not os.path.exists(report):
+        evaluate_fid.main(evaluate_fid.parse_args([
+            "--model", model, "--dataset", reference, "--feature_extractor", extractor, "--num_samples", str(samples),
+            "--batch_size", "100", "--reference_cache_dir", os.path.join(os.path.dirname(report), "fid_cache"),
+            "--output_file", report, *extra]))
+    with open(report) as f:
+        return [r["fid"] for r in json.load(f)["results"]]
+
+
+def images_of(folder):
+    """All images of a class-folder set as float NCHW in [0, 1]."""
+    from utils.data import load_image_dataset
+
+    ds = load_image_dataset(folder)
+    return torch.stack([torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
+                        for img in ds["image"]])
+
+
+@torch.no_grad()
+def memorisation(model, extractor_path, train_folder, held_folder, samples):
+    """Share of samples whose nearest neighbour (feature space) is a training image rather than a held-out one."""
+    from diffusers import DiTPipeline
+
+    from utils.sampling import generate
+
+    net = torch.jit.load(extractor_path)
+    pipe = DiTPipeline.from_pretrained(model)
+    classes = sorted(set(pipe.labels.values()))
+    parts = {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes}
+    generated = torch.cat(list(generate("dit", pipe.transformer, parts, samples, 100, 50, 1.5, 123, "cpu",
+                                        desc="memorisation samples")))
+    train, held = images_of(train_folder), images_of(held_folder)
+    held = held[: len(train)]
+    feats = [net(x) for x in (generated, train, held)]
+    d_train = torch.cdist(feats[0], feats[1]).min(1).values
+    d_held = torch.cdist(feats[0], feats[2]).min(1).values
+    return float((d_train < d_held).float().mean())
+
+
+@torch.no_grad()
+def denoising_errors(model, held_folder, count=128, seed=0):
+    """Epsilon MSE of the model (null class) on held-out images, per t bucket, with the same t and noise for every
+    model."""
+    from diffusers import DDPMScheduler, DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(model)
+    transformer, vae = pipe.transformer.eval(), pipe.vae.eval()
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = images_of(held_folder)[:count] * 2 - 1
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    g = torch.Generator().manual_seed(seed)
+    errors = []
+    for lo, hi in BUCKETS:
+        t = torch.randint(lo, hi, (len(latents),), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        null = torch.full((len(latents),), transformer.config.num_embeds_ada_norm)
+        pred = transformer(noisy, timestep=t, class_labels=null).sample[:, : latents.shape[1]]
+        errors.append(float(((pred - noise) ** 2).mean()))
+    return errors
+
+
+def paired(values_a, values_b):
+    """Mean and standard error of the paired differences a - b."""
+    d = np.asarray(values_a) - np.asarray(values_b)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def reading(results, premise, seeds, last):
+    out = {}
+    for mix in ("paper_mix", "official_mix"):
+        if not premise.get("A", {}).get("holds"):
+            out[mix] = "negative control: the premise fails on A, nothing is read"
+            continue
+        std = [results["A"]["standard"][str(s)]["fid"][str(last)] for s in seeds]
+        dt = [results["A"][mix][str(s)]["fid"][str(last)] for s in seeds]
+        mean_diff, se = paired(dt, std)
+        rel = (np.mean(std) - np.mean(dt)) / np.mean(std)
+        c_gain = None
+        if "C" in results:
+            c_std = np.mean([results["C"]["standard"][str(s)]["fid"][str(last)] for s in seeds])
+            c_dt = np.mean([results["C"][mix][str(s)]["fid"][str(last)] for s in seeds])
+            c_gain = (c_std - c_dt) / c_std
+        if all(d < s for d, s in zip(dt, std)) and rel >= 0.10 and -mean_diff > 2 * se and (c_gain is None or
+                                                                                           c_gain < 0.10):
+            out[mix] = "reproduced"
+        elif mean_diff > 2 * se:
+            out[mix] = "contradicted"
+        else:
+            out[mix] = "not reproduced (inconclusive at this scale)"
+        out[mix] += f" (A: {100 * rel:+.1f}% FID vs standard, paired diff {mean_diff:+.2f} +- {se:.2f} SE" + (
+            f"; C: {100 * c_gain:+.1f}%)" if c_gain is not None else ")")
     return out
 
 
-def plot(series, xlabel, path, title):
+def plot(results, premise, stages, seeds, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel(xlabel)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for arm, runs in results["A"].items():
+        means = [np.mean([runs[str(s)]["fid"][str(st)] for s in seeds]) for st in stages]
+        ax.plot(stages, means, marker="o", label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("FID (MNIST-CNN features)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("target A (digits 5-9, 10 per class): FID during fine-tuning", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for target, p in premise.items():
+        ax.plot([100 * k for k in HANDOFF], p["chain"], marker="o", label=f"{target}: standard, seed {seeds[0]}")
+    ax.set_xlabel("last k% of the DDIM steps by the source (null class)")
+    ax.set_ylabel("FID")
+    ax.set_title("premise (a): chain of forgetting", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    labels = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    for arm, runs in results["A"].items():
+        ax.plot(labels, np.mean([runs[str(s)]["denoising_error"] for s in seeds], axis=0), marker="o", label=arm)
+    ax.plot(labels, premise["A"]["source_error"], marker="s", color="k", label="source")
+    ax.set_yscale("log")
+    ax.set_xlabel("t bucket")
+    ax.set_ylabel("epsilon MSE on held-out A images (null class)")
+    ax.set_title("premise (b) and retention: denoising error by t", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work_dir", default="benchmarks_out/transfer", help="Models, data and reports (not committed).")
-    p.add_argument("--steps", type=int, default=300, help="Fine-tuning steps of every run.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of every method and target.")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="Methods.")
-    p.add_argument("--fid_samples", type=int, default=500, help="Samples per FID.")
-    p.add_argument("--convergence_points", type=int, default=5, help="Checkpoints on the FID-vs-steps curve.")
+    p.add_argument("--work_dir", default="benchmarks_out/transfer2", help="Models, data and reports (not committed).")
+    p.add_argument("--quick", action="store_true", help="A smoke run: nothing is read from it.")
     a = p.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    start = time.time()
-    w = os.path.abspath(a.work_dir)
+    torch.set_num_threads(1)  # 2 cores: two intra-op threads under load were 10x slower than one
+    if a.quick:
+        seeds, stages, samples, bank_size, source_steps, mem_samples = [0], [300, 600], 300, 500, 800, 100
+    else:
+        seeds, stages, samples, bank_size, source_steps, mem_samples = [0, 1, 2], [250, 500, 1000, 2000, 3000], 1000, \
+            2000, 2000, 300
+    w = os.path.abspath(a.work_dir + ("_quick" if a.quick else ""))
     os.makedirs(os.path.join(w, "reports"), exist_ok=True)
+    started = time.time()
     source = os.path.join(w, "source")
-    subprocess.run([sys.executable, "-m", "fixtures.small_dit", "--output_dir", source], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "fixtures.small_dit", "--output_dir", source, "--classes", "0", "1", "2",
+                    "3", "4", "--dit_steps", str(source_steps)], cwd=ROOT, check=True)
     bank = os.path.join(w, "memory_bank")
     if not is_memory_bank(bank):
         subprocess.run([sys.executable, "-m", "utils.memory_bank", "--pretrained_model_name_or_path", source,
-                        "--output_dir", bank, "--size", "320", "--batch_size", "64"], cwd=ROOT, check=True)
-    targets = write_targets(os.path.join(w, "data"))
+                        "--output_dir", bank, "--size", str(bank_size), "--batch_size", "100"], cwd=ROOT, check=True)
+    targets = write_targets(os.path.join(w, "data"), a.quick)
     extractor = feature_extractor(os.path.join(w, "mnist_features.pt"))
+    print(f"source, bank, data ready ({time.time() - started:.0f} s)", flush=True)
     results_path = os.path.join(w, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    last = stages[-1]
 
-    every = max(1, a.steps // a.convergence_points)
-    for target, (train_folder, reference_folder) in targets.items():
-        data, reference = os.path.join(w, "data", train_folder), os.path.join(w, "data", reference_folder)
-        for method in a.methods:
-            for seed in a.seeds:
-                key = f"{target}/{method}/{seed}"
-                if key in results:
-                    continue
-                out = os.path.join(w, "runs", target, method, str(seed))
+    premise = {}
+    for target, (train, reference, held) in targets.items():
+        for arm in ARMS:
+            for seed in seeds:
+                entry = results.setdefault(target, {}).setdefault(arm, {}).setdefault(str(seed), {"fid": {}})
+                run_dir = os.path.join(w, "runs", target, arm, str(seed))
                 t0 = time.time()
-                fine_tune(source, bank, data, out, method, a.steps, seed, every)
-                results[key] = fid(out, reference, extractor, a.fid_samples,
-                                   os.path.join(w, "reports", key.replace("/", "_") + ".json"))[0]
-                print(f"{key}: FID {results[key]:.2f} ({time.time() - t0:.0f} s)", flush=True)
+                train_stages(source, bank, train, run_dir, arm, seed, stages)
+                for step in stages if target == "A" else [last]:
+                    if str(step) not in entry["fid"]:
+                        entry["fid"][str(step)] = fid(os.path.join(run_dir, f"step{step}"), reference, extractor,
+                                                      samples, os.path.join(w, "reports", f"{target}_{arm}_{seed}_"
+                                                                                          f"{step}.json"))[0]
+                final = os.path.join(run_dir, f"step{last}")
+                if "memorisation" not in entry:
+                    entry["memorisation"] = memorisation(final, extractor, train, held, mem_samples)
+                if "denoising_error" not in entry:
+                    entry["denoising_error"] = denoising_errors(final, held)
                 json.dump(results, open(results_path, "w"), indent=2)
-    source_fid = {t: fid(source, os.path.join(w, "data", ref), extractor, a.fid_samples,
-                         os.path.join(w, "reports", f"source_{t}.json"))[0] for t, (_, ref) in targets.items()}
+                print(f"{target} {arm} seed {seed}: FID {entry['fid']}, memorisation {entry['memorisation']:.2f}, "
+                      f"error by t {[round(e, 4) for e in entry['denoising_error']]} ({time.time() - t0:.0f} s, "
+                      f"{(time.time() - started) / 60:.0f} min in all)", flush=True)
+        # Premise checks on the standard run of the first seed.
+        final = os.path.join(w, "runs", target, "standard", str(seeds[0]), f"step{last}")
+        chain = fid(final, reference, extractor, samples, os.path.join(w, "reports", f"{target}_chain.json"),
+                    "--handoff_model", source, "--handoff_condition", "null", "--handoff_fractions",
+                    *map(str, HANDOFF))
+        source_error = denoising_errors(source, held)
+        ft_error = results[target]["standard"][str(seeds[0])]["denoising_error"]
+        a_ok = chain[HANDOFF.index(0.1)] <= 1.05 * chain[0]
+        b_ok = source_error[0] <= 1.05 * ft_error[0]
+        premise[target] = {"chain": chain, "source_error": source_error, "fine_tuned_error": ft_error,
+                           "a_holds": a_ok, "b_holds": b_ok, "holds": a_ok and b_ok}
+        print(f"premise on {target}: (a) chain {[round(c, 2) for c in chain]} -> {a_ok}; (b) source error at t<100 "
+              f"{source_error[0]:.4f} vs fine-tuned {ft_error[0]:.4f} -> {b_ok}", flush=True)
 
-    # Convergence and the chain of forgetting: target digits, seed 0, standard vs Diff-Tuning.
-    curves, chains = {}, {}
-    reference = os.path.join(w, "data", "digits")
-    for method in ("standard", "diff_tuning"):
-        final = os.path.join(w, "runs", "digits", method, "0")
-        xs, ys = [], []
-        for step in range(every, a.steps + 1, every):
-            ckpt = os.path.join(final, f"checkpoint-{step}")
-            if not os.path.isdir(ckpt):
-                continue
-            model = checkpoint_pipeline(final, ckpt, os.path.join(w, "convergence", method, str(step)))
-            xs.append(step)
-            ys.append(fid(model, reference, extractor, a.fid_samples,
-                          os.path.join(w, "reports", f"convergence_{method}_{step}.json"))[0])
-        curves[method] = (xs, ys)
-        fractions = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-        chains[method] = ([100 * k for k in fractions],
-                          fid(final, reference, extractor, a.fid_samples,
-                              os.path.join(w, "reports", f"chain_{method}.json"), "--handoff_model", source,
-                              "--handoff_fractions", *map(str, fractions)))
-    plot(curves, "fine-tuning step", os.path.join(ROOT, "benchmarks", "transfer_convergence.png"),
-         "target digits, seed 0: FID during fine-tuning")
-    plot(chains, "last k% of the 50 DDIM steps by the pre-trained model",
-         os.path.join(ROOT, "benchmarks", "chain_of_forgetting.png"), "chain of forgetting (target digits, seed 0)")
-
-    # The table: mean +- std over seeds, and Diff-Tuning's relative improvement over standard fine-tuning.
-    lines = ["| method | " + " | ".join(targets) + " | mean |", "|---" * (len(targets) + 2) + "|"]
-    means = {}
-    for method in a.methods:
-        cells, per_target = [], []
-        for target in targets:
-            vals = np.array([results[f"{target}/{method}/{s}"] for s in a.seeds])
-            per_target.append(vals.mean())
-            cells.append(f"{vals.mean():.2f} +- {vals.std(ddof=1) if len(vals) > 1 else 0:.2f}")
-        means[method] = per_target
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {np.mean(per_target):.2f} |")
-    lines.append("| pre-trained source (no fine-tuning) | " + " | ".join(f"{source_fid[t]:.2f}" for t in targets)
-                 + f" | {np.mean(list(source_fid.values())):.2f} |")
-    if "standard" in means and "diff_tuning" in means:
-        rel = [(s - d) / s for s, d in zip(means["standard"], means["diff_tuning"])]
-        lines.append("")
-        lines.append("Relative FID improvement of Diff-Tuning over standard fine-tuning: "
-                     + ", ".join(f"{t} {100 * r:+.1f}%" for t, r in zip(targets, rel))
-                     + f"; mean {100 * np.mean(rel):+.1f}% (the paper: 26% on average).")
-    lines.append("")
-    lines.append("Chain of forgetting, FID at k = " + ", ".join(f"{k:g}%" for k in chains["standard"][0]) + ": "
-                 + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in ys) for m, (_, ys) in chains.items()))
-    lines.append("Convergence, FID at steps " + ", ".join(map(str, curves["standard"][0])) + ": "
-                 + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in ys) for m, (_, ys) in curves.items()))
-    lines.append(f"\nWall time of this invocation (runs already in results.json are not redone): "
-                 f"{(time.time() - start) / 60:.1f} min.")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(ROOT, "benchmarks", "transfer_table.md"), "w") as f:
-        f.write(f"Command: `python -m benchmarks.transfer --steps {a.steps} --seeds {' '.join(map(str, a.seeds))}`"
-                f", {a.fid_samples} samples per FID.\n\n{table}\n")
+    report = {"premise": premise, "reading": reading(results, premise, seeds, last), "seeds": seeds,
+              "stages": stages, "samples_per_fid": samples, "minutes": (time.time() - started) / 60}
+    with open(os.path.join(w, "report.json"), "w") as f:
+        json.dump({**report, "results": results}, f, indent=2)
+    png = os.path.join(ROOT, "benchmarks", "transfer.png") if not a.quick else os.path.join(w, "transfer.png")
+    plot(results, premise, stages, seeds, png)
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
