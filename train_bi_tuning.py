@@ -180,6 +180,9 @@ def check_args(args):
         raise UserError(f"--train_fraction must be in (0, 1], got {args.train_fraction}")
     if args.samples_per_class is not None and args.samples_per_class < 1:
         raise UserError(f"--samples_per_class must be >= 1, got {args.samples_per_class}")
+    if args.validation_split is not None and args.validation_split == args.train_split:
+        raise UserError(f"--validation_split {args.validation_split} is the training split: held-out metrics need "
+                        "another split (or leave it out: --train_val_split holds out part of the training split)")
     if not 0 < args.train_val_split < 1:
         raise UserError(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
     if args.temperature <= 0:
@@ -323,8 +326,8 @@ def main(args):
 
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
-        if len(subset) > 2:  # a carved validation split or a label subset: say which rows
-            write_json_atomically(os.path.join(args.output_dir, "train_subset.json"), subset)
+        # which rows trained and which were held out (a carved split, a label subset), and the per-class counts
+        write_json_atomically(os.path.join(args.output_dir, "train_subset.json"), subset)
 
     # ---- Models: the classifier with a NEW head, the projector, the key encoder and the class queues.
     classifier = AutoModelForImageClassification.from_pretrained(

@@ -397,6 +397,7 @@ def test_two_processes_hold_identical_queues(classifier_dirs, digits_dir, tmp_pa
     (["--lr_decay_steps", "20000"], "--lr_decay_steps 20000 is beyond the run"),
     (["--samples_per_class", "0"], "--samples_per_class must be >= 1"),
     (["--train_val_split", "1"], r"--train_val_split must be in \(0, 1\)"),
+    (["--validation_split", "train"], "--validation_split train is the training split"),
 ])
 def test_impossible_hyperparameters(flags, message):
     with pytest.raises(UserError, match=message):
@@ -416,7 +417,25 @@ def odd_data(tmp_path_factory):
     images = [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(12)]
     datasets.Dataset.from_dict({"image": images, "label": [0.5] * 12}).save_to_disk(root / "float_labels")
     datasets.Dataset.from_dict({"image": images, "label": [0] * 12}).save_to_disk(root / "one_class")
+    labels = datasets.ClassLabel(names=["dark", "light"])
+    features = datasets.Features({"image": datasets.Image(), "label": labels})
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(12)]}, features=features),
+        "validation": datasets.Dataset.from_dict({"image": images[:5], "label": [0, 1, 0, 1, 1]}, features=features),
+    }).save_to_disk(root / "with_validation")
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(12)]}),
+        "validation": datasets.Dataset.from_dict({"image": images[:3], "label": [0, 1, 7]}),
+    }).save_to_disk(root / "bad_validation")
     return root
+
+
+def test_a_validation_split_is_used_as_it_is(classifier_dirs, odd_data, tmp_path):
+    result = run_main(script, classifier_dirs["resnet"], str(odd_data / "with_validation"), tmp_path / "out", *FAST)
+    assert result.metrics["eval_samples"] == 5
+    subset = json.loads((tmp_path / "out" / "train_subset.json").read_text())
+    assert subset["validation"] == "validation" and subset["train_images_per_class"] == {"dark": 6, "light": 6}
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "dark", 1: "light"}
 
 
 def _bad(case, classifier_dirs, digits_dir, odd_data, tmp_path):
@@ -432,6 +451,8 @@ def _bad(case, classifier_dirs, digits_dir, odd_data, tmp_path):
         data = str(odd_data / "float_labels")
     elif case == "one_class":
         data = str(odd_data / "one_class")
+    elif case == "validation_labels":
+        data = str(odd_data / "bad_validation")
     elif case == "empty_class_after_subset":
         extra = ["--train_fraction", "0.02"]
     elif case == "not_a_classifier":
@@ -456,6 +477,7 @@ BAD = [
     ("missing_column", "has no label column 'nope'"),
     ("float_labels", "must hold non-negative integers or be a ClassLabel"),
     ("one_class", "has 1 class; a classifier needs at least 2"),
+    ("validation_labels", r"split 'validation' holds labels \[7\] that are not class ids 0..1"),
     ("empty_class_after_subset", r"class\(es\) have no training image .* after --train_fraction"),
     ("not_a_classifier", "is a 'bert' model, which transformers has no image-classification class for"),
     ("timm_without_timm", "is a timm model, which needs the timm package"),
