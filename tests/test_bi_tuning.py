@@ -438,6 +438,14 @@ def test_a_validation_split_is_used_as_it_is(classifier_dirs, odd_data, tmp_path
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "out").config.id2label == {0: "dark", 1: "light"}
 
 
+def test_a_checkpoint_of_another_class_count_is_refused(classifier_dirs, digits_dir, odd_data, tmp_path):
+    train(classifier_dirs["resnet"], digits_dir, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps",
+          "2")
+    with pytest.raises(UserError, match="was made with num classes 10, this run has 2"):
+        run_main(script, classifier_dirs["resnet"], str(odd_data / "with_validation"), tmp_path / "out", *FAST,
+                 "--resume_from_checkpoint", "latest")
+
+
 def _bad(case, classifier_dirs, digits_dir, odd_data, tmp_path):
     """(model, data, extra flags) of one bad-input case."""
     model, data, extra = classifier_dirs["resnet"], digits_dir, []

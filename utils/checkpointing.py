@@ -88,8 +88,9 @@ def check_identity(path: str, identity: dict | None, log) -> None:
         recorded = json.load(f)
     for key, value in identity.items():
         if key in recorded and recorded[key] != value:
-            raise UserError(f"checkpoint {path} was made with --{key} {recorded[key]!r}, this run has {value!r}; "
-                            "resume with the same flags, or use a new --output_dir")
+            what = f"--{key}" if key in IDENTITY_FLAGS else key.replace("_", " ")  # e.g. the data's class count
+            raise UserError(f"checkpoint {path} was made with {what} {recorded[key]!r}, this run has {value!r}; "
+                            "resume with the same flags and data, or use a new --output_dir")
 
 
 def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log, ema=None,
