@@ -229,11 +229,11 @@ def make_lr_scheduler(optimizer, args, num_processes: int):
                          num_training_steps=args.max_train_steps * num_processes)
 
 
-def split_data(splits, args, image_column_flag, label_column_flag):
+def split_data(splits, args):
     """(train rows, held-out rows, image column, label column, class names, subset record for train_subset.json)."""
     train = pick_split(splits, args.train_split, args.dataset)
-    image_column = require_column(train, image_column_flag, datasets.Image, "image", "--image_column")
-    label_column = require_column(train, label_column_flag, datasets.ClassLabel, "label", "--label_column")
+    image_column = require_column(train, args.image_column, datasets.Image, "image", "--image_column")
+    label_column = require_column(train, args.label_column, datasets.ClassLabel, "label", "--label_column")
     names = class_names(train, label_column)
     if len(names) < 2:
         raise DatasetError(f"dataset {args.dataset} has {len(names)} class; a classifier needs at least 2")
@@ -305,8 +305,7 @@ def main(args):
 
     # ---- Data and model config: everything cheap is checked before any weights load.
     splits = load_image_splits(args.dataset, args.dataset_config_name, args.cache_dir)
-    train_ds, eval_ds, image_column, label_column, names, subset = split_data(splits, args, args.image_column,
-                                                                              args.label_column)
+    train_ds, eval_ds, image_column, label_column, names, subset = split_data(splits, args)
     if len(train_ds) < args.train_batch_size * accelerator.num_processes:
         raise UserError(f"{len(train_ds)} training images, fewer than one batch of {args.train_batch_size} on each of "
                         f"{accelerator.num_processes} process(es); lower --train_batch_size")
@@ -334,7 +333,7 @@ def main(args):
         args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
     classifier.config.problem_type = "single_label_classification"
-    head_path = find_head(classifier, size, config.num_channels if hasattr(config, "num_channels") else 3)
+    head_path = find_head(classifier, size, getattr(config, "num_channels", 3))
     replace_head(classifier, head_path, len(names))  # from_pretrained keeps an old head of the same size
     if args.gradient_checkpointing:  # transformers 5 renamed it; older versions only have the first name
         getattr(classifier, "activation_checkpointing_enable", classifier.gradient_checkpointing_enable)()
@@ -533,7 +532,8 @@ print(classifier("image.jpg"))  # classes: {", ".join(names[:4])}{" ..." if len(
         base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs,
         metrics={"held-out accuracy (last step)": f"{metrics['eval_accuracy']:.4f}",
                  "held-out mean per-class accuracy (last step)": f"{metrics['eval_mean_class_accuracy']:.4f}"},
-        image="confusion_matrix.png", library_name="transformers", pipeline_tag="image-classification",
+        image="confusion_matrix.png", image_heading="Held-out confusion matrix", library_name="transformers",
+        pipeline_tag="image-classification",
         tags=["image-classification", "bi-tuning" if bi else "standard-fine-tuning"],
         description=description, hyperparameters=hyper, usage=usage,
     )

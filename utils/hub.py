@@ -62,12 +62,14 @@ def save_model_card(
     datasets: list[str] | None = None,
     metrics: dict | None = None,
     image: str | None = None,
+    image_heading: str = "Samples",
     license: str | None = None,
     library_name: str = "diffusers",
     pipeline_tag: str | None = None,
 ) -> ModelCard:
     """Write `README.md` with the Hub's metadata (`library_name`: diffusers, transformers...; `pipeline_tag`: the
-    Hub task, e.g. image-classification) and a body that says what was trained and how to load it."""
+    Hub task, e.g. image-classification) and a body that says what was trained and how to load it (`image` shown
+    under `image_heading`)."""
     data = ModelCardData(
         library_name=library_name,
         pipeline_tag=pipeline_tag,
@@ -83,7 +85,7 @@ def save_model_card(
         body += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {v} |" for k, v in metrics.items()]
     if image:
-        body += ["", "## Samples" if library_name == "diffusers" else "## Figures", "", f"![samples]({image})"]
+        body += ["", f"## {image_heading}", "", f"![{image_heading.lower()}]({image})"]
     body += ["", "## Usage", "", "```python", usage.strip(), "```", ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     card = ModelCard(content)
