@@ -178,37 +178,29 @@ def images_of(folder):
 
 
 @torch.no_grad()
-def memorisation(model, extractor_path, train_folder, held_folder, samples):
-    """Share of samples whose nearest neighbour (feature space) is a training image rather than a held-out one."""
-    from diffusers import DiTPipeline
-
+def memorisation(pipe, net, train, held, samples):
+    """Share of samples whose nearest neighbour (feature space of `net`) is a training image rather than one of as
+    many held-out images (`train`, `held`: float NCHW in [0, 1])."""
     from utils.sampling import generate
 
-    net = torch.jit.load(extractor_path)
-    pipe = DiTPipeline.from_pretrained(model)
-    classes = sorted(set(pipe.labels.values()))
-    parts = {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes}
+    parts = {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": sorted(set(pipe.labels.values()))}
     generated = torch.cat(list(generate("dit", pipe.transformer, parts, samples, 100, 50, 1.5, 123, "cpu",
                                         desc="memorisation samples")))
-    train, held = images_of(train_folder), images_of(held_folder)
-    held = held[: len(train)]
-    feats = [net(x) for x in (generated, train, held)]
+    feats = [net(x) for x in (generated, train, held[: len(train)])]
     d_train = torch.cdist(feats[0], feats[1]).min(1).values
     d_held = torch.cdist(feats[0], feats[2]).min(1).values
     return float((d_train < d_held).float().mean())
 
 
 @torch.no_grad()
-def denoising_errors(model, held_folder, count=128, seed=0):
-    """Epsilon MSE of the model (null class) on held-out images, per t bucket, with the same t and noise for every
-    model."""
-    from diffusers import DDPMScheduler, DiTPipeline
+def denoising_errors(pipe, held, count=128, seed=0):
+    """Epsilon MSE of the pipeline's DiT (null class) on held-out images (float NCHW in [0, 1]), per t bucket, with
+    the same t and noise for every model."""
+    from diffusers import DDPMScheduler
 
-    pipe = DiTPipeline.from_pretrained(model)
     transformer, vae = pipe.transformer.eval(), pipe.vae.eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    pixels = images_of(held_folder)[:count] * 2 - 1
-    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    latents = vae.encode(held[:count] * 2 - 1).latent_dist.mean * vae.config.scaling_factor
     g = torch.Generator().manual_seed(seed)
     errors = []
     for lo, hi in BUCKETS:
@@ -324,8 +316,12 @@ def main():
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     last = stages[-1]
 
+    from diffusers import DiTPipeline
+
+    net = torch.jit.load(extractor)
     premise = {}
     for target, (train, reference, held) in targets.items():
+        train_images, held_images = images_of(train), images_of(held)  # decoded once per target
         for arm in ["standard"] if a.premise_only else ARMS:
             for seed in seeds[:1] if a.premise_only else seeds:
                 entry = results.setdefault(target, {}).setdefault(arm, {}).setdefault(str(seed), {"fid": {}})
@@ -337,11 +333,10 @@ def main():
                         entry["fid"][str(step)] = fid(os.path.join(run_dir, f"step{step}"), reference, extractor,
                                                       samples, os.path.join(w, "reports", f"{target}_{arm}_{seed}_"
                                                                                           f"{step}.json"))[0]
-                final = os.path.join(run_dir, f"step{last}")
-                if "memorisation" not in entry:
-                    entry["memorisation"] = memorisation(final, extractor, train, held, mem_samples)
-                if "denoising_error" not in entry:
-                    entry["denoising_error"] = denoising_errors(final, held)
+                if "memorisation" not in entry or "denoising_error" not in entry:
+                    final = DiTPipeline.from_pretrained(os.path.join(run_dir, f"step{last}"))
+                    entry["memorisation"] = memorisation(final, net, train_images, held_images, mem_samples)
+                    entry["denoising_error"] = denoising_errors(final, held_images)
                 json.dump(results, open(results_path, "w"), indent=2)
                 print(f"{target} {arm} seed {seed}: FID {entry['fid']}, memorisation {entry['memorisation']:.2f}, "
                       f"error by t {[round(e, 4) for e in entry['denoising_error']]} ({time.time() - t0:.0f} s, "
@@ -351,7 +346,7 @@ def main():
         chain = fid(final, reference, extractor, samples, os.path.join(w, "reports", f"{target}_chain.json"),
                     "--handoff_model", source, "--handoff_condition", "null", "--handoff_fractions",
                     *map(str, HANDOFF))
-        source_error = denoising_errors(source, held)
+        source_error = denoising_errors(DiTPipeline.from_pretrained(source), held_images)
         ft_error = results[target]["standard"][str(seeds[0])]["denoising_error"]
         a_ok = chain[HANDOFF.index(0.1)] <= 1.05 * chain[0]
         b_ok = source_error[0] <= 1.05 * ft_error[0]
