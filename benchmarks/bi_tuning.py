@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from benchmarks.verdicts import t_interval, verdict
+
 FRACTIONS = [0.05, 0.15, 0.3, 0.5, 1.0]
 SEEDS = [1, 2, 3]
 ARMS = {
@@ -211,25 +213,6 @@ def step_time_ratio(work, backbone, target, repeats=5, steps=120, warmup=10):
     return ratios
 
 
-def t_interval(values):
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return mean, mean - half, mean + half
-
-
-def reading(mean, lo, hi):
-    if lo > 0 and mean >= 0.01:
-        return "reproduced"
-    if hi < 0:
-        return "contradicted"
-    return "not reproduced (inconclusive at this scale)"
-
-
 def analyse(acc, scratch, source_accuracy, fractions, seeds):
     """The report: premises, per-fraction table, pooled reading per backbone."""
     report = {"source_accuracy": source_accuracy, "premise_a": source_accuracy >= 0.95, "backbones": {}}
@@ -246,7 +229,7 @@ def analyse(acc, scratch, source_accuracy, fractions, seeds):
         pooled = [arms["bi_tuning"][f][s] - arms["standard"][f][s] for f in fractions if f in LOW for s in seeds]
         mean, lo, hi = t_interval(pooled)
         entry["pooled_low_label_diff"] = (mean, lo, hi)
-        entry["reading"] = reading(mean, lo, hi) if entry["premise_b"] and report["premise_a"] else \
+        entry["reading"] = verdict(mean, lo, hi, minimum=0.01) if entry["premise_b"] and report["premise_a"] else \
             "negative control (premise failed): not read"
         report["backbones"][name] = entry
     return report

@@ -49,6 +49,8 @@ import time
 
 import numpy as np
 
+from benchmarks.verdicts import bootstrap_mean, verdict
+
 PAIRED_SEEDS = [1, 2, 3, 4, 5]
 PILOT_SEED = 100
 ARMS = {
@@ -155,21 +157,6 @@ def steps_to(points, threshold, max_steps):
     return max_steps, False
 
 
-def bootstrap_mean(values, n=10_000, seed=0):
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
-    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def reading(mean, lo, hi):
-    if lo > 0 and mean >= 0.10:
-        return "reproduced"
-    if hi < 0:
-        return "contradicted"
-    return "not reproduced (inconclusive at this scale)"
-
-
 def analyse(curves, pilot, steps):
     scores = [p["score"] for p in pilot["points"]]
     f0, f1 = scores[0], float(np.mean(scores[-3:]))
@@ -185,7 +172,8 @@ def analyse(curves, pilot, steps):
                 "steps": [x for x, _ in reached[arm]], "reached": [ok for _, ok in reached[arm]],
                 "standard_steps": [x for x, _ in reached["standard"]],
                 "standard_reached": [ok for _, ok in reached["standard"]],
-                "relative_reduction": r, "mean": mean, "ci95": [lo, hi], "reading": reading(mean, lo, hi)}
+                "relative_reduction": r, "mean": mean, "ci95": [lo, hi],
+                "reading": verdict(mean, lo, hi, minimum=0.10)}
     for arm in ("paper_mix", "official_mix"):
         auc = [np.mean([p["score"] for p in curves[arm][s]["points"]])
                - np.mean([p["score"] for p in curves["standard"][s]["points"]]) for s in PAIRED_SEEDS]
