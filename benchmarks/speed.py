@@ -143,7 +143,6 @@ def main():
                            generator=[torch.Generator(device).manual_seed(i + j) for j in range(n)]).images
             if encode:  # what a bank must add: the latent moments of each sample and its mirror image
                 encode_moments(pipe.vae, torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1)
-        return 0
 
     bank = {"ours": [], "stock": [], "floor": []}
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None), torch.no_grad():
