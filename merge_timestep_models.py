@@ -26,7 +26,7 @@ from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
 from utils import hub
-from utils.channel_projection import PROJECTION_FILE, attach_saved_projections
+from utils.channel_projection import PROJECTION_FILE, attach_saved_projections, load_official_projections
 from utils.data import load_image_dataset, require_column
 from utils.errors import UserError
 from utils.fid import load_feature_extractor, make_metric, reference_statistics
@@ -170,9 +170,6 @@ def main(args):
     fid = args.search != "none" and args.search_metric == "fid"
     metric = None  # FID: the extractor is loaded before any work, so a missing one fails at once
     extractor = load_feature_extractor(args.feature_extractor) if fid else None
-    if args.search != "none" and any(projected):
-        raise UserError("--search scores stock models; merge official-placement (unfoldable) projections with "
-                        "given --weights")
     if args.search != "none":
         if not is_pipeline:
             raise UserError("--search needs the base to be a pipeline (its scheduler, and VAE/text encoder for SD)")
@@ -201,6 +198,7 @@ def main(args):
     unet_dir = os.path.join(tmp, "unet") if as_pipeline else tmp
     os.makedirs(unet_dir, exist_ok=True)
 
+    maps = [SafetensorsWeights(os.path.join(m, PROJECTION_FILE)) for m in args.models] if all(projected) else None
     table = []
     if args.ensemble:
         # each model with its official-placement channel projections, if it has them (saved beside it again)
@@ -211,16 +209,15 @@ def main(args):
     else:
         weights = args.weights or [1.0 / len(models)] * len(models)
         if args.search != "none":
-            weights, table = search_weights(args, base, models, pipeline, denoising, batches, metric, ranges,
-                                            weights)
+            weights, table = search_weights(args, base, models, maps, pipeline, denoising, batches, metric,
+                                            ranges, weights)
         try:  # tensor by tensor, each checked as it is written: never the whole model in memory
             save_merged(os.path.join(unet_dir, WEIGHTS_NAME), base.meta, finite_tensors(
                 iter_merged(base, models, weights, args.merge_method, args.density, args.seed), "the merged model"))
         except UserError:
             shutil.rmtree(tmp)
             raise
-        if all(projected) and projected:
-            maps = [SafetensorsWeights(os.path.join(m, PROJECTION_FILE)) for m in args.models]
+        if maps:
             save_file(merge_tensors(IdentityMaps(maps[0]), maps, weights, args.merge_method, args.density, args.seed),
                       os.path.join(unet_dir, PROJECTION_FILE))
         with open(os.path.join(unet_dir, "config.json"), "w") as f:
@@ -272,9 +269,10 @@ def fid_reference(args, extractor, denoising):
     return metric
 
 
-def search_weights(args, base, models, pipeline, denoising, batches, metric, ranges, start):
+def search_weights(args, base, models, maps, pipeline, denoising, batches, metric, ranges, start):
     """Score candidate weights by held-out loss per range (same noise for every candidate) or by FID (same seeds);
-    returns the best weights and the table of every candidate tried, best first."""
+    returns the best weights and the table of every candidate tried, best first. `maps`: the models' official-
+    placement channel projections (or None); each candidate is scored with its merged maps attached, as it is saved."""
     unet = pipeline.unet.to(denoising.device).eval()
     scored = {}
 
@@ -282,7 +280,12 @@ def search_weights(args, base, models, pipeline, denoising, batches, metric, ran
         key = tuple(round(w, 6) for w in weights)
         if key not in scored:
             merged = merge_tensors(base, models, list(key), args.merge_method, args.density, args.seed)
-            unet.load_state_dict(merged)
+            if maps:
+                load_official_projections(unet, merge_tensors(IdentityMaps(maps[0]), maps, list(key),
+                                                              args.merge_method, args.density, args.seed))
+            missing, unexpected = unet.load_state_dict(merged, strict=False)
+            if unexpected or any("channel_projection" not in k for k in missing):
+                raise RuntimeError(f"merged weights do not fit the base UNet: {unexpected or missing}")
             if metric is None:
                 losses = denoising.range_losses(unet, batches, ranges, args.seed)
                 row = {"range_losses": losses, "mean_loss": sum(losses) / len(losses)}

@@ -39,6 +39,7 @@ from utils.channel_projection import (
 from utils.checkpointing import resume, run_identity, step_generator
 from utils.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
 from utils.errors import UserError
+from utils.losses import min_snr_weights
 from utils.outputs import check_output_dir, mark, write_json_atomically
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
 from utils.training import (
@@ -100,6 +101,9 @@ def parse_args(argv=None):
                         "timesteps (official code). Both give each sample the same distribution.")
     g.add_argument("--consistency_weight", type=float, default=1.0,
                    help="Weight of the MSE to the frozen pre-trained model's prediction (0: off).")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Weight the denoising loss with Min-SNR-gamma (Hang et al., 2023; gamma = 5 there), as "
+                        "diffusers' examples do: a baseline, not part of DeMe (default: unweighted, as the paper).")
     g.add_argument("--channel_projection", choices=PLACEMENTS, default="foldable",
                    help="foldable: identity-initialised C x C maps on conv outputs, folded into the convs on save "
                         "(a stock UNet, zero cost). official: maps after each down/mid/up block as the official "
@@ -126,6 +130,8 @@ def check_args(args):
                         f"got {args.range_index}")
     if not 0 <= args.global_sample_prob <= 1:
         raise UserError(f"--global_sample_prob must be in [0, 1], got {args.global_sample_prob}")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise UserError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.consistency_weight < 0:
         raise UserError(f"--consistency_weight must be >= 0, got {args.consistency_weight}")
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
@@ -274,7 +280,10 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
 
         with accelerator.accumulate(unet), accelerator.autocast():
             pred = denoising.predict(unet, noisy, timesteps, cond).float()
-            loss_denoise = (pred - denoising.target(x0, noise, timesteps).float()).pow(2).mean()
+            per_sample = (pred - denoising.target(x0, noise, timesteps).float()).pow(2).flatten(1).mean(1)
+            if args.snr_gamma:
+                per_sample = per_sample * min_snr_weights(denoising.scheduler, timesteps, args.snr_gamma)
+            loss_denoise = per_sample.mean()
             loss_consistency = (pred - reference.float()).pow(2).mean() if reference is not None else torch.zeros(())
             loss = loss_denoise + args.consistency_weight * loss_consistency
             apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
@@ -336,7 +345,8 @@ def write_card(args, out, index, time_range, T, kind, total, extra, last_logs, m
     lo, hi = time_range
     hyper = {"range_index": f"{index} of {args.num_ranges}", "timesteps": f"[{lo}, {hi}) of [0, {T})",
              "global_sample_prob": args.global_sample_prob, "global_sample_mode": args.global_sample_mode,
-             "consistency_weight": args.consistency_weight, "channel_projection": args.channel_projection,
+             "consistency_weight": args.consistency_weight, "snr_gamma": args.snr_gamma,
+             "channel_projection": args.channel_projection,
              "channel_projection_parameters": f"{extra:,} ({100 * extra / total:.2f}% of {total:,}; "
                                               + ("folded into the convs" if args.channel_projection == "foldable"
                                                  else "not folded") + ")",

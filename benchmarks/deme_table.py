@@ -1,19 +1,49 @@
-"""DeMe at small scale on CPU, in the spirit of DeMe's Table 1: pre-trained -> continued fine-tuning -> DeMe
-(ensemble, merged with uniform weights, merged with searched weights), FID on the same data.
+"""Does DeMe improve a converged model? DeMe's Table 1 claim at toy scale on 2 CPU cores, with the premise it rests
+on checked first (about 70 minutes from scratch; resumable: finished stages are kept).
 
-    python -m benchmarks.deme_table [--work_dir benchmarks_out/deme] [--pretrain_steps 5000] [--steps 300]
+    python -m benchmarks.deme_table [--work_dir benchmarks_out/deme_table] [--quick]
 
-1. Pre-train a small pixel-space DDPM UNet (16 px, channels 16/32, random init) on MNIST-5k with plain
-   denoising (`train_deme.py --num_ranges 1 --global_sample_prob 1 --consistency_weight 0 --channel_projection
-   none`, which is ordinary fine-tuning over all timesteps). As in the paper, everything after it trains on the
-   pre-training data itself.
-2. Continued fine-tuning: the same plain training for `--steps` more steps, and for 4 x `--steps` (DeMe's total).
-3. DeMe: N = 4 ranges, `--steps` each (paper defaults: p = 0.3, consistency 1.0, foldable projections), then
-   `merge_timestep_models.py` with w_i = 1/N, with weights found by coordinate search on the held-out loss, and
-   as a timestep-wise ensemble.
-4. FID of 500 samples (DDIM 50 steps) against MNIST-5k, with the MNIST-CNN features of `benchmarks.transfer`.
+Fixed before any run (this docstring was written first; results go to benchmarks/RESULTS.md whichever way they go):
 
-Writes `<work_dir>/results.json` and `benchmarks/deme_table.md`.
+Data. scikit-learn's 1,797 8x8 digits (they ship with the package), split once (seed 0): 1,297 to train on, 500
+held out. Every FID is against the 500 held-out digits, in the features of a small CNN classifier trained on the
+training split only (cached; comparable within this table only).
+
+Base (the paper's premise is a converged pre-trained model). A pixel-space DDPM `UNet2DModel` (8x8, channels 16/32,
+one attention level, 177K parameters, the DDPM CIFAR-10 noise schedule) from random weights, trained with plain
+denoising through `train_deme.py` (one range, p = 1, no consistency, no projections), batch 64, EMA 0.999 (what is
+saved and sampled), in stages of 2,000 steps, each starting from the previous stage's EMA weights: stage 1 at lr 1e-3,
+the rest at 2e-4 (the fine-tuning lr, so the base is converged at the lr the arms use). After each stage: FID of 1,000
+samples (DDIM 50) on sampling seeds 0 and 10,000 (mean). Pre-training stops after the first stage at 2e-4 that lowers
+the mean FID by less than 5%, or after 6 stages.
+
+Arms (training seeds 0, 1, 2; equal total steps 4 x S with S = 250; lr 2e-4 constant, batch 64, EMA 0.999; all
+through `train_deme.py` on the training split, as the paper fine-tunes on the pre-training data):
+  continued   plain training for 4 x S steps: the control, and the baseline.
+  min_snr     plain training weighted by Min-SNR-5 (`--snr_gamma 5`), 4 x S steps.
+  n1_proj     N = 1 (one range: all of [0, T)), consistency weight 1, official channel projections, 4 x S steps:
+              everything of DeMe except the decoupling.
+  deme        N = 4, p = 0.4 (the paper's CIFAR-10 value), consistency weight 1, official projections (the paper's
+              placement), S steps per range; then merged with w_i = 1/4, merged with weights searched by FID
+              (coordinate search over {0, 0.5, 1} from 1/4 each, one round, 500 samples, sampling seed 20,000), and
+              as the timestep-wise ensemble ("before merge").
+  deme_foldable  the same with foldable projections: an ablation. Foldable maps sit right after a trainable conv,
+              so they reparametrise it and add no capacity; the paper's maps act on block outputs.
+Every model is scored on sampling seeds 0 and 10,000 (1,000 samples each, DDIM 50; the search's seed is not one
+of them), and its FID is the mean of the two.
+
+Premise check (the control): continued plain training must not improve on the base. Its gain over the base,
+(FID_base - FID_continued) / FID_base per training seed, has a 95% t-interval over the 3 seeds; if the interval lies
+above 0 and the mean gain is at least 5%, the base is not converged, the comparison is void, and the table says so.
+
+Reading rule (`benchmarks.verdicts`): the gain of DeMe (official projections, merged with searched weights) over
+continued training, (FID_continued - FID_deme) / FID_continued per training seed, paired by seed: "reproduced" if
+the control holds, the 95% t-interval over the 3 seeds lies above 0 and the mean gain is at least 5%;
+"contradicted" if the interval lies below 0; otherwise "not reproduced (inconclusive at this scale)". The other
+arms and merges get the same interval, reported, not read.
+
+`--quick` (one seed, S = 20, one 300-step pre-training stage, 200 samples per FID, a 100-sample search) only checks
+that everything runs; its numbers are not read.
 """
 
 import argparse
@@ -22,106 +52,258 @@ import os
 import shutil
 import time
 
+import numpy as np
+import torch
+
 import evaluate_fid
 import merge_timestep_models
 import train_deme
-from benchmarks.transfer import feature_extractor
+from benchmarks.verdicts import t_interval, verdict
 from fixtures.in_process import run_script
-from fixtures.offline_data import mnist_5k, write_image_folder
+from fixtures.offline_data import sklearn_digits, write_image_folder
 from fixtures.small_unet import build_ddpm_pipeline
 
-PLAIN = ["--num_ranges", "1", "--global_sample_prob", "1", "--consistency_weight", "0",
-         "--channel_projection", "none"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAIN = ["--num_ranges", "1", "--global_sample_prob", "1", "--consistency_weight", "0", "--channel_projection", "none"]
+SAMPLING_SEEDS = (0, 10_000)
+SEARCH_SEED = 20_000
+ARMS = {  # name: (flags, steps as a multiple of S)
+    "continued": (PLAIN, 4),
+    "min_snr": (PLAIN + ["--snr_gamma", "5"], 4),
+    "n1_proj": (["--num_ranges", "1", "--consistency_weight", "1", "--channel_projection", "official"], 4),
+    "deme": (["--num_ranges", "4", "--global_sample_prob", "0.4", "--consistency_weight", "1",
+              "--channel_projection", "official"], 1),
+    "deme_foldable": (["--num_ranges", "4", "--global_sample_prob", "0.4", "--consistency_weight", "1",
+                       "--channel_projection", "foldable"], 1),
+}
+UNET_FILES = shutil.ignore_patterns("checkpoint-*", "logs", "*.png", "README.md", "*.tmp*", ".created_by.json")
 
 
-def train(pipeline, data, out, steps, *extra):
-    if os.path.exists(os.path.join(out, "deme_manifest.json")) and all(
-            os.path.exists(os.path.join(out, d, "README.md")) for d in os.listdir(out) if d.startswith("range_")):
-        return
+class DigitFeatures(torch.nn.Module):
+    """FID features for 8x8 digits: a small CNN classifier's penultimate layer (64-d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 64),
+            torch.nn.ReLU())
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):  # float NCHW RGB in [0, 1], any size -> 64 features
+        return self.body(torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False))
+
+
+def write_data(root):
+    """(train folder, held-out folder): class folders of PNGs, split seed 0, and the training arrays."""
+    images, labels, names = sklearn_digits()
+    order = np.random.default_rng(0).permutation(len(images))
+    train, held = order[:-500], order[-500:]
+    folders = []
+    for part, rows in (("train", train), ("held_out", held)):
+        path = os.path.join(root, part)
+        if not os.path.isdir(path):
+            write_image_folder(images[rows], labels[rows], names, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        folders.append(path)
+    return folders, images[train], labels[train]
+
+
+def feature_extractor(path, images, labels):
+    """The FID feature network, trained on the training split only; cached as TorchScript."""
+    if os.path.exists(path):
+        return path
+    torch.manual_seed(0)
+    x = torch.from_numpy(images).float()[:, None].expand(-1, 3, -1, -1) / 255
+    y = torch.from_numpy(labels)
+    net = DigitFeatures()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(1500):
+        idx = torch.randint(0, len(x), (128,))
+        loss = torch.nn.functional.cross_entropy(net.head(net(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.jit.script(net.eval()).save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def train(pipeline, data, out, steps, seed, *flags, lr="2e-4"):
+    """One train_deme.py run (skipped when its ranges are finished)."""
     run_script(train_deme, [
         "--pretrained_model_name_or_path", pipeline, "--dataset", data, "--output_dir", out, "--no-random_flip",
         "--train_batch_size", "64", "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
-        "--validation_steps", "0", "--report_to", "none", "--num_validation_images", "8",
-        "--validation_inference_steps", "25", "--seed", "0", *extra])
+        "--resume_from_checkpoint", "latest", "--learning_rate", lr, "--use_ema", "--ema_decay", "0.999",
+        "--validation_steps", "0", "--num_validation_images", "8", "--validation_inference_steps", "25",
+        "--report_to", "none", "--skip_image_check", "--seed", str(seed), *flags])
 
 
 def as_pipeline(base_pipeline, unet_folder, out):
-    """`base_pipeline` with the UNet of `unet_folder`."""
-    if not os.path.exists(out):
-        shutil.copytree(base_pipeline, out, ignore=shutil.ignore_patterns("unet"))
-        shutil.copytree(unet_folder, os.path.join(out, "unet"),
-                        ignore=shutil.ignore_patterns("checkpoint-*", "logs", "*.png", "README.md", "*.json.tmp"))
+    """`base_pipeline` with the UNet of `unet_folder` (its official projections, if any, travel with it)."""
+    if not os.path.exists(os.path.join(out, "model_index.json")):
+        shutil.rmtree(out + ".tmp", ignore_errors=True)
+        shutil.copytree(base_pipeline, out + ".tmp", ignore=shutil.ignore_patterns("unet", "README.md"))
+        shutil.copytree(unet_folder, os.path.join(out + ".tmp", "unet"), ignore=UNET_FILES)
+        os.replace(out + ".tmp", out)
     return out
+
+
+def merge(base, runs, out, *flags):
+    if not os.path.exists(os.path.join(out, "README.md")):
+        merge_timestep_models.main(merge_timestep_models.parse_args([
+            "--base_model", base, "--models", runs, "--output_dir", out, *flags]))
+    return out
+
+
+def fid(model, base, reference, extractor, samples, report):
+    """Mean FID over the sampling seeds (each report cached in `report`_<seed>.json)."""
+    values = []
+    for seed in SAMPLING_SEEDS:
+        path = f"{report}_{seed}.json"
+        if not os.path.exists(path):
+            evaluate_fid.main(evaluate_fid.parse_args([
+                "--model", model, "--scheduler_model", base, "--dataset", reference, "--feature_extractor",
+                extractor, "--num_samples", str(samples), "--batch_size", "250", "--seed", str(seed),
+                "--reference_cache_dir", os.path.join(os.path.dirname(report), "fid_cache"), "--output_file", path]))
+        with open(path) as f:
+            values.append(json.load(f)["results"][0]["fid"])
+    return float(np.mean(values))
+
+
+def gains(results, arm, baseline, seeds):
+    """Per-seed relative FID gain of `arm` over `baseline` (positive: `arm` is better)."""
+    return [(results[baseline][str(s)] - results[arm][str(s)]) / results[baseline][str(s)] for s in seeds]
+
+
+def plot(pretrain, results, base_fid, seeds, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 2]})
+    ax = axes[0]
+    ax.plot(np.cumsum([s["steps"] for s in pretrain]), [s["fid"] for s in pretrain], marker="o")
+    ax.set_xlabel("pre-training step")
+    ax.set_ylabel("FID vs held-out digits")
+    ax.set_title("base: pre-training until FID stops moving", fontsize=9)
+    ax = axes[1]
+    names = list(results)
+    for i, name in enumerate(names):
+        values = [results[name][str(s)] for s in seeds]
+        ax.scatter([i] * len(values), values, color="C0", s=14)
+        ax.errorbar([i], [np.mean(values)], fmt="_", color="k", markersize=20)
+    ax.axhline(base_fid, color="C3", linestyle="--", label="base (pre-trained)")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("FID (dots: training seeds; bar: mean)")
+    ax.set_title("equal total steps after the base", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work_dir", default="benchmarks_out/deme", help="Models, data and reports (not committed).")
-    p.add_argument("--pretrain_steps", type=int, default=5000, help="Pre-training steps (batch 64, lr 1e-3).")
-    p.add_argument("--steps", type=int, default=300, help="Continued fine-tuning steps, and DeMe steps per range.")
-    p.add_argument("--fid_samples", type=int, default=500, help="Samples per FID.")
+    p.add_argument("--work_dir", default="benchmarks_out/deme_table", help="Models, data and reports (not committed).")
+    p.add_argument("--quick", action="store_true", help="A smoke run: nothing is read from it.")
     a = p.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    start = time.time()
-    w = os.path.abspath(a.work_dir)
-    os.makedirs(w, exist_ok=True)
-    data = os.path.join(w, "mnist")
-    if not os.path.isdir(data):
-        write_image_folder(*mnist_5k(), data + ".tmp")
-        os.replace(data + ".tmp", data)
-    extractor = feature_extractor(os.path.join(w, "mnist_features.pt"))
+    torch.set_num_threads(1)  # 2 cores: two intra-op threads under load were 10x slower than one
+    if a.quick:
+        seeds, S, stage_steps, max_stages, samples, search_samples = [0], 20, 300, 1, 200, 100
+    else:
+        seeds, S, stage_steps, max_stages, samples, search_samples = [0, 1, 2], 250, 2000, 6, 1000, 500
+    w = os.path.abspath(a.work_dir + ("_quick" if a.quick else ""))
+    os.makedirs(os.path.join(w, "reports"), exist_ok=True)
+    started = time.time()
+    (data, held), train_images, train_labels = write_data(os.path.join(w, "data"))
+    extractor = feature_extractor(os.path.join(w, "digit_features.pt"), train_images, train_labels)
     init = os.path.join(w, "init")
-    if not os.path.exists(init):
-        build_ddpm_pipeline(resolution=16, channels=(16, 32)).save_pretrained(init)
+    if not os.path.exists(os.path.join(init, "model_index.json")):
+        build_ddpm_pipeline(resolution=8, channels=(16, 32)).save_pretrained(init + ".tmp")
+        os.replace(init + ".tmp", init)
 
-    train(init, data, os.path.join(w, "pretrain"), a.pretrain_steps, *PLAIN, "--learning_rate", "1e-3",
-          "--lr_scheduler", "cosine", "--lr_warmup_steps", "100")
-    pretrained = as_pipeline(init, os.path.join(w, "pretrain", "range_0"), os.path.join(w, "pretrained"))
-    train(pretrained, data, os.path.join(w, "continued"), a.steps, *PLAIN, "--learning_rate", "2e-4")
-    # DeMe trains 4 models of `--steps` each; continued fine-tuning gets the same steps once and the same total.
-    train(pretrained, data, os.path.join(w, "continued_4x"), 4 * a.steps, *PLAIN, "--learning_rate", "2e-4")
-    train(pretrained, data, os.path.join(w, "deme"), a.steps, "--num_ranges", "4", "--learning_rate", "2e-4")
-    merge = merge_timestep_models.main
-    models = ["--base_model", pretrained, "--models", os.path.join(w, "deme")]
-    if not os.path.exists(os.path.join(w, "merged_uniform")):
-        merge(merge_timestep_models.parse_args([*models, "--output_dir", os.path.join(w, "merged_uniform")]))
-    if not os.path.exists(os.path.join(w, "merged_searched")):
-        merge(merge_timestep_models.parse_args([
-            *models, "--output_dir", os.path.join(w, "merged_searched"), "--search", "coordinate",
-            "--grid_values", "0", "0.5", "1", "--search_rounds", "1", "--validation_dataset", data,
-            "--validation_batches", "2", "--validation_batch_size", "64"]))
-    if not os.path.exists(os.path.join(w, "ensemble")):
-        merge(merge_timestep_models.parse_args([*models, "--output_dir", os.path.join(w, "ensemble"), "--ensemble"]))
-    searched = json.load(open(os.path.join(w, "merged_searched", "search_results.json")))[0]["weights"]
+    # ---- The base: stages until FID stops moving.
+    pretrain, base = [], init
+    for stage in range(max_stages):
+        lr = "1e-3" if stage == 0 else "2e-4"
+        out = os.path.join(w, "pretrain", f"stage{stage}")
+        train(base, data, out, stage_steps, 1000 + stage, *PLAIN, lr=lr)
+        base = as_pipeline(init, os.path.join(out, "range_0"), os.path.join(w, "pretrain", f"stage{stage}_pipeline"))
+        pretrain.append({"stage": stage, "lr": float(lr), "steps": stage_steps,
+                         "fid": fid(base, init, held, extractor, samples, os.path.join(w, "reports", f"base{stage}"))})
+        print(f"pre-training stage {stage} (lr {lr}): FID {pretrain[-1]['fid']:.2f}", flush=True)
+        if stage >= 1 and pretrain[-1]["fid"] > 0.95 * pretrain[-2]["fid"]:
+            break
+    base_fid = pretrain[-1]["fid"]
+    converged = len(pretrain) >= 2 and pretrain[-1]["fid"] > 0.95 * pretrain[-2]["fid"]
 
-    rows = {
-        "pre-trained": pretrained,
-        f"continued fine-tuning (+{a.steps} steps)": as_pipeline(init, os.path.join(w, "continued", "range_0"),
-                                                                 os.path.join(w, "continued_pipeline")),
-        f"continued fine-tuning (+{4 * a.steps} steps, DeMe's total)": as_pipeline(
-            init, os.path.join(w, "continued_4x", "range_0"), os.path.join(w, "continued_4x_pipeline")),
-        "DeMe before merge (timestep-wise ensemble of 4)": os.path.join(w, "ensemble"),
-        "DeMe merged, w_i = 1/4": os.path.join(w, "merged_uniform"),
-        f"DeMe merged, searched w = {searched}": os.path.join(w, "merged_searched"),
-    }
+    # ---- The arms, paired by training seed.
     results = {}
-    for name, model in rows.items():
-        report = evaluate_fid.main(evaluate_fid.parse_args([
-            "--model", model, "--scheduler_model", pretrained, "--dataset", data, "--feature_extractor", extractor,
-            "--num_samples", str(a.fid_samples), "--batch_size", "200",
-            "--reference_cache_dir", os.path.join(w, "fid_cache"),
-            "--output_file", os.path.join(w, name.split(" ")[0].replace("-", "_") + f"_{len(results)}.json")]))
-        results[name] = report["results"][0]["fid"]
-    json.dump(results, open(os.path.join(w, "results.json"), "w"), indent=2)
-    lines = [f"| model | FID (MNIST-CNN features, {a.fid_samples} samples vs MNIST-5k) |", "|---|---|"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in results.items()]
-    lines.append(f"\nWall time of this invocation (finished stages in work_dir are not redone): "
-                 f"{(time.time() - start) / 60:.1f} min.")
+    for seed in seeds:
+        for arm, (flags, multiple) in ARMS.items():
+            run = os.path.join(w, "runs", arm, str(seed))
+            t0 = time.time()
+            train(base, data, run, multiple * S, seed, *flags)
+            reports = os.path.join(w, "reports", f"{arm}_{seed}")
+            if arm.startswith("deme"):
+                models = {
+                    f"{arm}: merged, w = 1/4": merge(base, run, run + "_uniform"),
+                    f"{arm}: merged, searched w": merge(
+                        base, run, run + "_searched", "--search", "coordinate", "--search_metric", "fid",
+                        "--grid_values", "0", "0.5", "1", "--search_rounds", "1", "--fid_samples",
+                        str(search_samples), "--feature_extractor", extractor, "--validation_dataset", held,
+                        "--validation_batch_size", "250", "--seed", str(SEARCH_SEED),
+                        "--reference_cache_dir", os.path.join(w, "reports", "fid_cache")),
+                    f"{arm}: ensemble (before merge)": merge(base, run, run + "_ensemble", "--ensemble"),
+                }
+            else:
+                models = {arm: as_pipeline(init, os.path.join(run, "range_0"), run + "_pipeline")}
+            for i, (name, model) in enumerate(models.items()):
+                results.setdefault(name, {})[str(seed)] = fid(model, base, held, extractor, samples, f"{reports}_{i}")
+                print(f"seed {seed} {name}: FID {results[name][str(seed)]:.2f} ({time.time() - t0:.0f} s, "
+                      f"{(time.time() - started) / 60:.0f} min in all)", flush=True)
+
+    searched = {arm: [json.load(open(os.path.join(w, "runs", arm, f"{s}_searched", "search_results.json")))[0][
+        "weights"] for s in seeds] for arm in ("deme", "deme_foldable")}
+    control = [(base_fid - results["continued"][str(s)]) / base_fid for s in seeds]
+    c_mean, c_lo, c_hi = t_interval(control)
+    void = c_lo > 0 and c_mean >= 0.05
+    rows = {}
+    for name in results:
+        g = gains(results, name, "continued", seeds) if name != "continued" else None
+        rows[name] = {"fid": [results[name][str(s)] for s in seeds],
+                      "gain_vs_continued": t_interval(g) if g else None}
+    main_row = rows["deme: merged, searched w"]["gain_vs_continued"]
+    if void:
+        reading = "void: continued plain training still improves the base, so the premise fails"
+    else:
+        reading = verdict(*main_row, minimum=0.05)
+    report = {"pretrain": pretrain, "base_converged_by_rule": converged, "base_fid": base_fid,
+              "control_gain_over_base": [c_mean, c_lo, c_hi], "comparison_void": void, "rows": rows,
+              "searched_weights": searched, "reading": reading, "seeds": seeds, "S": S,
+              "samples_per_fid": samples, "minutes": (time.time() - started) / 60}
+    with open(os.path.join(w, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    out = os.path.join(ROOT, "benchmarks") if not a.quick else w
+    plot(pretrain, results, base_fid, seeds, os.path.join(out, "deme_table.png"))
+    lines = [f"| model | FID per seed ({samples} samples x 2 sampling seeds, vs 500 held-out digits) | mean | gain vs "
+             "continued, mean [95% CI] |", "|---|---|---|---|",
+             f"| base (pre-trained, {sum(s['steps'] for s in pretrain)} steps) | - | {base_fid:.2f} | - |"]
+    for name, row in rows.items():
+        g = row["gain_vs_continued"]
+        ci = f"{100 * g[0]:+.1f}% [{100 * g[1]:+.1f}, {100 * g[2]:+.1f}]" if g else "-"
+        lines.append(f"| {name} | {', '.join(f'{v:.2f}' for v in row['fid'])} | {np.mean(row['fid']):.2f} | {ci} |")
+    lines += ["", f"Control: continued training's gain over the base {100 * c_mean:+.1f}% [{100 * c_lo:+.1f}, "
+              f"{100 * c_hi:+.1f}] -> {'VOID' if void else 'holds'}. Searched weights per seed: {searched}.",
+              f"Reading: **{reading}**. Wall time {(time.time() - started) / 60:.0f} min."]
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "deme_table.md"), "w") as f:
-        f.write(f"Command: `python -m benchmarks.deme_table --pretrain_steps {a.pretrain_steps} --steps {a.steps}`"
-                f"\n\n{table}\n")
+    with open(os.path.join(out, "deme_table.md"), "w") as f:
+        f.write(f"Command: `python -m benchmarks.deme_table{' --quick' if a.quick else ''}` (design and rule: "
+                f"`benchmarks/deme_table.py`)\n\n{table}\n")
 
 
 if __name__ == "__main__":

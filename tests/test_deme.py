@@ -151,6 +151,18 @@ def test_timesteps_come_from_the_range_and_the_consistency_loss_holds_the_copy_b
     assert distance(tmp_path / "b" / "range_1") < distance(tmp_path / "c" / "range_1")
 
 
+def test_min_snr_weighting_changes_training_and_a_huge_gamma_is_the_plain_loss(tiny_ddpm_dir, digits_dir, tmp_path):
+    common = ["--range_index", "0", "--max_train_steps", "3", "--consistency_weight", "0",
+              "--channel_projection", "none"]
+    runs = {}
+    for name, flags in {"plain": [], "huge": ["--snr_gamma", "1e9"], "five": ["--snr_gamma", "5"]}.items():
+        train(tiny_ddpm_dir, digits_dir, tmp_path / name, *common, *flags)
+        runs[name] = unet_weights(tmp_path / name / "range_0")
+    assert all(torch.equal(runs["plain"][k], runs["huge"][k]) for k in runs["plain"])  # min(SNR, 1e9) / SNR = 1
+    assert any(not torch.equal(runs["plain"][k], runs["five"][k]) for k in runs["plain"])
+    assert "| `snr_gamma` | `5.0` |" in (tmp_path / "five" / "range_0" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_matches_uninterrupted_run(tiny_ddpm_dir, digits_dir, tmp_path, monkeypatch, accumulation):
     common = ["--range_index", "0", "--max_train_steps", "4", "--checkpointing_steps", "2",
@@ -227,6 +239,7 @@ def test_stable_diffusion_with_official_projections_and_bf16(tiny_sd_dir, captio
     (["--global_sample_prob", "-0.1"], r"--global_sample_prob must be in \[0, 1\]"),
     (["--range_index", "2"], "--range_index must be in 0..1 for --num_ranges 2"),
     (["--consistency_weight", "-1"], "--consistency_weight must be >= 0"),
+    (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
 ])
 def test_impossible_hyperparameters(flags, message):
     with pytest.raises(UserError, match=message):

@@ -2,7 +2,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from fixtures.small_dit import build_pipeline
-from utils.losses import LearnedVarianceLoss, epsilon_mse
+from utils.losses import LearnedVarianceLoss, epsilon_mse, min_snr_weights
 
 sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 vb = LearnedVarianceLoss(sched.betas)
@@ -51,3 +51,18 @@ def test_variance_channels_receive_gradient_only_through_vb():
     g = grads(use_vb=True)
     assert (g[var_rows] > 0).all() and (g[~var_rows] > 0).all()
     assert (grads(use_vb=False)[var_rows] == 0).all()  # the MSE alone never trains them
+
+
+def test_min_snr_weights_follow_the_formula_for_each_target():
+    t = torch.tensor([0, 10, 100, 300, 700, 999])
+    abar = sched.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=5.0)
+    expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}
+    for prediction_type, want in expected.items():
+        s = DDPMScheduler.from_config(sched.config, prediction_type=prediction_type)
+        got = min_snr_weights(s, t, 5.0)
+        assert torch.allclose(got.double(), want, rtol=1e-4), prediction_type
+    eps = min_snr_weights(sched, t, 5.0)
+    # Small t (SNR above 5) is down-weighted, large t (SNR below 5) keeps weight 1.
+    assert eps[0] < 0.01 and eps[1] < 0.1 and torch.equal(eps[3:], torch.ones(3))

@@ -256,3 +256,29 @@ def test_official_projections_are_attached_wherever_a_model_is_loaded_for_sampli
         shutil.copytree(folders[1], pipeline / "unet")
         kind, unet, _ = evaluate_fid.load_denoiser(str(pipeline))
         torch.testing.assert_close(unet(x, t).sample, live[1](x, t).sample)
+
+
+def test_search_over_official_projection_models_scores_each_candidate_with_its_merged_maps(
+        tiny_ddpm_dir, projected_copies, digits_dir, tmp_path):
+    """The score of the chosen weights is the held-out loss of the model as saved and loaded back with its maps."""
+    from diffusers import DDPMPipeline
+
+    from utils.channel_projection import attach_saved_projections
+    from utils.unet_pipelines import UNetDenoising
+
+    folders, _ = projected_copies
+    weights, table = merge("--base_model", tiny_ddpm_dir, "--models", *folders, "--search", "grid",
+                           "--grid_values", "0", "1", "--validation_dataset", digits_dir, "--validation_batches", "1",
+                           "--validation_batch_size", "8", "--output_dir", str(tmp_path / "out"))
+    assert len({r["mean_loss"] for r in table}) == 4  # the maps (and weights) change every candidate's loss
+    pipeline = DDPMPipeline.from_pretrained(tiny_ddpm_dir)
+    denoising = UNetDenoising(pipeline, "ddpm", "cpu")
+    batches = script.validation_batches(script.parse_args([
+        "--base_model", tiny_ddpm_dir, "--models", *folders, "--output_dir", str(tmp_path / "x"),
+        "--validation_dataset", digits_dir, "--validation_batches", "1", "--validation_batch_size", "8"]),
+        denoising, "ddpm")
+    saved = attach_saved_projections(UNet2DModel.from_pretrained(tmp_path / "out" / "unet"), tmp_path / "out" / "unet")
+    with torch.no_grad():
+        losses = denoising.range_losses(saved.eval(), batches, [(0, 500), (500, 1000)], 0)
+    assert weights == table[0]["weights"]
+    assert losses == pytest.approx(table[0]["range_losses"], rel=1e-5)

@@ -122,9 +122,16 @@ def attach_saved_projections(unet, folder: str):
     path = os.path.join(folder, PROJECTION_FILE)
     if not os.path.exists(path):
         return unet
-    maps = load_file(path)
-    add_projections(unet, "official")
-    for i, block in enumerate(_blocks(unet)):
+    return load_official_projections(unet, load_file(path))
+
+
+def load_official_projections(unet, maps: dict[str, torch.Tensor]):
+    """Put official-placement maps (keyed by block, as saved) into `unet`, attaching identity maps first where it
+    has none. Returns unet."""
+    blocks = _blocks(unet)
+    if not all(isinstance(getattr(b, "channel_projection", None), BlockProjection) for b in blocks):
+        add_projections(unet, "official")
+    for i, block in enumerate(blocks):
         with torch.no_grad():
             block.channel_projection.projection.copy_(maps[f"block_{i}"])
     return unet

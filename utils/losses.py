@@ -10,6 +10,22 @@ def epsilon_mse(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023), as diffusers' training examples compute them: min(SNR(t),
+    gamma) / SNR(t) for epsilon targets, / (SNR(t) + 1) for v targets, min(SNR(t), gamma) for sample targets. They
+    turn a per-sample MSE on the model's own target into the paper's clipped x0-space weighting."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
 class LearnedVarianceLoss:
     """The variational-bound term of improved DDPM's hybrid loss, as DiT trains its variance channels.
 
