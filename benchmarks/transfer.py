@@ -47,6 +47,7 @@ checks that everything runs; its numbers are not read. `--premise_only` runs the
 """
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -158,6 +159,19 @@ def train_stages(source, bank, data, run_dir, arm, seed, stages):
         os.replace(stage + ".tmp", stage)
 
 
+def record(path, target, arm, seed, entry):
+    """Write one run's entry into the shared results file (locked read-modify-write, atomic replace): several
+    `--targets` processes may share a work_dir."""
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.load(open(path)) if os.path.exists(path) else {}
+        results.setdefault(target, {}).setdefault(arm, {})[str(seed)] = entry
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return results
+
+
 def fid(model, reference, extractor, samples, report, *extra):
     if not os.path.exists(report):
         evaluate_fid.main(evaluate_fid.parse_args([
@@ -230,7 +244,8 @@ def reading(results, premise, seeds, last):
         mean_diff, se = paired(dt, std)
         rel = (np.mean(std) - np.mean(dt)) / np.mean(std)
         c_gain = None
-        if "C" in results:
+        if all(str(s) in results.get("C", {}).get(mix, {}) and str(s) in results["C"].get("standard", {})
+               for s in seeds):
             c_std = np.mean([results["C"]["standard"][str(s)]["fid"][str(last)] for s in seeds])
             c_dt = np.mean([results["C"][mix][str(s)]["fid"][str(last)] for s in seeds])
             c_gain = (c_std - c_dt) / c_std
@@ -291,6 +306,10 @@ def main():
     p.add_argument("--premise_only", action="store_true",
                    help="Only what the premise checks need (standard fine-tuning, first seed, every target), to see "
                         "whether the full run can say anything before spending hours on it.")
+    p.add_argument("--targets", nargs="+", choices=["A", "B", "C"], default=["A", "B", "C"],
+                   help="Targets to run (the data of all three is written either way, so splits do not depend on "
+                        "this); processes with different targets can share a work_dir. The reading and the plot "
+                        "need A.")
     a = p.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     torch.set_num_threads(1)  # 2 cores: two intra-op threads under load were 10x slower than one
@@ -322,6 +341,8 @@ def main():
     premise = {}
     # A, then the control C, then B: a run stopped early still has what the reading rule needs.
     for target, (train, reference, held) in sorted(targets.items(), key=lambda item: "ACB".index(item[0])):
+        if target not in a.targets:
+            continue
         train_images, held_images = images_of(train), images_of(held)  # decoded once per target
         for arm in ["standard"] if a.premise_only else ARMS:
             for seed in seeds[:1] if a.premise_only else seeds:
@@ -338,7 +359,7 @@ def main():
                     final = DiTPipeline.from_pretrained(os.path.join(run_dir, f"step{last}"))
                     entry["memorisation"] = memorisation(final, net, train_images, held_images, mem_samples)
                     entry["denoising_error"] = denoising_errors(final, held_images)
-                json.dump(results, open(results_path, "w"), indent=2)
+                results = record(results_path, target, arm, seed, entry)
                 print(f"{target} {arm} seed {seed}: FID {entry['fid']}, memorisation {entry['memorisation']:.2f}, "
                       f"error by t {[round(e, 4) for e in entry['denoising_error']]} ({time.time() - t0:.0f} s, "
                       f"{(time.time() - started) / 60:.0f} min in all)", flush=True)
@@ -358,9 +379,10 @@ def main():
 
     report = {"premise": premise, "seeds": seeds, "stages": stages, "samples_per_fid": samples,
               "minutes": (time.time() - started) / 60}
-    if a.premise_only:
+    if a.premise_only or "A" not in a.targets:
         print(json.dumps(report, indent=1))
         return
+    results = json.load(open(results_path))  # with what other processes recorded
     report["reading"] = reading(results, premise, seeds, last)
     with open(os.path.join(w, "report.json"), "w") as f:
         json.dump({**report, "results": results}, f, indent=2)
