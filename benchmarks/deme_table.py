@@ -58,6 +58,7 @@ import torch
 import evaluate_fid
 import merge_timestep_models
 import train_deme
+from benchmarks.feature_networks import train_and_save
 from benchmarks.verdicts import t_interval, verdict
 from fixtures.in_process import run_script
 from fixtures.offline_data import sklearn_digits, write_image_folder
@@ -113,20 +114,9 @@ def feature_extractor(path, images, labels):
     """The FID feature network, trained on the training split only; cached as TorchScript."""
     if os.path.exists(path):
         return path
-    torch.manual_seed(0)
     x = torch.from_numpy(images).float()[:, None].expand(-1, 3, -1, -1) / 255
-    y = torch.from_numpy(labels)
-    net = DigitFeatures()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(1500):
-        idx = torch.randint(0, len(x), (128,))
-        loss = torch.nn.functional.cross_entropy(net.head(net(x[idx])), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.jit.script(net.eval()).save(path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
+    torch.manual_seed(0)  # the network's initial weights
+    return train_and_save(DigitFeatures(), x, torch.from_numpy(labels), path)
 
 
 def train(pipeline, data, out, steps, seed, *flags, lr="2e-4"):

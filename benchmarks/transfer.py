@@ -60,6 +60,7 @@ import torch
 
 import evaluate_fid
 import train_diff_tuning_dit
+from benchmarks.feature_networks import train_and_save
 from fixtures.in_process import run_script
 from fixtures.offline_data import mnist_5k, sklearn_digits, write_image_folder
 from utils.memory_bank import is_memory_bank
@@ -94,21 +95,12 @@ def feature_extractor(path):
     """The FID feature network, trained on all of MNIST-5k (both polarities); cached as TorchScript."""
     if os.path.exists(path):
         return path
-    torch.manual_seed(0)
     images, labels, _ = mnist_5k()
     x = torch.nn.functional.interpolate(torch.from_numpy(images).float()[:, None] / 255, size=(16, 16),
                                         mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     x, y = torch.cat([x, 1 - x]), torch.from_numpy(np.concatenate([labels, labels]))
-    net = MnistFeatures()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(1500):
-        idx = torch.randint(0, len(x), (128,))
-        loss = torch.nn.functional.cross_entropy(net.head(net(x[idx])), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.jit.script(net.eval()).save(path)
-    return path
+    torch.manual_seed(0)  # the network's initial weights
+    return train_and_save(MnistFeatures(), x, y, path)
 
 
 def write_targets(root, quick):
