@@ -265,6 +265,8 @@ def plot(results, premise, stages, seeds, path):
         means = [np.mean([runs[str(s)]["fid"][str(st)] for s in seeds]) for st in stages]
         ax.plot(stages, means, marker="o", label=arm)
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(stages, [str(s) for s in stages])
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("FID (MNIST-CNN features)")
     ax.set_title("target A (digits 5-9, 10 per class): FID during fine-tuning", fontsize=9)
