@@ -1,5 +1,6 @@
 """Does Diff-Tuning help where its premise holds? Diff-Tuning's Table 1 / Figure 1 claim at toy scale on 2 CPU
-cores, with the premise checked first (about 2-2.5 hours from scratch; resumable: finished stages are kept).
+cores, with the premise checked first (about 3 hours from scratch on one
+thread, or 2 with `--targets A C` and `--targets B` in two processes; resumable: finished stages are kept).
 
     python -m benchmarks.transfer [--work_dir benchmarks_out/transfer2] [--quick]
 
