@@ -55,10 +55,9 @@ import time
 import numpy as np
 import torch
 
-import evaluate_fid
 import merge_timestep_models
 import train_deme
-from benchmarks.feature_networks import train_and_save
+from benchmarks.small_fid import cached_fid, train_and_save
 from benchmarks.verdicts import t_interval, verdict
 from fixtures.in_process import run_script
 from fixtures.offline_data import sklearn_digits, write_image_folder
@@ -148,17 +147,9 @@ def merge(base, runs, out, *flags):
 
 def fid(model, base, reference, extractor, samples, report):
     """Mean FID over the sampling seeds (each report cached in `report`_<seed>.json)."""
-    values = []
-    for seed in SAMPLING_SEEDS:
-        path = f"{report}_{seed}.json"
-        if not os.path.exists(path):
-            evaluate_fid.main(evaluate_fid.parse_args([
-                "--model", model, "--scheduler_model", base, "--dataset", reference, "--feature_extractor",
-                extractor, "--num_samples", str(samples), "--batch_size", "250", "--seed", str(seed),
-                "--reference_cache_dir", os.path.join(os.path.dirname(report), "fid_cache"), "--output_file", path]))
-        with open(path) as f:
-            values.append(json.load(f)["results"][0]["fid"])
-    return float(np.mean(values))
+    return float(np.mean([cached_fid(model, reference, extractor, samples, f"{report}_{seed}.json",
+                                     "--scheduler_model", base, "--seed", str(seed), batch_size=250)[0]
+                          for seed in SAMPLING_SEEDS]))
 
 
 def gains(results, arm, baseline, seeds):
@@ -225,10 +216,10 @@ def main():
         pretrain.append({"stage": stage, "lr": float(lr), "steps": stage_steps,
                          "fid": fid(base, init, held, extractor, samples, os.path.join(w, "reports", f"base{stage}"))})
         print(f"pre-training stage {stage} (lr {lr}): FID {pretrain[-1]['fid']:.2f}", flush=True)
-        if stage >= 1 and pretrain[-1]["fid"] > 0.95 * pretrain[-2]["fid"]:
+        converged = stage >= 1 and pretrain[-1]["fid"] > 0.95 * pretrain[-2]["fid"]
+        if converged:
             break
     base_fid = pretrain[-1]["fid"]
-    converged = len(pretrain) >= 2 and pretrain[-1]["fid"] > 0.95 * pretrain[-2]["fid"]
 
     # ---- The arms, paired by training seed.
     results = {}

@@ -59,9 +59,8 @@ import time
 import numpy as np
 import torch
 
-import evaluate_fid
 import train_diff_tuning_dit
-from benchmarks.feature_networks import train_and_save
+from benchmarks.small_fid import cached_fid, train_and_save
 from fixtures.in_process import run_script
 from fixtures.offline_data import mnist_5k, sklearn_digits, write_image_folder
 from utils.memory_bank import is_memory_bank
@@ -163,16 +162,6 @@ def record(path, target, arm, seed, entry):
             json.dump(results, f, indent=2)
         os.replace(path + ".tmp", path)
     return results
-
-
-def fid(model, reference, extractor, samples, report, *extra):
-    if not os.path.exists(report):
-        evaluate_fid.main(evaluate_fid.parse_args([
-            "--model", model, "--dataset", reference, "--feature_extractor", extractor, "--num_samples", str(samples),
-            "--batch_size", "100", "--reference_cache_dir", os.path.join(os.path.dirname(report), "fid_cache"),
-            "--output_file", report, *extra]))
-    with open(report) as f:
-        return [r["fid"] for r in json.load(f)["results"]]
 
 
 def images_of(folder):
@@ -347,9 +336,9 @@ def main():
                 train_stages(source, bank, train, run_dir, arm, seed, stages)
                 for step in stages if target == "A" else [last]:
                     if str(step) not in entry["fid"]:
-                        entry["fid"][str(step)] = fid(os.path.join(run_dir, f"step{step}"), reference, extractor,
-                                                      samples, os.path.join(w, "reports", f"{target}_{arm}_{seed}_"
-                                                                                          f"{step}.json"))[0]
+                        report = os.path.join(w, "reports", f"{target}_{arm}_{seed}_{step}.json")
+                        entry["fid"][str(step)] = cached_fid(os.path.join(run_dir, f"step{step}"), reference,
+                                                             extractor, samples, report)[0]
                 if "memorisation" not in entry or "denoising_error" not in entry:
                     final = DiTPipeline.from_pretrained(os.path.join(run_dir, f"step{last}"))
                     entry["memorisation"] = memorisation(final, net, train_images, held_images, mem_samples)
@@ -360,9 +349,9 @@ def main():
                       f"{(time.time() - started) / 60:.0f} min in all)", flush=True)
         # Premise checks on the standard run of the first seed.
         final = os.path.join(w, "runs", target, "standard", str(seeds[0]), f"step{last}")
-        chain = fid(final, reference, extractor, samples, os.path.join(w, "reports", f"{target}_chain.json"),
-                    "--handoff_model", source, "--handoff_condition", "null", "--handoff_fractions",
-                    *map(str, HANDOFF))
+        chain = cached_fid(final, reference, extractor, samples, os.path.join(w, "reports", f"{target}_chain.json"),
+                           "--handoff_model", source, "--handoff_condition", "null", "--handoff_fractions",
+                           *map(str, HANDOFF))
         source_error = denoising_errors(DiTPipeline.from_pretrained(source), held_images)
         ft_error = results[target]["standard"][str(seeds[0])]["denoising_error"]
         a_ok = chain[HANDOFF.index(0.1)] <= 1.05 * chain[0]
