@@ -39,7 +39,7 @@ from utils.channel_projection import (
 from utils.checkpointing import resume, run_identity, step_generator
 from utils.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
 from utils.errors import UserError
-from utils.losses import min_snr_weights
+from utils.losses import epsilon_mse, min_snr_weights
 from utils.outputs import check_output_dir, mark, write_json_atomically
 from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
 from utils.training import (
@@ -280,7 +280,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
 
         with accelerator.accumulate(unet), accelerator.autocast():
             pred = denoising.predict(unet, noisy, timesteps, cond).float()
-            per_sample = (pred - denoising.target(x0, noise, timesteps).float()).pow(2).flatten(1).mean(1)
+            per_sample = epsilon_mse(pred, denoising.target(x0, noise, timesteps))  # per-sample MSE, any target
             if args.snr_gamma:
                 per_sample = per_sample * min_snr_weights(denoising.scheduler, timesteps, args.snr_gamma)
             loss_denoise = per_sample.mean()
