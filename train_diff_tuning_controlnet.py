@@ -366,8 +366,8 @@ def compose_batch(data, bank, vae, tokenize, bank_ids, empty_ids, timestep_sampl
     downstream rows (a caption, replaced by the empty prompt with probability --proportion_empty_prompts; their
     control; t ~ psi). Returns (latents x_0, token ids, controls, timesteps, number of bank rows)."""
     n_data = len(data["captions"])
-    picks = torch.rand(n_data, generator=generator, device=device).tolist()  # which caption of a list
     drop = torch.rand(n_data, generator=generator, device=device) < args.proportion_empty_prompts
+    picks = torch.rand(n_data, generator=generator, device=device).tolist()  # which caption of a list
     captions = [c[min(int(u * len(c)), len(c) - 1)] if isinstance(c, list) else c
                 for c, u in zip(data["captions"], picks)]
     ids = torch.where(drop[:, None], empty_ids.to(device), tokenize(captions).to(device))
@@ -379,8 +379,8 @@ def compose_batch(data, bank, vae, tokenize, bank_ids, empty_ids, timestep_sampl
         moments = torch.cat([bank["latent_moments"].to(device), moments])
         ids = torch.cat([bank_ids.to(device).expand(n_bank, -1), ids])
         controls = torch.cat([bank["conditioning_pixel_values"].to(device), controls])
-    latents = sample_latents(moments, generator, vae.config.scaling_factor)
     timesteps = timestep_sampler.sample(n_bank, n_data, generator, device)
+    latents = sample_latents(moments, generator, vae.config.scaling_factor)
     return latents, ids, controls, timesteps, n_bank
 
 
