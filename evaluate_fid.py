@@ -22,14 +22,15 @@ import datasets
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
-from utils.channel_projection import PROJECTION_FILE, attach_saved_projections
-from utils.data import load_image_dataset, require_column
-from utils.errors import UserError
-from utils.fid import load_feature_extractor, make_metric, reference_statistics
-from utils.latents import vae_scale_factor
-from utils.outputs import check_output_file, write_json_atomically
-from utils.sampling import generate
-from utils.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.families.dit import DiT
+from utils.families.unet import DDPMUNet
+from utils.infra.data import load_image_dataset, require_column
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_output_file, write_json_atomically
+from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections
+from utils.methods.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.metrics.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.metrics.sampling import generate
 
 
 def parse_args(argv=None):
@@ -112,12 +113,12 @@ def is_plot(path) -> bool:
 
 
 def load_denoiser(name, scheduler_model=None):
-    """(kind, denoiser, pipeline parts): kind "dit" or "ddpm"; the denoiser is what the sampler calls."""
+    """(family, denoiser, pipeline parts): the family is DiT or DDPMUNet; the denoiser is what the sampler calls."""
     if os.path.exists(os.path.join(name, ENSEMBLE_CONFIG)):
         if scheduler_model is None:
             raise UserError(f"{name} is a DeMe ensemble; give --scheduler_model (its base pipeline) for the scheduler")
-        kind, _, parts = load_denoiser(scheduler_model)
-        return kind, TimestepEnsemble.from_pretrained(name), parts
+        family, _, parts = load_denoiser(scheduler_model)
+        return family, TimestepEnsemble.from_pretrained(name), parts
     try:
         pipe = DiffusionPipeline.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -125,13 +126,13 @@ def load_denoiser(name, scheduler_model=None):
     if isinstance(pipe, DiTPipeline):
         classes = (sorted(set(pipe.labels.values())) if pipe.labels
                    else list(range(pipe.transformer.config.num_embeds_ada_norm)))
-        return "dit", pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes,
+        return DiT, pipe.transformer, {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": classes,
                                          "labels": pipe.labels or None}
     unet = getattr(pipe, "unet", None)
     if type(unet).__name__ != "UNet2DModel":
         raise UserError(f"{name} is a {type(pipe).__name__}; evaluate_fid.py samples DiT and unconditional UNet2DModel "
                         "pipelines (text-to-image FID needs a prompt set)")
-    return "ddpm", with_saved_projections(unet, name), {"scheduler": pipe.scheduler}
+    return DDPMUNet, with_saved_projections(unet, name), {"scheduler": pipe.scheduler}
 
 
 def with_saved_projections(unet, name):
@@ -172,10 +173,10 @@ class NullClass(torch.nn.Module):
         return self.model(*args, class_labels=class_labels, **kwargs)
 
 
-def handoff_condition(choice: str, kind: str, labels, handoff_labels) -> str | None:
+def handoff_condition(choice: str, family, labels, handoff_labels) -> str | None:
     """"null" or "class" for a DiT handoff (auto: class only when both models record the same id2label), None for
     unconditional UNets."""
-    if kind != "dit":
+    if not family.class_conditional:
         return None
     if choice != "auto":
         return choice
@@ -214,21 +215,18 @@ def main(args):
     extractor = load_feature_extractor(args.feature_extractor)  # fails before any sampling
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
-    kind, model, parts = load_denoiser(args.model, args.scheduler_model)
+    family, model, parts = load_denoiser(args.model, args.scheduler_model)
     handoff = condition = None
     if args.handoff_model:
-        handoff_kind, handoff, handoff_parts = load_denoiser(args.handoff_model, args.scheduler_model)
-        if handoff_kind != kind or handoff.config.sample_size != model.config.sample_size:
+        handoff_family, handoff, handoff_parts = load_denoiser(args.handoff_model, args.scheduler_model)
+        if handoff_family is not family or handoff.config.sample_size != model.config.sample_size:
             raise UserError(f"--handoff_model {args.handoff_model} is not the same kind and size as {args.model}")
-        condition = handoff_condition(args.handoff_condition, kind, parts.get("labels"), handoff_parts.get("labels"))
+        condition = handoff_condition(args.handoff_condition, family, parts.get("labels"), handoff_parts.get("labels"))
         handoff = NullClass(handoff) if condition == "null" else handoff
         print(f"handoff model conditioned on: {condition or 'nothing (unconditional UNet)'}")
         handoff.to(device)
     model.to(device)
-    if kind == "dit":
-        resolution = model.config.sample_size * vae_scale_factor(parts["vae"])
-    else:
-        resolution = model.config.sample_size
+    resolution = family.image_size(model, parts)
 
     metric = make_metric(extractor).to(device)
     cache = os.path.expanduser(args.reference_cache_dir) if args.reference_cache_dir else None
@@ -239,8 +237,9 @@ def main(args):
         metric.reset()  # generated features only; the reference statistics stay
         denoiser = handoff_denoiser(model, handoff, DDIMScheduler.from_config(parts["scheduler"].config),
                                     args.num_inference_steps, fraction) if handoff is not None else model
-        for images in generate(kind, denoiser, parts, args.num_samples, args.batch_size, args.num_inference_steps,
-                               args.guidance_scale, args.seed, device, f"sampling (k = {100 * fraction:g}%)"):
+        for images in generate(family.evaluation_pipeline(denoiser, parts), args.num_samples, args.batch_size,
+                               args.num_inference_steps, args.seed, device, parts.get("classes"), args.guidance_scale,
+                               f"sampling (k = {100 * fraction:g}%)"):
             metric.update(images.to(device), real=False)
         fid = float(metric.compute())
         if not math.isfinite(fid):
@@ -257,7 +256,7 @@ def main(args):
         "resolution": resolution,
         "protocol": {"sampler": "DDIM", "num_inference_steps": args.num_inference_steps, "seed": args.seed,
                      **({"guidance_scale": args.guidance_scale, "classes": "balanced",
-                         "num_classes": len(parts["classes"])} if kind == "dit" else {})},
+                         "num_classes": len(parts["classes"])} if family.class_conditional else {})},
         "results": results,
     }
     out = report_path(args)

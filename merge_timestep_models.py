@@ -25,12 +25,14 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
-from utils import hub
-from utils.channel_projection import PROJECTION_FILE, attach_saved_projections, load_official_projections
-from utils.data import load_image_dataset, require_column
-from utils.errors import UserError
-from utils.fid import load_feature_extractor, make_metric, reference_statistics
-from utils.merging import (
+from utils.families.unet import DDPMUNet, detect_unet_family, unet_weights_folder
+from utils.infra import hub
+from utils.infra.data import load_image_dataset, require_column
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_finite_model, check_output_dir, finite_tensors, replace_dir, work_dir
+from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections, load_official_projections
+from utils.methods.deme import expand_models, model_ranges, range_losses
+from utils.methods.merging import (
     MERGE_METHODS,
     WEIGHTS_NAME,
     IdentityMaps,
@@ -40,14 +42,11 @@ from utils.merging import (
     merge_tensors,
     save_merged,
 )
-from utils.outputs import check_finite_model, check_output_dir, finite_tensors, replace_dir, work_dir
-from utils.sampling import generate
-from utils.timestep_ensemble import TimestepEnsemble
-from utils.timesteps import timestep_ranges
-from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind, unet_weights_folder
+from utils.methods.timestep_ensemble import TimestepEnsemble
+from utils.metrics.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.metrics.sampling import generate
 
-MANIFEST, RANGE_FILE = "deme_manifest.json", "deme_range.json"  # written by train_deme.py
-SCRIPT = "merge_timestep_models.py"  # marks the output folders it writes (utils.outputs): only those are replaced
+SCRIPT = "merge_timestep_models.py"  # marks the output folders it writes (utils.infra.outputs): only those are replaced
 
 
 def parse_args(argv=None):
@@ -100,13 +99,6 @@ def parse_args(argv=None):
     return args
 
 
-def expand_models(models):
-    if len(models) == 1 and os.path.exists(os.path.join(models[0], MANIFEST)):
-        with open(os.path.join(models[0], MANIFEST)) as f:
-            return [os.path.join(models[0], r["folder"]) for r in json.load(f)["ranges"]]
-    return models
-
-
 def check_args(args):
     n = len(args.models)
     if args.weights is not None and len(args.weights) != n:
@@ -142,16 +134,6 @@ def local_folder(name):
                         f"({type(e).__name__})") from e
 
 
-def model_ranges(models, num_timesteps):
-    """Timestep range of each model: from its deme_range.json, else N equal ranges in the given order."""
-    ranges = timestep_ranges(num_timesteps, len(models))
-    for i, path in enumerate(models):
-        if os.path.exists(os.path.join(path, RANGE_FILE)):
-            with open(os.path.join(path, RANGE_FILE)) as f:
-                ranges[i] = tuple(json.load(f)["timesteps"])
-    return ranges
-
-
 def main(args):
     if args.push_to_hub:
         hub.check_hub_access(args.hub_token)
@@ -166,24 +148,24 @@ def main(args):
     if any(projected) and not all(projected):
         raise UserError("some models carry official-placement channel projections and some do not")
 
-    pipeline = denoising = batches = None
+    pipeline = family = batches = None
     fid = args.search != "none" and args.search_metric == "fid"
     metric = None  # FID: the extractor is loaded before any work, so a missing one fails at once
     extractor = load_feature_extractor(args.feature_extractor) if fid else None
     if args.search != "none":
         if not is_pipeline:
             raise UserError("--search needs the base to be a pipeline (its scheduler, and VAE/text encoder for SD)")
-        kind = unet_pipeline_kind(base_dir)
-        if kind == "sd" and fid:
+        family = detect_unet_family(base_dir, "the merge-weight search")
+        if family is not DDPMUNet and fid:
             raise UserError("--search_metric fid scores DDPM pipelines; for Stable Diffusion use loss (text-to-image "
                             "FID needs a prompt set)")
-        pipeline = load_unet_pipeline(base_dir, kind)
+        pipeline = family.load(base_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        denoising = UNetDenoising(pipeline, kind, device)
+        family = family(pipeline, device)  # no flips: every candidate sees the same held-out images
         if fid:
-            metric = fid_reference(args, extractor, denoising)
+            metric = fid_reference(args, extractor, family)
         else:
-            batches = validation_batches(args, denoising, kind)
+            batches = validation_batches(args, family)
     num_timesteps = json.load(open(os.path.join(base_dir, "scheduler", "scheduler_config.json")))[
         "num_train_timesteps"] if is_pipeline else 1000
     ranges = model_ranges(args.models, num_timesteps)
@@ -209,7 +191,7 @@ def main(args):
     else:
         weights = args.weights or [1.0 / len(models)] * len(models)
         if args.search != "none":
-            weights, table = search_weights(args, base, models, maps, pipeline, denoising, batches, metric,
+            weights, table = search_weights(args, base, models, maps, pipeline, family, batches, metric,
                                             ranges, weights)
         try:  # tensor by tensor, each checked as it is written: never the whole model in memory
             save_merged(os.path.join(unet_dir, WEIGHTS_NAME), base.meta, finite_tensors(
@@ -243,37 +225,37 @@ def main(args):
     return weights, table
 
 
-def validation_batches(args, denoising, kind):
+def validation_batches(args, family):
     """The held-out batches every candidate is scored on (fixed order, no flips)."""
     ds = load_image_dataset(args.validation_dataset, args.validation_split)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column",
                                   "validation dataset")
     caption_column = None
-    if kind == "sd":
+    if family.needs_captions:
         caption_column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
         if caption_column not in ds.column_names:
             raise UserError(f"validation dataset has no caption column (columns: {', '.join(ds.column_names)})")
     n = min(len(ds), args.validation_batches * args.validation_batch_size)
-    rows = ds.select(range(n)).with_transform(denoising.transform(image_column, caption_column, denoising.resolution))
+    rows = ds.select(range(n)).with_transform(family.transform(image_column, caption_column, family.resolution))
     return list(torch.utils.data.DataLoader(rows, batch_size=args.validation_batch_size))
 
 
-def fid_reference(args, extractor, denoising):
+def fid_reference(args, extractor, family):
     """The FID metric holding the validation images' statistics (cached like evaluate_fid.py's)."""
     ds = load_image_dataset(args.validation_dataset, args.validation_split)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column",
                                   "validation dataset")
-    metric = make_metric(extractor).to(denoising.device)
+    metric = make_metric(extractor).to(family.device)
     cache = os.path.expanduser(args.reference_cache_dir) if args.reference_cache_dir else None
-    reference_statistics(metric, ds, image_column, denoising.resolution, args.feature_extractor, cache)
+    reference_statistics(metric, ds, image_column, family.resolution, args.feature_extractor, cache)
     return metric
 
 
-def search_weights(args, base, models, maps, pipeline, denoising, batches, metric, ranges, start):
+def search_weights(args, base, models, maps, pipeline, family, batches, metric, ranges, start):
     """Score candidate weights by held-out loss per range (same noise for every candidate) or by FID (same seeds);
     returns the best weights and the table of every candidate tried, best first. `maps`: the models' official-
     placement channel projections (or None); each candidate is scored with its merged maps attached, as it is saved."""
-    unet = pipeline.unet.to(denoising.device).eval()
+    unet = pipeline.unet.to(family.device).eval()
     scored = {}
 
     def score(weights):
@@ -287,16 +269,16 @@ def search_weights(args, base, models, maps, pipeline, denoising, batches, metri
             if unexpected or any("channel_projection" not in k for k in missing):
                 raise RuntimeError(f"merged weights do not fit the base UNet: {unexpected or missing}")
             if metric is None:
-                losses = denoising.range_losses(unet, batches, ranges, args.seed)
+                losses = range_losses(family, unet, batches, ranges, args.seed)
                 row = {"range_losses": losses, "mean_loss": sum(losses) / len(losses)}
                 row["score"] = row["mean_loss"]
                 detail = f"mean held-out loss {row['mean_loss']:.5f}  per range " + " ".join(f"{x:.5f}" for x in losses)
             else:
                 metric.reset()
-                for images in generate("ddpm", unet, {"scheduler": pipeline.scheduler}, args.fid_samples,
-                                       args.validation_batch_size, args.fid_inference_steps, 0.0, args.seed,
-                                       denoising.device, desc=f"FID of {list(key)}"):
-                    metric.update(images.to(denoising.device), real=False)
+                for images in generate(family.sampling_pipeline(unet), args.fid_samples, args.validation_batch_size,
+                                       args.fid_inference_steps, args.seed, family.device,
+                                       desc=f"FID of {list(key)}"):
+                    metric.update(images.to(family.device), real=False)
                 row = {"fid": float(metric.compute())}
                 row["score"] = row["fid"]
                 detail = f"FID {row['fid']:.3f}"
@@ -329,7 +311,7 @@ def write_card(args, out, model_class, is_pipeline, ranges, weights, table):
                        "([Ma et al.](https://arxiv.org/abs/2410.06664)), kept apart: model i denoises the timesteps "
                        "of range i (the paper's \"before merge\", N times the weights of one model).")
         usage = f'''from diffusers import DDIMPipeline, DDIMScheduler
-from utils.timestep_ensemble import TimestepEnsemble  # from this project (diff-tuning examples)
+from utils.methods.timestep_ensemble import TimestepEnsemble  # from this project (diff-tuning examples)
 pipe = DDIMPipeline(unet=TimestepEnsemble.from_pretrained("<this folder>"),
                     scheduler=DDIMScheduler.from_pretrained("{args.base_model}", subfolder="scheduler"))
 image = pipe(num_inference_steps=50).images[0]'''

@@ -31,11 +31,20 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
-from utils import hub
-from utils.augmentation import as_uint8_tensor, normalise, random_resized_views
-from utils.bi_tuning import BiTuningLoss, ClassQueues, TwoHeadClassifier, key_encoder, momentum_update
-from utils.checkpointing import resume, run_identity, step_generator
-from utils.data import (
+from utils.families.image_classifiers import (
+    classifier_class,
+    find_head,
+    input_size,
+    load_classifier_config,
+    load_image_processor,
+    normalisation,
+    replace_head,
+    set_resolution,
+)
+from utils.infra import hub
+from utils.infra.augmentation import as_uint8_tensor, normalise, random_resized_views
+from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.data import (
     DatasetError,
     ResumableLoader,
     check_images,
@@ -47,30 +56,22 @@ from utils.data import (
     stratified_split,
     worker_options,
 )
-from utils.errors import UserError
-from utils.image_classifiers import (
-    classifier_class,
-    find_head,
-    input_size,
-    load_classifier_config,
-    load_image_processor,
-    normalisation,
-    replace_head,
-    set_resolution,
-)
-from utils.outputs import check_output_dir, mark, write_json_atomically
-from utils.training import (
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_output_dir, mark, write_json_atomically
+from utils.infra.training import (
     LR_SCHEDULERS,
     add_output_args,
     apply_gradients,
     check_common_args,
     check_finite_weights,
+    checkpoint,
     effective_learning_rate,
-    end_of_step,
     end_training,
+    log_step,
     make_accelerator,
     tracker_config,
 )
+from utils.methods.bi_tuning import BiTuningLoss, ClassQueues, TwoHeadClassifier, key_encoder, momentum_update
 
 logger = get_logger(__name__)
 
@@ -80,7 +81,9 @@ class Result(NamedTuple):
     metrics: dict  # held-out metrics after the last step
     queues: ClassQueues | None  # this process's class queues (Bi-tuning)
 
-SCRIPT = "train_bi_tuning.py"  # marks the output folders it writes (utils.outputs)
+SCRIPT = "train_bi_tuning.py"  # marks the output folders it writes (utils.infra.outputs)
+# the flags that decide which weights a checkpoint holds: a resume with others is refused
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "queue_size", "projection_dim")
 
 
 def parse_args(argv=None):
@@ -388,7 +391,7 @@ def main(args):
         accelerator.init_trackers("bi-tuning", config=tracker_config(args))
 
     # ---- Resume (the key encoder and the queues are part of the state).
-    identity = {**run_identity(args), "num_classes": len(names)}
+    identity = {**run_identity(args, IDENTITY_FLAGS), "num classes": len(names)}
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, identity=identity)
     micro_step = global_step * args.gradient_accumulation_steps
     train_iter = ResumableLoader(loader, accelerator, micro_step)
@@ -433,8 +436,9 @@ def main(args):
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts.items()},
                 "train_batch_accuracy": (query.logits.argmax(1) == labels).float().mean().item(),
                 "lr": lr_scheduler.get_last_lr()[0]}
-        end_of_step(accelerator, model, None, progress, logs, global_step, args.output_dir, args, logger,
-                    identity=identity)
+        log_step(accelerator, progress, logs, global_step)
+        if global_step % args.checkpointing_steps == 0:
+            checkpoint(accelerator, model, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             metrics, _ = evaluate(model, eval_loader, accelerator, len(names))
             accelerator.log(metrics, step=global_step)
@@ -462,7 +466,7 @@ def main(args):
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
-    # The DDP wrapper must go before the process group ends (utils.training.end_training).
+    # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     model = optimizer = lr_scheduler = loader = eval_loader = None  # noqa: F841
     end_training(accelerator)
     return Result(unwrapped, metrics, queues)

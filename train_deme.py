@@ -28,44 +28,53 @@ from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
-from utils import hub
-from utils.channel_projection import (
-    PLACEMENTS,
-    add_projections,
-    fold_projections,
-    save_official_projections,
-    split_official_projections,
-)
-from utils.checkpointing import resume, run_identity, step_generator
-from utils.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
-from utils.errors import UserError
-from utils.losses import epsilon_mse, min_snr_weights
-from utils.outputs import check_output_dir, mark, write_json_atomically
-from utils.timesteps import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
-from utils.training import (
+from utils.families.unet import detect_unet_family
+from utils.infra import hub
+from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_output_dir, mark
+from utils.infra.training import (
     add_optimisation_args,
     add_output_args,
     apply_gradients,
     averaged_weights,
     check_common_args,
     check_finite_weights,
+    checkpoint,
     effective_learning_rate,
-    end_of_step,
     freeze,
     image_grid,
     log_images,
+    log_step,
     make_accelerator,
     make_ema,
     make_optimizer,
     tracker_config,
     weight_dtype,
 )
-from utils.unet_pipelines import UNetDenoising, load_unet_pipeline, unet_pipeline_kind
+from utils.methods.channel_projection import (
+    PLACEMENTS,
+    add_projections,
+    fold_projections,
+    save_official_projections,
+    split_official_projections,
+)
+from utils.methods.deme import (
+    GLOBAL_SAMPLE_MODES,
+    DeMeLoss,
+    RangeTimestepSampler,
+    is_finished,
+    range_dir,
+    timestep_ranges,
+    write_manifest,
+    write_range_record,
+)
 
 logger = get_logger(__name__)
-SCRIPT = "train_deme.py"  # marks the output folders it writes (utils.outputs)
-MANIFEST = "deme_manifest.json"
-RANGE_FILE = "deme_range.json"
+SCRIPT = "train_deme.py"  # marks the output folders it writes (utils.infra.outputs)
+# the flags that decide which weights a checkpoint holds: a resume with others is refused
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "num_ranges", "channel_projection")
 
 
 def parse_args(argv=None):
@@ -108,7 +117,8 @@ def parse_args(argv=None):
                    help="foldable: identity-initialised C x C maps on conv outputs, folded into the convs on save "
                         "(a stock UNet, zero cost). official: maps after each down/mid/up block as the official "
                         "code; they cannot be folded, are saved in channel_projection.safetensors, which stock "
-                        "from_pretrained ignores (utils.channel_projection.attach_saved_projections restores them). "
+                        "from_pretrained ignores (utils.methods.channel_projection.attach_saved_projections "
+                        "restores them). "
                         "none: no maps.")
 
     add_optimisation_args(p, batch_size=64, batch_help="Batch per device (CIFAR-10: 64; LSUN/SD: 16 x 4 accumulation).",
@@ -138,14 +148,6 @@ def check_args(args):
                                                ("--dataset", args.dataset)])
 
 
-def range_dir(output_dir, index):
-    return os.path.join(output_dir, f"range_{index}")
-
-
-def is_finished(folder) -> bool:
-    return os.path.exists(os.path.join(folder, "README.md"))  # the card is written last
-
-
 def main(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     # The processes; each range then gets an Accelerator of its own. Like Accelerator, honour `accelerate launch
@@ -158,9 +160,9 @@ def main(args):
     # ---- Data and model: load and check everything cheap first.
     ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
-    kind = unet_pipeline_kind(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    family = detect_unet_family(args.pretrained_model_name_or_path, "DeMe", args.revision, args.cache_dir)
     caption_column = None
-    if kind == "sd":
+    if family.needs_captions:
         caption_column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
         if caption_column not in ds.column_names:
             raise UserError(f"a Stable Diffusion model needs captions: dataset has no caption column "
@@ -169,15 +171,15 @@ def main(args):
     elif args.caption_column:
         raise UserError(f"--caption_column given, but {args.pretrained_model_name_or_path} is an unconditional "
                         "UNet2DModel pipeline")
-    pipeline = load_unet_pipeline(args.pretrained_model_name_or_path, kind, args.revision, args.cache_dir)
+    pipeline = family.load(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     if getattr(pipeline.unet.config, "num_class_embeds", None):
         raise UserError("class-conditional UNet2DModel pipelines are not supported; DeMe here trains unconditional "
                         "DDPM and text-conditional Stable Diffusion UNets")
-    denoising = UNetDenoising(pipeline, kind, "cpu")
-    resolution = args.resolution or denoising.resolution
-    if resolution != denoising.resolution:
-        raise UserError(f"--resolution {resolution} does not match the model, which takes {denoising.resolution}x"
-                        f"{denoising.resolution} images")
+    model_resolution = family(pipeline, "cpu").resolution
+    resolution = args.resolution or model_resolution
+    if resolution != model_resolution:
+        raise UserError(f"--resolution {resolution} does not match the model, which takes {model_resolution}x"
+                        f"{model_resolution} images")
     if len(ds) < args.train_batch_size:
         raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {args.train_batch_size}; "
                         "lower --train_batch_size")
@@ -185,20 +187,15 @@ def main(args):
         check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
                                                               disable=not state.is_local_main_process))
 
-    T = denoising.scheduler.config.num_train_timesteps
+    T = pipeline.scheduler.config.num_train_timesteps
     if args.num_ranges > T:
         raise UserError(f"--num_ranges {args.num_ranges} is more than the model's {T} timesteps")
     ranges = timestep_ranges(T, args.num_ranges)
     learning_rate = effective_learning_rate(args, state.num_processes)  # every range, resumed or not, the same
     if state.is_main_process:
         mark(args.output_dir, SCRIPT)
-        write_json_atomically(os.path.join(args.output_dir, MANIFEST), {
-            "method": "deme", "base_model": args.pretrained_model_name_or_path,
-            "model_class": type(pipeline.unet).__name__, "num_train_timesteps": T,
-            "channel_projection": args.channel_projection,
-            "ranges": [{"index": i, "timesteps": list(r), "folder": os.path.basename(range_dir("", i))}
-                       for i, r in enumerate(ranges)],
-        })
+        write_manifest(args.output_dir, args.pretrained_model_name_or_path, type(pipeline.unet).__name__, T,
+                       args.channel_projection, ranges)
 
     models = {}
     for index in [args.range_index] if args.range_index is not None else range(args.num_ranges):
@@ -206,14 +203,14 @@ def main(args):
         if args.resume_from_checkpoint and is_finished(folder):
             logger.info(f"range {index} {ranges[index]} is finished; skipping it", main_process_only=True)
             continue
-        models[index] = train_range(args, index, ranges[index], pipeline, kind, ds, image_column, caption_column,
-                                    resolution, learning_rate)
-    gc.collect()  # every range's DDP wrapper is gone before the group ends (see utils.training.end_training)
+        models[index] = train_range(args, index, ranges[index], pipeline, family, ds, image_column,
+                                    caption_column, resolution, learning_rate)
+    gc.collect()  # every range's DDP wrapper is gone before the group ends (see utils.infra.training.end_training)
     state.destroy_process_group()  # once, after the last range (each range's Accelerator shares the processes)
     return models
 
 
-def train_range(args, index, time_range, pipeline, kind, ds, image_column, caption_column, resolution,
+def train_range(args, index, time_range, pipeline, family, ds, image_column, caption_column, resolution,
                 learning_rate):
     """Fine-tune one copy on one timestep range and save it as a stock UNet in range_{index}/."""
     out = range_dir(args.output_dir, index)
@@ -221,7 +218,7 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
     dtype = weight_dtype(accelerator)
-    denoising = UNetDenoising(pipeline, kind, accelerator.device, dtype)
+    family = family(pipeline, accelerator.device, dtype, args.random_flip)
 
     # pipeline.unet stays the untouched fp32 pre-trained model for every range. A frozen copy in the mixed-precision
     # dtype gives the consistency targets; the trained copy is fp32 (autocast does the mixed precision).
@@ -238,10 +235,11 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
     extra = sum(p.numel() for p in projections)
 
     lo, hi = time_range
-    T = denoising.scheduler.config.num_train_timesteps
-    sampler = RangeTimestepSampler(T, lo, hi, args.global_sample_prob, args.global_sample_mode)
+    T = family.scheduler.config.num_train_timesteps
+    deme_loss = DeMeLoss(RangeTimestepSampler(T, lo, hi, args.global_sample_prob, args.global_sample_mode),
+                         args.consistency_weight, args.snr_gamma, dtype)
 
-    rows = ds.with_transform(denoising.transform(image_column, caption_column, resolution))
+    rows = ds.with_transform(family.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                          **worker_options(args.dataloader_num_workers))
     optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, learning_rate)
@@ -251,7 +249,8 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
         accelerator.init_trackers("deme", config={**tracker_config(args), "range_index": index, "range_lo": lo,
                                                   "range_hi": hi})
 
-    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger, ema, run_identity(args))
+    identity = run_identity(args, IDENTITY_FLAGS)
+    global_step = resume(accelerator, out, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     prompts = None
@@ -267,38 +266,26 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
 
     while global_step < args.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
-        batch = next(data_iter)
-        with torch.no_grad(), accelerator.autocast():
-            n = len(batch["pixel_values"])
-            flip = torch.rand(n, generator=generator, device=accelerator.device) < 0.5 if args.random_flip else None
-            x0, cond = denoising.inputs(batch, generator, flip)
-            timesteps = sampler.sample(n, generator, accelerator.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-            noisy = denoising.scheduler.add_noise(x0, noise, timesteps)
-            reference = denoising.predict(frozen, noisy.to(dtype), timesteps, cond) if args.consistency_weight else None
         micro_step += 1
-
         with accelerator.accumulate(unet), accelerator.autocast():
-            pred = denoising.predict(unet, noisy, timesteps, cond).float()
-            per_sample = epsilon_mse(pred, denoising.target(x0, noise, timesteps))  # per-sample MSE, any target
-            if args.snr_gamma:
-                per_sample = per_sample * min_snr_weights(denoising.scheduler, timesteps, args.snr_gamma)
-            loss_denoise = per_sample.mean()
-            loss_consistency = (pred - reference.float()).pow(2).mean() if reference is not None else torch.zeros(())
-            loss = loss_denoise + args.consistency_weight * loss_consistency
+            loss, parts = deme_loss(family, unet, frozen, next(data_iter), generator)
             apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
                             step=global_step + 1, output_dir=out)
 
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        logs = {"loss": loss.detach().item(), "loss_denoise": loss_denoise.detach().item(),
-                "loss_consistency": loss_consistency.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-        end_of_step(accelerator, unet, ema, progress, logs, global_step, out, args, logger)
+        logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts.items()},
+                "lr": lr_scheduler.get_last_lr()[0]}
+        if ema is not None:
+            ema.step(unet.parameters())
+        log_step(accelerator, progress, logs, global_step)
+        if global_step % args.checkpointing_steps == 0:
+            checkpoint(accelerator, unet, global_step, out, args.checkpoints_total_limit, identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             with averaged_weights(accelerator.unwrap_model(unet), ema) as model, accelerator.autocast():
-                images = denoising.sample(pipeline, model, args.num_validation_images,
-                                          args.validation_inference_steps, args.seed, prompts)
+                images = family.sample(model, args.num_validation_images, args.validation_inference_steps,
+                                       args.seed, prompts)
             log_images(accelerator, "validation", images, global_step)
     progress.close()
 
@@ -311,8 +298,8 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
     model.eval()
     if accelerator.is_main_process:
         with accelerator.autocast():
-            images = denoising.sample(pipeline, model, args.num_validation_images, args.validation_inference_steps,
-                                      args.seed, prompts)
+            images = family.sample(model, args.num_validation_images, args.validation_inference_steps, args.seed,
+                                   prompts)
         log_images(accelerator, "final", images, global_step)
     if args.channel_projection == "foldable":
         fold_projections(model)
@@ -322,10 +309,9 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
         if official_maps:
             save_official_projections(official_maps, out)
         image_grid(images).save(os.path.join(out, "samples.png"))
-        write_json_atomically(os.path.join(out, RANGE_FILE), {
-            "index": index, "num_ranges": args.num_ranges, "timesteps": [lo, hi], "num_train_timesteps": T,
-            "base_model": args.pretrained_model_name_or_path, "channel_projection": args.channel_projection})
-        write_card(args, out, index, time_range, T, kind, total, extra, logs, accelerator.mixed_precision,
+        write_range_record(out, index, args.num_ranges, time_range, T, args.pretrained_model_name_or_path,
+                           args.channel_projection)
+        write_card(args, out, index, time_range, T, family, total, extra, logs, accelerator.mixed_precision,
                    learning_rate)
         if args.push_to_hub:
             repo = hub.push_folder(out, f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}",
@@ -333,13 +319,13 @@ def train_range(args, index, time_range, pipeline, kind, ds, image_column, capti
             logger.info(f"pushed range {index} to https://huggingface.co/{repo}")
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group the next range needs
         tracker.finish()
-    del unet, optimizer, lr_scheduler, loader  # the DDP wrapper goes while the group is alive (utils.training)
+    del unet, optimizer, lr_scheduler, loader  # the DDP wrapper goes while the group is alive (utils.infra.training)
     accelerator.free_memory()
     return model
 
 
 
-def write_card(args, out, index, time_range, T, kind, total, extra, last_logs, mixed_precision, learning_rate):
+def write_card(args, out, index, time_range, T, family, total, extra, last_logs, mixed_precision, learning_rate):
     """`mixed_precision`: the effective one (also when accelerate's config set it); `learning_rate` after
     --scale_lr."""
     lo, hi = time_range
@@ -354,24 +340,22 @@ def write_card(args, out, index, time_range, T, kind, total, extra, last_logs, m
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": learning_rate,
              "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": mixed_precision,
              "seed": args.seed}
-    model_class = "UNet2DConditionModel" if kind == "sd" else "UNet2DModel"
+    model_class, pipe_class, call = family.model_class, family.pipeline_class, family.example_call
     repo = f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}"
-    pipe_class = "StableDiffusionPipeline" if kind == "sd" else "DDIMPipeline"
-    call = 'pipe("a photo of a cat", num_inference_steps=50)' if kind == "sd" else "pipe(num_inference_steps=50)"
     usage = f'''from diffusers import {pipe_class}, {model_class}
 unet = {model_class}.from_pretrained("{repo}")
 pipe = {pipe_class}.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet)
 image = {call}.images[0]'''
     if args.channel_projection == "official":
         usage += ('\n# official placement: re-attach the channel maps (stock loading leaves them out)\n'
-                  'from utils.channel_projection import attach_saved_projections  # this project\'s code\n'
+                  'from utils.methods.channel_projection import attach_saved_projections  # this project\'s code\n'
                   f'attach_saved_projections(unet, "<local folder of {repo}>")')
     hub.save_training_card(
         out,
         title=f"DeMe range {index} ({lo} <= t < {hi}) of {args.pretrained_model_name_or_path}",
         base_model=args.pretrained_model_name_or_path,
         dataset=args.dataset, last_logs=last_logs,
-        tags=["deme", "timestep-range", "stable-diffusion" if kind == "sd" else "ddpm"],
+        tags=["deme", "timestep-range", family.tag],
         description=(
             f"One of {args.num_ranges} copies of `{args.pretrained_model_name_or_path}` fine-tuned on `{args.dataset}` "
             f"with DeMe ([Ma et al., 2025](https://arxiv.org/abs/2410.06664)); this copy trained on timesteps "

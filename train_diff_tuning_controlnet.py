@@ -31,7 +31,6 @@ from diffusers import (
     ControlNetModel,
     DDIMScheduler,
     DDPMScheduler,
-    DiffusionPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -39,10 +38,13 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils import hub
-from utils.annotators import CONDITIONS, make_annotator
-from utils.checkpointing import resume, run_identity, step_generator
-from utils.data import (
+from utils.families.annotators import add_annotator_args, annotator_of
+from utils.families.base import detect_family
+from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
+from utils.families.latents import vae_scale_factor
+from utils.infra import hub
+from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.data import (
     ArrowBatches,
     DatasetError,
     ResumableLoader,
@@ -51,41 +53,43 @@ from utils.data import (
     resize_center_crop,
     worker_options,
 )
-from utils.diff_tuning import (
-    DiffTuningLoss,
-    DiffTuningTimesteps,
-    add_diff_tuning_args,
-    check_diff_tuning_args,
-    num_bank_rows,
-)
-from utils.errors import UserError
-from utils.fidelity import CONVERGENCE_FILE, METRICS, ConvergenceTracker, check_threshold, fidelity_score, reference_map
-from utils.latents import sample_latents, vae_scale_factor
-from utils.losses import epsilon_mse
-from utils.memory_bank import ControlBankSampler, build_memory_bank, check_bank_dir, check_bank_settings, is_memory_bank
-from utils.outputs import check_output_dir, mark
-from utils.sampling import seeded_generators
-from utils.training import (
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_output_dir, mark
+from utils.infra.training import (
     add_optimisation_args,
     add_output_args,
     apply_gradients,
     averaged_weights,
     check_common_args,
     check_finite_weights,
+    checkpoint,
     effective_learning_rate,
-    end_of_step,
     end_training,
     freeze,
     log_images,
+    log_step,
     make_accelerator,
     make_ema,
     make_optimizer,
     tracker_config,
     weight_dtype,
 )
+from utils.methods.diff_tuning import DiffTuning, add_diff_tuning_args, check_diff_tuning_args
+from utils.metrics.fidelity import (
+    CONVERGENCE_FILE,
+    METRICS,
+    ConvergenceTracker,
+    check_threshold,
+    fidelity_score,
+    reference_map,
+)
+from utils.metrics.sampling import seeded_generators
 
 logger = get_logger(__name__)
-SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes (utils.outputs)
+SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes (utils.infra.outputs)
+# the flags that decide which weights a checkpoint holds: a resume with others is refused
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "controlnet_model_name_or_path", "method",
+                  "condition")
 DEFAULT_BANK_PROMPT = "a high-quality, detailed, and professional image"  # the paper's
 # ControlNetModel.from_unet's conditioning embedding assumes a VAE that downsamples 8x (3 stride-2 convs between
 # these 4 widths); a VAE of factor f takes the first log2(f) + 1 of them.
@@ -124,22 +128,7 @@ def parse_args(argv=None):
                    help="Training resolution (short side resized, centre crop); a multiple of the VAE factor.")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image and control first.")
 
-    g = p.add_argument_group("control")
-    g.add_argument("--condition", choices=CONDITIONS, default="canny",
-                   help="canny, sketch (XDoG), depth / normal / segmentation (transformers models), or custom.")
-    g.add_argument("--annotator_model", default=None,
-                   help="depth, normal: a depth-estimation model; segmentation: a semantic-segmentation model "
-                        "(Hub id or folder).")
-    g.add_argument("--annotator", default=None, help="custom: module:callable, PIL image in, PIL control out.")
-    g.add_argument("--canny_sigma", type=float, default=1.0, help="canny: Gaussian sigma (scikit-image).")
-    g.add_argument("--canny_low_threshold", type=float, default=0.1, help="canny: low hysteresis threshold.")
-    g.add_argument("--canny_high_threshold", type=float, default=0.2, help="canny: high hysteresis threshold.")
-    g.add_argument("--xdog_sigma", type=float, default=1.0, help="sketch: XDoG inner Gaussian sigma.")
-    g.add_argument("--xdog_k", type=float, default=1.6, help="sketch: outer / inner sigma.")
-    g.add_argument("--xdog_tau", type=float, default=0.98, help="sketch: weight of the outer Gaussian.")
-    g.add_argument("--xdog_epsilon", type=float, default=-0.01, help="sketch: a line where the DoG is below this.")
-    g.add_argument("--normal_background", type=float, default=0.1,
-                   help="normal: depth below this (far background) gets a flat normal.")
+    add_annotator_args(p)
 
     g = add_diff_tuning_args(p, bank_guidance_scale=7.5, bank_batch_size=8,
                              bank_help="Bank rows: samples of --memory_bank_prompt, each with its control annotated "
@@ -154,9 +143,6 @@ def parse_args(argv=None):
                    help="Free gradients after each step instead of zeroing them (less memory).")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
     g = add_output_args(p, checkpointing_steps=500, validation_steps=100)
-    g.add_argument("--push_memory_bank", action="store_true", help="Also push the memory bank as a Hub dataset.")
-    g.add_argument("--memory_bank_hub_id", default=None,
-                   help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
     g.add_argument("--tracker_project_name", default="diff-tuning-controlnet", help="Project name of the trackers.")
     g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
     g.add_argument("--validation_prompt", nargs="+", default=None,
@@ -215,29 +201,11 @@ def check_args(args):
                                                ("--validation_dataset", args.validation_dataset)])
 
 
-def annotator_of(args, device=None):
-    return make_annotator(args.condition, annotator_model=args.annotator_model, annotator=args.annotator,
-                          canny_sigma=args.canny_sigma, canny_low_threshold=args.canny_low_threshold,
-                          canny_high_threshold=args.canny_high_threshold, xdog_sigma=args.xdog_sigma,
-                          xdog_k=args.xdog_k, xdog_tau=args.xdog_tau, xdog_epsilon=args.xdog_epsilon,
-                          normal_background=args.normal_background, device=device)
-
-
 def check_pipeline(args) -> tuple[int, dict]:
     """From the configs alone (no weights): a Stable Diffusion 1.x/2.x pipeline whose UNet a ControlNet can
     follow, trained to predict epsilon or v. Returns the VAE's downsampling factor and the UNet config."""
     name = args.pretrained_model_name_or_path
-    try:
-        index = DiffusionPipeline.load_config(name, revision=args.revision, cache_dir=args.cache_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: "
-                        f"{str(e).strip().splitlines()[0]}") from e
-    pipeline_class = index.get("_class_name", "")
-    if "XL" in pipeline_class or index.get("text_encoder_2"):
-        raise UserError(f"{name} is a {pipeline_class}: Stable Diffusion XL is not supported yet (SD 1.x/2.x only)")
-    if index.get("unet", [None, None])[1] != "UNet2DConditionModel" or "text_encoder" not in index:
-        raise UserError(f"{name} is a {pipeline_class} without a text-conditioned UNet2DConditionModel; ControlNet "
-                        "needs a Stable Diffusion pipeline")
+    detect_family(name, [ControlNetOnSD], "train_diff_tuning_controlnet.py", args.revision, args.cache_dir)
     try:
         unet_config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
                                                        cache_dir=args.cache_dir)
@@ -361,29 +329,6 @@ class BankRows(ArrowBatches):
         return batch
 
 
-def compose_batch(data, bank, vae, tokenize, bank_ids, empty_ids, timestep_sampler, args, generator, device):
-    """One micro-batch: memory-bank rows first (the bank prompt, never dropped; their own control; t ~ xi), then
-    downstream rows (a caption, replaced by the empty prompt with probability --proportion_empty_prompts; their
-    control; t ~ psi). Returns (latents x_0, token ids, controls, timesteps, number of bank rows)."""
-    n_data = len(data["captions"])
-    drop = torch.rand(n_data, generator=generator, device=device) < args.proportion_empty_prompts
-    picks = torch.rand(n_data, generator=generator, device=device).tolist()  # which caption of a list
-    captions = [c[min(int(u * len(c)), len(c) - 1)] if isinstance(c, list) else c
-                for c, u in zip(data["captions"], picks)]
-    ids = torch.where(drop[:, None], empty_ids.to(device), tokenize(captions).to(device))
-    moments = vae.encode(data["pixel_values"].to(device, vae.dtype)).latent_dist.parameters.float()
-    controls = data["conditioning_pixel_values"].to(device)
-    n_bank = 0
-    if bank is not None:
-        n_bank = len(bank["latent_moments"])
-        moments = torch.cat([bank["latent_moments"].to(device), moments])
-        ids = torch.cat([bank_ids.to(device).expand(n_bank, -1), ids])
-        controls = torch.cat([bank["conditioning_pixel_values"].to(device), controls])
-    timesteps = timestep_sampler.sample(n_bank, n_data, generator, device)
-    latents = sample_latents(moments, generator, vae.config.scaling_factor)
-    return latents, ids, controls, timesteps, n_bank
-
-
 @torch.no_grad()
 def generate(pipeline_parts, controlnet, prompts, controls, seeds, args, device):
     """Images of a ControlNet pipeline (DDIM, --validation_inference_steps), one seed per image."""
@@ -471,8 +416,10 @@ def main(args):
                                f"{args.num_validation_samples} for the tracker; lower it or pass --validation_dataset")
         split = ds.train_test_split(test_size=args.num_validation_samples, seed=args.seed, shuffle=True)
         ds, val = split["train"], split["test"]
-    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
-    n_data = args.train_batch_size - n_bank
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                    revision=args.revision, cache_dir=args.cache_dir)
+    diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.proportion_empty_prompts)
+    n_data = diff_tuning.n_data
     if len(ds) < n_data * accelerator.num_processes:
         raise DatasetError(f"dataset has {len(ds)} training rows, fewer than one batch of {n_data} downstream rows on "
                            f"each of {accelerator.num_processes} process(es); lower --train_batch_size")
@@ -483,12 +430,9 @@ def main(args):
             for part in (ds, val):
                 check_images(part, [args.image_column, args.conditioning_image_column], bar, same_aspect)
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_settings = {"base_model": args.pretrained_model_name_or_path, "resolution": args.resolution,
-                     "annotator": annotator.settings, "prompt": args.memory_bank_prompt}
-    if args.method == "diff_tuning":
-        check_bank_dir(bank_dir)
-        if is_memory_bank(bank_dir):
-            check_bank_settings(bank_dir, bank_settings)  # a bank of another model or annotator fails now
+    bank_record = {"family": ControlNetOnSD.name, "base_model": args.pretrained_model_name_or_path,
+                   "resolution": args.resolution, "annotator": annotator.settings, "prompt": args.memory_bank_prompt}
+    diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
     if args.annotate_dataset:
@@ -503,7 +447,7 @@ def main(args):
         from transformers import AutoTokenizer
 
         pipeline.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
-    tokenizer, noise_scheduler = pipeline.tokenizer, DDPMScheduler.from_config(pipeline.scheduler.config)
+    tokenizer = pipeline.tokenizer
     if args.controlnet_model_name_or_path:
         controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
     else:
@@ -524,32 +468,23 @@ def main(args):
         return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                          return_tensors="pt").input_ids
 
-    bank_ids, empty_ids = tokenize([args.memory_bank_prompt]), tokenize([""])
+    family = ControlNetOnSD({"vae": vae, "text_encoder": text_encoder, "unet": unet}, noise_scheduler,
+                            accelerator.device, tokenize, args.memory_bank_prompt, accelerator.autocast, dtype)
 
     # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
-    bank = None
-    if args.method == "diff_tuning":
-        with accelerator.autocast():
-            sampler = ControlBankSampler(pipeline, annotator, args.memory_bank_prompt, args.memory_bank_guidance_scale,
-                                         args.memory_bank_inference_steps, args.resolution)
-            bank = build_memory_bank(accelerator, sampler, bank_dir, args.memory_bank_size,
-                                     {"base_model": args.pretrained_model_name_or_path},
-                                     args.memory_bank_batch_size, args.seed)
-        if len(bank) < n_bank * accelerator.num_processes:
-            raise UserError(f"memory bank {bank_dir} has {len(bank)} rows, fewer than one batch of {n_bank} bank "
-                            f"rows on each of {accelerator.num_processes} process(es)")
+    with accelerator.autocast():
+        sampler = ControlBankSampler(pipeline, annotator, args.memory_bank_prompt, args.memory_bank_guidance_scale,
+                                     args.memory_bank_inference_steps, args.resolution)
+        bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, args.memory_bank_size,
+                                     args.memory_bank_batch_size, args.seed, bank_record)
 
-    # ---- The method, data loaders and optimisation.
-    timestep_sampler = DiffTuningTimesteps(noise_scheduler.config.num_train_timesteps, args.method, args.tau,
-                                           args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)
-    diff_tuning_loss = DiffTuningLoss(args.retention_weight)
+    # ---- Data loaders and optimisation.
     workers = worker_options(args.dataloader_num_workers)
     loader = torch.utils.data.DataLoader(ds.with_transform(row_transform(args)), batch_size=n_data, shuffle=True,
                                          drop_last=True, collate_fn=collate, **workers)
     bank_loader = None
     if bank is not None:
-        bank_loader = torch.utils.data.DataLoader(BankRows(bank, args), batch_size=n_bank, shuffle=True,
-                                                  drop_last=True, collate_fn=lambda b: b, **workers)
+        bank_loader = diff_tuning.bank_loader(BankRows(bank, args), lambda b: b, workers)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
     if args.use_8bit_adam:
@@ -566,7 +501,8 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     # ---- Resume: the weights, the data order, and the fidelity curve up to the checkpoint.
-    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, run_identity(args))
+    identity = run_identity(args, IDENTITY_FLAGS)
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
@@ -593,8 +529,8 @@ def main(args):
         return pairs
 
     logger.info(f"{len(ds)} training rows, {len(rows)} held-out rows; memory bank: "
-                f"{len(bank) if bank is not None else 0} rows; per micro-batch {n_bank} bank + {n_data} data rows; "
-                f"steps {global_step} -> {args.max_train_steps}")
+                f"{len(bank) if bank is not None else 0} rows; per micro-batch {diff_tuning.n_bank} bank + "
+                f"{n_data} data rows; steps {global_step} -> {args.max_train_steps}")
     if args.validation_steps and not any(p["step"] == global_step for p in tracker.points):
         track(global_step)  # step 0: the curve starts from the untrained ControlNet
     logs = {}
@@ -602,24 +538,10 @@ def main(args):
                     disable=not accelerator.is_local_main_process)
     while global_step < args.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
-        with torch.no_grad():
-            latents, ids, controls, timesteps, n_bank_rows = compose_batch(
-                next(data_iter), next(bank_iter) if bank_iter else None, vae, tokenize, bank_ids, empty_ids,
-                timestep_sampler, args, generator, accelerator.device)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
-            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                noise_scheduler.get_velocity(latents, noise, timesteps)
         micro_step += 1
-
-        with accelerator.accumulate(controlnet), accelerator.autocast():
-            down, mid = controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
-                                   controlnet_cond=controls.to(dtype), return_dict=False)
-            pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states,
-                        down_block_additional_residuals=[d.to(dtype) for d in down],
-                        mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
-            loss, loss_parts = diff_tuning_loss(epsilon_mse(pred, target), n_bank_rows)
+        with accelerator.accumulate(controlnet):
+            loss, loss_parts = diff_tuning(family, controlnet, next(data_iter), next(bank_iter) if bank_iter else None,
+                                           generator)
             apply_gradients(accelerator, controlnet, loss, optimizer, lr_scheduler, args.max_grad_norm,
                             step=global_step + 1, output_dir=args.output_dir, set_to_none=args.set_grads_to_none)
 
@@ -628,9 +550,13 @@ def main(args):
         global_step += 1
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in loss_parts.items()},
                 "lr": lr_scheduler.get_last_lr()[0]}
-        end_of_step(accelerator, controlnet, ema, progress, logs, global_step, args.output_dir, args, logger,
-                    save_extra=lambda folder: accelerator.unwrap_model(
-                        controlnet, keep_fp32_wrapper=False).save_pretrained(os.path.join(folder, "controlnet")))
+        if ema is not None:
+            ema.step(controlnet.parameters())
+        log_step(accelerator, progress, logs, global_step)
+        if global_step % args.checkpointing_steps == 0:  # each checkpoint also holds a loadable controlnet/ folder
+            checkpoint(accelerator, controlnet, global_step, args.output_dir, args.checkpoints_total_limit,
+                       identity, logger, save_extra=lambda folder: accelerator.unwrap_model(
+                           controlnet, keep_fp32_wrapper=False).save_pretrained(os.path.join(folder, "controlnet")))
         if args.validation_steps and global_step % args.validation_steps == 0:
             track(global_step)
             if args.stop_at_convergence and tracker.converged_at is not None:
@@ -657,19 +583,19 @@ def main(args):
             extra.save(os.path.join(args.output_dir, "validation_prompts.png"))
         if tracker.points:
             tracker.plot(os.path.join(args.output_dir, "convergence.png"), f"{args.method}, {args.condition}")
-        write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_dir if bank else None,
+        bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
+                                              or "generated for this run")
+        write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_fields,
                    annotator.settings)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
-            if args.push_memory_bank and bank is not None:
-                from utils.memory_bank import push_memory_bank
-
-                repo = push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank", args.hub_token,
-                                        args.hub_private_repo)
+            if args.push_memory_bank and diff_tuning.uses_bank:
+                repo = diff_tuning.push_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
+                                             args.hub_token, args.hub_private_repo)
                 logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
-    # The DDP wrapper must go before the process group ends (utils.training.end_training).
+    # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     controlnet = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
     return model
@@ -693,9 +619,9 @@ def extra_grids(parts, controlnet, args, device):
 
 
 
-def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_dir, annotator_settings):
-    from utils.memory_bank import bank_info
-
+def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_fields,
+               annotator_settings):
+    """`bank_fields`: the method's card fields (empty for standard training)."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard ControlNet training"
     metric, higher, _ = METRICS[args.condition]
     hyper = {"method": args.method, "condition": args.condition, "annotator": str(annotator_settings),
@@ -704,13 +630,7 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
              "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
              "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,
              "mixed_precision": mixed_precision, "seed": args.seed}
-    if bank_dir is not None:
-        info = bank_info(bank_dir)
-        hyper.update({"tau": args.tau, "xi_form": args.xi_form, "weighting": args.weighting,
-                      "retention_ratio": args.retention_ratio, "retention_weight": args.retention_weight,
-                      "memory_bank_prompt": args.memory_bank_prompt, "memory_bank_size": info["size"],
-                      "memory_bank_guidance_scale": info["guidance_scale"],
-                      "memory_bank_inference_steps": info["num_inference_steps"]})
+    hyper.update(bank_fields)
     converged = tracker.converged_at
     metrics = {f"control fidelity ({metric}, {'higher' if higher else 'lower'} is better), final":
                f"{final_score:.4f} on {args.num_validation_samples} held-out rows"}
@@ -733,14 +653,14 @@ image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.
         f"`{args.dataset}` with {method}. "
         + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples of "
            "the pre-trained model (with their own annotated controls) at small timesteps, to retain its knowledge "
-           "near the data, and trains on the new data mostly at large timesteps. " if bank_dir else "")
+           "near the data, and trains on the new data mostly at large timesteps. " if bank_fields else "")
         + "`samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
           "fidelity along training (the \"sudden convergence\" of ControlNet).")
     hub.save_training_card(
         args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
         base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
         tags=["controlnet", "stable-diffusion", args.condition,
-              "diff-tuning" if bank_dir else "standard-fine-tuning"],
+              "diff-tuning" if bank_fields else "standard-fine-tuning"],
         description=description, hyperparameters=hyper, usage=usage)
 
 

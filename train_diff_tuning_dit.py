@@ -26,9 +26,21 @@ from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-from utils import hub
-from utils.checkpointing import resume, run_identity, step_generator
-from utils.data import (
+from utils.families.base import detect_family
+from utils.families.dit import DiT, DiTBankSampler, latent_shape
+from utils.families.latents import encode_moments, vae_scale_factor
+from utils.families.tuning import (
+    DEFAULT_LORA_TARGETS,
+    TUNING_MODES,
+    apply_tuning,
+    difffit_block_count,
+    fold_difffit_scales,
+    parameter_counts,
+    stock_model,
+)
+from utils.infra import hub
+from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.data import (
     ArrowBatches,
     ResumableLoader,
     as_batch,
@@ -40,57 +52,34 @@ from utils.data import (
     to_tensor,
     worker_options,
 )
-from utils.diff_tuning import (
-    DiffTuningLoss,
-    DiffTuningTimesteps,
-    add_diff_tuning_args,
-    check_diff_tuning_args,
-    num_bank_rows,
-)
-from utils.errors import UserError
-from utils.latents import encode_moments, sample_latents, vae_scale_factor
-from utils.losses import LearnedVarianceLoss, epsilon_mse
-from utils.memory_bank import (
-    DiTBankSampler,
-    bank_info,
-    build_memory_bank,
-    check_bank_dir,
-    is_memory_bank,
-    load_memory_bank,
-    push_memory_bank,
-)
-from utils.outputs import check_output_dir, mark
-from utils.training import (
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_output_dir, mark
+from utils.infra.training import (
     add_optimisation_args,
     add_output_args,
     apply_gradients,
     averaged_weights,
     check_common_args,
     check_finite_weights,
+    checkpoint,
     effective_learning_rate,
-    end_of_step,
     end_training,
     freeze,
     image_grid,
     log_images,
+    log_step,
     make_accelerator,
     make_ema,
     make_optimizer,
     tracker_config,
     weight_dtype,
 )
-from utils.tuning import (
-    DEFAULT_LORA_TARGETS,
-    TUNING_MODES,
-    apply_tuning,
-    difffit_block_count,
-    fold_difffit_scales,
-    parameter_counts,
-    stock_model,
-)
+from utils.methods.diff_tuning import DiffTuning, add_diff_tuning_args, check_diff_tuning_args
 
 logger = get_logger(__name__)
-SCRIPT = "train_diff_tuning_dit.py"  # marks the output folders it writes (utils.outputs)
+SCRIPT = "train_diff_tuning_dit.py"  # marks the output folders it writes (utils.infra.outputs)
+# the flags that decide which weights a checkpoint holds: a resume with others is refused
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "tuning", "lora_rank", "difffit_blocks")
 
 
 def parse_args(argv=None):
@@ -143,9 +132,6 @@ def parse_args(argv=None):
     g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
     g.add_argument("--validation_guidance_scale", type=float, default=1.5,
                    help="CFG scale of validation/final samples.")
-    g.add_argument("--push_memory_bank", action="store_true", help="Also push the memory bank as a Hub dataset.")
-    g.add_argument("--memory_bank_hub_id", default=None,
-                   help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -159,35 +145,6 @@ def check_args(args):
         raise UserError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
                                                ("--dataset", args.dataset)])
-
-
-def compose_batch(data, bank, encode, null_class, timestep_sampler, args, generator, device):
-    """One micro-batch: memory-bank rows first (null class, t ~ xi), then downstream rows (own labels with
-    dropout, t ~ psi). Returns (latents x_0, class labels, timesteps, number of bank rows)."""
-
-    def pick_moments(batch, n):
-        flip = (torch.rand(n, generator=generator, device=device) < 0.5) if args.random_flip else None
-        if "latent_moments" in batch:
-            if flip is None:
-                return batch["latent_moments"]
-            return torch.where(flip[:, None, None, None], batch["latent_moments_flipped"], batch["latent_moments"])
-        pixels = batch["pixel_values"]
-        if flip is not None:
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        return encode(pixels)
-
-    n_data = len(data["labels"])
-    labels = data["labels"].to(device)
-    drop = torch.rand(n_data, generator=generator, device=device) < args.label_dropout
-    labels = torch.where(drop, torch.full_like(labels, null_class), labels)
-    moments = [pick_moments(data, n_data)]
-    n_bank = 0
-    if bank is not None:
-        n_bank = len(bank["class_label"])
-        moments.insert(0, pick_moments(bank, n_bank))
-        labels = torch.cat([torch.full((n_bank,), null_class, device=device, dtype=labels.dtype), labels])
-    timesteps = timestep_sampler.sample(n_bank, n_data, generator, device)
-    return torch.cat(moments), labels, timesteps, n_bank
 
 
 @torch.no_grad()
@@ -220,29 +177,27 @@ def main(args):
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     label_column = require_column(ds, args.label_column, datasets.ClassLabel, "label", "--label_column")
     names = class_names(ds, label_column)
+    detect_family(args.pretrained_model_name_or_path, [DiT], "train_diff_tuning_dit.py", args.revision,
+                  args.cache_dir)
     try:
         config = DiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer",
                                                    revision=args.revision, cache_dir=args.cache_dir)
+        noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                        revision=args.revision, cache_dir=args.cache_dir)
     except OSError as e:
         raise UserError(f"cannot load a DiTPipeline transformer from {args.pretrained_model_name_or_path!r}: "
                         f"{str(e).strip().splitlines()[0]}") from e
     num_label_rows = config["num_embeds_ada_norm"]  # ImageNet: 1000 rows, and row 1000 is the null class
     if len(names) > num_label_rows:
         raise UserError(f"dataset has {len(names)} classes but the model's label table has {num_label_rows} rows")
-    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
-    n_data = args.train_batch_size - n_bank
-    if len(ds) < n_data * accelerator.num_processes:
-        raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {n_data} downstream rows on each of "
-                        f"{accelerator.num_processes} process(es); lower --train_batch_size")
-    if args.method == "diff_tuning" and args.memory_bank_size < n_bank * accelerator.num_processes:
-        raise UserError(f"--memory_bank_size {args.memory_bank_size} is smaller than one batch of {n_bank} bank rows "
-                        f"on each of {accelerator.num_processes} process(es)")
+    diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.label_dropout)
+    if len(ds) < diff_tuning.n_data * accelerator.num_processes:
+        raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {diff_tuning.n_data} downstream rows "
+                        f"on each of {accelerator.num_processes} process(es); lower --train_batch_size")
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    latent_shape = (2 * config["in_channels"], config["sample_size"], config["sample_size"])
-    if args.method == "diff_tuning":
-        check_bank_dir(bank_dir)  # a folder that is not a bank fails now, not after generating one
-    if args.method == "diff_tuning" and is_memory_bank(bank_dir):
-        load_memory_bank(bank_dir, latent_shape)  # a bank made for another model fails here, not at step 1
+    bank_record = {"family": DiT.name, "base_model": args.pretrained_model_name_or_path,
+                   "latent_shape": list(latent_shape(config))}
+    diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
@@ -260,43 +215,27 @@ def main(args):
         size = transformer.config.sample_size
         raise UserError(f"--resolution {args.resolution} gives {args.resolution / vae_scale:g}x latents but the model "
                         f"takes {size}x; use --resolution {size * vae_scale}")
-    # DiT blocks each own a label embedding with 10% dropout; in train mode each would drop labels independently.
-    # We drop labels once per sample (compose_batch) and switch the built-in dropout off.
-    for module in transformer.modules():
-        if hasattr(module, "class_embedder"):
-            module.class_embedder.dropout_prob = 0.0
-    null_class = num_label_rows
+    DiT.switch_off_label_dropout(transformer)  # labels are dropped once per sample, by the method
     # checked now, not after the memory bank is generated
     difffit_blocks = difffit_block_count(transformer, args.difffit_blocks) if args.tuning == "difffit" else None
-    learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    vb_loss = LearnedVarianceLoss(noise_scheduler.betas) if learned_sigma else None
     vae = freeze(vae, accelerator.device, weight_dtype(accelerator))
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         transformer.enable_xformers_memory_efficient_attention()
-    scaling_factor = vae.config.scaling_factor  # 0.18215 for DiT's sd-vae-ft-ema
+    family = DiT(transformer, vae, noise_scheduler, accelerator.device, args.random_flip)
 
     # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
-    bank = None
     transformer.to(accelerator.device)  # trainable weights stay fp32; mixed precision runs under autocast
-    if args.method == "diff_tuning":
-        with accelerator.autocast():
-            sampler = DiTBankSampler(pipeline, args.memory_bank_guidance_scale, args.memory_bank_inference_steps)
-            bank = build_memory_bank(accelerator, sampler, bank_dir, args.memory_bank_size,
-                                     {"base_model": args.pretrained_model_name_or_path},
-                                     args.memory_bank_batch_size, args.seed)
+    with accelerator.autocast():
+        sampler = DiTBankSampler(pipeline, args.memory_bank_guidance_scale, args.memory_bank_inference_steps)
+        bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, args.memory_bank_size,
+                                     args.memory_bank_batch_size, args.seed, bank_record)
 
     # ---- Which weights train (after the bank, so that it always comes from the untouched pre-trained model).
     transformer = apply_tuning(transformer, args.tuning, difffit_blocks, args.lora_rank, args.lora_alpha,
                                args.lora_target_modules)
     trainable, total = parameter_counts(transformer)
-
-    # ---- The method: timesteps of the bank (xi) and data (psi) rows, and the split loss.
-    timestep_sampler = DiffTuningTimesteps(noise_scheduler.config.num_train_timesteps, args.method, args.tau,
-                                           args.xi_form, args.weighting, noise_scheduler.alphas_cumprod)
-    diff_tuning_loss = DiffTuningLoss(args.retention_weight)
 
     # ---- Data loaders: downstream rows and bank rows of every micro-batch.
     ds = ds.rename_column(label_column, "labels") if label_column != "labels" else ds
@@ -312,8 +251,8 @@ def main(args):
                 encode_batch, batched=True, batch_size=32, remove_columns=[image_column],
                 features=datasets.Features({
                     "labels": ds.features["labels"],
-                    "latent_moments": datasets.Array3D(latent_shape, "float32"),
-                    "latent_moments_flipped": datasets.Array3D(latent_shape, "float32"),
+                    "latent_moments": datasets.Array3D(latent_shape(config), "float32"),
+                    "latent_moments_flipped": datasets.Array3D(latent_shape(config), "float32"),
                     **{c: f for c, f in ds.features.items() if c not in (image_column, "labels")},
                 }),
                 # The cache is reused while the data, VAE, resolution and dtype are the same.
@@ -325,13 +264,11 @@ def main(args):
     else:
         rows, collate = ds.with_transform(image_transform(image_column, "labels", args.resolution)), None
     workers = worker_options(args.dataloader_num_workers)
-    loader = torch.utils.data.DataLoader(rows, batch_size=n_data, shuffle=True, drop_last=True, collate_fn=collate,
-                                         **workers)
+    loader = torch.utils.data.DataLoader(rows, batch_size=diff_tuning.n_data, shuffle=True, drop_last=True,
+                                         collate_fn=collate, **workers)
     bank_loader = None
     if bank is not None:
-        bank_loader = torch.utils.data.DataLoader(
-            ArrowBatches(bank, ["class_label", "latent_moments", "latent_moments_flipped"]), batch_size=n_bank,
-            shuffle=True, drop_last=True, collate_fn=as_batch, **workers)
+        bank_loader = diff_tuning.bank_loader(ArrowBatches(bank, DiT.bank_columns()), as_batch, workers)
 
     # ---- Optimisation.
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
@@ -347,16 +284,15 @@ def main(args):
         accelerator.init_trackers("diff-tuning-dit", config=tracker_config(args))
 
     # ---- Resume.
-    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, run_identity(args))
+    identity = run_identity(args, IDENTITY_FLAGS)
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
 
-    def encode(pixels):
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
-
     logger.info(f"{len(ds)} downstream images in {len(names)} classes; memory bank: "
-                f"{len(bank) if bank is not None else 0} samples; per micro-batch {n_bank} bank + {n_data} data rows")
+                f"{len(bank) if bank is not None else 0} samples; per micro-batch {diff_tuning.n_bank} bank + "
+                f"{diff_tuning.n_data} data rows")
     logger.info(f"{args.tuning} tuning: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
                 f"steps {global_step} -> {args.max_train_steps}")
     validation_classes = [i % len(names) for i in range(args.num_validation_images)]
@@ -367,22 +303,10 @@ def main(args):
 
     while global_step < args.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
-        with torch.no_grad():
-            moments, labels, timesteps, n_bank_rows = compose_batch(
-                next(data_iter), next(bank_iter) if bank_iter else None, encode, null_class,
-                timestep_sampler, args, generator, accelerator.device)
-            latents = sample_latents(moments, generator, scaling_factor)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         micro_step += 1
-
         with accelerator.accumulate(transformer):
-            pred = transformer(noisy, timestep=timesteps, class_labels=labels).sample
-            eps_pred, var_values = pred.chunk(2, dim=1) if learned_sigma else (pred, None)
-            per_sample = epsilon_mse(eps_pred, noise)
-            if learned_sigma:
-                per_sample = per_sample + vb_loss(eps_pred, var_values, latents, noisy, timesteps)
-            loss, parts = diff_tuning_loss(per_sample, n_bank_rows)
+            loss, parts = diff_tuning(family, transformer, next(data_iter), next(bank_iter) if bank_iter else None,
+                                      generator)
             apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm,
                             step=global_step + 1, output_dir=args.output_dir)
 
@@ -391,7 +315,12 @@ def main(args):
         global_step += 1
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts.items()},
                 "lr": lr_scheduler.get_last_lr()[0]}
-        end_of_step(accelerator, transformer, ema, progress, logs, global_step, args.output_dir, args, logger)
+        if ema is not None:
+            ema.step(transformer.parameters())
+        log_step(accelerator, progress, logs, global_step)
+        if global_step % args.checkpointing_steps == 0:
+            checkpoint(accelerator, transformer, global_step, args.output_dir, args.checkpoints_total_limit,
+                       identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             # autocast: the frozen VAE is in the mixed-precision dtype
             with averaged_weights(accelerator.unwrap_model(transformer), ema) as model, accelerator.autocast():
@@ -423,18 +352,20 @@ def main(args):
                                accelerator.device)
         image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
         log_images(accelerator, "final", images, global_step)
-        write_card(args, names, bank_dir if bank is not None else None, trainable, total, logs,
-                   accelerator.mixed_precision, learning_rate, difffit_blocks)
+        bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
+                                              or "generated for this run")
+        write_card(args, names, bank_fields, trainable, total, logs, accelerator.mixed_precision, learning_rate,
+                   difffit_blocks)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
-            if args.push_memory_bank and bank is not None:
-                repo = push_memory_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
-                                            args.hub_token, args.hub_private_repo)
+            if args.push_memory_bank and diff_tuning.uses_bank:
+                repo = diff_tuning.push_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
+                                             args.hub_token, args.hub_private_repo)
                 logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
     model = accelerator.unwrap_model(transformer)
-    # The DDP wrapper must go before the process group ends (utils.training.end_training).
+    # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     transformer = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
     return model
@@ -453,9 +384,10 @@ def save_pipeline(transformer, vae, scheduler, names, output_dir):
 
 
 
-def write_card(args, names, bank_dir, trainable, total, last_logs, mixed_precision, learning_rate, difffit_blocks):
-    """`mixed_precision`: the effective one (also when accelerate's config set it); `learning_rate` after
-    --scale_lr; `difffit_blocks` as resolved for the model."""
+def write_card(args, names, bank_fields, trainable, total, last_logs, mixed_precision, learning_rate,
+               difffit_blocks):
+    """`bank_fields`: the method's card fields (empty for standard fine-tuning); `mixed_precision`: the effective
+    one (also when accelerate's config set it); `learning_rate` after --scale_lr; `difffit_blocks` as resolved."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard fine-tuning"
     tuning = {"full": "all weights", "bitfit": "bias terms only (BitFit)", "lora": "LoRA adapters",
               "difffit": "DiffFit (biases, class embedding, scale factors)"}[args.tuning]
@@ -469,20 +401,14 @@ def write_card(args, names, bank_dir, trainable, total, last_logs, mixed_precisi
     if args.tuning == "lora":
         hyper.update({"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank,
                       "lora_target_modules": " ".join(args.lora_target_modules), "merged": args.merge_lora})
-    if bank_dir is not None:
-        info = bank_info(bank_dir)
-        hyper.update({"tau": args.tau, "xi_form": args.xi_form, "weighting": args.weighting,
-                      "retention_ratio": args.retention_ratio, "retention_weight": args.retention_weight,
-                      "memory_bank": args.memory_bank_hub_id or args.memory_bank or "generated for this run",
-                      "memory_bank_size": info["size"], "memory_bank_guidance_scale": info["guidance_scale"],
-                      "memory_bank_inference_steps": info["num_inference_steps"]})
+    hyper.update(bank_fields)
     description = (
         f"A class-conditional DiT fine-tuned from `{args.pretrained_model_name_or_path}` on `{args.dataset}` "
         f"({len(names)} classes) with {method}, training {tuning}. "
         + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples "
            "of the pre-trained model drawn at small timesteps, to retain its denoising knowledge near the data, "
            "and trains on the new data mostly at large timesteps, where the domain is shaped."
-           if bank_dir else "The new data was trained with the ordinary uniform-timestep denoising loss.")
+           if bank_fields else "The new data was trained with the ordinary uniform-timestep denoising loss.")
     )
     repo, example = hub.hub_repo_id(args.hub_model_id, args.output_dir), ", ".join(repr(n) for n in names[:2])
     if args.tuning == "lora" and not args.merge_lora:
@@ -507,7 +433,7 @@ images = pipe(class_labels=class_ids, guidance_scale={args.validation_guidance_s
         title=f"{method} of {args.pretrained_model_name_or_path} on {args.dataset}",
         base_model=args.pretrained_model_name_or_path,
         dataset=args.dataset, last_logs=last_logs,
-        tags=["dit", "class-conditional", "diff-tuning" if bank_dir else "standard-fine-tuning", args.tuning],
+        tags=["dit", "class-conditional", "diff-tuning" if bank_fields else "standard-fine-tuning", args.tuning],
         description=description,
         hyperparameters=hyper,
         usage=usage,

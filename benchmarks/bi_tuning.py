@@ -134,8 +134,8 @@ def simclr_backbone(work, source, steps):
     import torch.nn.functional as F
     from transformers import ResNetForImageClassification
 
-    from utils.augmentation import as_uint8_tensor, normalise, random_resized_views
-    from utils.image_classifiers import input_size, normalisation
+    from utils.families.image_classifiers import input_size, normalisation
+    from utils.infra.augmentation import as_uint8_tensor, normalise, random_resized_views
 
     out = os.path.join(work, "backbones", "self_supervised")
     if os.path.exists(os.path.join(out, "config.json")):
@@ -186,26 +186,26 @@ def step_time_ratio(work, backbone, target, repeats=5, steps=120, warmup=10):
 
     import train_bi_tuning
 
-    real = train_bi_tuning.end_of_step
+    real = train_bi_tuning.log_step
     ratios = []
     for r in range(repeats):
         per_step = {}
         for arm in ("standard", "bi_tuning") if r % 2 == 0 else ("bi_tuning", "standard"):
             stamps = []
 
-            def timed_end_of_step(*args, **kwargs):
+            def timed_log_step(*args, **kwargs):
                 stamps.append(time.perf_counter())
                 return real(*args, **kwargs)
 
             out = os.path.join(work, "timing", f"{arm}-{r}")
             shutil.rmtree(out, ignore_errors=True)
-            train_bi_tuning.end_of_step = timed_end_of_step
+            train_bi_tuning.log_step = timed_log_step
             try:
                 run(out, backbone, target, *ARMS[arm], "--train_batch_size", "16", "--max_train_steps", str(steps),
                     "--validation_steps", "0", "--checkpointing_steps", str(steps), "--seed", "1",
                     "--train_val_split", "0.3")
             finally:
-                train_bi_tuning.end_of_step = real
+                train_bi_tuning.log_step = real
             per_step[arm] = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
         ratios.append(per_step["bi_tuning"] / per_step["standard"])
         print(f"timing repeat {r}: standard {per_step['standard'] * 1e3:.1f} ms/step, bi_tuning "

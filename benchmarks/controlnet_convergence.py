@@ -72,7 +72,7 @@ def build_source(work, steps):
     from fixtures.offline_data import mnist_5k
     from fixtures.small_dit import train_vae
     from fixtures.small_unet import build_sd_pipeline
-    from utils.data import to_tensor
+    from utils.infra.data import to_tensor
 
     source = os.path.join(work, "source")
     if os.path.exists(os.path.join(source, "model_index.json")):
@@ -110,7 +110,7 @@ def build_source(work, steps):
 def write_downstream(work):
     """sklearn digits with Canny controls: a training folder and a disjoint held-out folder."""
     from fixtures.offline_data import sklearn_digits, write_control_folder
-    from utils.annotators import make_annotator
+    from utils.families.annotators import make_annotator
 
     images, labels, names = sklearn_digits()
     order = np.random.default_rng(0).permutation(len(images))

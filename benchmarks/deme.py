@@ -22,7 +22,7 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from utils.channel_projection import add_projections
+from utils.methods.channel_projection import add_projections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -122,7 +122,7 @@ def merge_memory(work_dir: str, counts=(2, 4, 8)):
         shutil.rmtree(argv[-1], ignore_errors=True)
         peak, wall = peak_memory_mb(f"merge_timestep_models.main(merge_timestep_models.parse_args({argv!r}))")
         _, read = peak_memory_mb(
-            "from utils.merging import SafetensorsWeights\n"
+            "from utils.methods.merging import SafetensorsWeights\n"
             f"for folder in {[os.path.join(work_dir, 'base'), *models]!r}:\n"
             "    weights = SafetensorsWeights(folder)\n"
             "    total = sum(float(weights.get(k).float().sum()) for k in weights.keys())")

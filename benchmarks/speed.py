@@ -13,7 +13,7 @@ Measured:
 - Diff-Tuning step / standard fine-tuning step, same model and batch, both on cached latents (target <= 1.03:
   the split adds no FLOPs);
 - standard step encoding with the VAE every step / standard step on cached latents;
-- memory-bank generation (`utils.memory_bank.generate_shards`) / calling the stock DiTPipeline for the same
+- memory-bank generation (`utils.methods.memory_bank.generate_shards`) / calling the stock DiTPipeline for the same
   samples, and against the floor of what a bank must add: the stock pipeline plus the VAE encoding of every sample
   and its mirror image (the stored latent moments). Target: at most 1.03 over that floor.
 """
@@ -33,9 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diff_tuning_dit as script  # noqa: E402
 from fixtures.in_process import run_script  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
-from utils.latents import encode_moments  # noqa: E402
-from utils.memory_bank import DiTBankSampler, generate_shards  # noqa: E402
-from utils.training import precision_dtype  # noqa: E402
+from utils.families.dit import DiTBankSampler  # noqa: E402
+from utils.families.latents import encode_moments  # noqa: E402
+from utils.infra.training import precision_dtype  # noqa: E402
+from utils.methods.memory_bank import generate_shards  # noqa: E402
 
 WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start
 
@@ -48,19 +49,19 @@ def timed_run(argv, steps):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    stamps, real_end_of_step = [], script.end_of_step
+    stamps, real_log_step = [], script.log_step
 
-    def end_of_step(*a, **kw):
+    def log_step(*a, **kw):
         if cuda:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
-        return real_end_of_step(*a, **kw)
+        return real_log_step(*a, **kw)
 
-    script.end_of_step = end_of_step
+    script.log_step = log_step
     try:
         run_script(script, [*argv, "--max_train_steps", str(WARMUP + 1 + steps)])
     finally:
-        script.end_of_step = real_end_of_step
+        script.log_step = real_log_step
     # The median interval: on a shared virtual machine a few steps stall for tens of ms, which a mean would carry.
     intervals = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:])]
     return statistics.median(intervals), torch.cuda.max_memory_allocated() if cuda else None

@@ -63,7 +63,7 @@ import train_diff_tuning_dit
 from benchmarks.small_fid import cached_fid, train_and_save
 from fixtures.in_process import run_script
 from fixtures.offline_data import mnist_5k, sklearn_digits, write_image_folder
-from utils.memory_bank import is_memory_bank
+from utils.methods.memory_bank import is_memory_bank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {
@@ -166,7 +166,7 @@ def record(path, target, arm, seed, entry):
 
 def images_of(folder):
     """All images of a class-folder set as float NCHW in [0, 1]."""
-    from utils.data import load_image_dataset
+    from utils.infra.data import load_image_dataset
 
     ds = load_image_dataset(folder)
     return torch.stack([torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
@@ -177,11 +177,12 @@ def images_of(folder):
 def memorisation(pipe, net, train, held, samples):
     """Share of samples whose nearest neighbour (feature space of `net`) is a training image rather than one of as
     many held-out images (`train`, `held`: float NCHW in [0, 1])."""
-    from utils.sampling import generate
+    from utils.families.dit import DiT
+    from utils.metrics.sampling import generate
 
-    parts = {"vae": pipe.vae, "scheduler": pipe.scheduler, "classes": sorted(set(pipe.labels.values()))}
-    generated = torch.cat(list(generate("dit", pipe.transformer, parts, samples, 100, 50, 1.5, 123, "cpu",
-                                        desc="memorisation samples")))
+    parts = {"vae": pipe.vae, "scheduler": pipe.scheduler}
+    generated = torch.cat(list(generate(DiT.evaluation_pipeline(pipe.transformer, parts), samples, 100, 50, 123,
+                                        "cpu", sorted(set(pipe.labels.values())), 1.5, desc="memorisation samples")))
     feats = [net(x) for x in (generated, train, held[: len(train)])]
     d_train = torch.cdist(feats[0], feats[1]).min(1).values
     d_held = torch.cdist(feats[0], feats[2]).min(1).values
@@ -310,7 +311,7 @@ def main():
                     "3", "4", "--dit_steps", str(source_steps)], cwd=ROOT, check=True)
     bank = os.path.join(w, "memory_bank")
     if not is_memory_bank(bank):
-        subprocess.run([sys.executable, "-m", "utils.memory_bank", "--pretrained_model_name_or_path", source,
+        subprocess.run([sys.executable, "generate_memory_bank.py", "--pretrained_model_name_or_path", source,
                         "--output_dir", bank, "--size", str(bank_size), "--batch_size", "100"], cwd=ROOT, check=True)
     targets = write_targets(os.path.join(w, "data"), a.quick)
     extractor = feature_extractor(os.path.join(w, "mnist_features.pt"))

@@ -12,9 +12,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fixtures.in_process import run_script  # noqa: E402
 from fixtures.offline_data import sklearn_digits, write_image_folder  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
-from fixtures.testing import run_module  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +34,10 @@ def digits_dir(tmp_path_factory):
 def tiny_bank_dir(tiny_pipeline_dir, tmp_path_factory):
     """A memory bank of the tiny pipeline, built once with the standalone entry point."""
     path = str(tmp_path_factory.mktemp("bank") / "bank")
-    run_module("utils.memory_bank", "--pretrained_model_name_or_path", tiny_pipeline_dir, "--output_dir", path,
-               "--size", "16", "--batch_size", "8", "--num_inference_steps", "4")
+    import generate_memory_bank
+
+    run_script(generate_memory_bank, ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--output_dir", path,
+                                      "--size", "16", "--batch_size", "8", "--num_inference_steps", "4"])
     return path
 
 
@@ -77,7 +79,7 @@ def captioned_digits_dir(tmp_path_factory):
 def control_digits_dir(tmp_path_factory):
     """48 sklearn digits at 16 px in diffusers' ControlNet layout: image, Canny control, caption "a digit seven"."""
     from fixtures.offline_data import write_control_folder
-    from utils.annotators import make_annotator
+    from utils.families.annotators import make_annotator
 
     return write_control_folder(*sklearn_digits(), str(tmp_path_factory.mktemp("control_digits")),
                                 make_annotator("canny"), limit=48)

@@ -37,8 +37,11 @@ from transformers import (
 
 import train_bi_tuning as script
 from fixtures.testing import ROOT, run_main
-from utils import training
-from utils.bi_tuning import (
+from utils.families.image_classifiers import find_head, replace_head
+from utils.infra import training
+from utils.infra.data import per_class_subset, stratified_split
+from utils.infra.errors import UserError
+from utils.methods.bi_tuning import (
     BiTuningLoss,
     ClassQueues,
     Features,
@@ -50,9 +53,6 @@ from utils.bi_tuning import (
     momentum_update,
     projector_logits,
 )
-from utils.data import per_class_subset, stratified_split
-from utils.errors import UserError
-from utils.image_classifiers import find_head, replace_head
 
 FAST = ["--train_batch_size", "8", "--max_train_steps", "4", "--validation_steps", "0", "--checkpointing_steps", "100",
         "--report_to", "none", "--queue_size", "4", "--projection_dim", "8", "--per_device_eval_batch_size", "32"]
@@ -341,7 +341,7 @@ def test_push_uploads_the_classifier_and_never_the_training_state(classifier_dir
 
     from huggingface_hub.utils import filter_repo_objects
 
-    from utils import hub
+    from utils.infra import hub
 
     calls = []
     monkeypatch.setattr(hub, "whoami", lambda token: calls.append(("whoami", token)) or {"name": "me"})

@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
 from fixtures.testing import ROOT, run_main
-from utils import training
-from utils.annotators import make_annotator, normals_from_depth
-from utils.errors import UserError
-from utils.fidelity import ConvergenceTracker, blurred_ssim, fidelity_score
-from utils.timesteps import retention_weights
+from utils.families.annotators import make_annotator, normals_from_depth
+from utils.infra import training
+from utils.infra.errors import UserError
+from utils.metrics.fidelity import ConvergenceTracker, blurred_ssim, fidelity_score
 
 TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--memory_bank_batch_size", "4",
         "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2", "--num_validation_samples", "4",
@@ -82,34 +81,6 @@ def test_end_to_end_with_accelerate_launch(tiny_sd_dir, control_digits_dir, tmp_
     events = EventAccumulator(str(out / "logs" / "diff-tuning-controlnet"), size_guidance={"images": 0}).Reload()
     assert "fidelity/blurred_ssim" in events.Tags()["scalars"] and "loss_retain" in events.Tags()["scalars"]
     assert "validation" in events.Tags()["images"]
-
-
-def test_batch_composition_and_prompt_dropout(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path, monkeypatch):
-    seen = []
-    original = script.compose_batch
-
-    def recorder(data, bank, vae, tokenize, bank_ids, empty_ids, *a, **kw):
-        result = original(data, bank, vae, tokenize, bank_ids, empty_ids, *a, **kw)
-        seen.append((data, bank, bank_ids, empty_ids, tokenize, result))
-        return result
-
-    monkeypatch.setattr(script, "compose_batch", recorder)
-    train(tiny_sd_dir, control_digits_dir, tmp_path, "--memory_bank", bank_dir, "--max_train_steps", "12",
-          "--validation_steps", "0", "--proportion_empty_prompts", "0.5", "--train_batch_size", "6")
-    xi = retention_weights(1000, 1.0)
-    dropped = kept = 0
-    for data, bank, bank_ids, empty_ids, tokenize, (latents, ids, controls, t, n_bank) in seen:
-        assert n_bank == 3 and len(ids) == len(controls) == len(t) == len(latents) == 6
-        assert (ids[:n_bank] == bank_ids).all()  # bank rows: the bank prompt, never dropped
-        assert torch.equal(controls[:n_bank], bank["conditioning_pixel_values"])  # their own controls
-        assert torch.equal(controls[n_bank:], data["conditioning_pixel_values"])
-        assert (xi[t[:n_bank]] > 0).all()
-        captions = tokenize(data["captions"])
-        for row, caption in zip(ids[n_bank:], captions):
-            is_empty = torch.equal(row, empty_ids[0])
-            assert is_empty or torch.equal(row, caption)
-            dropped, kept = dropped + is_empty, kept + (not is_empty)
-    assert dropped > 0 and kept > 0
 
 
 def test_only_the_controlnet_trains_and_the_embedding_follows_the_vae(tiny_sd_dir, control_digits_dir, bank_dir,
@@ -217,7 +188,8 @@ def test_a_bank_of_another_annotator_setting_is_refused(tiny_sd_dir, control_dig
 def test_bank_is_deterministic(tiny_sd_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from utils.memory_bank import ControlBankSampler, finalize, generate_shards
+    from utils.families.controlnet import ControlBankSampler
+    from utils.methods.memory_bank import finalize, generate_shards
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     sampler = ControlBankSampler(pipe, make_annotator("canny"), "a prompt", num_inference_steps=2, resolution=16)
@@ -331,7 +303,7 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("corrupt_control", r"corrupt or unreadable image .*0_c\.png"),
     ("aspect_ratio", "is 16x16 but its control is 16x32: different aspect ratios"),
     ("too_few_rows", "too few to hold out|fewer than one batch"),
-    ("not_sd", "without a text-conditioned UNet2DConditionModel"),
+    ("not_sd", "is a DDPMPipeline .*takes a Stable Diffusion 1.x/2.x pipeline"),
     ("sdxl", "Stable Diffusion XL is not supported yet"),
     ("controlnet_mismatch", "does not match the UNet: block_out_channels"),
     ("resolution", "--resolution 15 is not a multiple of the VAE's factor 2"),
@@ -472,31 +444,3 @@ def test_stop_at_convergence_and_extra_validation_grids(tiny_sd_dir, control_dig
     assert curve["converged_at"] == 0 and [p["step"] for p in curve["points"]] == [0, 2]
     assert Image.open(tmp_path / "validation_prompts.png").size == (2 * 128, 2 * 128)  # control above 2 samples
     assert "sudden convergence step | 0 (first of 1 evaluation(s) past -1)" in (tmp_path / "README.md").read_text()
-
-
-def test_a_list_of_captions_gives_one_caption_per_row_and_step(tiny_sd_dir, tmp_path, monkeypatch):
-    """diffusers' caption lists: one caption of each row's list is picked per step, by the step's generator."""
-    captions = [["a digit one", "the number one", "one, handwritten"]] * 2
-    data = {"captions": captions, "pixel_values": torch.zeros(2, 3, 16, 16),
-            "conditioning_pixel_values": torch.zeros(2, 3, 16, 16)}
-
-    class FakeVae:
-        dtype, config = torch.float32, type("C", (), {"scaling_factor": 1.0})
-
-        def encode(self, x):
-            return type("E", (), {"latent_dist": type("D", (), {"parameters": torch.zeros(len(x), 8, 8, 8)})})
-
-    seen = []
-
-    def tokenize(texts):
-        seen.append(list(texts))
-        return torch.zeros(len(texts), 4, dtype=torch.long)
-
-    args = script.parse_args(["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", str(tmp_path / "data"),
-                              "--output_dir", str(tmp_path / "out"), "--method", "standard"])
-    sampler = script.DiffTuningTimesteps(1000, "standard", 1.0, "paper", "power", None)
-    for step in range(12):
-        script.compose_batch(data, None, FakeVae(), tokenize, None, torch.zeros(1, 4, dtype=torch.long), sampler,
-                             args, torch.Generator().manual_seed(step), "cpu")
-    picked = {c for texts in seen for c in texts}
-    assert picked <= set(captions[0]) and len(picked) > 1  # every caption of the list is used, and only those

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data import ArrowBatches, as_batch
+from utils.infra.data import ArrowBatches, as_batch
 
 
 @pytest.mark.parametrize("view", ["whole", "selected", "several_chunks"])

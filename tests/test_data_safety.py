@@ -18,9 +18,9 @@ import train_deme
 import train_diff_tuning_dit as dit_script
 from fixtures.small_dit import build_pipeline
 from fixtures.testing import ROOT, TEST_EXTRACTOR, TINY_ARGS, run_main
-from utils import hub, outputs, training
-from utils.errors import UserError
-from utils.memory_bank import check_bank_dir
+from utils.infra import hub, outputs, training
+from utils.infra.errors import UserError
+from utils.methods.memory_bank import check_bank_dir
 
 DEME_TINY = ["--train_batch_size", "8", "--validation_steps", "0", "--num_validation_images", "2",
              "--validation_inference_steps", "2", "--report_to", "none", "--num_ranges", "2"]

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 import train_deme as script
 from fixtures.small_unet import build_ddpm_pipeline, build_sd_pipeline
 from fixtures.testing import ROOT, run_main
-from utils import channel_projection as cp
-from utils import training
-from utils.errors import UserError
+from utils.infra import training
+from utils.infra.errors import UserError
+from utils.methods import channel_projection as cp
 
 TINY = ["--train_batch_size", "8", "--validation_steps", "0", "--num_validation_images", "2",
         "--validation_inference_steps", "2", "--report_to", "none", "--learning_rate", "1e-3", "--num_ranges", "2"]
@@ -250,7 +250,7 @@ def test_impossible_hyperparameters(flags, message):
     ("sd_without_captions", "a Stable Diffusion model needs captions: dataset has no caption column"),
     ("captions_for_ddpm", "--caption_column given, but .* is an unconditional UNet2DModel pipeline"),
     ("missing_dataset", "does not exist"),
-    ("not_a_unet_pipeline", "DeMe needs a pipeline with a UNet2DModel"),
+    ("not_a_unet_pipeline", "is a DiTPipeline .*; DeMe takes an unconditional UNet2DModel pipeline"),
     ("wrong_resolution", "--resolution 16 does not match the model, which takes 8x8 images"),
 ])
 def test_bad_input_is_one_line_before_training(case, message, tiny_ddpm_dir, tiny_sd_dir, tiny_pipeline_dir,

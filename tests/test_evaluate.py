@@ -13,11 +13,11 @@ from PIL import Image
 import evaluate_fid as script
 from fixtures.small_dit import build_pipeline
 from fixtures.testing import ROOT, TEST_EXTRACTOR
-from utils.data import load_image_dataset
-from utils.errors import UserError
-from utils.fid import load_feature_extractor, make_metric, reference_statistics
-from utils.sampling import balanced_classes
-from utils.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.infra.data import load_image_dataset
+from utils.infra.errors import UserError
+from utils.methods.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
+from utils.metrics.fid import load_feature_extractor, make_metric, reference_statistics
+from utils.metrics.sampling import balanced_classes
 
 EXTRACTOR = TEST_EXTRACTOR
 
@@ -113,11 +113,11 @@ def test_handoff_is_unconditional_unless_both_models_have_the_same_classes(two_d
     """The handoff model gets its null class (under CFG: both halves), never the fine-tuned model's class ids, when
     the two models' classes differ or are unknown; an explicit --handoff_condition class keeps the ids."""
     same, other = {"a": 0, "b": 1}, {"x": 0, "y": 1}
-    assert script.handoff_condition("auto", "dit", same, dict(same)) == "class"
-    assert script.handoff_condition("auto", "dit", same, other) == "null"
-    assert script.handoff_condition("auto", "dit", None, None) == "null"
-    assert script.handoff_condition("class", "dit", same, other) == "class"
-    assert script.handoff_condition("auto", "ddpm", None, None) is None
+    assert script.handoff_condition("auto", script.DiT, same, dict(same)) == "class"
+    assert script.handoff_condition("auto", script.DiT, same, other) == "null"
+    assert script.handoff_condition("auto", script.DiT, None, None) == "null"
+    assert script.handoff_condition("class", script.DiT, same, other) == "class"
+    assert script.handoff_condition("auto", script.DDPMUNet, None, None) is None
 
     a, b = two_dits
     seen = []

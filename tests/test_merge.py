@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 import merge_timestep_models as script
 from fixtures.small_unet import build_ddpm_pipeline
 from fixtures.testing import ROOT, TEST_EXTRACTOR
-from utils.errors import UserError
-from utils.merging import SafetensorsWeights, merge_tensors
-from utils.timestep_ensemble import TimestepEnsemble
+from utils.infra.errors import UserError
+from utils.methods.merging import SafetensorsWeights, merge_tensors
+from utils.methods.timestep_ensemble import TimestepEnsemble
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -193,7 +193,7 @@ def test_streamed_merge_file_reads_back_exactly(tmp_path):
     """save_merged writes the safetensors file tensor by tensor; it must read back as save_file's would."""
     from safetensors.torch import save_file
 
-    from utils.merging import save_merged
+    from utils.methods.merging import save_merged
 
     g = torch.Generator().manual_seed(0)
     tensors = {"conv.weight": torch.randn(3, 4, 3, 3, generator=g), "steps": torch.arange(5),
@@ -213,7 +213,7 @@ def test_streamed_merge_file_reads_back_exactly(tmp_path):
 def projected_copies(tiny_ddpm_dir, tmp_path_factory):
     """Two range models saved as train_deme.py --channel_projection official saves them (maps beside the stock
     weights), with maps far from the identity, and the models as they compute with their maps."""
-    from utils import channel_projection as cp
+    from utils.methods import channel_projection as cp
 
     root, folders, live = tmp_path_factory.mktemp("projected"), [], []
     for i in range(2):
@@ -263,8 +263,9 @@ def test_search_over_official_projection_models_scores_each_candidate_with_its_m
     """The score of the chosen weights is the held-out loss of the model as saved and loaded back with its maps."""
     from diffusers import DDPMPipeline
 
-    from utils.channel_projection import attach_saved_projections
-    from utils.unet_pipelines import UNetDenoising
+    from utils.families.unet import DDPMUNet
+    from utils.methods.channel_projection import attach_saved_projections
+    from utils.methods.deme import range_losses
 
     folders, _ = projected_copies
     weights, table = merge("--base_model", tiny_ddpm_dir, "--models", *folders, "--search", "grid",
@@ -272,13 +273,13 @@ def test_search_over_official_projection_models_scores_each_candidate_with_its_m
                            "--validation_batch_size", "8", "--output_dir", str(tmp_path / "out"))
     assert len({r["mean_loss"] for r in table}) == 4  # the maps (and weights) change every candidate's loss
     pipeline = DDPMPipeline.from_pretrained(tiny_ddpm_dir)
-    denoising = UNetDenoising(pipeline, "ddpm", "cpu")
+    family = DDPMUNet(pipeline, "cpu")
     batches = script.validation_batches(script.parse_args([
         "--base_model", tiny_ddpm_dir, "--models", *folders, "--output_dir", str(tmp_path / "x"),
         "--validation_dataset", digits_dir, "--validation_batches", "1", "--validation_batch_size", "8"]),
-        denoising, "ddpm")
+        family)
     saved = attach_saved_projections(UNet2DModel.from_pretrained(tmp_path / "out" / "unet"), tmp_path / "out" / "unet")
     with torch.no_grad():
-        losses = denoising.range_losses(saved.eval(), batches, [(0, 500), (500, 1000)], 0)
+        losses = range_losses(family, saved.eval(), batches, [(0, 500), (500, 1000)], 0)
     assert weights == table[0]["weights"]
     assert losses == pytest.approx(table[0]["range_losses"], rel=1e-5)

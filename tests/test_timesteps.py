@@ -3,14 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
-from utils.timesteps import (
-    GLOBAL_SAMPLE_MODES,
-    CategoricalTimestepSampler,
-    RangeTimestepSampler,
-    adaptation_weights,
-    retention_weights,
-    timestep_ranges,
-)
+from utils.methods.deme import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
+from utils.methods.timesteps import CategoricalTimestepSampler, adaptation_weights, retention_weights
 
 T = 1000
 u = np.arange(1, T + 1) / T

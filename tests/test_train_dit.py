@@ -18,10 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_diff_tuning_dit as script
+from fixtures.in_process import run_script
 from fixtures.testing import ROOT, TINY_ARGS, run_module, train_dit, transformer_weights
-from utils import training
-from utils.checkpointing import resume
-from utils.errors import UserError
+from utils.infra import training
+from utils.infra.checkpointing import resume
+from utils.infra.errors import UserError
 
 train = train_dit
 
@@ -68,33 +69,6 @@ def test_end_to_end_with_accelerate_launch(tiny_pipeline_dir, digits_dir, tmp_pa
     events = EventAccumulator(str(out / "logs" / "diff-tuning-dit"), size_guidance={"images": 0}).Reload()
     assert "validation" in events.Tags()["images"] and "loss_retain" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
-
-
-@pytest.mark.parametrize("ratio,batch,expected", [(0.5, 8, 4), (0.2, 10, 2), (0.25, 8, 2)])
-def test_batch_composition(tiny_pipeline_dir, digits_dir, tiny_bank_dir, tmp_path, monkeypatch, ratio, batch,
-                           expected):
-    seen = []
-    original = script.compose_batch
-
-    def recorder(data, bank, *a, **kw):
-        result = original(data, bank, *a, **kw)
-        seen.append((data["labels"].clone(), bank, result))
-        return result
-
-    monkeypatch.setattr(script, "compose_batch", recorder)
-    train(tiny_pipeline_dir, digits_dir, tmp_path, "--memory_bank", tiny_bank_dir, "--max_train_steps", "6",
-          "--retention_ratio", str(ratio), "--train_batch_size", str(batch), "--label_dropout", "0.5")
-    assert len(seen) == 6
-    dropped = kept = 0
-    for data_labels, bank, (moments, labels, timesteps, n_bank) in seen:
-        assert n_bank == expected == round(ratio * batch) and len(bank["class_label"]) == expected
-        assert len(labels) == len(moments) == len(timesteps) == batch
-        assert (labels[:n_bank] == 1000).all()  # retention rows: always the null class
-        downstream = labels[n_bank:]
-        is_dropped = downstream == 1000
-        assert torch.equal(downstream[~is_dropped], data_labels[~is_dropped])
-        dropped, kept = dropped + int(is_dropped.sum()), kept + int((~is_dropped).sum())
-    assert dropped > 0 and kept > 0  # label dropout acts on downstream rows only
 
 
 @pytest.mark.parametrize("accumulation,ema", [(1, False), (2, True)])
@@ -170,22 +144,24 @@ def test_two_processes(tiny_pipeline_dir, digits_dir, tiny_bank_dir, tmp_path):
 def test_cached_latents_equal_encoding_every_step(tiny_pipeline_dir, digits_dir, tmp_path, monkeypatch):
     """--cache_latents feeds the model exactly the VAE posteriors (image or mirror) that encoding each step
     would, with the same random choices."""
-    seen = {}
-    original = script.compose_batch
+    from utils.methods.diff_tuning import DiffTuning
 
-    def recorder(*a, **kw):
-        result = original(*a, **kw)
+    seen = {}
+    original = DiffTuning.batch
+
+    def recorder(self, *a, **kw):
+        result = original(self, *a, **kw)
         seen.setdefault(run, []).append(result)
         return result
 
-    monkeypatch.setattr(script, "compose_batch", recorder)
+    monkeypatch.setattr(DiffTuning, "batch", recorder)
     for run in ("encode", "cached"):
         train(tiny_pipeline_dir, digits_dir, tmp_path / run, "--method", "standard", "--max_train_steps", "3",
               *(["--cache_latents"] if run == "cached" else []))
     assert len(seen["encode"]) == len(seen["cached"]) == 3
-    for (m1, labels1, t1, _), (m2, labels2, t2, _) in zip(seen["encode"], seen["cached"]):
-        torch.testing.assert_close(m1.float(), m2.float(), atol=1e-6, rtol=1e-6)
-        assert torch.equal(labels1, labels2) and torch.equal(t1, t2)
+    for b1, b2 in zip(seen["encode"], seen["cached"]):
+        torch.testing.assert_close(b1.x0, b2.x0, atol=1e-5, rtol=1e-5)
+        assert torch.equal(b1.cond["class_labels"], b2.cond["class_labels"]) and torch.equal(b1.timesteps, b2.timesteps)
     cached, init = transformer_weights(tmp_path / "cached"), transformer_weights(tiny_pipeline_dir)
     assert any(not torch.allclose(cached[k], init[k], atol=1e-5) for k in init)
 
@@ -193,7 +169,7 @@ def test_cached_latents_equal_encoding_every_step(tiny_pipeline_dir, digits_dir,
 def test_training_lowers_the_denoising_loss(tiny_pipeline_dir, digits_dir, tmp_path):
     from diffusers import DDPMScheduler
 
-    from utils.data import to_tensor
+    from utils.infra.data import to_tensor
 
     pipe = DiTPipeline.from_pretrained(tiny_pipeline_dir)
     files = sorted(glob.glob(os.path.join(digits_dir, "*", "*.png")))[:32]
@@ -229,7 +205,8 @@ def test_mixed_precision_ema_and_gradient_checkpointing(tiny_pipeline_dir, digit
 
 def test_memory_bank_is_deterministic_and_resumable(tmp_path):
     from fixtures.small_dit import build_pipeline
-    from utils.memory_bank import DiTBankSampler, finalize, generate_shards
+    from utils.families.dit import DiTBankSampler
+    from utils.methods.memory_bank import finalize, generate_shards
 
     pipe = build_pipeline()
     pipe.labels = {"a": 3, "b": 7}  # named classes: the bank draws only these
@@ -271,13 +248,14 @@ def _nothing_written(out):
     ("no_image_column", "no image column"),
     ("corrupt_image", "corrupt or unreadable image .*bad.png"),
     ("too_many_classes", "1001 classes but the model's label table has 1000 rows"),
-    ("bank_shape", r"holds latents of shape \(8, 8, 8\) but the model expects \(8, 4, 4\)"),
+    ("bank_of_another_dit", r"memory bank .*bank was made with base_model = '.*other'"),
     ("resolution", "--resolution 16 gives 8x latents but the model takes 4x"),
-    ("missing_model", "cannot load a DiTPipeline transformer from"),
+    ("missing_model", "cannot load a diffusers pipeline from"),
+    ("not_a_dit", r"is a DDPMPipeline \(unet UNet2DModel\); train_diff_tuning_dit.py takes a class-conditional"),
     ("smaller_than_batch", "dataset has 3 images, fewer than one batch of 4"),
     ("difffit_blocks", r"--difffit_blocks must be in 1\.\.2 for this model, got 3"),
 ])
-def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digits_dir, tmp_path):
+def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, tiny_ddpm_dir, digits_dir, tmp_path):
     data, extra = digits_dir, []
     if case == "missing_path":
         data = str(tmp_path / "no" / "such" / "folder")
@@ -293,12 +271,14 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
                                                                     "label": datasets.ClassLabel(num_classes=1001)}))
         ds.save_to_disk(str(tmp_path / "ds"))
         data = str(tmp_path / "ds")
-    elif case == "bank_shape":
+    elif case == "bank_of_another_dit":
+        import generate_memory_bank
         from fixtures.small_dit import build_pipeline
 
         build_pipeline(resolution=16).save_pretrained(tmp_path / "other")
-        run_module("utils.memory_bank", "--pretrained_model_name_or_path", str(tmp_path / "other"),
-                   "--output_dir", str(tmp_path / "bank"), "--size", "2", "--num_inference_steps", "2")
+        run_script(generate_memory_bank, ["--pretrained_model_name_or_path", str(tmp_path / "other"),
+                                          "--output_dir", str(tmp_path / "bank"), "--size", "2",
+                                          "--num_inference_steps", "2"])
         extra = ["--memory_bank", str(tmp_path / "bank")]
     elif case == "smaller_than_batch":
         data = _dataset_on_disk(tmp_path / "ds", image=[Image.new("RGB", (8, 8))] * 3, label=[0, 1, 2])
@@ -307,6 +287,8 @@ def test_bad_input_fails_before_training(case, message, tiny_pipeline_dir, digit
     elif case == "difffit_blocks":  # caught before the memory bank is generated
         extra = ["--tuning", "difffit", "--difffit_blocks", "3"]
     model = str(tmp_path / "no_model") if case == "missing_model" else tiny_pipeline_dir
+    if case == "not_a_dit":
+        model = tiny_ddpm_dir
     with pytest.raises(UserError, match=message):
         train(model, data, tmp_path / "out", *extra)
     assert _nothing_written(tmp_path / "out")
@@ -348,17 +330,25 @@ def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
         script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--report_to", "wandb"])
 
 
-def test_memory_bank_module_refuses_a_missing_or_wrong_model(tiny_ddpm_dir, tmp_path):
-    from utils import memory_bank
+def test_bank_command_refuses_a_missing_or_wrong_model_and_another_models_bank(
+        tiny_ddpm_dir, tiny_pipeline_dir, tiny_bank_dir, tmp_path):
+    import generate_memory_bank
 
-    with pytest.raises(UserError, match="cannot load a pipeline from"):
-        memory_bank.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "none"), "--output_dir",
-                                str(tmp_path / "bank")])
-    proc = run_module("utils.memory_bank", "--pretrained_model_name_or_path", tiny_ddpm_dir, "--output_dir",
+    with pytest.raises(UserError, match="cannot load a diffusers pipeline from"):
+        run_script(generate_memory_bank, ["--pretrained_model_name_or_path", str(tmp_path / "none"), "--output_dir",
+                                          str(tmp_path / "bank")])
+    proc = run_module("generate_memory_bank", "--pretrained_model_name_or_path", tiny_ddpm_dir, "--output_dir",
                       str(tmp_path / "bank"), check=False)  # and as a user sees it: one line, no traceback
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "is a DDPMPipeline; this module generates banks from" in proc.stderr.strip().splitlines()[-1]
+    assert "is a DDPMPipeline (unet UNet2DModel); generate_memory_bank.py takes" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "bank").exists()
+    # A finished bank of another model in --output_dir is refused, not reported as done.
+    from fixtures.small_dit import build_pipeline
+
+    build_pipeline(seed=1).save_pretrained(tmp_path / "other")
+    with pytest.raises(UserError, match="was made with base_model"):
+        run_script(generate_memory_bank, ["--pretrained_model_name_or_path", str(tmp_path / "other"),
+                                          "--output_dir", tiny_bank_dir])
 
 
 def test_xformers_flag_without_the_package_is_a_clear_error(monkeypatch):

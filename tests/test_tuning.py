@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from fixtures.small_dit import build_pipeline
 from fixtures.testing import train_dit as train
 from fixtures.testing import transformer_weights
-from utils.errors import UserError
-from utils.tuning import add_difffit_scales, apply_tuning, fold_difffit_scales, parameter_counts
+from utils.families.tuning import add_difffit_scales, apply_tuning, fold_difffit_scales, parameter_counts
+from utils.infra.errors import UserError
 
 
 def checkpoint_weights(out, step):

@@ -1,5 +1,5 @@
 """Merging fine-tuned copies of one model in parameter space (the timestep-wise ensemble, DeMe's "before merge", is
-in utils.timestep_ensemble).
+in utils.methods.timestep_ensemble).
 
 theta_merged = theta + combine(theta_i - theta, w_i), where combine is peft's task arithmetic, TIES, DARE-linear or
 DARE-TIES. Weights are read tensor by tensor from safetensors files and the merged file is written tensor by tensor
@@ -15,7 +15,7 @@ import torch
 from peft.utils import merge_utils
 from safetensors import safe_open
 
-from .errors import UserError
+from ..infra.errors import UserError
 
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

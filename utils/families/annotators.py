@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from ..infra.errors import UserError
 
 CONDITIONS = ("canny", "sketch", "depth", "normal", "segmentation", "custom")
 NEEDS_MODEL = ("depth", "normal", "segmentation")
@@ -251,3 +251,32 @@ def make_annotator(condition: str, *, annotator_model=None, annotator=None, cann
     if condition == "segmentation":
         return Segmentation(annotator_model, device)
     return Custom(annotator)
+
+
+def add_annotator_args(p) -> None:
+    """The "control" flag group: which annotator makes controls, and its settings (training and bank generation
+    must use the same, or the bank's controls differ from the data's)."""
+    g = p.add_argument_group("control")
+    g.add_argument("--condition", choices=CONDITIONS, default="canny",
+                   help="canny, sketch (XDoG), depth / normal / segmentation (transformers models), or custom.")
+    g.add_argument("--annotator_model", default=None,
+                   help="depth, normal: a depth-estimation model; segmentation: a semantic-segmentation model "
+                        "(Hub id or folder).")
+    g.add_argument("--annotator", default=None, help="custom: module:callable, PIL image in, PIL control out.")
+    g.add_argument("--canny_sigma", type=float, default=1.0, help="canny: Gaussian sigma (scikit-image).")
+    g.add_argument("--canny_low_threshold", type=float, default=0.1, help="canny: low hysteresis threshold.")
+    g.add_argument("--canny_high_threshold", type=float, default=0.2, help="canny: high hysteresis threshold.")
+    g.add_argument("--xdog_sigma", type=float, default=1.0, help="sketch: XDoG inner Gaussian sigma.")
+    g.add_argument("--xdog_k", type=float, default=1.6, help="sketch: outer / inner sigma.")
+    g.add_argument("--xdog_tau", type=float, default=0.98, help="sketch: weight of the outer Gaussian.")
+    g.add_argument("--xdog_epsilon", type=float, default=-0.01, help="sketch: a line where the DoG is below this.")
+    g.add_argument("--normal_background", type=float, default=0.1,
+                   help="normal: depth below this (far background) gets a flat normal.")
+
+
+def annotator_of(args, device=None):
+    return make_annotator(args.condition, annotator_model=args.annotator_model, annotator=args.annotator,
+                          canny_sigma=args.canny_sigma, canny_low_threshold=args.canny_low_threshold,
+                          canny_high_threshold=args.canny_high_threshold, xdog_sigma=args.xdog_sigma,
+                          xdog_k=args.xdog_k, xdog_tau=args.xdog_tau, xdog_epsilon=args.xdog_epsilon,
+                          normal_background=args.normal_background, device=device)

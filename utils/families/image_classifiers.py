@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-from .errors import UserError
+from ..infra.errors import UserError
 
 
 def _first_line(e: Exception) -> str:

@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .checkpointing import list_checkpoints, run_identity, save_checkpoint
+from .checkpointing import list_checkpoints, save_checkpoint
 from .errors import UserError
 
 # diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules)
@@ -109,7 +109,7 @@ def check_common_args(args, positive=()):
 
 def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
     accelerator = Accelerator(
-        # Our loaders cycle forever (utils.data.ResumableLoader): an epoch's end must not force an early optimizer
+        # Our loaders cycle forever (utils.infra.data.ResumableLoader): an epoch's end must not force an early optimizer
         # step, or an accumulation would hold fewer micro-batches there and a resume would count steps differently.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps,
                                                                 sync_with_dataloader=False),
@@ -173,22 +173,21 @@ def make_ema(model, decay: float, accelerator) -> EMAModel:
     return ema
 
 
-def end_of_step(accelerator, model, ema, progress, logs: dict, step: int, output_dir: str, args, log,
-                save_extra=None, identity: dict | None = None):
-    """After optimizer step `step`: update the EMA, the progress bar and the trackers, and checkpoint when due
-    (never a state with non-finite weights; `save_extra(folder)` adds to the checkpoint before it is complete;
-    `identity`: what the checkpoint belongs to, default `run_identity(args)`)."""
-    if ema is not None:
-        ema.step(model.parameters())
+def log_step(accelerator, progress, logs: dict, step: int) -> None:
+    """After optimizer step `step`: the progress bar and the trackers."""
     progress.update(1)
     progress.set_postfix(loss=f"{logs['loss']:.4f}")
     accelerator.log(logs, step=step)
-    if step % args.checkpointing_steps == 0:
-        check_finite_weights(accelerator, model, step, output_dir)
-        if accelerator.is_main_process:
-            path = save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, save_extra,
-                                   identity if identity is not None else run_identity(args))
-            log.info(f"saved state to {path}")
+
+
+def checkpoint(accelerator, model, step: int, output_dir: str, total_limit: int | None, identity: dict, log,
+               save_extra=None) -> None:
+    """Save the resumable state as checkpoint-<step> (never a state with non-finite weights; `save_extra(folder)`
+    adds to the checkpoint before it is complete; `identity`: the run it belongs to, checked on resume)."""
+    check_finite_weights(accelerator, model, step, output_dir)
+    if accelerator.is_main_process:
+        path = save_checkpoint(accelerator, output_dir, step, total_limit, save_extra, identity)
+        log.info(f"saved state to {path}")
 
 
 def divergence_error(what: str, step: int, output_dir: str) -> UserError:

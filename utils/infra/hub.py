@@ -16,7 +16,7 @@ from .errors import UserError
 from .outputs import MARKER, check_finite_model
 
 # Never uploaded with a model: resumable training state, logs, the memory bank (a dataset of its own, see
-# utils.memory_bank.push_memory_bank), anything half-written and the output-folder marker.
+# utils.methods.memory_bank.push_memory_bank), anything half-written and the output-folder marker.
 UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*", ".*.tmp-*", MARKER]
 
 

@@ -1,5 +1,5 @@
 """FID with a named, pluggable feature extractor, offline: torchmetrics' `FrechetInceptionDistance` on features of
-one of
+one of these networks.
 
 - `inception`: the standard FID Inception-v3 (torch-fidelity's port of the TensorFlow weights, what torchmetrics
   uses by default). Needs `torch-fidelity` and its weights file on disk: `inception:<path>`, or plain `inception`
@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .data import to_tensor
-from .errors import UserError
+from ..infra.data import to_tensor
+from ..infra.errors import UserError
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 FID_HELPER_RANGE = (-1.0, 0.9921875)  # its network's input range (the TensorFlow Inception's)

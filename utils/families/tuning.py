@@ -12,7 +12,7 @@ Every mode leaves a model that saves as a stock diffusers model (LoRA: a stock p
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..infra.errors import UserError
 
 TUNING_MODES = ("full", "bitfit", "difffit", "lora")
 # DiT (diffusers names): attention projections and both feed-forward layers of every block.

@@ -10,14 +10,12 @@ import torch
 from .errors import UserError
 
 RUN_FILE = "training_run.json"  # what a checkpoint belongs to: the base model and the flags that shape the weights
-IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "controlnet_model_name_or_path", "method", "tuning",
-                  "lora_rank", "difffit_blocks", "condition", "num_ranges", "channel_projection",
-                  "queue_size", "projection_dim")
 
 
-def run_identity(args) -> dict:
-    """The flags of `args` that decide which weights a checkpoint holds; a resume with others is refused."""
-    return {k: getattr(args, k) for k in IDENTITY_FLAGS if hasattr(args, k)}
+def run_identity(args, flags) -> dict:
+    """The values of `flags` (each script names those that decide which weights a checkpoint holds); a resume with
+    other values is refused. A script may add facts that are no flag under a name of words ("num classes")."""
+    return {k: getattr(args, k) for k in flags}
 
 
 def step_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
@@ -88,7 +86,7 @@ def check_identity(path: str, identity: dict | None, log) -> None:
         recorded = json.load(f)
     for key, value in identity.items():
         if key in recorded and recorded[key] != value:
-            what = f"--{key}" if key in IDENTITY_FLAGS else key.replace("_", " ")  # e.g. the data's class count
+            what = key if " " in key else f"--{key}"  # a flag, or a fact of the data named in words
             raise UserError(f"checkpoint {path} was made with {what} {recorded[key]!r}, this run has {value!r}; "
                             "resume with the same flags and data, or use a new --output_dir")
 

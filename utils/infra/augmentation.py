@@ -52,7 +52,7 @@ def random_resized_views(images, size, generator, scale=(0.2, 1.0), ratio=(3 / 4
 
 
 def normalise(pixels: torch.Tensor, rescale: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """0..255 pixels as the model's image processor feeds them (see utils.image_classifiers.normalisation)."""
+    """0..255 pixels as the model's image processor feeds them (see utils.families.image_classifiers.normalisation)."""
     return (pixels * rescale - mean.to(pixels.device)) / std.to(pixels.device)
 
 

@@ -21,8 +21,8 @@ import os
 import numpy as np
 import torch
 
-from .annotators import control_map
-from .outputs import write_json_atomically
+from ..families.annotators import control_map
+from ..infra.outputs import write_json_atomically
 
 METRICS = {  # condition -> (metric, higher is better, default threshold)
     "canny": ("blurred_ssim", True, 0.55),
@@ -80,7 +80,7 @@ def reference_map(annotator, image, control, condition: str) -> np.ndarray:
 
 def check_threshold(condition: str, threshold: float | None) -> float:
     """The threshold in force (the paper's default when None), refused in one line outside the metric's range."""
-    from .errors import UserError
+    from ..infra.errors import UserError
 
     metric, _, default = METRICS[condition]
     threshold = default if threshold is None else threshold

@@ -1,6 +1,7 @@
 """How images become latents: the VAE's downsampling factor, its posterior moments (stored in memory banks and
 latent caches), and sampling a scaled latent from them exactly as `vae.encode(x).latent_dist.sample()` would."""
 
+import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -24,3 +25,9 @@ def encode_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def sample_latents(moments: torch.Tensor, generator, scaling_factor: float) -> torch.Tensor:
     """z ~ q(z|x) from stored moments, scaled as the diffusion model was trained."""
     return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
+
+
+def as_uint8(images: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """Pipeline output in [0, 1] as the uint8 pixels a PNG holds, and those pixels in [-1, 1] for the VAE."""
+    images = (images * 255).round().astype(np.uint8)
+    return images, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -1,0 +1,219 @@
+"""UNet pipelines as DeMe trains, evaluates and merges them: an unconditional pixel-space DDPM/DDIM pipeline
+(`UNet2DModel`) and Stable Diffusion 1.x/2.x (`UNet2DConditionModel` with a frozen VAE and CLIP text encoder;
+epsilon or v prediction). Each turns dataset rows into the UNet's inputs and samples for validation, so training and
+the merge-weight search compute the same loss."""
+
+import os
+
+import datasets
+import numpy as np
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+
+from ..infra.data import to_tensor
+from ..infra.training import freeze
+from ..metrics.sampling import seeded_generators
+from .base import Family, Rows, detect_family
+from .latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
+
+
+def unet_class(index: dict) -> str | None:
+    return (index.get("unet") or [None, None])[1]
+
+
+class UNetFamily(Family):
+    """Shared by the two UNet families: rows of `pixel_values` in [-1, 1] (flipped with the run's generator)."""
+
+    model_class = pipeline_class = tag = ""
+    bank_batch_size = 8  # generation batch of a memory bank
+    example_call = ""  # how the card's usage calls the pipeline
+
+    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False):
+        super().__init__(DDPMScheduler.from_config(pipeline.scheduler.config), device, random_flip)
+        self.pipeline = pipeline
+
+    @staticmethod
+    def load(name: str, revision=None, cache_dir=None, **kwargs):
+        return DiffusionPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
+
+    @property
+    def resolution(self) -> int:
+        """The size the model was trained at."""
+        return self.pipeline.unet.config.sample_size
+
+    def transform(self, image_column: str, caption_column: str | None, resolution: int):
+        """A `Dataset.with_transform` function giving `pixel_values` in [-1, 1]. Flips happen in the training loop
+        with the run's own generator, so a resumed run repeats them exactly."""
+
+        def transform(batch):
+            return {"pixel_values": [to_tensor(img, resolution) for img in batch[image_column]]}
+
+        return transform
+
+    def rows(self, batch, generator) -> Rows:
+        pixels = batch["pixel_values"].to(self.device)
+        flip = self.flips(len(pixels), generator)
+        if flip is not None:
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        return Rows(pixels, {})
+
+    def predict(self, net, noisy, timesteps, cond):
+        return net(noisy, timesteps).sample
+
+    def sampling_pipeline(self, unet):
+        """DDIM, the papers' 50-step protocol for DDPM."""
+        pipe = self.evaluation_pipeline(unet, {"scheduler": self.pipeline.scheduler})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @staticmethod
+    def evaluation_pipeline(unet, parts: dict) -> DDIMPipeline:
+        return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(parts["scheduler"].config))
+
+    @staticmethod
+    def image_size(unet, parts: dict) -> int:
+        return unet.config.sample_size
+
+    @torch.no_grad()
+    def sample(self, unet, num_images: int, num_inference_steps: int, seed: int, prompts=None):
+        """NHWC images in [0, 1]."""
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return self.sampling_pipeline(unet)(batch_size=num_images, num_inference_steps=num_inference_steps,
+                                            generator=generator, output_type="np").images
+
+
+class DDPMUNet(UNetFamily):
+    name, description, tag = "ddpm", "an unconditional UNet2DModel pipeline (DDPM/DDIM)", "ddpm"
+    model_class, pipeline_class, example_call = "UNet2DModel", "DDIMPipeline", "pipe(num_inference_steps=50)"
+    needs_captions = False
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return unet_class(index) == "UNet2DModel"
+
+
+class StableDiffusionUNet(UNetFamily):
+    """Text-conditioned: rows also hold `input_ids` (the first caption of a list), encoded by the frozen CLIP text
+    encoder; latents are sampled from the frozen VAE's posterior."""
+
+    name, description, tag = "stable-diffusion", "a Stable Diffusion 1.x/2.x pipeline", "stable-diffusion"
+    model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionPipeline"
+    example_call = 'pipe("a photo of a cat", num_inference_steps=50)'
+    needs_captions = True
+
+    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False):
+        super().__init__(pipeline, device, dtype, random_flip)
+        self.vae = freeze(pipeline.vae, device, dtype)
+        self.text_encoder = freeze(pipeline.text_encoder, device, dtype)
+        self.tokenizer = pipeline.tokenizer
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return (unet_class(index) == "UNet2DConditionModel" and "text_encoder" in index
+                and not index.get("text_encoder_2") and "XL" not in index.get("_class_name", ""))
+
+    @staticmethod
+    def load(name: str, revision=None, cache_dir=None, **kwargs):
+        # no safety checker: it is not used in training and would cost memory
+        return StableDiffusionPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir,
+                                                       safety_checker=None, requires_safety_checker=False, **kwargs)
+
+    @property
+    def resolution(self) -> int:
+        return self.pipeline.unet.config.sample_size * vae_scale_factor(self.vae)
+
+    def transform(self, image_column, caption_column, resolution):
+        pixels = super().transform(image_column, caption_column, resolution)
+
+        def transform(batch):
+            captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
+            ids = self.tokenizer(captions, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            return {**pixels(batch), "input_ids": ids}
+
+        return transform
+
+    def rows(self, batch, generator) -> Rows:
+        pixels = super().rows(batch, generator).x
+        moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device)})
+
+    def x0(self, x, generator):
+        return sample_latents(x, generator, self.vae.config.scaling_factor)
+
+    def encode(self, cond):
+        return {"encoder_hidden_states": self.text_encoder(cond["input_ids"])[0]}
+
+    def predict(self, net, noisy, timesteps, cond):
+        return net(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def sampling_pipeline(self, unet):
+        """The pipeline's own scheduler (PNDM for Stable Diffusion), as DeMe evaluates it."""
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=self.pipeline.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample(self, unet, num_images, num_inference_steps, seed, prompts=None):
+        generator = torch.Generator(self.device).manual_seed(seed)
+        prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        return self.sampling_pipeline(unet)(prompts, num_inference_steps=num_inference_steps, generator=generator,
+                                            output_type="np", height=self.resolution, width=self.resolution).images
+
+
+class PromptBankSampler:
+    """Bank rows of a text-to-image Stable Diffusion pipeline: sample i is generated from prompt i mod P (so a bank
+    does not depend on the batch size) with DDIM and classifier-free guidance. `sampler(seeds)` -> the columns of
+    those rows: the generated `image`, its `text` prompt and `seed`, and `latent_moments` (the VAE posterior)."""
+
+    family = StableDiffusionUNet.name
+
+    def __init__(self, pipeline, prompts: list[str], guidance_scale: float = 7.5, num_inference_steps: int = 50,
+                 resolution: int = 512):
+        self.pipeline, self.prompts, self.resolution = pipeline, list(prompts), resolution
+        self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
+        self.sampler = StableDiffusionPipeline(
+            vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=pipeline.unet,
+            scheduler=DDIMScheduler.from_config(pipeline.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        self.sampler.set_progress_bar_config(disable=True)
+        factor = vae_scale_factor(pipeline.vae)
+        self.latent_shape = (2 * pipeline.vae.config.latent_channels, resolution // factor, resolution // factor)
+        self.model = pipeline.unet
+        self.settings = {"prompts": self.prompts, "guidance_scale": guidance_scale,
+                         "num_inference_steps": num_inference_steps, "resolution": resolution}
+
+    @property
+    def features(self) -> datasets.Features:
+        return datasets.Features({
+            "image": datasets.Image(), "text": datasets.Value("string"), "seed": datasets.Value("int64"),
+            "latent_moments": datasets.Array3D(shape=self.latent_shape, dtype="float32"),
+        })
+
+    def generate(self, seeds: list[int]) -> tuple[list[str], np.ndarray, torch.Tensor]:
+        """(prompts, uint8 images, VAE posterior moments) of these seeds."""
+        prompts = [self.prompts[s % len(self.prompts)] for s in seeds]
+        images = self.sampler(prompts, height=self.resolution, width=self.resolution,
+                              guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                              generator=seeded_generators(seeds, self.model.device), output_type="np").images
+        images, pixels = as_uint8(images)  # exactly what a PNG of the sample holds
+        moments, _ = encode_moments(self.pipeline.vae, pixels)
+        return prompts, images, moments
+
+    def __call__(self, seeds: list[int]) -> dict:
+        prompts, images, moments = self.generate(seeds)
+        return {"image": list(images), "text": prompts, "seed": seeds, "latent_moments": moments.cpu().numpy()}
+
+
+UNET_FAMILIES = [DDPMUNet, StableDiffusionUNet]
+
+
+def detect_unet_family(name: str, purpose: str, revision=None, cache_dir=None) -> type[UNetFamily]:
+    return detect_family(name, UNET_FAMILIES, purpose, revision, cache_dir)
+
+
+def unet_weights_folder(path: str) -> str:
+    """The folder holding a UNet's config and weights: `path/unet` for a pipeline folder, else `path`."""
+    return os.path.join(path, "unet") if os.path.exists(os.path.join(path, "model_index.json")) else path

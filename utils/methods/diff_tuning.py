@@ -1,0 +1,220 @@
+"""Diff-Tuning ("Diffusion Tuning: Transferring Diffusion Models via Chain of Forgetting", Zhong et al. 2024): the
+method as one object that every script hands its model family to and gets a loss from (NVlabs/edm's
+`loss_fn(net, images, labels)` shape). A script's step:
+
+    diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.label_dropout)
+    loss, parts = diff_tuning(family, model, next(data_iter), next(bank_iter), generator)
+
+A pre-trained model denoises well near the data (small t) and poorly far from it (large t). So each micro-batch
+holds `n_bank` memory-bank rows first (retention: samples of the pre-trained model with the family's retention
+condition, t ~ xi, mostly small) and then `n_data` downstream rows (adaptation: the new data with their condition,
+dropped with probability `condition_dropout` for classifier-free guidance, t ~ psi, mostly large). One forward pass
+serves both, and
+
+    loss = L_adapt + retention_weight * L_retain,
+
+each the mean of the family's per-sample loss over its rows. `--method standard` is the same code with no bank
+and a uniform psi (tau = 0): plain fine-tuning. The object also opens (or builds) the memory bank with one check of
+what the bank recorded and of its real row count, and gives the bank's loader and card fields. The timestep weights
+are in `utils.methods.timesteps`, the bank's storage in `utils.methods.memory_bank`, and how each model is fed in
+`utils.families`.
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..infra.errors import UserError
+from . import memory_bank
+from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler, adaptation_weights, retention_weights
+
+METHODS = ("diff_tuning", "standard")
+
+
+def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: float, bank_batch_size: int,
+                         bank_help: str) -> argparse._ArgumentGroup:
+    """The "Diff-Tuning" flag group; defaults are the paper's. `bank_help` says how a bank sample is made."""
+    g = p.add_argument_group("Diff-Tuning")
+    g.add_argument("--method", choices=METHODS, default="diff_tuning",
+                   help="diff_tuning: memory bank + psi/xi timesteps; standard: plain fine-tuning (tau = 0, no bank).")
+    g.add_argument("--tau", type=float, default=1.0, help="Exponent of psi(t) = u^tau, u = (t+1)/T; 0 = uniform.")
+    g.add_argument("--xi_form", choices=XI_FORMS, default="paper",
+                   help="Retention weights: paper xi = 1 - u^tau, official code xi = (1-u)^tau (equal at tau = 1).")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default="power",
+                   help="power: psi = u^tau; snr: psi = 1/(1+SNR(t)), xi = 1 - psi (tau unused).")
+    g.add_argument("--retention_ratio", type=float, default=0.5,
+                   help="Fraction of each batch from the memory bank (paper 0.5, official code 0.2).")
+    g.add_argument("--retention_weight", type=float, default=1.0,
+                   help="loss = L_adapt + w * L_retain (paper 1.0, official code 0.1).")
+    g.add_argument("--memory_bank", default=None,
+                   help="Memory bank folder: used if it exists, generated there otherwise "
+                        f"(default: <output_dir>/memory_bank). {bank_help}")
+    g.add_argument("--memory_bank_size", type=int, default=5000, help="Samples to generate for a new bank.")
+    g.add_argument("--memory_bank_guidance_scale", type=float, default=bank_guidance_scale,
+                   help="CFG scale of bank generation.")
+    g.add_argument("--memory_bank_inference_steps", type=int, default=50, help="DDIM steps of bank generation.")
+    g.add_argument("--memory_bank_batch_size", type=int, default=bank_batch_size,
+                   help="Generation batch size (per process).")
+    g.add_argument("--push_memory_bank", action="store_true",
+                   help="With --push_to_hub, also push the memory bank as a Hub dataset.")
+    g.add_argument("--memory_bank_hub_id", default=None,
+                   help="Dataset repo id of the pushed bank (default: <hub_model_id>-memory-bank).")
+    return g
+
+
+def num_bank_rows(method: str, retention_ratio: float, batch_size: int) -> int:
+    """Memory-bank rows per micro-batch: round(r * B), halves rounded up; 0 for standard fine-tuning."""
+    return int(math.floor(retention_ratio * batch_size + 0.5)) if method == "diff_tuning" else 0
+
+
+def check_diff_tuning_args(args) -> None:
+    """Hyper-parameters of the group that cannot work, caught before anything is loaded."""
+    if args.tau < 0:
+        raise UserError(f"--tau must be >= 0, got {args.tau}")
+    if not 0 <= args.retention_ratio < 1:
+        raise UserError(f"--retention_ratio must be in [0, 1), got {args.retention_ratio}")
+    if args.retention_weight < 0:
+        raise UserError(f"--retention_weight must be >= 0, got {args.retention_weight}")
+    for name in ("memory_bank_size", "memory_bank_batch_size", "memory_bank_inference_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.method != "diff_tuning":
+        return
+    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
+    if n_bank == 0:
+        raise UserError(f"--retention_ratio {args.retention_ratio} x --train_batch_size {args.train_batch_size} "
+                        "rounds to 0 memory-bank samples; raise either, or use --method standard")
+    if n_bank == args.train_batch_size:
+        raise UserError("--retention_ratio x --train_batch_size leaves no downstream samples in the batch")
+    if args.xi_form == "paper" and args.weighting == "power" and args.tau == 0:
+        raise UserError("--tau 0 makes xi = 1 - u^0 zero everywhere (no retention); use --method standard")
+
+
+class DiffTuningTimesteps:
+    """The timesteps of one micro-batch: xi for the bank rows (first), psi for the downstream rows."""
+
+    def __init__(self, num_timesteps: int, method: str, tau: float, xi_form: str, weighting: str, alphas_cumprod):
+        tau = tau if method == "diff_tuning" else 0.0  # standard fine-tuning: uniform t
+        self.adapt = CategoricalTimestepSampler(adaptation_weights(num_timesteps, tau, weighting, alphas_cumprod))
+        self.retain = CategoricalTimestepSampler(retention_weights(
+            num_timesteps, tau, xi_form, weighting, alphas_cumprod)) if method == "diff_tuning" else None
+
+    def sample(self, n_bank: int, n_data: int, generator: torch.Generator, device) -> torch.Tensor:
+        data = self.adapt.sample(n_data, generator, device)
+        if n_bank == 0:
+            return data
+        return torch.cat([self.retain.sample(n_bank, generator, device), data])
+
+
+@dataclass
+class DiffTuningBatch:
+    """A composed micro-batch: bank rows first (`n_bank` of them), then downstream rows."""
+
+    x0: torch.Tensor
+    cond: dict
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    target: torch.Tensor
+    n_bank: int
+
+
+class DiffTuning:
+    """The method for every model family. `family` (utils.families) says how rows feed its model; this object
+    decides which rows, timesteps and noise a step uses and how their losses combine."""
+
+    def __init__(self, scheduler, *, method: str = "diff_tuning", tau: float = 1.0, xi_form: str = "paper",
+                 weighting: str = "power", retention_ratio: float = 0.5, retention_weight: float = 1.0,
+                 batch_size: int = 32, condition_dropout: float = 0.0):
+        self.scheduler, self.method = scheduler, method  # the training noise scheduler (DDPM)
+        self.n_bank = num_bank_rows(method, retention_ratio, batch_size)
+        self.n_data = batch_size - self.n_bank
+        self.retention_weight, self.condition_dropout = retention_weight, condition_dropout
+        self.settings = {"tau": tau, "xi_form": xi_form, "weighting": weighting, "retention_ratio": retention_ratio,
+                         "retention_weight": retention_weight}
+        self.timesteps = DiffTuningTimesteps(scheduler.config.num_train_timesteps, method, tau, xi_form, weighting,
+                                             scheduler.alphas_cumprod)
+
+    @classmethod
+    def from_args(cls, args, scheduler, condition_dropout: float) -> "DiffTuning":
+        """From the "Diff-Tuning" flag group (`add_diff_tuning_args`) and --train_batch_size."""
+        return cls(scheduler, method=args.method, tau=args.tau, xi_form=args.xi_form, weighting=args.weighting,
+                   retention_ratio=args.retention_ratio, retention_weight=args.retention_weight,
+                   batch_size=args.train_batch_size, condition_dropout=condition_dropout)
+
+    @property
+    def uses_bank(self) -> bool:
+        return self.n_bank > 0
+
+    # ---- the memory bank
+    def check_bank(self, bank_dir: str, expected: dict, num_processes: int, size_if_generated: int) -> None:
+        """Before any weights load: the folder is a bank made for this run (`expected`: what it must have recorded,
+        e.g. family, base model, latent shape, prompt, annotator) holding at least one batch of bank rows per
+        process, or a new folder for one of `size_if_generated` rows."""
+        if not self.uses_bank:
+            return
+        memory_bank.check_memory_bank(bank_dir, expected, min_rows=self.n_bank * num_processes,
+                                      size_if_generated=size_if_generated)
+
+    def open_bank(self, accelerator, bank_dir: str, sampler, size: int, batch_size: int, seed: int, expected: dict):
+        """The bank, generated by all processes with the pre-trained weights unless it exists, then checked as in
+        `check_bank`. Returns a `datasets.Dataset`, or None for standard fine-tuning."""
+        if not self.uses_bank:
+            return None
+        bank = memory_bank.build_memory_bank(accelerator, sampler, bank_dir, size, expected, batch_size, seed)
+        memory_bank.check_memory_bank(bank_dir, expected, min_rows=self.n_bank * accelerator.num_processes)
+        return bank
+
+    def bank_loader(self, rows, collate_fn, workers: dict):
+        """`n_bank` bank rows per micro-batch, reshuffled every pass (`rows`: the family's view of the bank)."""
+        return torch.utils.data.DataLoader(rows, batch_size=self.n_bank, shuffle=True, drop_last=True,
+                                           collate_fn=collate_fn, **workers)
+
+    def card_fields(self, bank_dir: str, bank_source: str) -> dict:
+        """The method's hyper-parameters and the bank's recorded generation settings, for the model card."""
+        if not self.uses_bank:
+            return {}
+        info = memory_bank.bank_info(bank_dir)
+        fields = {**self.settings, "memory_bank": bank_source, "memory_bank_size": info["size"],
+                  "memory_bank_guidance_scale": info.get("guidance_scale"),
+                  "memory_bank_inference_steps": info.get("num_inference_steps")}
+        if "prompt" in info:
+            fields["memory_bank_prompt"] = info["prompt"]
+        return fields
+
+    def push_bank(self, bank_dir: str, repo_id: str, token, private: bool) -> str | None:
+        """Push the bank as a Hub dataset with its card and record; returns the repo id (None without a bank)."""
+        if not self.uses_bank:
+            return None
+        return memory_bank.push_memory_bank(bank_dir, repo_id, token, private)
+
+    # ---- one micro-batch
+    @torch.no_grad()
+    def batch(self, family, data: dict, bank: dict | None, generator) -> DiffTuningBatch:
+        """Bank rows first (retention condition, t ~ xi), then downstream rows (condition dropped with probability
+        `condition_dropout`, t ~ psi); x_0, the noise, the noisy input and the target. Every random choice comes
+        from `generator` in a fixed order, so a resumed run draws exactly what an uninterrupted one would."""
+        drop = torch.rand(self.n_data, generator=generator, device=family.device) < self.condition_dropout
+        rows = family.drop_condition(family.rows(data, generator), drop)
+        n_bank = 0
+        if bank is not None:
+            bank_rows = family.bank_rows(bank, generator)
+            n_bank, rows = len(bank_rows), bank_rows.then(rows)
+        timesteps = self.timesteps.sample(n_bank, len(rows) - n_bank, generator, family.device)
+        x0 = family.x0(rows.x, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        return DiffTuningBatch(x0, family.encode(rows.cond), timesteps, noise, noisy,
+                               family.target(x0, noise, timesteps), n_bank)
+
+    def __call__(self, family, net, data: dict, bank: dict | None, generator) -> tuple[torch.Tensor, dict]:
+        """loss = L_adapt + retention_weight * L_retain over the family's per-sample losses; returns the loss and
+        its parts for logging (L_retain is 0 without bank rows)."""
+        b = self.batch(family, data, bank, generator)
+        per_sample = family.loss(net, b)
+        loss_adapt = per_sample[b.n_bank:].mean()
+        loss_retain = per_sample[:b.n_bank].mean() if b.n_bank else torch.zeros_like(loss_adapt)
+        loss = loss_adapt + self.retention_weight * loss_retain
+        return loss, {"loss_adapt": loss_adapt, "loss_retain": loss_retain}

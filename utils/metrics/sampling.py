@@ -1,0 +1,34 @@
+"""Sampling for evaluation with the papers' protocols: DDIM with a fixed step count for every family,
+classifier-free guidance and balanced classes for class-conditional models, seeds per batch, so a model's FID is
+reproducible and two models (or two merge weights) are compared on the same noise."""
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def seeded_generators(seeds, device="cpu") -> list[torch.Generator]:
+    """One generator per image, seeded with its own seed: an image is the same in any batch, on any process."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+
+def balanced_classes(classes, start: int, count: int):
+    """Class ids of images start .. start+count-1 when images cycle through the classes."""
+    return [classes[i % len(classes)] for i in range(start, start + count)]
+
+
+@torch.no_grad()
+def generate(pipe, num_samples: int, batch_size: int, num_inference_steps: int, seed: int, device, classes=None,
+             guidance_scale: float = 1.0, desc: str = "sampling"):
+    """Yield NCHW float images in [0, 1], batch by batch (batch b seeded with seed + b), from a DDIM pipeline (a
+    family's `evaluation_pipeline`). With `classes` (a class-conditional pipeline) images cycle through them, with
+    classifier-free guidance `guidance_scale`."""
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for b, start in enumerate(tqdm(range(0, num_samples, batch_size), desc=desc)):
+        n = min(batch_size, num_samples - start)
+        generator = torch.Generator(device).manual_seed(seed + b)
+        inputs = ({"class_labels": balanced_classes(classes, start, n), "guidance_scale": guidance_scale}
+                  if classes is not None else {"batch_size": n})
+        images = pipe(**inputs, num_inference_steps=num_inference_steps, generator=generator, output_type="np").images
+        yield torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
