@@ -36,7 +36,7 @@ from transformers import (
 )
 
 import train_bi_tuning as script
-from fixtures.testing import ROOT, run_main
+from fixtures.testing import ROOT, cli_help, run_main
 from utils.families.image_classifiers import find_head, replace_head
 from utils.infra import training
 from utils.infra.data import per_class_subset, stratified_split
@@ -530,13 +530,12 @@ def test_a_timm_model_trains_when_timm_imports(digits_dir, tmp_path):  # pragma:
 
 
 def test_help_documents_every_flag_with_its_default():
-    proc = subprocess.run([sys.executable, "train_bi_tuning.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0
-    flags = {a.strip("[],") for a in proc.stdout.split() if a.startswith(("--", "[--"))}
+    help_text = cli_help(script)
+    flags = {a.strip("[],") for a in help_text.split() if a.startswith(("--", "[--"))}
     assert {"--method", "--queue_size", "--temperature", "--key_momentum", "--projector_loss_weight",
             "--classifier_contrast_weight", "--train_fraction", "--samples_per_class", "--backbone_lr_scale",
             "--resume_from_checkpoint", "--push_to_hub"} <= flags
-    text = " ".join(proc.stdout.split())
+    text = " ".join(help_text.split())
     assert "(default: 0.999)" in text and "(default: 40)" in text and "(default: 10000)" in text
 
 

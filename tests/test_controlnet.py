@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, run_main
+from fixtures.testing import ROOT, cli_help, run_main
 from utils.families.annotators import make_annotator, normals_from_depth
 from utils.infra import training
 from utils.infra.errors import UserError
@@ -417,10 +417,7 @@ def test_custom_annotator_from_a_file(tiny_sd_dir, control_digits_dir, tmp_path)
 
 
 def test_help_documents_every_flag():
-    proc = subprocess.run([sys.executable, "train_diff_tuning_controlnet.py", "--help"], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0
-    text = " ".join(proc.stdout.split())
+    text = " ".join(cli_help(script).split())
     for flag in ("--controlnet_model_name_or_path", "--image_column", "--conditioning_image_column",
                  "--caption_column", "--proportion_empty_prompts", "--validation_prompt", "--validation_image",
                  "--num_validation_images", "--set_grads_to_none", "--use_8bit_adam", "--tokenizer_name", "--variant",

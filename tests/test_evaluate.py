@@ -12,7 +12,7 @@ from PIL import Image
 
 import evaluate_fid as script
 from fixtures.small_dit import build_pipeline
-from fixtures.testing import ROOT, TEST_EXTRACTOR
+from fixtures.testing import ROOT, TEST_EXTRACTOR, cli_error
 from utils.infra.data import load_image_dataset
 from utils.infra.errors import UserError
 from utils.methods.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
@@ -163,14 +163,18 @@ def test_a_merged_ddpm_and_an_ensemble_evaluate(tiny_ddpm_dir, digits_dir, tmp_p
     (["--num_samples", "1"], "must be >= 2"),
 ])
 def test_bad_input_is_one_line(argv, message, two_dits, digits_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "evaluate_fid.py", "--model", two_dits[0], "--dataset", digits_dir,
-                           "--output_file", str(tmp_path / "r.json"), *argv], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")})
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ")
+    last = cli_error(script, ["--model", two_dits[0], "--dataset", digits_dir, "--output_file",
+                              str(tmp_path / "r.json"), *argv])
     assert re.search(message, last), last
     assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_an_error_is_one_line_without_traceback_as_a_user_sees_it(two_dits, digits_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "evaluate_fid.py", "--model", two_dits[0], "--dataset", digits_dir,
+                           "--output_file", str(tmp_path / "r.json"), "--feature_extractor", "nonsense"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown --feature_extractor")
 
 
 def test_an_ensemble_without_a_scheduler_model_is_an_error(tiny_ddpm_dir, tmp_path):

@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from safetensors.torch import load_file
 
 import merge_timestep_models as script
 from fixtures.small_unet import build_ddpm_pipeline
-from fixtures.testing import ROOT, TEST_EXTRACTOR
+from fixtures.testing import ROOT, TEST_EXTRACTOR, cli_error
 from utils.infra.errors import UserError
 from utils.methods.merging import SafetensorsWeights, merge_tensors
 from utils.methods.timestep_ensemble import TimestepEnsemble
@@ -175,12 +173,9 @@ def test_bad_input_is_one_line(case, message, tiny_ddpm_dir, three_copies, tmp_p
         models[2] = str(tmp_path / "other")
     elif case == "search_without_data":
         extra = ["--search", "grid"]
-    proc = subprocess.run([sys.executable, "merge_timestep_models.py", "--base_model", tiny_ddpm_dir, "--models",
-                           *models, "--output_dir", str(tmp_path / "out"), *extra],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and __import__("re").search(message, last), last
+    last = cli_error(script, ["--base_model", tiny_ddpm_dir, "--models", *models, "--output_dir",
+                              str(tmp_path / "out"), *extra])
+    assert __import__("re").search(message, last), last
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
