@@ -29,3 +29,52 @@ def test_arrow_batches_equal_datasets_formatting(view):
     loaded = next(iter(torch.utils.data.DataLoader(rows, batch_size=5, collate_fn=as_batch)))
     np.testing.assert_array_equal(loaded["latent"].numpy(), ds.with_format("numpy")[:5]["latent"])
     np.testing.assert_array_equal(rows[2]["latent"].numpy(), ds.with_format("numpy")[2]["latent"])
+
+
+@pytest.mark.parametrize("layout", ["class_folders", "metadata_jsonl", "metadata_csv", "parquet", "save_to_disk"])
+def test_every_local_layout_loads_as_datasets_load_dataset_would(layout, tmp_path):
+    """Image folders (class sub-folders, or metadata.jsonl / metadata.csv beside the images), a folder of parquet
+    files (a Hub snapshot) and save_to_disk folders all load, with their image and text columns."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from utils.infra.data import load_image_dataset
+
+    images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(4)]
+    texts = [f"a red square {i}" for i in range(4)]
+    if layout == "class_folders":
+        for i, img in enumerate(images):
+            (tmp_path / ("a" if i % 2 else "b")).mkdir(exist_ok=True)
+            img.save(tmp_path / ("a" if i % 2 else "b") / f"{i}.png")
+    elif layout in ("metadata_jsonl", "metadata_csv"):
+        for i, img in enumerate(images):
+            img.save(tmp_path / f"{i}.png")
+        if layout == "metadata_jsonl":
+            (tmp_path / "metadata.jsonl").write_text(
+                "".join(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n" for i, t in enumerate(texts)))
+        else:
+            (tmp_path / "metadata.csv").write_text(
+                "file_name,text\n" + "".join(f"{i}.png,{t}\n" for i, t in enumerate(texts)))
+    else:
+        def png(img):
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG")
+            return {"bytes": buffer.getvalue(), "path": None}
+
+        ds = datasets.Dataset.from_dict({"image": [png(i) for i in images], "text": texts},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "text": datasets.Value("string")}))
+        if layout == "parquet":
+            (tmp_path / "data").mkdir()
+            ds.to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+        else:
+            ds.save_to_disk(str(tmp_path / "saved"))
+    ds = load_image_dataset(str(tmp_path / "saved" if layout == "save_to_disk" else tmp_path))
+    assert len(ds) == 4 and isinstance(ds.features["image"], datasets.Image)
+    assert np.asarray(ds[0]["image"].convert("RGB")).shape == (8, 8, 3)
+    if layout == "class_folders":
+        assert ds.features["label"].names == ["a", "b"]
+    else:
+        assert sorted(ds["text"]) == texts

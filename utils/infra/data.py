@@ -34,8 +34,9 @@ def load_image_splits(name: str, config_name=None, cache_dir=None) -> datasets.D
         ):
             ds = datasets.load_from_disk(path)
         else:
-            try:
-                ds = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+            try:  # as datasets.load_dataset(path) does: the builder detected from the files (images, parquet,
+                # json lines or csv beside images, arrow shards)
+                ds = datasets.load_dataset(path, cache_dir=cache_dir)
             except datasets.data_files.EmptyDatasetError as e:
                 raise DatasetError(f"--dataset {name} holds no images: give a folder of images (in class "
                                    "sub-folders, or with a metadata.jsonl), a save_to_disk folder or a Hub id") from e
