@@ -115,3 +115,27 @@ def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# diffusers' LoRA training scripts put adapters on the attention projections of the UNet and the text encoder
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_lora_adapter(model, rank: int, targets: list[str], alpha: float | None = None) -> None:
+    """peft LoRA adapters on `targets` of a diffusers or transformers model, as diffusers' LoRA scripts add them
+    (`add_adapter`, Gaussian init of A, zero B: the model starts unchanged); only the adapters train."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                 target_modules=targets))
+
+
+def lora_layers(model) -> dict:
+    """The adapters' weights in diffusers' LoRA format (what `save_lora_weights` writes and `load_lora_weights`
+    reads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))

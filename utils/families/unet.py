@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
-from ..infra.data import to_tensor
+from ..infra.data import ArrowBatches, to_tensor
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
 from .base import Family, Rows, detect_family
@@ -93,19 +93,29 @@ class DDPMUNet(UNetFamily):
 
 
 class StableDiffusionUNet(UNetFamily):
-    """Text-conditioned: rows also hold `input_ids` (the first caption of a list), encoded by the frozen CLIP text
-    encoder; latents are sampled from the frozen VAE's posterior."""
+    """Text-conditioned: rows also hold `input_ids` (the first caption of a list), encoded by the CLIP text encoder
+    (frozen, or with LoRA adapters when `train_text_encoder`: then encoded inside the loss, with gradients); latents
+    are sampled from the frozen VAE's posterior. Memory-bank rows hold stored `latent_moments` and are conditioned
+    on the empty prompt (`bank_condition` "empty", Diff-Tuning's null condition) or on their own prompt ("prompt",
+    DreamBooth's prior preservation); a dropped caption becomes the empty prompt."""
 
     name, description, tag = "stable-diffusion", "a Stable Diffusion 1.x/2.x pipeline", "stable-diffusion"
     model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionPipeline"
     example_call = 'pipe("a photo of a cat", num_inference_steps=50)'
     needs_captions = True
 
-    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False):
+    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
+                 train_text_encoder: bool = False):
         super().__init__(pipeline, device, dtype, random_flip)
         self.vae = freeze(pipeline.vae, device, dtype)
-        self.text_encoder = freeze(pipeline.text_encoder, device, dtype)
+        self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in a prepared one
         self.tokenizer = pipeline.tokenizer
+        self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
+        self.empty_ids = self.tokenize([""])
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", truncation=True,
+                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
 
     @classmethod
     def matches(cls, index: dict) -> bool:
@@ -127,9 +137,7 @@ class StableDiffusionUNet(UNetFamily):
 
         def transform(batch):
             captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
-            ids = self.tokenizer(captions, padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-            return {**pixels(batch), "input_ids": ids}
+            return {**pixels(batch), "input_ids": self.tokenize(captions)}
 
         return transform
 
@@ -138,14 +146,31 @@ class StableDiffusionUNet(UNetFamily):
         moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
         return Rows(moments, {"input_ids": batch["input_ids"].to(self.device)})
 
+    def bank_rows(self, batch, generator) -> Rows:
+        n = len(batch["latent_moments"])
+        ids = self.empty_ids.expand(n, -1) if self.bank_condition == "empty" else batch["input_ids"]
+        return Rows(batch["latent_moments"].to(self.device), {"input_ids": ids.to(self.device)})
+
+    def bank_dataset(self, bank):
+        """The bank as the bank loader reads it: stored moments and each row's prompt tokens."""
+        return PromptBankRows(bank, self.tokenize)
+
+    def drop_condition(self, rows, mask) -> Rows:
+        ids = torch.where(mask[:, None], self.empty_ids.to(self.device), rows.cond["input_ids"])
+        return Rows(rows.x, {"input_ids": ids})
+
     def x0(self, x, generator):
         return sample_latents(x, generator, self.vae.config.scaling_factor)
 
     def encode(self, cond):
+        if self.train_text_encoder:  # encoded in `predict`, where gradients reach the text encoder's adapters
+            return cond
         return {"encoder_hidden_states": self.text_encoder(cond["input_ids"])[0]}
 
     def predict(self, net, noisy, timesteps, cond):
-        return net(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        hidden = cond["encoder_hidden_states"] if "encoder_hidden_states" in cond else \
+            self.text_encoder(cond["input_ids"])[0]
+        return net(noisy, timesteps, encoder_hidden_states=hidden).sample
 
     def sampling_pipeline(self, unet):
         """The pipeline's own scheduler (PNDM for Stable Diffusion), as DeMe evaluates it."""
@@ -205,6 +230,22 @@ class PromptBankSampler:
     def __call__(self, seeds: list[int]) -> dict:
         prompts, images, moments = self.generate(seeds)
         return {"image": list(images), "text": prompts, "seed": seeds, "latent_moments": moments.cpu().numpy()}
+
+
+class PromptBankRows(torch.utils.data.Dataset):
+    """A text-to-image bank for its loader: `latent_moments` read a batch at a time from Arrow, and the tokens of each
+    row's prompt (`input_ids`). Use with `collate_fn=as_batch`."""
+
+    def __init__(self, bank, tokenize):
+        self.moments, self.texts, self.tokenize = ArrowBatches(bank, ["latent_moments"]), bank["text"], tokenize
+
+    def __len__(self):
+        return len(self.moments)
+
+    def __getitems__(self, indices):
+        batch = self.moments.__getitems__(indices)
+        batch["input_ids"] = self.tokenize([self.texts[i] for i in indices])
+        return batch
 
 
 UNET_FAMILIES = [DDPMUNet, StableDiffusionUNet]

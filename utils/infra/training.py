@@ -272,10 +272,18 @@ def image_grid(images: np.ndarray, cols: int = 8, min_tile: int = 64) -> Image.I
     return make_image_grid(tiles, rows=rows, cols=cols)
 
 
-def log_images(accelerator, tag: str, images: np.ndarray, step: int):
+def log_images(accelerator, tag: str, images: np.ndarray, step: int, captions: list[str] | None = None):
+    """NHWC images in [0, 1] to every configured tracker that shows images (TensorBoard, wandb; the others log
+    scalars only)."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, images, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image((img * 255).round().astype(np.uint8),
+                                           caption=captions[i] if captions else None)
+                               for i, img in enumerate(images)]}, step=step)
 
 
 def freeze(module, device, dtype=torch.float32):

@@ -31,14 +31,18 @@ from . import memory_bank
 from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler, adaptation_weights, retention_weights
 
 METHODS = ("diff_tuning", "standard")
+# DreamBooth's prior preservation as a case of the core: a bank of class images at uniform t for both parts, as many
+# bank rows as data rows, bank rows on their own prompt (`train_diff_tuning_text_to_image.py`).
+PRIOR_PRESERVATION = "prior_preservation"
 
 
 def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: float, bank_batch_size: int,
-                         bank_help: str) -> argparse._ArgumentGroup:
+                         bank_help: str, methods=METHODS, method_help: str = "") -> argparse._ArgumentGroup:
     """The "Diff-Tuning" flag group; defaults are the paper's. `bank_help` says how a bank sample is made."""
     g = p.add_argument_group("Diff-Tuning")
-    g.add_argument("--method", choices=METHODS, default="diff_tuning",
-                   help="diff_tuning: memory bank + psi/xi timesteps; standard: plain fine-tuning (tau = 0, no bank).")
+    g.add_argument("--method", choices=methods, default="diff_tuning",
+                   help="diff_tuning: memory bank + psi/xi timesteps; standard: plain fine-tuning (tau = 0, no bank)."
+                        + method_help)
     g.add_argument("--tau", type=float, default=1.0, help="Exponent of psi(t) = u^tau, u = (t+1)/T; 0 = uniform.")
     g.add_argument("--xi_form", choices=XI_FORMS, default="paper",
                    help="Retention weights: paper xi = 1 - u^tau, official code xi = (1-u)^tau (equal at tau = 1).")
@@ -65,7 +69,10 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
 
 
 def num_bank_rows(method: str, retention_ratio: float, batch_size: int) -> int:
-    """Memory-bank rows per micro-batch: round(r * B), halves rounded up; 0 for standard fine-tuning."""
+    """Memory-bank rows per micro-batch: round(r * B), halves rounded up; 0 for standard fine-tuning; B for prior
+    preservation, which (as DreamBooth) adds B class rows to B data rows."""
+    if method == PRIOR_PRESERVATION:
+        return batch_size
     return int(math.floor(retention_ratio * batch_size + 0.5)) if method == "diff_tuning" else 0
 
 
@@ -98,8 +105,12 @@ class DiffTuningTimesteps:
     def __init__(self, num_timesteps: int, method: str, tau: float, xi_form: str, weighting: str, alphas_cumprod):
         tau = tau if method == "diff_tuning" else 0.0  # standard fine-tuning: uniform t
         self.adapt = CategoricalTimestepSampler(adaptation_weights(num_timesteps, tau, weighting, alphas_cumprod))
-        self.retain = CategoricalTimestepSampler(retention_weights(
-            num_timesteps, tau, xi_form, weighting, alphas_cumprod)) if method == "diff_tuning" else None
+        self.retain = None
+        if method == "diff_tuning":
+            self.retain = CategoricalTimestepSampler(retention_weights(
+                num_timesteps, tau, xi_form, weighting, alphas_cumprod))
+        elif method == PRIOR_PRESERVATION:  # DreamBooth: class images at uniform t, as the instance images
+            self.adapt = self.retain = CategoricalTimestepSampler(torch.ones(num_timesteps, dtype=torch.float64))
 
     def sample(self, n_bank: int, n_data: int, generator: torch.Generator, device) -> torch.Tensor:
         data = self.adapt.sample(n_data, generator, device)
@@ -130,7 +141,7 @@ class DiffTuning:
                  batch_size: int = 32, condition_dropout: float = 0.0):
         self.scheduler, self.method = scheduler, method  # the training noise scheduler (DDPM)
         self.n_bank = num_bank_rows(method, retention_ratio, batch_size)
-        self.n_data = batch_size - self.n_bank
+        self.n_data = batch_size if method == PRIOR_PRESERVATION else batch_size - self.n_bank
         self.retention_weight, self.condition_dropout = retention_weight, condition_dropout
         self.settings = {"tau": tau, "xi_form": xi_form, "weighting": weighting, "retention_ratio": retention_ratio,
                          "retention_weight": retention_weight}

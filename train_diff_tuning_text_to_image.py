@@ -1,0 +1,519 @@
+#!/usr/bin/env python
+"""Diff-Tuning, standard fine-tuning or DreamBooth's prior preservation of a text-to-image Stable Diffusion model.
+
+Diff-Tuning ("Diffusion Tuning: Transferring Diffusion Models via Chain of Forgetting", Zhong et al. 2024) keeps
+what the pre-trained model knows near the data (small t) and re-learns the large-t denoising: each batch mixes
+memory-bank samples of the pre-trained model (on the empty prompt, t ~ xi: "retention") with the new images and
+captions (t ~ psi: "adaptation"). DreamBooth's prior preservation (Ruiz et al. 2023) is the special case of a bank
+of class images on their own prompt at uniform t: `--with_prior_preservation` (or `--method prior_preservation`)
+runs it through the same code, so the two can be compared on the same data; `--method standard` is plain
+fine-tuning (diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py without a prior).
+
+    accelerate launch train_diff_tuning_text_to_image.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --dataset <hub id | image folder with metadata.jsonl | parquet folder | save_to_disk folder> \\
+        --output_dir out --method diff_tuning [--tuning lora|full] [--train_text_encoder]
+
+Diff-Tuning equals prior preservation exactly with `--method diff_tuning --tau 0 --xi_form official
+--bank_condition prompt --retention_weight <prior_loss_weight> --memory_bank_prompts <a file holding the class
+prompt>` and as many bank rows as data rows (`--retention_ratio 0.5` on twice the batch): both parts at uniform t,
+bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction); SDXL, SD3 and other pipelines are
+refused in one line.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import datasets
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from tqdm.auto import tqdm
+
+from utils.families.base import detect_family
+from utils.families.latents import vae_scale_factor
+from utils.families.tuning import (
+    TEXT_ENCODER_LORA_TARGETS,
+    UNET_LORA_TARGETS,
+    add_lora_adapter,
+    lora_layers,
+    parameter_counts,
+)
+from utils.families.unet import PromptBankSampler, StableDiffusionUNet
+from utils.infra import hub
+from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.data import (
+    DatasetError,
+    ResumableLoader,
+    as_batch,
+    check_images,
+    load_image_dataset,
+    require_column,
+    worker_options,
+)
+from utils.infra.errors import UserError
+from utils.infra.outputs import check_output_dir, mark
+from utils.infra.training import (
+    add_optimisation_args,
+    add_output_args,
+    apply_gradients,
+    averaged_weights,
+    check_common_args,
+    check_finite_weights,
+    checkpoint,
+    effective_learning_rate,
+    end_training,
+    image_grid,
+    log_images,
+    log_step,
+    make_accelerator,
+    make_ema,
+    make_optimizer,
+    tracker_config,
+    weight_dtype,
+)
+from utils.methods.diff_tuning import (
+    METHODS,
+    PRIOR_PRESERVATION,
+    DiffTuning,
+    add_diff_tuning_args,
+    check_diff_tuning_args,
+)
+from utils.metrics.forgetting import FORGETTING_FILE, ForgettingProbe
+
+logger = get_logger(__name__)
+SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it writes (utils.infra.outputs)
+# the flags that decide which weights a checkpoint holds: a resume with others is refused
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "tuning", "rank", "train_text_encoder")
+BANK_CONDITIONS = ("empty", "prompt")
+TUNINGS = ("lora", "full")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data (flag names as in diffusers' text-to-image and DreamBooth examples)")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="Stable Diffusion 1.x/2.x pipeline (epsilon or v-prediction): Hub id or folder.")
+    g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
+    g.add_argument("--variant", default=None, help="Variant of the pipeline's weight files, e.g. fp16.")
+    g.add_argument("--dataset", "--dataset_name", "--train_data_dir", "--instance_data_dir", dest="dataset",
+                   required=True, help="Hub id, image folder (with metadata.jsonl or .csv for captions; DreamBooth's "
+                   "plain folder of instance images with --instance_prompt), folder of parquet files, or "
+                   "save_to_disk folder. --dataset_name, --train_data_dir and --instance_data_dir are aliases.")
+    g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
+    g.add_argument("--train_split", default="train", help="Split to train on.")
+    g.add_argument("--image_column", default="image", help="Image column.")
+    g.add_argument("--caption_column", default=None,
+                   help="Caption column: a string or a list of strings, the first used (default: text or caption).")
+    g.add_argument("--instance_prompt", default=None,
+                   help="DreamBooth: one prompt for every image (e.g. 'a photo of sks dog'); replaces any captions.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Train on a seeded subset of this size.")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Fraction of downstream captions replaced by the empty prompt (classifier-free guidance).")
+    g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
+    g.add_argument("--output_dir", default="diff-tuning-text-to-image",
+                   help="Where the LoRA weights or pipeline, card, grids, logs and checkpoints go.")
+    g.add_argument("--resolution", type=int, default=512,
+                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor.")
+    g.add_argument("--random_flip", action="store_true", help="Random horizontal flips of the downstream images.")
+    g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
+
+    g = p.add_argument_group("which weights train")
+    g.add_argument("--tuning", choices=TUNINGS, default="lora",
+                   help="lora: peft LoRA on the UNet's attention projections, saved in diffusers' LoRA format; "
+                        "full: every UNet weight, saved as a stock pipeline.")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank).")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also LoRA on the text encoder's attention projections (with --tuning lora).")
+
+    g = add_diff_tuning_args(
+        p, bank_guidance_scale=7.5, bank_batch_size=8, methods=(*METHODS, PRIOR_PRESERVATION),
+        bank_help="Bank rows: samples of the pre-trained pipeline for the bank prompts (see --memory_bank_prompts).",
+        method_help=" prior_preservation: DreamBooth's (class images of --class_prompt at uniform t, as many as "
+                    "data rows, on their own prompt; loss = instance + --prior_loss_weight x prior).")
+    g.add_argument("--with_prior_preservation", dest="method", action="store_const", const=PRIOR_PRESERVATION,
+                   help="DreamBooth's flag: the same as --method prior_preservation.")
+    g.add_argument("--prior_loss_weight", dest="retention_weight", type=float, default=argparse.SUPPRESS,
+                   help="DreamBooth's name of --retention_weight (the weight of the prior loss).")
+    g.add_argument("--class_prompt", default=None,
+                   help="The bank's prompt for prior preservation (e.g. 'a photo of a dog'); a bank prompt for "
+                        "Diff-Tuning too when no --memory_bank_prompts is given.")
+    g.add_argument("--class_data_dir", dest="memory_bank", default=argparse.SUPPRESS,
+                   help="DreamBooth's name of --memory_bank: the class images are a memory bank folder.")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="Prior preservation: class images to generate (Diff-Tuning uses --memory_bank_size).")
+    g.add_argument("--memory_bank_prompts", default=None,
+                   help="A text file of bank prompts, one a line. Default: --class_prompt, else the dataset's "
+                        "distinct captions (the base model's own pictures of what the new data shows).")
+    g.add_argument("--bank_condition", choices=BANK_CONDITIONS, default=None,
+                   help="What bank rows are conditioned on: empty (the paper's null condition; default for "
+                        "diff_tuning) or prompt (their own prompt; DreamBooth's, default for prior_preservation).")
+
+    g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data rows together (prior "
+                              "preservation: data rows; as many class rows are added, as in DreamBooth).",
+                              max_train_steps=1000, learning_rate=1e-4, max_grad_norm=1.0, ema_decay=0.9999,
+                              paper="diffusers' LoRA examples: lr 1e-4")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
+    g = add_output_args(p, checkpointing_steps=500, validation_steps=100)
+    g.add_argument("--tracker_project_name", default="diff-tuning-text-to-image", help="Project name of the trackers.")
+    g.add_argument("--validation_prompt", nargs="+", default=None,
+                   help="Prompts of the validation grids (default: the first two training captions).")
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
+    g.add_argument("--retention_prompts", nargs="+", default=None,
+                   help="Forgetting probe: prompts the base model could already draw, sampled with fixed seeds and "
+                        "scored against the base model's own samples (default: the first four bank prompts; none "
+                        "without a bank).")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Flags that cannot work, caught before anything is loaded."""
+    check_common_args(args, positive=("resolution", "rank", "num_class_images"))
+    check_diff_tuning_args(args)
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise UserError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
+    if args.method == PRIOR_PRESERVATION and not args.class_prompt:
+        raise UserError("prior preservation needs --class_prompt (the prompt of the class images, e.g. "
+                        "'a photo of a dog')")
+    if args.train_text_encoder and args.tuning != "lora":
+        raise UserError("--train_text_encoder trains LoRA adapters on the text encoder: use it with --tuning lora")
+    if args.use_ema and args.tuning != "full":
+        raise UserError("--use_ema averages full weights: use it with --tuning full")
+    if args.use_8bit_adam:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)")
+    if args.memory_bank_prompts is not None:
+        bank_prompts_from_file(args.memory_bank_prompts)
+    check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                                               ("--dataset", args.dataset), ("--memory_bank", args.memory_bank)])
+
+
+def bank_prompts_from_file(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UserError(f"--memory_bank_prompts {path} is not a file")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"--memory_bank_prompts {path} holds no prompt (one a line)")
+    return prompts
+
+
+def load_captioned(args):
+    """The training rows with their captions checked: (dataset, caption column)."""
+    ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
+    require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
+    if args.max_train_samples is not None:
+        ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
+    if args.instance_prompt is not None:  # DreamBooth: one prompt for every image
+        return ds.add_column("instance_prompt", [args.instance_prompt] * len(ds)), "instance_prompt"
+    column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
+    if column not in ds.column_names:
+        raise DatasetError(f"dataset {args.dataset} has no captions (no column {column or 'text/caption'!r}; its "
+                           f"columns: {', '.join(ds.column_names)}): pass --caption_column, or --instance_prompt "
+                           "for one prompt for every image")
+    captions = ds[column]
+    for i, c in enumerate(captions):
+        first = c[0] if isinstance(c, list) and c else c
+        if not isinstance(first, str):
+            raise DatasetError(f"row {i} of {args.dataset} has no caption in {column!r} ({c!r})")
+    return ds, column
+
+
+def bank_prompts(args, ds, caption_column) -> list[str]:
+    """The bank's prompts: the file, else the class prompt, else the dataset's distinct captions (sorted)."""
+    if args.memory_bank_prompts:
+        return bank_prompts_from_file(args.memory_bank_prompts)
+    if args.class_prompt:
+        return [args.class_prompt]
+    return sorted({c[0] if isinstance(c, list) else c for c in ds[caption_column]})
+
+
+@torch.no_grad()
+def generate(parts, unet, text_encoder, prompts, args, device):
+    """NHWC images in [0, 1] of the pipeline with `unet` and `text_encoder` (DDIM, --validation_inference_steps),
+    image i with seed + i, so every evaluation and the base model see the same noise."""
+    pipe = StableDiffusionPipeline(**parts, unet=unet, text_encoder=text_encoder, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompts, height=args.resolution, width=args.resolution, guidance_scale=args.validation_guidance_scale,
+                num_inference_steps=args.validation_inference_steps, output_type="np",
+                generator=[torch.Generator(device).manual_seed(args.seed + i) for i in range(len(prompts))]).images
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = make_accelerator(args, args.output_dir, logging_dir)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.push_to_hub:
+        hub.check_hub_access(args.hub_token)
+
+    # ---- Configs and data: everything cheap is checked before any weights load.
+    name = args.pretrained_model_name_or_path
+    detect_family(name, [StableDiffusionUNet], SCRIPT, args.revision, args.cache_dir)
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision,
+                                                        cache_dir=args.cache_dir)
+        vae_factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=args.revision,
+                                                                cache_dir=args.cache_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: {str(e).strip().splitlines()[0]}"
+                        ) from e
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"the pipeline's scheduler predicts {noise_scheduler.config.prediction_type!r}; this script "
+                        "trains epsilon and v_prediction models")
+    if args.resolution % vae_factor:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {vae_factor}")
+    ds, caption_column = load_captioned(args)
+    diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.proportion_empty_prompts)
+    if len(ds) < diff_tuning.n_data * accelerator.num_processes:
+        raise DatasetError(f"dataset has {len(ds)} images, fewer than one batch of {diff_tuning.n_data} downstream "
+                           f"rows on each of {accelerator.num_processes} process(es); lower --train_batch_size")
+    prompts = bank_prompts(args, ds, caption_column)
+    bank_condition = args.bank_condition or ("prompt" if args.method == PRIOR_PRESERVATION else "empty")
+    bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
+    bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
+    bank_record = {"family": StableDiffusionUNet.name, "base_model": name, "resolution": args.resolution,
+                   "prompts": prompts}
+    diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, bank_size)
+    if not args.skip_image_check:
+        with accelerator.main_process_first():
+            check_images(ds, args.image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
+                                                                       disable=not accelerator.is_local_main_process))
+    if accelerator.is_main_process:
+        mark(args.output_dir, SCRIPT)  # from here on this script writes into it
+
+    # ---- Models: the VAE (and the text encoder, unless it gets adapters) stay frozen.
+    pipeline = StableDiffusionUNet.load(name, args.revision, args.cache_dir, variant=args.variant)
+    dtype = weight_dtype(accelerator)
+    family = StableDiffusionUNet(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
+                                 args.train_text_encoder)
+    unet, text_encoder = pipeline.unet.to(accelerator.device), family.text_encoder
+    parts = dict(vae=family.vae, tokenizer=family.tokenizer,
+                 scheduler=DDIMScheduler.from_config(pipeline.scheduler.config))
+
+    # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
+    with accelerator.autocast():
+        sampler = PromptBankSampler(pipeline, prompts, args.memory_bank_guidance_scale,
+                                    args.memory_bank_inference_steps, args.resolution)
+        bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, bank_size, args.memory_bank_batch_size,
+                                     args.seed, bank_record)
+    retention_prompts = args.retention_prompts or (prompts[:4] if bank is not None else [])
+    base_images = None
+    if retention_prompts and accelerator.is_main_process:
+        with accelerator.autocast():
+            base_images = generate(parts, unet, text_encoder, retention_prompts, args, accelerator.device)
+
+    # ---- Which weights train.
+    if args.tuning == "lora":
+        unet.to(dtype)  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
+        add_lora_adapter(unet, args.rank, UNET_LORA_TARGETS)
+        if args.train_text_encoder:
+            add_lora_adapter(text_encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
+    else:
+        unet.requires_grad_(True)
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    trainable, total = parameter_counts(unet)
+    params = [p for m in ([unet, text_encoder] if args.train_text_encoder else [unet]) for p in m.parameters()
+              if p.requires_grad]
+
+    # ---- Data loaders and optimisation.
+    workers = worker_options(args.dataloader_num_workers)
+    loader = torch.utils.data.DataLoader(
+        ds.with_transform(family.transform(args.image_column, caption_column, args.resolution)),
+        batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, **workers)
+    bank_loader = diff_tuning.bank_loader(family.bank_dataset(bank), as_batch, workers) if bank is not None else None
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    optimizer_class = None
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    optimizer, lr_scheduler = make_optimizer(params, args, accelerator, learning_rate, optimizer_class)
+    ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
+    unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
+    if args.train_text_encoder:
+        text_encoder = family.text_encoder = accelerator.prepare(text_encoder)
+    if bank_loader is not None:
+        bank_loader = accelerator.prepare(bank_loader)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    # ---- Resume: the weights, the data order, and the forgetting curve up to the checkpoint.
+    identity = run_identity(args, IDENTITY_FLAGS)
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
+    micro_step = global_step * args.gradient_accumulation_steps
+    data_iter = ResumableLoader(loader, accelerator, micro_step)
+    bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
+    probe = ForgettingProbe(retention_prompts, base_images,
+                            os.path.join(args.output_dir, FORGETTING_FILE) if accelerator.is_main_process else None)
+    probe.resume(global_step)
+    captions = ds[caption_column]
+    validation_prompts = args.validation_prompt or [c[0] if isinstance(c, list) else c for c in captions[:2]]
+    grid_prompts = [p for p in validation_prompts for _ in range(args.num_validation_images)]
+
+    def validate(step, tag="validation"):
+        """The validation grid (EMA weights under --use_ema) and the forgetting probe, to every tracker."""
+        model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+        encoder = accelerator.unwrap_model(text_encoder, keep_fp32_wrapper=False)
+        with averaged_weights(model, ema), accelerator.autocast():
+            images = generate(parts, model, encoder, grid_prompts, args, accelerator.device)
+            probed = generate(parts, model, encoder, retention_prompts, args, accelerator.device) \
+                if retention_prompts else None
+        log_images(accelerator, tag, images, step, grid_prompts)
+        if probed is not None:
+            score = probe.add(step, probed)
+            accelerator.log({"forgetting/ssim_to_base": score}, step=step)
+            logger.info(f"step {step}: forgetting probe, SSIM to the base model's samples {score:.4f}")
+        return images, probed
+
+    logger.info(f"{len(ds)} training images; memory bank: {len(bank) if bank is not None else 0} rows "
+                f"({bank_condition} condition); per micro-batch {diff_tuning.n_bank} bank + {diff_tuning.n_data} "
+                f"data rows; {args.tuning}: {trainable:,} of {total:,} UNet parameters train; "
+                f"steps {global_step} -> {args.max_train_steps}")
+    logs, validated = {}, {}
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
+        micro_step += 1
+        with accelerator.accumulate(unet, *([text_encoder] if args.train_text_encoder else [])), \
+                accelerator.autocast():  # the frozen parts run in the mixed-precision dtype
+            loss, parts_of_loss = diff_tuning(family, unet, next(data_iter), next(bank_iter) if bank_iter else None,
+                                              generator)
+            apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                            step=global_step + 1, output_dir=args.output_dir)
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts_of_loss.items()},
+                "lr": lr_scheduler.get_last_lr()[0]}
+        if ema is not None:
+            ema.step(unet.parameters())
+        log_step(accelerator, progress, logs, global_step)
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            validated = {global_step: validate(global_step)}
+        if global_step % args.checkpointing_steps == 0:  # after the step's records: a resume continues them
+            checkpoint(accelerator, unet, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
+    progress.close()
+
+    # ---- Save the LoRA weights (diffusers' format) or a stock pipeline, the grids and a model card.
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(unet)
+    encoder = accelerator.unwrap_model(text_encoder)
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
+    if accelerator.is_main_process:
+        model.eval()
+        if args.tuning == "lora":
+            StableDiffusionPipeline.save_lora_weights(
+                args.output_dir, unet_lora_layers=lora_layers(model),
+                text_encoder_lora_layers=lora_layers(encoder) if args.train_text_encoder else None)
+        else:
+            full = StableDiffusionPipeline.from_pretrained(name, revision=args.revision, variant=args.variant,
+                                                           cache_dir=args.cache_dir, unet=model.to(torch.float32),
+                                                           safety_checker=None, requires_safety_checker=False)
+            full.save_pretrained(args.output_dir)
+        images, probed = validated.get(global_step) or validate(global_step, "final")
+        image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))
+        if probed is not None:
+            image_grid(np.concatenate([base_images, probed]), cols=len(retention_prompts)).save(
+                os.path.join(args.output_dir, "before_after.png"))
+            probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
+        write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, logs, accelerator.mixed_precision,
+                   learning_rate, probe, validation_prompts)
+        if args.push_to_hub:
+            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
+                                   args.hub_token, args.hub_private_repo)
+            logger.info(f"pushed to https://huggingface.co/{repo}")
+            if args.push_memory_bank and diff_tuning.uses_bank:
+                repo = diff_tuning.push_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
+                                             args.hub_token, args.hub_private_repo)
+                logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
+    # The DDP wrappers must go before the process group ends (utils.infra.training.end_training).
+    unet = text_encoder = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
+    end_training(accelerator)
+    return model
+
+
+def write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, last_logs, mixed_precision,
+               learning_rate, probe, validation_prompts):
+    method = {"diff_tuning": "Diff-Tuning", "standard": "standard fine-tuning",
+              PRIOR_PRESERVATION: "DreamBooth prior preservation"}[args.method]
+    hyper = {"method": args.method, "tuning": args.tuning, "steps": args.max_train_steps,
+             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+             "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
+             "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,
+             "mixed_precision": mixed_precision, "seed": args.seed,
+             "trainable_unet_parameters": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"}
+    if args.tuning == "lora":
+        hyper.update({"rank": args.rank, "train_text_encoder": args.train_text_encoder})
+    if diff_tuning.uses_bank:
+        hyper.update({**diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
+                                                or "generated for this run"), "bank_condition": bank_condition})
+        if args.method == PRIOR_PRESERVATION:
+            hyper["prior_loss_weight"] = args.retention_weight
+    metrics = {}
+    if probe.points:
+        metrics["forgetting probe (SSIM to the base model's samples, same seeds; 1 = unchanged), final"] = \
+            f"{probe.points[-1]['ssim_to_base']:.4f} on {len(probe.prompts)} retention prompt(s)"
+    repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
+    prompt = validation_prompts[0].replace('"', "'")
+    if args.tuning == "lora":
+        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+                f'pipe.load_lora_weights("{repo}")')
+    else:
+        load = f'pipe = StableDiffusionPipeline.from_pretrained("{repo}")'
+    usage = f'''import torch
+from diffusers import StableDiffusionPipeline
+{load}
+image = pipe("{prompt}", num_inference_steps=50, generator=torch.manual_seed(0)).images[0]'''
+    description = (
+        f"{'LoRA adapters for' if args.tuning == 'lora' else 'A fine-tune of'} `{args.pretrained_model_name_or_path}` "
+        f"trained on `{args.dataset}` with {method}. "
+        + {"diff_tuning": "Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with "
+                          "samples of the pre-trained model at small timesteps, to retain its knowledge near the data, "
+                          "and trains on the new data mostly at large timesteps.",
+           PRIOR_PRESERVATION: "Prior preservation ([Ruiz et al., 2023](https://arxiv.org/abs/2208.12242)) mixes "
+                               "each batch with class images of the pre-trained model on their own prompt.",
+           "standard": "The new data was trained with the ordinary uniform-timestep denoising loss."}[args.method]
+        + (" `before_after.png`: the base model's samples (top) and this model's (bottom) for prompts it could "
+           "already draw, same seeds." if probe.points else ""))
+    tags = ["text-to-image", "stable-diffusion", args.tuning, {"diff_tuning": "diff-tuning",
+            "standard": "standard-fine-tuning", PRIOR_PRESERVATION: "dreambooth"}[args.method]]
+    if args.instance_prompt:
+        tags.append("dreambooth")
+    hub.save_training_card(
+        args.output_dir, title=f"{method} of {args.pretrained_model_name_or_path} ({args.tuning})",
+        base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
+        tags=tags, description=description, hyperparameters=hyper, usage=usage, image_heading="Validation samples")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
