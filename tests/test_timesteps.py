@@ -14,11 +14,18 @@ u = np.arange(1, T + 1) / T
 def test_weights_equal_formulas(tau):
     np.testing.assert_allclose(adaptation_weights(T, tau).numpy(), u**tau, rtol=1e-12)
     np.testing.assert_allclose(retention_weights(T, tau, "paper").numpy(), 1 - u**tau, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(retention_weights(T, tau, "official").numpy(), (1 - u) ** tau, rtol=1e-12)
+    # the official code's weights, literally: (T - t)^tau for t = 0..T-1, normalised (psi reversed)
+    official = np.arange(T, 0, -1, dtype=np.float64) ** tau
+    xi = retention_weights(T, tau, "official").numpy()
+    np.testing.assert_allclose(xi / xi.sum(), official / official.sum(), rtol=1e-12)
+    np.testing.assert_allclose(xi, adaptation_weights(T, tau).numpy()[::-1], rtol=1e-12)
+    assert xi[-1] > 0  # t = T-1 keeps weight, as in the official code
 
 
-def test_forms_agree_only_at_tau_1():
-    assert torch.allclose(retention_weights(T, 1.0, "paper"), retention_weights(T, 1.0, "official"))
+def test_forms_differ_by_one_step_at_tau_1_and_more_elsewhere():
+    paper, official = retention_weights(T, 1.0, "paper"), retention_weights(T, 1.0, "official")
+    np.testing.assert_allclose(official[1:].numpy(), paper[:-1].numpy(), rtol=1e-12)  # shifted by one step
+    assert paper[-1] == 0 and official[-1] > 0
     assert not torch.allclose(retention_weights(T, 0.5, "paper"), retention_weights(T, 0.5, "official"))
 
 

@@ -45,7 +45,8 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
                         + method_help)
     g.add_argument("--tau", type=float, default=1.0, help="Exponent of psi(t) = u^tau, u = (t+1)/T; 0 = uniform.")
     g.add_argument("--xi_form", choices=XI_FORMS, default="paper",
-                   help="Retention weights: paper xi = 1 - u^tau, official code xi = (1-u)^tau (equal at tau = 1).")
+                   help="Retention weights: paper xi = 1 - u^tau; official code xi = (T - t)^tau, psi reversed "
+                        "(one step apart from the paper's at tau = 1).")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="power",
                    help="power: psi = u^tau; snr: psi = 1/(1+SNR(t)), xi = 1 - psi (tau unused).")
     g.add_argument("--retention_ratio", type=float, default=0.5,

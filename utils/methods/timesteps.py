@@ -5,7 +5,8 @@ t in {0..T-1} with u = (t+1)/T:
   adaptation (downstream data)  psi(t) = u^tau                      ("power", the paper's main form)
                                 psi(t) = 1 / (1 + SNR(t)) = 1 - abar_t ("snr" variant; no tau)
   retention  (memory bank)      xi(t)  = 1 - psi(t)                 (paper)
-                                xi(t)  = (1 - u)^tau                (official code; equal to the paper at tau = 1)
+                                xi(t)  = (T - t)^tau, i.e. psi reversed (official code; at tau = 1 one step from
+                                                                         the paper's, which is 0 at t = T-1)
 tau = 0 gives a uniform psi, i.e. standard fine-tuning.
 
 DeMe's timestep ranges and their sampler are in `utils.methods.deme`.
@@ -41,7 +42,9 @@ def retention_weights(num_timesteps, tau=1.0, xi_form="paper", weighting="power"
     if weighting == "power" and xi_form == "official":
         if tau < 0:
             raise ValueError(f"tau must be >= 0, got {tau}")
-        return (1.0 - _u(num_timesteps)) ** tau
+        # thuml/Diffusion-Tuning: (T - t)^tau for t = 0..T-1, psi reversed; over T that is (1 - u + 1/T)^tau,
+        # positive at t = T-1 (where (1 - u)^tau would be 0)
+        return (1.0 - _u(num_timesteps) + 1.0 / num_timesteps) ** tau
     return 1.0 - adaptation_weights(num_timesteps, tau, weighting, alphas_cumprod)
 
 
