@@ -70,6 +70,17 @@ def test_standard_fine_tuning_has_no_bank_rows_and_uniform_timesteps(tiny_pipeli
     assert abs(t.float().mean().item() - 499.5) < 40
 
 
+@pytest.mark.parametrize("weighting", ["power", "snr"])
+def test_standard_samples_uniform_timesteps_whatever_the_weighting(weighting):
+    scheduler = DDPMScheduler()
+    core = DiffTuning(scheduler, method="standard", weighting=weighting, batch_size=8)
+    assert torch.allclose(core.timesteps.adapt.probs, torch.full((1000,), 1e-3))
+    t = core.timesteps.sample(0, 200_000, torch.Generator().manual_seed(0), "cpu")
+    assert abs(t.float().mean().item() - 499.5) < 3  # psi = 1/(1+SNR) would give a mean near 622
+    snr = DiffTuning(scheduler, method="diff_tuning", weighting="snr", batch_size=8)
+    assert snr.timesteps.sample(0, 200_000, torch.Generator().manual_seed(0), "cpu").float().mean() > 600
+
+
 def test_the_batch_is_a_function_of_the_generator_alone(tiny_pipeline_dir, tiny_bank_dir):
     _, scheduler, family = dit_family(tiny_pipeline_dir)
     core = DiffTuning(scheduler, batch_size=8, condition_dropout=0.3)

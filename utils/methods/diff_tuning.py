@@ -104,7 +104,8 @@ class DiffTuningTimesteps:
     """The timesteps of one micro-batch: xi for the bank rows (first), psi for the downstream rows."""
 
     def __init__(self, num_timesteps: int, method: str, tau: float, xi_form: str, weighting: str, alphas_cumprod):
-        tau = tau if method == "diff_tuning" else 0.0  # standard fine-tuning: uniform t
+        if method != "diff_tuning":  # standard fine-tuning samples t uniformly, whatever --weighting says
+            tau, weighting = 0.0, "power"
         self.adapt = CategoricalTimestepSampler(adaptation_weights(num_timesteps, tau, weighting, alphas_cumprod))
         self.retain = None
         if method == "diff_tuning":
