@@ -182,9 +182,9 @@ def check_args(args):
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise UserError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
-    if args.method == PRIOR_PRESERVATION and not args.class_prompt:
+    if args.method == PRIOR_PRESERVATION and not (args.class_prompt or args.memory_bank_prompts):
         raise UserError("prior preservation needs --class_prompt (the prompt of the class images, e.g. "
-                        "'a photo of a dog')")
+                        "'a photo of a dog'), or --memory_bank_prompts for several")
     if args.train_text_encoder and args.tuning != "lora":
         raise UserError("--train_text_encoder trains LoRA adapters on the text encoder: use it with --tuning lora")
     if args.use_ema and args.tuning != "full":

@@ -108,6 +108,11 @@ def test_batch_mode_decides_once_and_mirrors():
         t = sampler.sample(8, g)
         inside = bool(((t >= 250) & (t < 500)).all())
         lo, hi = (250, 500) if inside else (0, T)
-        assert torch.equal(t[4:], lo + hi - 1 - t[:4])  # mirrored pairs
+        # the official code: 8 // 2 + 1 = 5 draws, then the mirrors of the first 3
+        assert torch.equal(t[5:], lo + hi - 1 - t[:3])
         kinds.add(inside)
     assert kinds == {True, False}  # both the range and [0, T) occur, each for a whole batch
+    for n in (1, 2, 7):  # odd and small batches as the official code's torch.cat(...)[:bsz]
+        t = sampler.sample(n, g)
+        drawn = n // 2 + 1
+        assert len(t) == n and torch.equal(t[drawn:], 250 + 500 - 1 - t[: n - drawn])

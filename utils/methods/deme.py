@@ -65,8 +65,10 @@ class RangeTimestepSampler:
             return lo + (torch.rand(n, generator=generator, device=device) * width).long().clamp(max=width - 1)
         is_global = torch.rand(1, generator=generator, device=device).item() < self.p
         lo, hi = (0, self.T) if is_global else (self.lo, self.hi)
-        half = torch.randint(lo, hi, ((n + 1) // 2,), generator=generator, device=device)
-        return torch.cat([half, lo + hi - 1 - half])[:n]
+        # as MqLeet/DeMe's train_unconditional_deme.py: n // 2 + 1 draws, then their mirrors, cut to n (for even n:
+        # n/2 + 1 drawn and n/2 - 1 mirrored)
+        drawn = torch.randint(lo, hi, (n // 2 + 1,), generator=generator, device=device)
+        return torch.cat([drawn, lo + hi - 1 - drawn])[:n]
 
 
 @dataclass
