@@ -50,7 +50,10 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
     g.add_argument("--weighting", choices=WEIGHTINGS, default="power",
                    help="power: psi = u^tau; snr: psi = 1/(1+SNR(t)), xi = 1 - psi (tau unused).")
     g.add_argument("--retention_ratio", type=float, default=0.5,
-                   help="Fraction of each batch from the memory bank (paper 0.5, official code 0.2).")
+                   help="Fraction of each batch from the memory bank (paper 0.5, official code 0.2): round(r x "
+                        "batch) bank rows, halves up; the official code takes int(r x batch), the same only where "
+                        "r x batch is a whole number (0.2 x 32 = 6.4: 6 rows both ways; 0.5 x 5 = 2.5: 3 here, 2 "
+                        "there).")
     g.add_argument("--retention_weight", type=float, default=1.0,
                    help="loss = L_adapt + w * L_retain (paper 1.0, official code 0.1).")
     g.add_argument("--memory_bank", default=None,
