@@ -302,7 +302,11 @@ def main():
             json.dump(results, f, indent=1)
         os.replace(results_path + ".tmp", results_path)
 
-    load = lambda path: StableDiffusionUNet.load(path)  # noqa: E731
+    def load(path):
+        pipe = StableDiffusionUNet.load(path)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     if "source" not in results:
         record("source", evaluate(load(source), net, names, held_x, None))
     premise = {"a_source_accuracy": results["source"]["source_accuracy"],
