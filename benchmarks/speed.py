@@ -1,8 +1,10 @@
-"""Speed ratios of train_diff_tuning_dit.py, all measured in one process on one machine (CPU or GPU).
+"""Speed ratios of train_diff_tuning_dit.py and train_diff_tuning_text_to_image.py, all measured in one process on
+one machine (CPU or GPU).
 
     python -m benchmarks.speed --pipeline demo_out/source --dataset demo_out/digits --resolution 16
     python -m benchmarks.speed --small --dataset demo_out/digits          # the demo's architecture, random weights
     python -m benchmarks.speed --dit_xl --dataset digits_folder --resolution 256 --mixed_precision bf16  # GPU
+    python -m benchmarks.speed --text_to_image       # a small Stable Diffusion with LoRA on captioned digits
 
 A step's time is the median interval between optimisation steps inside one run (CUDA synchronised), after
 `WARMUP` steps, so start-up, data caching, memory-bank loading and the final save do not count. Each run is a
@@ -13,6 +15,8 @@ Measured:
 - Diff-Tuning step / standard fine-tuning step, same model and batch, both on cached latents (target <= 1.03:
   the split adds no FLOPs);
 - standard step encoding with the VAE every step / standard step on cached latents;
+- text-to-image (`--text_to_image`): Diff-Tuning step / standard step with LoRA, same model and batch (target
+  <= 1.03; bank rows come as stored latents, data rows through the VAE, so a Diff-Tuning step encodes fewer images);
 - memory-bank generation (`utils.methods.memory_bank.generate_shards`) / calling the stock DiTPipeline for the same
   samples, and against the floor of what a bank must add: the stock pipeline plus the VAE encoding of every sample
   and its mirror image (the stored latent moments). Target: at most 1.03 over that floor.
@@ -41,7 +45,7 @@ from utils.methods.memory_bank import generate_shards  # noqa: E402
 WARMUP = 5  # steps not timed: allocator, kernel selection, data-loader start
 
 
-def timed_run(argv, steps):
+def timed_run(argv, steps, script=script):
     """Run the training script for WARMUP + 1 + `steps` steps; return (median seconds per step, peak CUDA bytes or
     None)."""
     gc.collect()  # the previous run's model and optimizer must not count towards this run's peak
@@ -72,6 +76,36 @@ def fmt(values, digits=3):
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def text_to_image(a, tmp):
+    """Diff-Tuning / standard step of train_diff_tuning_text_to_image.py (LoRA) on a small Stable Diffusion."""
+    import train_diff_tuning_text_to_image as t2i
+    from fixtures.offline_data import sklearn_digits, write_captioned_folder
+    from fixtures.small_unet import build_sd_pipeline
+
+    build_sd_pipeline(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32,
+                      unet_channels=(32, 64)).save_pretrained(f"{tmp}/sd")
+    data = write_captioned_folder(*sklearn_digits(), f"{tmp}/captioned", limit=256, size=a.resolution)
+    base = ["--pretrained_model_name_or_path", f"{tmp}/sd", "--dataset", data, "--resolution", str(a.resolution),
+            "--train_batch_size", str(a.batch_size), "--validation_steps", "0", "--num_validation_images", "1",
+            "--validation_inference_steps", "1", "--checkpointing_steps", "100000", "--report_to", "none",
+            "--skip_image_check", "--mixed_precision", a.mixed_precision, "--memory_bank", f"{tmp}/t2i-bank",
+            "--memory_bank_size", "64", "--memory_bank_inference_steps", "5", "--dataloader_num_workers",
+            str(a.num_workers)]
+    timed_run([*base, "--output_dir", f"{tmp}/t2i-warm"], 1, t2i)  # builds the bank once
+    times = {"standard": [], "diff_tuning": []}
+    for r in range(a.repeats):
+        for kind in ("standard", "diff_tuning") if r % 2 == 0 else ("diff_tuning", "standard"):
+            times[kind].append(timed_run([*base, "--method", kind, "--output_dir", f"{tmp}/t2i-{kind}-{r}"],
+                                         a.steps, t2i)[0])
+    ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
+    print(f"\ntext-to-image, LoRA rank 4, batch {a.batch_size}, resolution {a.resolution}, {a.steps} timed steps "
+          f"per run, mixed precision {a.mixed_precision}; {a.repeats} interleaved repeats; median (range)\n")
+    print("| measurement | value |\n|---|---|")
+    print(f"| standard step | {fmt([1000 * t for t in times['standard']], 1)} ms |")
+    print(f"| Diff-Tuning step | {fmt([1000 * t for t in times['diff_tuning']], 1)} ms |")
+    print(f"| **Diff-Tuning / standard** (target <= 1.03) | **{fmt(ratio)}** |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -79,11 +113,13 @@ def main():
     src.add_argument("--small", action="store_true",
                      help="The demo source model's architecture with random weights (step times do not depend on "
                           "weight values).")
+    src.add_argument("--text_to_image", action="store_true",
+                     help="Only the text-to-image ratio, on a small Stable Diffusion built here (no --dataset needed).")
     src.add_argument("--dit_xl", action="store_true",
                      help="Build DiT-XL/2 (28 blocks of width 1152) and an SD-sized VAE with random weights: "
                           "the compute of facebook/DiT-XL-2-256 without a download (step times do not depend on "
                           "weight values).")
-    p.add_argument("--dataset", required=True, help="Image-folder data set.")
+    p.add_argument("--dataset", default=None, help="Image-folder data set (the DiT measurements).")
     p.add_argument("--resolution", type=int, default=16, help="Training resolution.")
     p.add_argument("--batch_size", type=int, default=32, help="Training batch.")
     p.add_argument("--steps", type=int, default=60, help="Timed steps per run (after WARMUP + 1 untimed).")
@@ -95,6 +131,10 @@ def main():
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.mkdtemp(prefix="speed-")
+    if a.text_to_image:
+        return text_to_image(a, tmp)
+    if a.dataset is None:
+        p.error("--dataset is needed for the DiT measurements")
     if a.small:
         a.pipeline = f"{tmp}/small"
         build_pipeline(resolution=16, vae_channels=(16, 32), hidden=(2, 32), layers=4).save_pretrained(a.pipeline)

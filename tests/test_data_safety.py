@@ -173,8 +173,15 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     accelerator = Accelerator(cpu=True)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    with pytest.raises(UserError, match="a weight of the model is not finite at step 7"):
+    with pytest.raises(UserError, match="a weight or buffer of the model is not finite at step 7"):
         training.check_finite_weights(accelerator, model, 7, str(tmp_path))
+    # finite parameters, NaN running statistics (Bi-tuning at lr 1e6 saved such a ResNet before)
+    norm = torch.nn.BatchNorm2d(3)
+    training.check_finite_weights(accelerator, norm, 7, str(tmp_path))
+    norm.running_var[1] = float("nan")
+    assert all(torch.isfinite(p).all() for p in norm.parameters())
+    with pytest.raises(UserError, match="not finite at step 7"):
+        training.check_finite_weights(accelerator, norm, 7, str(tmp_path))
 
 
 def test_a_nonfinite_model_is_never_pushed(tmp_path, monkeypatch):

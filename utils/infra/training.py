@@ -214,13 +214,16 @@ def check_finite_loss(accelerator, loss: torch.Tensor, step: int, output_dir: st
 
 
 def weights_are_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+    """Every floating-point parameter and buffer (BatchNorm's running statistics too) is finite."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def check_finite_weights(accelerator, model, step: int, output_dir: str):
-    """Refuse to checkpoint or save weights with a NaN or infinity (a finite loss can still take a huge step)."""
+    """Refuse to checkpoint or save weights or buffers with a NaN or infinity (a finite loss can still take a huge
+    step; a BatchNorm's running statistics can go NaN while every parameter stays finite)."""
     if not _all_processes_agree(accelerator, weights_are_finite(model)):
-        raise divergence_error("a weight of the model", step, output_dir)
+        raise divergence_error("a weight or buffer of the model", step, output_dir)
 
 
 def end_training(accelerator) -> None:
