@@ -69,7 +69,7 @@ def test_end_to_end_with_accelerate_launch(tiny_sd_dir, control_digits_dir, tmp_
     assert curve["threshold"] == 0.99 and curve["direction"] == "higher"
     assert Image.open(out / "convergence.png").size[0] > 300
     card = ModelCard.load(out / "README.md")  # written without --push_to_hub (diffusers #7080)
-    assert {"controlnet", "diff-tuning", "canny"} <= set(card.data.tags) and card.data.base_model == tiny_sd_dir
+    assert {"controlnet", "diff-tuning", "canny"} <= set(card.data.tags) and card.data.base_model is None
     assert "StableDiffusionControlNetPipeline" in card.text and "sudden convergence step" in card.text
     samples = Image.open(out / "samples.png")
     assert samples.size == (4 * 128, 2 * 128)  # 4 held-out controls above their samples, upscaled to be seen

@@ -101,5 +101,22 @@ def test_card_metadata_for_hub_dataset_and_base_license(tmp_path, tiny_pipeline_
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.datasets == ["someone/flowers"] and card.data.license == "cc-by-nc-4.0"
     assert set(card.data.tags) >= {"standard-fine-tuning", "bitfit", "diffusers-training"}
-    assert card.data.library_name == "diffusers" and card.data.base_model == str(base)
+    assert card.data.library_name == "diffusers" and card.data.base_model is None  # a local path is no Hub id
     assert "10 / 1,000 (1.00%)" in card.text and "`learning_rate` | `0.0001`" in card.text
+
+
+def test_base_model_metadata_is_a_hub_id_or_left_out(tmp_path):
+    from utils.infra.hub import hub_base_model
+
+    assert hub_base_model("facebook/DiT-XL-2-256") == "facebook/DiT-XL-2-256"
+    snapshot = tmp_path / "hub" / "models--stabilityai--sd-turbo" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert hub_base_model(str(snapshot)) == "stabilityai/sd-turbo"  # a downloaded snapshot keeps its id
+    assert hub_base_model(str(tmp_path)) is None  # any other local folder
+    assert hub_base_model("not a//valid id") is None
+    out = tmp_path / "card"
+    out.mkdir()
+    hub.save_model_card(str(out), title="t", base_model=str(snapshot), tags=["x"], description="d",
+                        hyperparameters={}, usage="u")
+    assert ModelCard.load(out / "README.md").data.base_model == "stabilityai/sd-turbo"
+

@@ -41,6 +41,26 @@ def check_hub_access(token: str | None) -> str:
         raise UserError(f"--push_to_hub: the Hub did not accept the token or could not be reached ({type(e).__name__})")
 
 
+def hub_base_model(name: str) -> str | None:
+    """`base_model` as the Hub accepts it in card metadata: a Hub id as given; a local snapshot of the Hub cache
+    (`.../models--org--name/snapshots/<revision>`) as `org/name`; any other local folder: None (left out: the Hub
+    refuses a local path at upload, after the whole training)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+        cached = [p for p in parts if p.startswith("models--")]
+        name = cached[-1][len("models--"):].replace("--", "/") if cached else None
+    if name is None:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def base_model_license(name: str) -> str | None:
     """The license in the base model's card (a local folder's README.md, or the Hub's when reachable)."""
     try:
@@ -73,7 +93,7 @@ def save_model_card(
     data = ModelCardData(
         library_name=library_name,
         pipeline_tag=pipeline_tag,
-        base_model=base_model,
+        base_model=hub_base_model(base_model),
         tags=sorted(set(tags) | ({"diffusers-training"} if library_name == "diffusers" else set())),
         datasets=datasets or None,
         license=license,
