@@ -134,7 +134,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("num_ranges",))
+    check_common_args(args, positive=("num_ranges",), finished=os.path.join("range_*", "README.md"))
     if args.range_index is not None and not 0 <= args.range_index < args.num_ranges:
         raise UserError(f"--range_index must be in 0..{args.num_ranges - 1} for --num_ranges {args.num_ranges}, "
                         f"got {args.range_index}")

@@ -531,8 +531,9 @@ def main(args):
     logger.info(f"{len(ds)} training rows, {len(rows)} held-out rows; memory bank: "
                 f"{len(bank) if bank is not None else 0} rows; per micro-batch {diff_tuning.n_bank} bank + "
                 f"{n_data} data rows; steps {global_step} -> {args.max_train_steps}")
-    if args.validation_steps and not any(p["step"] == global_step for p in tracker.points):
-        track(global_step)  # step 0: the curve starts from the untrained ControlNet
+    if (args.validation_steps and global_step % args.validation_steps == 0
+            and not any(p["step"] == global_step for p in tracker.points)):
+        track(global_step)  # step 0 (the untrained ControlNet), or a due evaluation a kill interrupted
     logs = {}
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)

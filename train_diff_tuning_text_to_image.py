@@ -320,7 +320,8 @@ def main(args):
 
     # ---- Which weights train.
     if args.tuning == "lora":
-        unet.to(dtype)  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
+        if dtype != torch.float32:  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
+            unet.to(dtype)
         add_lora_adapter(unet, args.rank, UNET_LORA_TARGETS)
         if args.train_text_encoder:
             add_lora_adapter(text_encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)

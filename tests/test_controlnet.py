@@ -145,6 +145,27 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, control_digits_dir, ba
             == json.loads((tmp_path / "resumed" / "convergence.json").read_text()))
 
 
+def test_a_resume_between_evaluations_adds_no_evaluation(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path,
+                                                         monkeypatch):
+    """Checkpoints at step 3, evaluations every 2: the resumed run's curve is the uninterrupted one's (0, 2, 4),
+    without an extra point at the resume step."""
+    common = ["--memory_bank", bank_dir, "--max_train_steps", "4", "--checkpointing_steps", "3"]
+    train(tiny_sd_dir, control_digits_dir, tmp_path / "full", *common)
+    real_save = training.save_checkpoint
+
+    def save_then_crash(*a, **kw):
+        raise KeyboardInterrupt(real_save(*a, **kw))
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    full = json.loads((tmp_path / "full" / "convergence.json").read_text())
+    assert [p["step"] for p in full["points"]] == [0, 2, 4]
+    assert full == json.loads((tmp_path / "resumed" / "convergence.json").read_text())
+
+
 def test_two_processes(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path):
     """Data parallel on two CPU processes: the validation is sharded over both and gathered, only rank 0 writes."""
     out = tmp_path / "out"

@@ -280,3 +280,21 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_a_corrupt_one(tiny_pipe
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
     with pytest.raises(UserError, match="cannot resume from .*checkpoint-2: it is corrupt or incomplete"):
         run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *common, "--max_train_steps", "4")
+
+
+def test_a_rerun_into_a_finished_output_is_refused_unless_asked(tiny_pipeline_dir, digits_dir, tmp_path):
+    """A second run into a finished output folder would restart at step 0 and replace the earlier results: one line,
+    unless --resume_from_checkpoint or --overwrite_output_dir says that is meant."""
+    out = tmp_path / "out"
+    run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *TINY_ARGS, "--method", "standard", "--max_train_steps",
+             "2", "--checkpointing_steps", "2")
+    card = (out / "README.md").read_text()
+    with pytest.raises(UserError, match="holds a finished run; pass --resume_from_checkpoint latest"):
+        run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *TINY_ARGS, "--method", "standard",
+                 "--max_train_steps", "2")
+    assert (out / "README.md").read_text() == card
+    run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *TINY_ARGS, "--method", "standard", "--max_train_steps",
+             "2", "--resume_from_checkpoint", "latest")
+    run_main(dit_script, tiny_pipeline_dir, digits_dir, out, *TINY_ARGS, "--method", "standard", "--max_train_steps",
+             "3", "--overwrite_output_dir")
+

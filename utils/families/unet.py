@@ -237,14 +237,18 @@ class PromptBankRows(torch.utils.data.Dataset):
     row's prompt (`input_ids`). Use with `collate_fn=as_batch`."""
 
     def __init__(self, bank, tokenize):
-        self.moments, self.texts, self.tokenize = ArrowBatches(bank, ["latent_moments"]), bank["text"], tokenize
+        self.moments = ArrowBatches(bank, ["latent_moments"])
+        texts = bank["text"]
+        prompts = sorted(set(texts))  # a bank has few distinct prompts: each is tokenized once
+        position = {p: i for i, p in enumerate(prompts)}
+        self.input_ids = tokenize(prompts)[torch.tensor([position[t] for t in texts])]
 
     def __len__(self):
         return len(self.moments)
 
     def __getitems__(self, indices):
         batch = self.moments.__getitems__(indices)
-        batch["input_ids"] = self.tokenize([self.texts[i] for i in indices])
+        batch["input_ids"] = self.input_ids[torch.as_tensor(indices)]
         return batch
 
 

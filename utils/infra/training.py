@@ -3,8 +3,10 @@ the Accelerator, the optimizer and lr schedule, EMA weights for sampling, and im
 
 import argparse
 import gc
+import glob
 import importlib.util
 import math
+import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -64,6 +66,9 @@ def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, val
                    help="Save resumable state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Train again from step 0 into an output folder that holds a finished run of this script "
+                        "(refused otherwise, so that a rerun never silently replaces earlier results).")
     g.add_argument("--validation_steps", type=int, default=validation_steps, help=validation_help)
     if sampling:
         g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
@@ -79,8 +84,14 @@ def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, val
     return g
 
 
-def check_common_args(args, positive=()):
-    """Flags of the shared groups (and `positive` others) that cannot work, caught before anything loads."""
+def check_common_args(args, positive=(), finished: str = "README.md"):
+    """Flags of the shared groups (and `positive` others) that cannot work, caught before anything loads; and a
+    rerun into a finished output (`finished`: a glob, relative to --output_dir, of what a finished run wrote last)
+    without --resume_from_checkpoint or --overwrite_output_dir."""
+    if (glob.glob(os.path.join(args.output_dir, finished)) and not args.resume_from_checkpoint
+            and not args.overwrite_output_dir):
+        raise UserError(f"--output_dir {args.output_dir} holds a finished run; pass --resume_from_checkpoint latest to "
+                        "continue it, --overwrite_output_dir to train it again from step 0, or choose a new folder")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_validation_images", "validation_inference_steps", *positive):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
