@@ -68,6 +68,7 @@ from utils.infra.training import (
     effective_learning_rate,
     end_training,
     log_step,
+    lr_schedule,
     make_accelerator,
     tracker_config,
 )
@@ -228,8 +229,7 @@ def make_lr_scheduler(optimizer, args, num_processes: int):
                         for i, step in enumerate(decay_steps(args)))
         rules += f"{args.lr_decay_factor ** len(decay_steps(args)):g}"
         return get_scheduler("piecewise_constant", optimizer=optimizer, step_rules=rules)
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                         num_training_steps=args.max_train_steps * num_processes)
+    return lr_schedule(optimizer, args, num_processes)
 
 
 def split_data(splits, args):

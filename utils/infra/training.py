@@ -39,6 +39,8 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers lr schedule.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -104,6 +106,8 @@ def check_common_args(args, positive=(), finished: str = "README.md"):
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.lr_num_cycles < 1:
+        raise UserError(f"--lr_num_cycles must be >= 1, got {args.lr_num_cycles}")
     package = TRACKER_PACKAGES.get(args.report_to)
     if package and importlib.util.find_spec(package) is None:
         raise UserError(f"--report_to {args.report_to} needs the {package} package (pip install {package}); "
@@ -156,10 +160,15 @@ def make_optimizer(params, args, accelerator, lr: float, optimizer_class=None):
     (scheduler steps count every process, as accelerate does)."""
     optimizer = (optimizer_class or torch.optim.AdamW)(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-    return optimizer, lr_scheduler
+    return optimizer, lr_schedule(optimizer, args, accelerator.num_processes)
+
+
+def lr_schedule(optimizer, args, num_processes: int):
+    """diffusers' schedule `--lr_scheduler` over max_train_steps, with --lr_warmup_steps, --lr_num_cycles and
+    --lr_power (a prepared scheduler steps once per process per optimizer step: counts scale with the processes)."""
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
+                         power=args.lr_power)
 
 
 def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float | None, *, step: int,
