@@ -60,6 +60,7 @@ from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
 from utils.infra.training import (
     LR_SCHEDULERS,
+    add_lr_shape_args,
     add_output_args,
     apply_gradients,
     check_common_args,
@@ -156,6 +157,7 @@ def parse_args(argv=None):
     g.add_argument("--lr_scheduler", default="step", choices=["step", *LR_SCHEDULERS],
                    help="step: multiply the lr by --lr_decay_factor at each of --lr_decay_steps (the reference); "
                         "or a diffusers schedule.")
+    add_lr_shape_args(g)
     g.add_argument("--lr_decay_steps", type=int, nargs="+", default=None,
                    help="Steps of the 'step' schedule (default: 60%% of the run, the reference's 6,000 of 10,000).")
     g.add_argument("--lr_decay_factor", type=float, default=0.1, help="Factor of each decay of the 'step' schedule.")

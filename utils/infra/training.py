@@ -39,8 +39,7 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers lr schedule.")
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    add_lr_shape_args(g)
     g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -57,6 +56,12 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
     return g
+
+
+def add_lr_shape_args(g) -> None:
+    """diffusers' --lr_num_cycles and --lr_power, for the schedules that take them."""
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
 
 
 def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int,
