@@ -49,6 +49,7 @@ from utils.infra.data import (
     ResumableLoader,
     check_images,
     class_names,
+    find_column,
     load_image_splits,
     per_class_subset,
     pick_split,
@@ -238,6 +239,12 @@ def split_data(splits, args):
     """(train rows, held-out rows, image column, label column, class names, subset record for train_subset.json)."""
     train = pick_split(splits, args.train_split, args.dataset)
     image_column = require_column(train, args.image_column, datasets.Image, "image", "--image_column")
+    if args.label_column is None and find_column(train, None, datasets.ClassLabel, "label") is None:
+        folders = [d for d in os.listdir(args.dataset) if os.path.isdir(os.path.join(args.dataset, d))] \
+            if os.path.isdir(args.dataset) else []
+        if len(folders) == 1:  # datasets reads one class sub-folder as no labels at all
+            raise DatasetError(f"dataset {args.dataset} holds one class sub-folder ({folders[0]}); a classifier needs "
+                               "at least 2 classes: add a sub-folder of images per class")
     label_column = require_column(train, args.label_column, datasets.ClassLabel, "label", "--label_column")
     names = class_names(train, label_column)
     if len(names) < 2:

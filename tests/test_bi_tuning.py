@@ -462,6 +462,12 @@ def _bad(case, classifier_dirs, digits_dir, odd_data, tmp_path):
         data = str(odd_data / "one_class")
     elif case == "validation_labels":
         data = str(odd_data / "bad_validation")
+    elif case == "one_class_folder":
+        data = tmp_path / "one_folder"
+        (data / "cats").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (50 * i, 0, 0)).save(data / "cats" / f"{i}.png")
+        data = str(data)
     elif case == "empty_class_after_subset":
         extra = ["--train_fraction", "0.02"]
     elif case == "not_a_classifier":
@@ -486,6 +492,7 @@ BAD = [
     ("missing_column", "has no label column 'nope'"),
     ("float_labels", "must hold non-negative integers or be a ClassLabel"),
     ("one_class", "has 1 class; a classifier needs at least 2"),
+    ("one_class_folder", r"holds one class sub-folder \(cats\); a classifier needs at least 2 classes"),
     ("validation_labels", r"split 'validation' holds labels \[7\] that are not class ids 0..1"),
     ("empty_class_after_subset", r"class\(es\) have no training image .* after --train_fraction"),
     ("not_a_classifier", "is a 'bert' model, which transformers has no image-classification class for"),
