@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.families.annotators import add_annotator_args, annotator_of
-from utils.families.base import detect_family
+from utils.families.base import check_variant, detect_family, looks_local
 from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
 from utils.families.latents import vae_scale_factor
 from utils.infra import hub
@@ -227,10 +227,16 @@ def check_pipeline(args) -> tuple[int, dict]:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a ControlNet from {args.controlnet_model_name_or_path!r}: "
                             f"{str(e).strip().splitlines()[0]}") from e
+        if control_config.get("_class_name") != "ControlNetModel":
+            raise UserError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} holds a "
+                            f"{control_config.get('_class_name')}, not a ControlNetModel")
         for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
             if list(np.atleast_1d(control_config.get(key))) != list(np.atleast_1d(unet_config.get(key))):
                 raise UserError(f"--controlnet_model_name_or_path does not match the UNet: {key} "
                                 f"{control_config.get(key)} vs {unet_config.get(key)}")
+    if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
+        raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
+    check_variant(name, args.variant)
     return factor, unet_config
 
 

@@ -336,6 +336,11 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("mse_threshold_range", r"--convergence_threshold -0.1 is outside the range of mse"),
     ("stop_without_validation", "--stop_at_convergence needs the tracker"),
     ("unknown_condition", "invalid choice: 'hed'"),
+    ("controlnet_is_a_unet", "holds a UNet2DConditionModel, not a ControlNetModel"),
+    ("missing_tokenizer", "--tokenizer_name .*nowhere does not exist"),
+    ("missing_variant", "has no weight files of --variant fp16"),
+    ("seed", "--seed must be >= 0"),
+    ("workers", "--dataloader_num_workers must be >= 0"),
 ])
 def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, tiny_ddpm_dir, control_digits_dir,
                                                  tmp_path, monkeypatch, capsys):
@@ -384,6 +389,16 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         extra = ["--controlnet_model_name_or_path", str(tmp_path / "cn")]
     elif case == "resolution":
         extra = ["--resolution", "15"]
+    elif case == "controlnet_is_a_unet":
+        extra = ["--controlnet_model_name_or_path", os.path.join(tiny_sd_dir, "unet")]
+    elif case == "missing_tokenizer":
+        extra = ["--tokenizer_name", str(tmp_path / "nowhere")]
+    elif case == "missing_variant":
+        extra = ["--variant", "fp16"]
+    elif case == "seed":
+        extra = ["--seed", "-1"]
+    elif case == "workers":
+        extra = ["--dataloader_num_workers", "-1"]
     elif case == "sample_prediction":
         model = str(shutil.copytree(tiny_sd_dir, tmp_path / "sd"))
         path = tmp_path / "sd" / "scheduler" / "scheduler_config.json"
@@ -462,3 +477,10 @@ def test_stop_at_convergence_and_extra_validation_grids(tiny_sd_dir, control_dig
     assert curve["converged_at"] == 0 and [p["step"] for p in curve["points"]] == [0, 2]
     assert Image.open(tmp_path / "validation_prompts.png").size == (2 * 128, 2 * 128)  # control above 2 samples
     assert "sudden convergence step | 0 (first of 1 evaluation(s) past -1)" in (tmp_path / "README.md").read_text()
+
+
+def test_a_custom_annotator_returning_an_array_is_one_clear_line(tmp_path):
+    (tmp_path / "arr_annotator.py").write_text("import numpy as np\ndef edges(image):\n    return np.asarray(image)\n")
+    annotator = make_annotator("custom", annotator=f"{tmp_path / 'arr_annotator.py'}:edges")
+    with pytest.raises(UserError, match="returned a ndarray, not a PIL image"):
+        annotator(Image.new("RGB", (8, 8)))

@@ -199,7 +199,11 @@ class Custom(Annotator):
         self.fn = load_callable(spec)
 
     def __call__(self, image):
-        return self.fn(image).convert("RGB")
+        control = self.fn(image)
+        if not isinstance(control, Image.Image):
+            raise UserError(f"--annotator {self.spec} returned a {type(control).__name__}, not a PIL image "
+                            "(return Image.fromarray(array) for an array)")
+        return control.convert("RGB")
 
     def measure(self, image):
         return control_map(self(image), "custom")

@@ -6,6 +6,7 @@ noise a step uses; a family only says how its model is fed. Adding a model famil
 Reading the pipeline folder (`pipeline_index`, `detect_family`) needs its `model_index.json` alone, so a wrong model
 is refused before any weights load."""
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +115,18 @@ def detect_family(name: str, accepted: list[type[Family]], purpose: str, revisio
             return family
     wanted = " or ".join(f.description for f in accepted)
     raise UserError(f"{name} is {describe(index)}; {purpose} takes {wanted}")
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a Hub id ("name" or "owner/name")."""
+    return name.startswith((".", "/", "~")) or name.rstrip("/").count("/") > 1
+
+
+def check_variant(name: str, variant: str | None) -> None:
+    """A local pipeline folder must hold weight files of `--variant` (e.g. `*.fp16.safetensors`) before loading
+    tries; a Hub id is checked by the download."""
+    import glob
+
+    if variant and os.path.isdir(name) and not glob.glob(os.path.join(name, "*", f"*.{variant}.*")):
+        raise UserError(f"{name} has no weight files of --variant {variant} (*.{variant}.safetensors); leave "
+                        "--variant out to load its plain weights")

@@ -111,6 +111,10 @@ def check_common_args(args, positive=(), finished: str = "README.md"):
         raise UserError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if getattr(args, "dataloader_num_workers", 0) < 0:
+        raise UserError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     if args.lr_num_cycles < 1:
         raise UserError(f"--lr_num_cycles must be >= 1, got {args.lr_num_cycles}")
     package = TRACKER_PACKAGES.get(args.report_to)
