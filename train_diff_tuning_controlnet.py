@@ -540,6 +540,10 @@ def main(args):
     if (args.validation_steps and global_step % args.validation_steps == 0
             and not any(p["step"] == global_step for p in tracker.points)):
         track(global_step)  # step 0 (the untrained ControlNet), or a due evaluation a kill interrupted
+        if global_step == 0 and tracker.passed_before_training and accelerator.is_main_process:
+            logger.warning(f"the untrained ControlNet already scores {tracker.points[0]['score']:.4f}, past "
+                           f"--convergence_threshold {threshold:g}: the convergence step will say nothing; choose a "
+                           "threshold the untrained model does not reach (recorded in convergence.json)")
     logs = {}
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)

@@ -300,6 +300,12 @@ def test_tracker_first_crossing_patience_direction_and_resume(tmp_path):
     assert [p["step"] for p in again.points] == [0, 100, 200, 300] and again.converged_at is None
     with pytest.raises(ValueError):
         up.add(600, float("nan"))
+    assert not up.passed_before_training and not json.loads((tmp_path / "c.json").read_text())[
+        "threshold_passed_before_training"]
+    early = ConvergenceTracker("canny", 0.1, path=str(tmp_path / "early.json"))
+    early.add(0, 0.2)  # the untrained model is already past the threshold: recorded, so nobody reads "converged at 0"
+    assert early.converged_at == 0 and early.passed_before_training
+    assert json.loads((tmp_path / "early.json").read_text())["threshold_passed_before_training"] is True
 
 
 # ---- Bad input: one line, before any weights load.

@@ -122,10 +122,16 @@ class ConvergenceTracker:
         if self.path:
             write_json_atomically(self.path, self.state())
 
+    @property
+    def passed_before_training(self) -> bool:
+        """The score at step 0 is already past the threshold: "converged at 0" would say nothing about training."""
+        return bool(self.points) and self.points[0]["step"] == 0 and self.passes(self.points[0]["score"])
+
     def state(self) -> dict:
         return {"condition": self.condition, "metric": self.metric,
                 "direction": "higher" if self.higher_is_better else "lower", "threshold": self.threshold,
-                "patience": self.patience, "converged_at": self.converged_at, "points": self.points}
+                "patience": self.patience, "converged_at": self.converged_at,
+                "threshold_passed_before_training": self.passed_before_training, "points": self.points}
 
     def resume(self, step: int) -> None:
         """Keep the points of a previous run up to `step` (the checkpoint resumed from)."""
