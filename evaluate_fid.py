@@ -24,9 +24,10 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
 from utils.families.dit import DiT
 from utils.families.unet import DDPMUNet
-from utils.infra.data import load_image_dataset, require_column
+from utils.infra.data import check_images, load_image_dataset, require_column
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_file, write_json_atomically
+from utils.infra.training import weights_are_finite
 from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections
 from utils.methods.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
 from utils.metrics.fid import load_feature_extractor, make_metric, reference_statistics
@@ -215,7 +216,11 @@ def main(args):
     extractor = load_feature_extractor(args.feature_extractor)  # fails before any sampling
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
+    n_ref = len(ds) if args.max_reference_images is None else min(len(ds), args.max_reference_images)
+    check_images(ds.select(range(n_ref)), image_column)  # a truncated reference image: one line, before sampling
     family, model, parts = load_denoiser(args.model, args.scheduler_model)
+    if not weights_are_finite(model):
+        raise UserError(f"{args.model} has NaN or infinite weights (a diverged run?); nothing was sampled")
     handoff = condition = None
     if args.handoff_model:
         handoff_family, handoff, handoff_parts = load_denoiser(args.handoff_model, args.scheduler_model)

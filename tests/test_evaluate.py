@@ -182,3 +182,33 @@ def test_an_ensemble_without_a_scheduler_model_is_an_error(tiny_ddpm_dir, tmp_pa
     (tmp_path / "ens" / ENSEMBLE_CONFIG).write_text('{"models": []}')
     with pytest.raises(UserError, match="--scheduler_model"):
         script.load_denoiser(str(tmp_path / "ens"))
+
+
+@pytest.mark.parametrize("case", ["truncated_reference", "nan_model"])
+def test_a_truncated_reference_or_a_nan_model_is_refused_before_sampling(case, two_dits, digits_dir, tmp_path,
+                                                                        monkeypatch):
+    import shutil
+
+    from diffusers import DiTPipeline
+
+    model, data = two_dits[0], digits_dir
+    if case == "truncated_reference":
+        data = shutil.copytree(digits_dir, tmp_path / "digits")
+        victim = sorted((data / "one").iterdir())[0]
+        victim.write_bytes(victim.read_bytes()[:40])
+        data, message = str(data), "corrupt or unreadable image .*one"
+    else:
+        pipe = DiTPipeline.from_pretrained(two_dits[0])
+        with torch.no_grad():
+            next(pipe.transformer.parameters()).view(-1)[0] = float("nan")
+        pipe.save_pretrained(tmp_path / "nan")
+        model, message = str(tmp_path / "nan"), "has NaN or infinite weights"
+
+    def no_sampling(*a, **kw):
+        raise AssertionError("sampled before the input was checked")
+
+    monkeypatch.setattr(script, "generate", no_sampling)
+    last = cli_error(script, ["--model", model, "--dataset", data, "--feature_extractor", TEST_EXTRACTOR,
+                              "--output_file", str(tmp_path / "r.json"), "--num_samples", "4"])
+    assert re.search(message, last), last
+    assert not os.path.exists(tmp_path / "r.json")
