@@ -204,19 +204,37 @@ class ArrowBatches(torch.utils.data.Dataset):
     datasets' own row access re-reads the Array3D extension types' metadata (JSON) for every chunk on every fetch,
     which cost about 5 ms per batch of a small model's latents, more than its training step's forward pass; so the
     columns are viewed once, zero-copy, as their plain Arrow storage (the dataset's memory map is kept), and a batch
-    is one `take`."""
+    is one `take`. That reads datasets' internals (`data.table`, `_indices`): at start a few rows are fetched both
+    ways and compared, and on any difference or error the public API serves every batch instead."""
 
     def __init__(self, ds: datasets.Dataset, columns: list[str]):
-        table = ds.data.table  # the (memory-mapped) Arrow table; `_indices` maps rows after select/shuffle
-        self.table = pa.table({c: _storage(table.column(c)) for c in columns})
-        self.rows = ds._indices.column(0).to_numpy() if ds._indices is not None else None
         self.shapes = {c: tuple(getattr(ds.features[c], "shape", ())) for c in columns}
         self.length = len(ds)
+        self.public = ds.select_columns(columns).with_format("numpy")  # the fallback: datasets' public API
+        self.table = None
+        try:  # `data.table` and `_indices` are datasets internals: used only while they behave as assumed
+            table = ds.data.table  # the (memory-mapped) Arrow table; `_indices` maps rows after select/shuffle
+            self.table = pa.table({c: _storage(table.column(c)) for c in columns})
+            self.rows = ds._indices.column(0).to_numpy() if ds._indices is not None else None
+            probe = sorted({0, self.length // 2, self.length - 1})
+            fast, public = self._fetch(probe), self._fetch_public(probe)
+            if any(not np.array_equal(fast[c].numpy(), public[c].numpy()) for c in columns):
+                raise ValueError("the Arrow storage does not give the rows datasets gives")
+        except Exception:  # datasets changed: slower, still right
+            self.table = None
 
     def __len__(self):
         return self.length
 
     def __getitems__(self, indices):
+        return self._fetch(indices) if self.table is not None else self._fetch_public(indices)
+
+    def _fetch_public(self, indices):
+        batch = self.public[list(indices)]
+        return {name: torch.from_numpy(np.asarray(batch[name]).reshape(len(indices), *shape).copy())
+                for name, shape in self.shapes.items()}
+
+    def _fetch(self, indices):
         indices = np.asarray(indices, dtype=np.int64)
         table = self.table.take(pa.array(self.rows[indices] if self.rows is not None else indices))
         batch = {}
