@@ -43,11 +43,12 @@ from utils.families.base import check_variant, detect_family, looks_local
 from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
 from utils.families.latents import vae_scale_factor
 from utils.infra import hub
-from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     ArrowBatches,
     DatasetError,
     ResumableLoader,
+    check_captions,
     check_images,
     load_image_dataset,
     resize_center_crop,
@@ -264,6 +265,7 @@ def load_rows(args, name, split, config_name=None):
             or getattr(getattr(captions, "feature", None), "dtype", None) == "string"):
         raise DatasetError(f"caption column {args.caption_column!r} of {name} holds {captions}, not strings or lists "
                            "of strings")
+    check_captions(ds, args.caption_column, name)
     return ds
 
 
@@ -439,6 +441,7 @@ def main(args):
     bank_record = {"family": ControlNetOnSD.name, "base_model": args.pretrained_model_name_or_path,
                    "resolution": args.resolution, "annotator": annotator.settings, "prompt": args.memory_bank_prompt}
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
+    check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
     if args.annotate_dataset:

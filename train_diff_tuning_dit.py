@@ -39,7 +39,7 @@ from utils.families.tuning import (
     stock_model,
 )
 from utils.infra import hub
-from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     ArrowBatches,
     ResumableLoader,
@@ -198,6 +198,7 @@ def main(args):
     bank_record = {"family": DiT.name, "base_model": args.pretrained_model_name_or_path,
                    "latent_shape": list(latent_shape(config))}
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
+    check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",

@@ -46,11 +46,12 @@ from utils.families.tuning import (
 )
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra import hub
-from utils.infra.checkpointing import resume, run_identity, step_generator
+from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     DatasetError,
     ResumableLoader,
     as_batch,
+    check_captions,
     check_images,
     load_image_dataset,
     require_column,
@@ -223,11 +224,7 @@ def load_captioned(args):
         raise DatasetError(f"dataset {args.dataset} has no captions (no column {column or 'text/caption'!r}; its "
                            f"columns: {', '.join(ds.column_names)}): pass --caption_column, or --instance_prompt "
                            "for one prompt for every image")
-    captions = ds[column]
-    for i, c in enumerate(captions):
-        first = c[0] if isinstance(c, list) and c else c
-        if not isinstance(first, str):
-            raise DatasetError(f"row {i} of {args.dataset} has no caption in {column!r} ({c!r})")
+    check_captions(ds, column, args.dataset)
     return ds, column
 
 
@@ -290,6 +287,7 @@ def main(args):
     bank_record = {"family": StableDiffusionUNet.name, "base_model": name, "resolution": args.resolution,
                    "prompts": prompts}
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, bank_size)
+    check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, args.image_column, lambda it, total: tqdm(it, total=total, desc="checking images",

@@ -343,6 +343,8 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("stop_without_validation", "--stop_at_convergence needs the tracker"),
     ("unknown_condition", "invalid choice: 'hed'"),
     ("controlnet_is_a_unet", "holds a UNet2DConditionModel, not a ControlNetModel"),
+    ("null_caption", "row 3 of .* has no caption in 'text'"),
+    ("resume_other_model", "checkpoint .*checkpoint-2 was made with --pretrained_model_name_or_path"),
     ("missing_tokenizer", "--tokenizer_name .*nowhere does not exist"),
     ("missing_variant", "has no weight files of --variant fp16"),
     ("seed", "--seed must be >= 0"),
@@ -395,6 +397,14 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         extra = ["--controlnet_model_name_or_path", str(tmp_path / "cn")]
     elif case == "resolution":
         extra = ["--resolution", "15"]
+    elif case == "null_caption":
+        data = write_folder(tmp_path / "d", [{"text": "x"}] * 3 + [{"text": None}] + [{"text": "y"}] * 20)
+    elif case == "resume_other_model":
+        os.makedirs(tmp_path / "out" / "checkpoint-2")
+        (tmp_path / "out" / ".created_by.json").write_text(json.dumps({"script": "train_diff_tuning_controlnet.py"}))
+        (tmp_path / "out" / "checkpoint-2" / "training_run.json").write_text(json.dumps(
+            {"pretrained_model_name_or_path": "another/model", "method": "diff_tuning"}))
+        extra = ["--resume_from_checkpoint", "latest"]
     elif case == "controlnet_is_a_unet":
         extra = ["--controlnet_model_name_or_path", os.path.join(tiny_sd_dir, "unet")]
     elif case == "missing_tokenizer":
@@ -437,7 +447,8 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
     else:
         with pytest.raises(UserError, match=message):
             run_script(script, argv)
-    assert not out.exists() or not {"memory_bank", "config.json", "checkpoint-2"} & set(os.listdir(out))
+    left = {"memory_bank", "config.json"} | ({"checkpoint-2"} if case != "resume_other_model" else set())
+    assert not out.exists() or not left & set(os.listdir(out))
 
 
 def test_a_bad_input_ends_with_one_error_line_and_no_traceback(tiny_sd_dir, control_digits_dir, tmp_path):

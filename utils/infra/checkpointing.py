@@ -91,6 +91,14 @@ def check_identity(path: str, identity: dict | None, log) -> None:
                             "resume with the same flags and data, or use a new --output_dir")
 
 
+def check_resume(output_dir: str, resume_from_checkpoint: str | None, identity: dict, log) -> None:
+    """Before anything expensive (a memory bank, weights): the checkpoint a resume would load exists and belongs
+    to this run (`check_identity`)."""
+    path = resolve_resume(output_dir, resume_from_checkpoint)
+    if path is not None:
+        check_identity(path, identity, log)
+
+
 def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None, log, ema=None,
            identity: dict | None = None) -> int:
     """Load the checkpoint `--resume_from_checkpoint` names (`latest`: the newest in output_dir, if any) and return

@@ -90,6 +90,14 @@ def require_column(ds: datasets.Dataset, wanted, feature_type, what: str, flag: 
     return column
 
 
+def check_captions(ds: datasets.Dataset, column: str, name: str) -> None:
+    """Every row has a caption: a string, or a list whose first entry is one (a null would fail mid-training)."""
+    for i, caption in enumerate(ds[column]):
+        first = caption[0] if isinstance(caption, list) and caption else caption
+        if not isinstance(first, str):
+            raise DatasetError(f"row {i} of {name} has no caption in {column!r} ({caption!r})")
+
+
 def class_names(ds: datasets.Dataset, label_column: str) -> list[str]:
     """Names of the classes, index = label id. A ClassLabel gives its names; other ints are named by their value."""
     feature = ds.features[label_column]
