@@ -180,8 +180,9 @@ def check_args(args):
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise UserError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
-    annotator_of(args)  # unknown condition, a missing --annotator_model, an --annotator that does not import
+    annotator = annotator_of(args)  # unknown condition, a missing --annotator_model, an --annotator not importable
     check_threshold(args.condition, args.convergence_threshold)
+    annotator.check_model()  # an --annotator_model that does not exist or is of another task
     if args.stop_at_convergence and not args.validation_steps:
         raise UserError("--stop_at_convergence needs the tracker: set --validation_steps above 0")
     if args.use_8bit_adam:

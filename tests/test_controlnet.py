@@ -344,6 +344,8 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("unknown_condition", "invalid choice: 'hed'"),
     ("controlnet_is_a_unet", "holds a UNet2DConditionModel, not a ControlNetModel"),
     ("null_caption", "row 3 of .* has no caption in 'text'"),
+    ("annotator_model_missing", "--annotator_model .*no_model' cannot be loaded"),
+    ("annotator_model_of_another_task", "is a SegformerForSemanticSegmentation, not a depth-estimation model"),
     ("resume_other_model", "checkpoint .*checkpoint-2 was made with --pretrained_model_name_or_path"),
     ("missing_tokenizer", "--tokenizer_name .*nowhere does not exist"),
     ("missing_variant", "has no weight files of --variant fp16"),
@@ -351,7 +353,7 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("workers", "--dataloader_num_workers must be >= 0"),
 ])
 def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, tiny_ddpm_dir, control_digits_dir,
-                                                 tmp_path, monkeypatch, capsys):
+                                                 tiny_annotator_models, tmp_path, monkeypatch, capsys):
     model, data, extra = tiny_sd_dir, control_digits_dir, []
     if case == "missing_dataset":
         data = str(tmp_path / "no" / "such")
@@ -397,6 +399,10 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         extra = ["--controlnet_model_name_or_path", str(tmp_path / "cn")]
     elif case == "resolution":
         extra = ["--resolution", "15"]
+    elif case == "annotator_model_missing":
+        extra = ["--condition", "depth", "--annotator_model", str(tmp_path / "no_model")]
+    elif case == "annotator_model_of_another_task":
+        extra = ["--condition", "depth", "--annotator_model", tiny_annotator_models[1]]
     elif case == "null_caption":
         data = write_folder(tmp_path / "d", [{"text": "x"}] * 3 + [{"text": None}] + [{"text": "y"}] * 20)
     elif case == "resume_other_model":

@@ -70,6 +70,9 @@ class Annotator:
     def settings(self) -> dict:
         return {"condition": self.condition}
 
+    def check_model(self) -> None:
+        """Whatever can be checked without loading weights (a model-based annotator: its config)."""
+
 
 class Canny(Annotator):
     condition = "canny"
@@ -110,7 +113,7 @@ class XDoGSketch(Annotator):
 
 
 class _TransformersAnnotator(Annotator):
-    task = ""
+    task = architecture = ""  # the pipeline task, and what the model's architecture name must contain
 
     def __init__(self, model: str, device=None):
         self.model = model
@@ -132,9 +135,23 @@ class _TransformersAnnotator(Annotator):
     def settings(self):
         return {"condition": self.condition, "annotator_model": self.model}
 
+    def check_model(self) -> None:
+        """From the model's config alone (no weights): it exists and is a model of this task."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.model)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--annotator_model {self.model!r} cannot be loaded: "
+                            f"{str(e).strip().splitlines()[0]}") from e
+        names = config.architectures or [config.model_type]
+        if not any(self.architecture in name for name in names):
+            raise UserError(f"--annotator_model {self.model} is a {', '.join(names)}, not a {self.task} model "
+                            f"(its architecture should end in ...For{self.architecture})")
+
 
 class Depth(_TransformersAnnotator):
-    condition, task = "depth", "depth-estimation"
+    condition, task, architecture = "depth", "depth-estimation", "DepthEstimation"
 
     def measure(self, image):
         import torch
@@ -177,7 +194,7 @@ class Normal(Depth):
 
 
 class Segmentation(_TransformersAnnotator):
-    condition, task = "segmentation", "image-segmentation"
+    condition, task, architecture = "segmentation", "image-segmentation", "SemanticSegmentation"
 
     def measure(self, image):
         """Class ids per pixel (0 where no class; ids are the model's label ids + 1)."""
