@@ -12,12 +12,11 @@ held close to the pre-trained model by ||eps_theta(x_t, t) - eps_theta_i(x_t, t)
 
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 
 from ..infra.outputs import write_json_atomically
-from .losses import epsilon_mse, min_snr_weights
+from .losses import DenoisingBatch, epsilon_mse, min_snr_weights
 
 GLOBAL_SAMPLE_MODES = ("sample", "batch")
 MANIFEST = "deme_manifest.json"  # in the output folder: the ranges and their folders
@@ -71,16 +70,6 @@ class RangeTimestepSampler:
         return torch.cat([drawn, lo + hi - 1 - drawn])[:n]
 
 
-@dataclass
-class DeMeBatch:
-    x0: torch.Tensor
-    cond: dict
-    timesteps: torch.Tensor
-    noise: torch.Tensor
-    noisy: torch.Tensor
-    target: torch.Tensor
-
-
 class DeMeLoss:
     """The loss of one range's copy, EDM-style: `loss, parts = deme_loss(family, net, frozen, rows, generator)`.
     `frozen` is the pre-trained model (in the mixed-precision dtype) that gives the consistency targets."""
@@ -91,7 +80,7 @@ class DeMeLoss:
         self.dtype = dtype  # of the frozen model
 
     @torch.no_grad()
-    def batch(self, family, rows: dict, generator) -> DeMeBatch:
+    def batch(self, family, rows: dict, generator) -> DenoisingBatch:
         """x_0 (flipped with --random_flip), t from the range sampler, the noise and the target."""
         data = family.rows(rows, generator)
         x0 = family.x0(data.x, generator)
@@ -99,7 +88,7 @@ class DeMeLoss:
         timesteps = self.sampler.sample(len(x0), generator, family.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         noisy = family.scheduler.add_noise(x0, noise, timesteps)
-        return DeMeBatch(x0, cond, timesteps, noise, noisy, family.target(x0, noise, timesteps))
+        return DenoisingBatch(x0, cond, timesteps, noise, noisy, family.target(x0, noise, timesteps))
 
     def __call__(self, family, net, frozen, rows: dict, generator) -> tuple[torch.Tensor, dict]:
         b = self.batch(family, rows, generator)

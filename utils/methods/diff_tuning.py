@@ -22,12 +22,12 @@ are in `utils.methods.timesteps`, the bank's storage in `utils.methods.memory_ba
 
 import argparse
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ..infra.errors import UserError
 from . import memory_bank
+from .losses import DenoisingBatch
 from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler, adaptation_weights, retention_weights
 
 METHODS = ("diff_tuning", "standard")
@@ -124,19 +124,6 @@ class DiffTuningTimesteps:
         return torch.cat([self.retain.sample(n_bank, generator, device), data])
 
 
-@dataclass
-class DiffTuningBatch:
-    """A composed micro-batch: bank rows first (`n_bank` of them), then downstream rows."""
-
-    x0: torch.Tensor
-    cond: dict
-    timesteps: torch.Tensor
-    noise: torch.Tensor
-    noisy: torch.Tensor
-    target: torch.Tensor
-    n_bank: int
-
-
 class DiffTuning:
     """The method for every model family. `family` (utils.families) says how rows feed its model; this object
     decides which rows, timesteps and noise a step uses and how their losses combine."""
@@ -208,7 +195,7 @@ class DiffTuning:
 
     # ---- one micro-batch
     @torch.no_grad()
-    def batch(self, family, data: dict, bank: dict | None, generator) -> DiffTuningBatch:
+    def batch(self, family, data: dict, bank: dict | None, generator) -> DenoisingBatch:
         """Bank rows first (retention condition, t ~ xi), then downstream rows (condition dropped with probability
         `condition_dropout`, t ~ psi); x_0, the noise, the noisy input and the target. Every random choice comes
         from `generator` in a fixed order, so a resumed run draws exactly what an uninterrupted one would."""
@@ -222,7 +209,7 @@ class DiffTuning:
         x0 = family.x0(rows.x, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
-        return DiffTuningBatch(x0, family.encode(rows.cond), timesteps, noise, noisy,
+        return DenoisingBatch(x0, family.encode(rows.cond), timesteps, noise, noisy,
                                family.target(x0, noise, timesteps), n_bank)
 
     def __call__(self, family, net, data: dict, bank: dict | None, generator) -> tuple[torch.Tensor, dict]:

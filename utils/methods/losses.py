@@ -1,8 +1,24 @@
 """Per-sample diffusion losses. Each returns one value per sample so callers can split and weight a batch."""
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class DenoisingBatch:
+    """One composed micro-batch, as a method (Diff-Tuning, DeMe) builds it and a model family's `loss` reads it:
+    x_0, the conditioning, timesteps, noise, the noisy input and the target; the first `n_bank` rows are memory-bank
+    rows (Diff-Tuning)."""
+
+    x0: torch.Tensor
+    cond: dict
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    target: torch.Tensor
+    n_bank: int = 0
 
 
 def epsilon_mse(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
