@@ -29,7 +29,7 @@ from utils.families.dit import DiT, DiTBankSampler, latent_shape
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra.errors import UserError
 from utils.infra.training import precision_dtype
-from utils.methods.memory_bank import build_memory_bank, check_memory_bank
+from utils.methods.memory_bank import bank_prompts_from_file, build_memory_bank, check_memory_bank
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # the paper's ControlNet bank prompt
 
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     g.add_argument("--resolution", type=int, default=512, help="Sample size in pixels (the training resolution).")
     g.add_argument("--no_controls", action="store_true",
                    help="A text-to-image bank: no control annotated (the default annotates with --condition).")
+    g.add_argument("--prompts_file", default=None,
+                   help="A text-to-image bank (implies --no_controls): prompts, one a line, sample i from prompt "
+                        "i mod P (train_diff_tuning_text_to_image.py --memory_bank_prompts takes the same file).")
     add_annotator_args(p)
     args = p.parse_args(argv)
     for name in ("size", "num_inference_steps", "resolution"):
@@ -78,11 +81,12 @@ def bank_plan(args):
         return family, record, lambda pipe: DiTBankSampler(pipe, 1.5 if args.guidance_scale is None
                                                            else args.guidance_scale, args.num_inference_steps)
     guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
-    if args.no_controls:
+    if args.no_controls or args.prompts_file:
+        prompts = bank_prompts_from_file(args.prompts_file) if args.prompts_file else [args.prompt]
         record = {"family": StableDiffusionUNet.name, "base_model": name, "resolution": args.resolution,
-                  "prompts": [args.prompt]}
-        return family, record, lambda pipe: PromptBankSampler(pipe, [args.prompt], guidance,
-                                                              args.num_inference_steps, args.resolution)
+                  "prompts": prompts}
+        return family, record, lambda pipe: PromptBankSampler(pipe, prompts, guidance, args.num_inference_steps,
+                                                              args.resolution)
     annotator = annotator_of(args)  # unknown condition, a missing --annotator_model: refused now
     record = {"family": ControlBankSampler.family, "base_model": name, "resolution": args.resolution,
               "annotator": annotator.settings, "prompt": args.prompt}

@@ -85,6 +85,7 @@ from utils.methods.diff_tuning import (
     add_diff_tuning_args,
     check_diff_tuning_args,
 )
+from utils.methods.memory_bank import bank_prompts_from_file
 from utils.metrics.forgetting import FORGETTING_FILE, ForgettingProbe
 
 logger = get_logger(__name__)
@@ -199,16 +200,6 @@ def check_args(args):
         bank_prompts_from_file(args.memory_bank_prompts)
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
                                                ("--dataset", args.dataset), ("--memory_bank", args.memory_bank)])
-
-
-def bank_prompts_from_file(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise UserError(f"--memory_bank_prompts {path} is not a file")
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise UserError(f"--memory_bank_prompts {path} holds no prompt (one a line)")
-    return prompts
 
 
 def load_captioned(args):

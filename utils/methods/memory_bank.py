@@ -50,6 +50,17 @@ def check_bank_dir(bank_dir: str, flag: str = "--memory_bank") -> None:
         raise UserError(f"{shards} exists and was not written by a memory-bank generation; move it away")
 
 
+def bank_prompts_from_file(path: str) -> list[str]:
+    """A text-to-image bank's prompts: one a line, blank lines skipped."""
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file {path} is not a file")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {path} holds no prompt (one a line)")
+    return prompts
+
+
 def is_memory_bank(path) -> bool:
     return path is not None and os.path.exists(os.path.join(path, CONFIG_NAME))
 
