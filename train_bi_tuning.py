@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -341,9 +342,17 @@ def main(args):
         write_json_atomically(os.path.join(args.output_dir, "train_subset.json"), subset)
 
     # ---- Models: the classifier with a NEW head, the projector, the key encoder and the class queues.
-    classifier = AutoModelForImageClassification.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
+    # transformers reports the head's size mismatch in a LOAD REPORT; the head is replaced on purpose just below
+    loading = transformers.utils.logging.get_logger("transformers.modeling_utils")
+    not_the_report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    loading.addFilter(not_the_report)
+    try:
+        classifier = AutoModelForImageClassification.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
+            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+            ignore_mismatched_sizes=True)
+    finally:
+        loading.removeFilter(not_the_report)
     classifier.config.problem_type = "single_label_classification"
     head_path = find_head(classifier, size, getattr(config, "num_channels", 3))
     replace_head(classifier, head_path, len(names))  # from_pretrained keeps an old head of the same size
