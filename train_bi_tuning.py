@@ -95,12 +95,14 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Any AutoModelForImageClassification checkpoint (Hub id or folder) with an image processor; "
-                        "its classification layer is always replaced by a new one.")
+    g.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", dest="pretrained_model_name_or_path",
+                   required=True, help="Any AutoModelForImageClassification checkpoint (Hub id or folder) with an "
+                   "image processor; its classification layer is always replaced by a new one. --model_name_or_path "
+                   "(transformers' run_image_classification) is an alias.")
     g.add_argument("--revision", default=None, help="Revision of the pre-trained model on the Hub.")
-    g.add_argument("--dataset", required=True, help="Hub id, folder of class sub-folders of images, or "
-                   "save_to_disk folder.")
+    g.add_argument("--dataset", "--dataset_name", "--train_dir", dest="dataset", required=True,
+                   help="Hub id, folder of class sub-folders of images, or save_to_disk folder. --dataset_name and "
+                        "--train_dir (transformers' names) are aliases.")
     g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
     g.add_argument("--train_split", default="train", help="Split to train on.")
     g.add_argument("--validation_split", default=None,
@@ -143,7 +145,11 @@ def parse_args(argv=None):
                    help="Weight of the classifier's contrastive cross-entropy.")
 
     g = p.add_argument_group("optimisation (SGD, as the reference)")
-    g.add_argument("--train_batch_size", type=int, default=48, help="Batch per device (the reference: 48).")
+    g.add_argument("--train_batch_size", "--per_device_train_batch_size", dest="train_batch_size", type=int,
+                   default=48, help="Batch per device (the reference: 48); --per_device_train_batch_size is an alias.")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd: the reference's (Nesterov, --sgd_momentum, --weight_decay); adamw: what ViT and Swin are "
+                        "usually fine-tuned with (torch AdamW, --weight_decay; the same learning-rate groups).")
     g.add_argument("--max_train_steps", type=int, default=10000, help="Optimizer steps (the reference: 10,000).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="Micro-batches per optimizer step (each micro-batch's keys are enqueued).")
@@ -174,8 +180,9 @@ def parse_args(argv=None):
     g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Batch per device when evaluating.")
     g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
 
-    add_output_args(p, checkpointing_steps=1000, validation_steps=1000, sampling=False,
-                    validation_help="Evaluate on the held-out split every N steps (0: only after the last step).")
+    g = add_output_args(p, checkpointing_steps=1000, validation_steps=1000, sampling=False,
+                        validation_help="Evaluate on the held-out split every N steps (0: only after the last step).")
+    g.add_argument("--tracker_project_name", default="bi-tuning", help="Project name of the trackers.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -400,13 +407,16 @@ def main(args):
               {"params": backbone_params, "lr": learning_rate * args.backbone_lr_scale}]
     if model.projector is not None:
         groups.append({"params": list(model.projector.parameters()), "lr": learning_rate * args.projector_lr_scale})
-    optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.sgd_momentum, nesterov=args.nesterov,
-                                weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.sgd_momentum, nesterov=args.nesterov,
+                                    weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
     model, optimizer, lr_scheduler, loader, eval_loader = accelerator.prepare(model, optimizer, lr_scheduler, loader,
                                                                               eval_loader)
     if accelerator.is_main_process:
-        accelerator.init_trackers("bi-tuning", config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     # ---- Resume (the key encoder and the queues are part of the state).
     identity = {**run_identity(args, IDENTITY_FLAGS), "num classes": len(names)}
@@ -519,7 +529,8 @@ def write_card(args, names, num_train, num_eval, validation, metrics, last_logs,
                    f"{args.samples_per_class} images per class" if args.samples_per_class is not None else "all labels")
     hyper = {"method": args.method, "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer":
-             f"SGD (momentum {args.sgd_momentum}, nesterov {args.nesterov}, weight decay {args.weight_decay})",
+             f"SGD (momentum {args.sgd_momentum}, nesterov {args.nesterov}, weight decay {args.weight_decay})"
+             if args.optimizer == "sgd" else f"AdamW (weight decay {args.weight_decay})",
              "learning_rate (head)": learning_rate, "backbone_lr_scale": args.backbone_lr_scale,
              "lr_scheduler": args.lr_scheduler, "labels used": label_share, "training images": num_train,
              "held-out images": f"{num_eval} ({validation})", "crop_scale": " ".join(map(str, args.crop_scale)),

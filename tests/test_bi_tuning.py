@@ -562,3 +562,31 @@ def test_divergence_stops_every_process_with_one_line(classifier_dirs, digits_di
                        proc.stderr)
     assert len(steps) == 2 and len(set(steps)) == 1, proc.stderr[-3000:]  # both processes, the same step
     assert not (tmp_path / "out" / "model.safetensors").exists() and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_transformers_example_flags_and_adamw(classifier_dirs, digits_dir, tmp_path):
+    """The names of transformers' run_image_classification_no_trainer.py work as aliases, and --optimizer adamw
+    trains with torch's AdamW (the card says so)."""
+    args = script.parse_args(["--model_name_or_path", classifier_dirs["vit"], "--train_dir", digits_dir,
+                              "--per_device_train_batch_size", "6", "--output_dir", str(tmp_path / "x")])
+    assert (args.pretrained_model_name_or_path, args.dataset, args.train_batch_size) == (
+        classifier_dirs["vit"], digits_dir, 6)
+    args = script.parse_args(["--model_name_or_path", "m", "--dataset_name", "someone/data", "--output_dir",
+                              str(tmp_path / "y")])
+    assert args.dataset == "someone/data" and args.optimizer == "sgd"
+    seen = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            seen.append(kw)
+            super().__init__(*a, **kw)
+
+    torch.optim.AdamW = Spy
+    try:
+        train(classifier_dirs["vit"], digits_dir, tmp_path / "out", "--optimizer", "adamw", "--weight_decay", "0.05")
+    finally:
+        torch.optim.AdamW = real
+    assert seen and seen[0]["weight_decay"] == 0.05
+    assert "AdamW (weight decay 0.05)" in ModelCard.load(tmp_path / "out" / "README.md").text
+
