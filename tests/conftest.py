@@ -12,6 +12,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fixtures import testing  # noqa: E402
 from fixtures.in_process import run_script  # noqa: E402
 from fixtures.offline_data import sklearn_digits, write_image_folder  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
@@ -111,3 +112,27 @@ def tiny_annotator_models(tmp_path_factory):
         root / "seg")
     SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "seg")
     return str(root / "dpt"), str(root / "seg")
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """The Hub client functions replaced by recorders: a push test sees what would be sent, and nothing is."""
+
+    class Repo:
+        def __init__(self, repo_id, **_):
+            self.repo_id = repo_id
+
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    from utils.infra import hub
+
+    record = testing.Recorder
+    calls = {"whoami": record({"name": "me"}), "create_repo": record(Repo), "upload_folder": record(),
+             "dataset_push": record(), "card_push": record()}
+    monkeypatch.setattr(hub, "whoami", calls["whoami"])
+    monkeypatch.setattr(hub, "create_repo", calls["create_repo"])
+    monkeypatch.setattr(hub, "upload_folder", calls["upload_folder"])
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, *a, **kw: calls["dataset_push"](self, *a, **kw))
+    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, *a, **kw: calls["card_push"](self, *a, **kw))
+    return calls

@@ -1,47 +1,14 @@
 import os
 
-import datasets
 import pytest
-from huggingface_hub import DatasetCard, ModelCard
+from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
 import train_diff_tuning_dit as script
+from fixtures.testing import TOKEN, files_under
 from fixtures.testing import train_dit as train
 from utils.infra import hub
 from utils.infra.errors import UserError
-
-TOKEN = "hf_TESTSECRETdoNotLeak123"
-
-
-class Recorder:
-    """Stands in for one Hub client function: records its calls, sends nothing."""
-
-    def __init__(self, result=None):
-        self.calls, self.result = [], result
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        return self.result(*args, **kwargs) if callable(self.result) else self.result
-
-
-def files_under(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
-
-
-@pytest.fixture
-def hub_calls(monkeypatch):
-    class Repo:
-        def __init__(self, repo_id, **_):
-            self.repo_id = repo_id
-
-    calls = {"whoami": Recorder({"name": "me"}), "create_repo": Recorder(Repo), "upload_folder": Recorder(),
-             "dataset_push": Recorder(), "card_push": Recorder()}
-    monkeypatch.setattr(hub, "whoami", calls["whoami"])
-    monkeypatch.setattr(hub, "create_repo", calls["create_repo"])
-    monkeypatch.setattr(hub, "upload_folder", calls["upload_folder"])
-    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, *a, **kw: calls["dataset_push"](self, *a, **kw))
-    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, *a, **kw: calls["card_push"](self, *a, **kw))
-    return calls
 
 
 def test_push_uploads_exactly_the_model_and_never_the_token(hub_calls, tiny_pipeline_dir, digits_dir, tmp_path):

@@ -351,3 +351,24 @@ def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sd_dir, caption
     assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
     with pytest.raises(UserError, match="was made with prompts"):  # the run's prompts differ from the bank's
         train(tiny_sd_dir, captioned_digits_dir, tmp_path / "out2", "--memory_bank", bank)
+
+
+def test_push_uploads_the_lora_weights_and_card_never_the_bank_or_the_token(hub_calls, tiny_sd_dir,
+                                                                             captioned_digits_dir, t2i_bank, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from fixtures.testing import TOKEN, files_under
+
+    out = tmp_path / "out"
+    train(tiny_sd_dir, captioned_digits_dir, out, "--memory_bank", t2i_bank, "--max_train_steps", "2",
+          "--push_to_hub", "--hub_token", TOKEN, "--hub_model_id", "me/sd-lora")
+    assert hub_calls["whoami"].calls == [((), {"token": TOKEN})]  # checked before training
+    (_, upload), = hub_calls["upload_folder"].calls
+    uploaded = sorted(filter_repo_objects(files_under(out), ignore_patterns=upload["ignore_patterns"]))
+    assert uploaded == ["README.md", "before_after.png", "forgetting.json", "forgetting.png", LORA_FILE,
+                        "samples.png"]
+    assert 'load_lora_weights("me/sd-lora")' in (out / "README.md").read_text()
+    for f in files_under(out):
+        with open(out / f, "rb") as fh:
+            assert TOKEN.encode() not in fh.read(), f"the token was written to {f}"
+
