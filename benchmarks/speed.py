@@ -128,7 +128,10 @@ def main():
     p.add_argument("--bank_steps", type=int, default=50, help="DDIM steps for the generation benchmark.")
     p.add_argument("--num_workers", type=int, default=0, help="--dataloader_num_workers of the training runs.")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="Of the training runs.")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (on a loaded 2-core machine two were 10x slower than one).")
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.mkdtemp(prefix="speed-")
     if a.text_to_image:
