@@ -230,3 +230,17 @@ def test_bank_check_refuses_another_family_model_or_too_few_rows(tiny_pipeline_d
         f.truncate(os.path.getsize(damaged / arrow) // 2)
     with pytest.raises(UserError, match="cannot be read: it is damaged"):
         memory_bank.check_memory_bank(str(damaged), record)
+
+
+def test_bank_generation_says_early_how_long_it_will_take(tiny_pipeline_dir, tmp_path, caplog):
+    import logging
+
+    from utils.families.dit import DiTBankSampler
+
+    pipe = DiTPipeline.from_pretrained(tiny_pipeline_dir)
+    with caplog.at_level(logging.INFO, logger="utils.methods.memory_bank"):
+        memory_bank.generate_shards(DiTBankSampler(pipe, num_inference_steps=2), str(tmp_path / "bank"), 6,
+                                    batch_size=2)
+    said = [r.getMessage() for r in caplog.records if "more shard(s)" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("memory bank: 2 more shard(s) of 2 samples on this process, about")
+    assert "generate_memory_bank.py" in said[0]

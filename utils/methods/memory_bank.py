@@ -15,9 +15,11 @@ the batch size or the number of processes. The finished bank is moved into place
 """
 
 import json
+import logging
 import math
 import os
 import shutil
+import time
 
 import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
@@ -28,6 +30,7 @@ from ..infra.errors import UserError
 from ..infra.outputs import created_by, mark, replace_dir, work_dir, write_json_atomically
 
 CONFIG_NAME = "memory_bank.json"
+logger = logging.getLogger(__name__)
 # marks the folders it writes (utils.infra.outputs): only those are ever replaced or removed. The name is part of the
 # stored format (banks and shards of earlier versions carry it), not a module path.
 SCRIPT = "utils.memory_bank"
@@ -90,13 +93,18 @@ def generate_shards(
     sampler.model.eval()  # in train mode every DiT block would drop labels at random
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar for the bank, not one per shard written
-    for k in todo:
+    started = time.perf_counter()
+    for i, k in enumerate(todo):
         seeds = list(range(seed + k * batch_size, seed + min((k + 1) * batch_size, size)))
         shard = datasets.Dataset.from_dict(sampler(seeds), features=sampler.features)
         path = os.path.join(shard_dir, f"shard-{k:06d}")
         shard.save_to_disk(path + ".tmp")
         os.replace(path + ".tmp", path)
         bar.update(1)
+        if i == 0 and len(todo) > 1 and show_progress:  # a large bank takes hours before step 1: say so early
+            remaining = (time.perf_counter() - started) * (len(todo) - 1)
+            logger.info(f"memory bank: {len(todo) - 1} more shard(s) of {batch_size} samples on this process, about "
+                        f"{remaining / 60:.0f} min; build it ahead once with generate_memory_bank.py to reuse it")
     bar.close()
     if bars_were_on:
         datasets.enable_progress_bars()
