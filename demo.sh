@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline CPU demo of the main job (about 5 minutes on 2 cores; `make demo` runs it in the project's venv):
+# Offline CPU demo of the main job (about 3 minutes on 2 cores; `make demo` runs it in the project's venv):
 #   1. pre-train a small class-conditional DiT (with its own small VAE) on MNIST-5k   (cached after the first run)
 #   2. write sklearn's 8x8 digits as an image folder: the downstream data set
 #   3. Diff-Tune the small DiT on it: memory bank, psi/xi timesteps, checkpoints, validation, model card
