@@ -36,9 +36,8 @@ from transformers import (
 )
 
 import train_bi_tuning as script
-from fixtures.testing import ROOT, cli_help, run_main
+from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, run_main
 from utils.families.image_classifiers import find_head, replace_head
-from utils.infra import training
 from utils.infra.data import per_class_subset, stratified_split
 from utils.infra.errors import UserError
 from utils.methods.bi_tuning import (
@@ -283,15 +282,8 @@ def test_resume_gives_identical_weights_queues_and_pointers(classifier_dirs, dig
     full = train(classifier_dirs["resnet"], digits_dir, tmp_path / "full", *common)
     assert int(full.queues.ptr.sum()) == 6 * 2 * 8
 
-    real_save = training.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        raise KeyboardInterrupt(real_save(*a, **kw))
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(classifier_dirs["resnet"], digits_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed_dir = str(tmp_path / "resumed")
+    killed_at_first_checkpoint(monkeypatch, lambda: train(classifier_dirs["resnet"], digits_dir, resumed_dir, *common))
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     resumed = train(classifier_dirs["resnet"], digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint",
                     "latest")

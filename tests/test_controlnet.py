@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, cli_help, run_main
+from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, run_main
 from utils.families.annotators import make_annotator, normals_from_depth
-from utils.infra import training
 from utils.infra.errors import UserError
 from utils.metrics.fidelity import ConvergenceTracker, blurred_ssim, fidelity_score
 
@@ -128,15 +127,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, control_digits_dir, ba
     common = ["--memory_bank", bank_dir, "--max_train_steps", "4", "--gradient_accumulation_steps", str(accumulation),
               "--use_ema", "--ema_decay", "0.5"]
     train(tiny_sd_dir, control_digits_dir, tmp_path / "full", *common)
-    real_save = training.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        raise KeyboardInterrupt(real_save(*a, **kw))
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed_dir = str(tmp_path / "resumed")
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd_dir, control_digits_dir, resumed_dir, *common))
     assert not (tmp_path / "resumed" / "config.json").exists()
     train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
@@ -151,15 +143,8 @@ def test_a_resume_between_evaluations_adds_no_evaluation(tiny_sd_dir, control_di
     without an extra point at the resume step."""
     common = ["--memory_bank", bank_dir, "--max_train_steps", "4", "--checkpointing_steps", "3"]
     train(tiny_sd_dir, control_digits_dir, tmp_path / "full", *common)
-    real_save = training.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        raise KeyboardInterrupt(real_save(*a, **kw))
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed_dir = str(tmp_path / "resumed")
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd_dir, control_digits_dir, resumed_dir, *common))
     train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
     full = json.loads((tmp_path / "full" / "convergence.json").read_text())
     assert [p["step"] for p in full["points"]] == [0, 2, 4]

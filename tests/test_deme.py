@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 import train_deme as script
 from fixtures.small_unet import build_ddpm_pipeline, build_sd_pipeline
-from fixtures.testing import ROOT, cli_error, cli_help, run_main
-from utils.infra import training
+from fixtures.testing import ROOT, cli_error, cli_help, killed_at_first_checkpoint, run_main
 from utils.infra.errors import UserError
 from utils.methods import channel_projection as cp
 
@@ -168,15 +167,7 @@ def test_resume_matches_uninterrupted_run(tiny_ddpm_dir, digits_dir, tmp_path, m
     common = ["--range_index", "0", "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--gradient_accumulation_steps", str(accumulation), "--use_ema", "--ema_decay", "0.5"]
     train(tiny_ddpm_dir, digits_dir, tmp_path / "full", *common)
-    real_save = training.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        raise KeyboardInterrupt(real_save(*a, **kw))
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_ddpm_dir, digits_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_ddpm_dir, digits_dir, tmp_path / "resumed", *common))
     assert not (tmp_path / "resumed" / "range_0" / "README.md").exists()
     train(tiny_ddpm_dir, digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
     full, resumed = unet_weights(tmp_path / "full" / "range_0"), unet_weights(tmp_path / "resumed" / "range_0")

@@ -21,9 +21,8 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_text_to_image as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, cli_help, run_main
+from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, run_main
 from utils.families.unet import StableDiffusionUNet
-from utils.infra import training
 from utils.infra.errors import UserError
 from utils.methods.diff_tuning import DiffTuning
 from utils.methods.timesteps import retention_weights
@@ -223,15 +222,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, captioned_digits_dir, 
                                              accumulation):
     common = ["--memory_bank", t2i_bank, "--gradient_accumulation_steps", str(accumulation), "--train_text_encoder"]
     train(tiny_sd_dir, captioned_digits_dir, tmp_path / "full", *common)
-    real_save = training.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        raise KeyboardInterrupt(real_save(*a, **kw))
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_sd_dir, captioned_digits_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed_dir = str(tmp_path / "resumed")
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd_dir, captioned_digits_dir, resumed_dir, *common))
     assert not (tmp_path / "resumed" / LORA_FILE).exists()
     train(tiny_sd_dir, captioned_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
     full, resumed = load_file(tmp_path / "full" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)

@@ -19,7 +19,15 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_dit as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, TINY_ARGS, cli_help, run_module, train_dit, transformer_weights
+from fixtures.testing import (
+    ROOT,
+    TINY_ARGS,
+    cli_help,
+    killed_at_first_checkpoint,
+    run_module,
+    train_dit,
+    transformer_weights,
+)
 from utils.infra import training
 from utils.infra.checkpointing import resume
 from utils.infra.errors import UserError
@@ -80,16 +88,8 @@ def test_resume_matches_uninterrupted_run(tiny_pipeline_dir, digits_dir, tiny_ba
     train(tiny_pipeline_dir, digits_dir, tmp_path / "full", *common)
 
     # Crash right after the step-3 checkpoint is written, then resume from it.
-    real_save = training.save_checkpoint
-
-    def save_then_crash(*a, **kw):
-        path = real_save(*a, **kw)
-        raise KeyboardInterrupt(path)
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_pipeline_dir, digits_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_pipeline_dir, digits_dir, tmp_path / "resumed",
+                                                          *common))
     assert not (tmp_path / "resumed" / "model_index.json").exists()
     train(tiny_pipeline_dir, digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
 
