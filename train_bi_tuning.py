@@ -51,6 +51,7 @@ from utils.infra.data import (
     check_images,
     class_names,
     find_column,
+    load_image_dataset,
     load_image_splits,
     per_class_subset,
     pick_split,
@@ -105,6 +106,13 @@ def parse_args(argv=None):
                         "--train_dir (transformers' names) are aliases.")
     g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
     g.add_argument("--train_split", default="train", help="Split to train on.")
+    g.add_argument("--validation_dir", default=None,
+                   help="A folder of class sub-folders held out for evaluation (transformers' name; its class names "
+                        "must be the training data's); the same as a 'validation' split.")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Train on a seeded subset of this many images (after any label subset).")
+    g.add_argument("--max_eval_samples", type=int, default=None,
+                   help="Evaluate on a seeded subset of this many held-out images.")
     g.add_argument("--validation_split", default=None,
                    help="Held-out split to report on (default: 'validation' if the dataset has one, else "
                         "--train_val_split of the training split, stratified).")
@@ -190,7 +198,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("queue_size", "projection_dim", "per_device_eval_batch_size", "resolution"))
+    check_common_args(args, positive=("queue_size", "projection_dim", "per_device_eval_batch_size", "resolution",
+                                      "max_train_samples", "max_eval_samples"))
+    if args.validation_dir and args.validation_split:
+        raise UserError("--validation_dir and --validation_split both name the held-out data; give one")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise UserError(f"--train_fraction must be in (0, 1], got {args.train_fraction}")
     if args.samples_per_class is not None and args.samples_per_class < 1:
@@ -224,7 +235,8 @@ def check_args(args):
     if not 0 < args.lr_decay_factor <= 1:
         raise UserError(f"--lr_decay_factor must be in (0, 1], got {args.lr_decay_factor}")
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
-                                               ("--dataset", args.dataset)])
+                                               ("--dataset", args.dataset),
+                                               ("--validation_dir", args.validation_dir)])
 
 
 def decay_steps(args) -> list[int]:
@@ -265,6 +277,10 @@ def split_data(splits, args):
         for column in (image_column, label_column):
             if column not in held_out.column_names:
                 raise DatasetError(f"split {validation_split!r} has no column {column!r}")
+        held_names = getattr(held_out.features[label_column], "names", None)
+        if held_names is not None and held_names != names:
+            raise DatasetError(f"split {validation_split!r} has the classes {held_names[:5]}..., the training data "
+                               f"{names[:5]}...: the class folders must be the same")
         bad = [v for v in held_out.unique(label_column) if not isinstance(v, (int, np.integer)) or
                not 0 <= v < len(names)]
         if bad:
@@ -282,6 +298,12 @@ def split_data(splits, args):
         train = train.select(chosen)
         record.update(train_fraction=args.train_fraction, samples_per_class=args.samples_per_class,
                       train_indices=chosen.tolist())
+    for name, flag in (("train", "max_train_samples"), ("held_out", "max_eval_samples")):
+        limit, rows = getattr(args, flag), train if name == "train" else held_out
+        if limit is not None and limit < len(rows):
+            rows = rows.shuffle(seed=args.seed).select(range(limit))
+            train, held_out = (rows, held_out) if name == "train" else (train, rows)
+            record[flag] = limit
     counts = np.bincount(np.asarray(train[label_column], dtype=np.int64), minlength=len(names))
     empty = [names[c] for c in np.flatnonzero(counts == 0)]
     if empty:
@@ -325,6 +347,8 @@ def main(args):
 
     # ---- Data and model config: everything cheap is checked before any weights load.
     splits = load_image_splits(args.dataset, args.dataset_config_name, args.cache_dir)
+    if args.validation_dir:
+        splits["validation"] = load_image_dataset(args.validation_dir, cache_dir=args.cache_dir)
     train_ds, eval_ds, image_column, label_column, names, subset = split_data(splits, args)
     if len(train_ds) < args.train_batch_size * accelerator.num_processes:
         raise UserError(f"{len(train_ds)} training images, fewer than one batch of {args.train_batch_size} on each of "

@@ -582,3 +582,21 @@ def test_transformers_example_flags_and_adamw(classifier_dirs, digits_dir, tmp_p
     assert seen and seen[0]["weight_decay"] == 0.05
     assert "AdamW (weight decay 0.05)" in ModelCard.load(tmp_path / "out" / "README.md").text
 
+
+
+def test_validation_dir_and_sample_limits(classifier_dirs, digits_dir, tmp_path):
+    """transformers' --validation_dir (a class-folder set held out as it is), --max_train_samples and
+    --max_eval_samples (seeded subsets); a validation folder of other classes is refused in one line."""
+    import shutil
+
+    held = shutil.copytree(digits_dir, tmp_path / "held")
+    result = train(classifier_dirs["resnet"], digits_dir, tmp_path / "out", "--validation_dir", str(held),
+                   "--max_train_samples", "40", "--max_eval_samples", "30")
+    subset = json.loads((tmp_path / "out" / "train_subset.json").read_text())
+    assert subset["validation"] == "validation" and subset["max_train_samples"] == 40
+    assert sum(subset["train_images_per_class"].values()) == 40
+    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["eval_samples"] == 30
+    assert result is not None
+    shutil.rmtree(held / "nine")
+    with pytest.raises(UserError, match="the class folders must be the same"):
+        train(classifier_dirs["resnet"], digits_dir, tmp_path / "out2", "--validation_dir", str(held))
