@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from utils.families.base import detect_family
+from utils.families.base import check_variant, detect_family
 from utils.families.latents import vae_scale_factor
 from utils.families.tuning import (
     TEXT_ENCODER_LORA_TARGETS,
@@ -253,6 +253,7 @@ def main(args):
     # ---- Configs and data: everything cheap is checked before any weights load.
     name = args.pretrained_model_name_or_path
     detect_family(name, [StableDiffusionUNet], SCRIPT, args.revision, args.cache_dir)
+    check_variant(name, args.variant)
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision,
                                                         cache_dir=args.cache_dir)

@@ -257,6 +257,7 @@ def test_two_processes(tiny_sd_dir, captioned_digits_dir, t2i_bank, tmp_path):
     ("empty_prompt_file", "holds no prompt"),
     ("text_encoder_with_full", "--train_text_encoder trains LoRA adapters"),
     ("null_caption", "row 1 of .* has no caption"),
+    ("missing_variant", "has no weight files of --variant fp16"),
 ])
 def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, tiny_pipeline_dir, captioned_digits_dir,
                                                   t2i_bank, tmp_path, monkeypatch):
@@ -293,6 +294,8 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         extra = ["--memory_bank_prompts", str(tmp_path / "p.txt")]
     elif case == "text_encoder_with_full":
         extra = ["--tuning", "full", "--train_text_encoder"]
+    elif case == "missing_variant":
+        extra = ["--variant", "fp16"]
     elif case == "null_caption":
         data = str(tmp_path / "null")
         datasets.Dataset.from_dict({"image": [Image.new("RGB", (16, 16))] * 4, "text": ["a", None, "c", "d"]},
