@@ -134,7 +134,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("num_ranges",), finished=os.path.join("range_*", "README.md"))
+    # finished: the range this job trains (N jobs with --range_index share one output folder), else any range
+    ranges = f"range_{args.range_index}" if args.range_index is not None else "range_*"
+    check_common_args(args, positive=("num_ranges",), finished=os.path.join(ranges, "README.md"))
     if args.range_index is not None and not 0 <= args.range_index < args.num_ranges:
         raise UserError(f"--range_index must be in 0..{args.num_ranges - 1} for --num_ranges {args.num_ranges}, "
                         f"got {args.range_index}")

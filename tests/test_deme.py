@@ -275,3 +275,14 @@ def test_help_documents_every_flag():
                  "--consistency_weight", "--channel_projection", "--resume_from_checkpoint", "--use_ema"):
         assert flag in text
     assert "(default: 0.3)" in text and "(default: foldable)" in text
+
+
+def test_range_jobs_share_an_output_folder_but_a_finished_range_is_not_rerun(tiny_ddpm_dir, digits_dir, tmp_path):
+    """N jobs with --range_index write into one folder: range 1 starts after range 0 finished; running range 0 again
+    into it is refused unless resumed or overwritten."""
+    common = ["--max_train_steps", "2", "--checkpointing_steps", "2"]
+    train(tiny_ddpm_dir, digits_dir, tmp_path, "--range_index", "0", *common)
+    train(tiny_ddpm_dir, digits_dir, tmp_path, "--range_index", "1", *common)
+    assert (tmp_path / "range_0" / "README.md").exists() and (tmp_path / "range_1" / "README.md").exists()
+    with pytest.raises(UserError, match="holds a finished run"):
+        train(tiny_ddpm_dir, digits_dir, tmp_path, "--range_index", "0", *common)
