@@ -27,7 +27,7 @@ from utils.families.unet import DDPMUNet
 from utils.infra.data import check_images, load_image_dataset, require_column
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_file, write_json_atomically
-from utils.infra.training import weights_are_finite
+from utils.infra.training import HelpFormatter, weights_are_finite
 from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections
 from utils.methods.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
 from utils.metrics.fid import load_feature_extractor, make_metric, reference_statistics
@@ -36,7 +36,7 @@ from utils.metrics.sampling import generate
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="DiT or DDPM/DDIM pipeline (folder or Hub id), or a DeMe ensemble.")
     p.add_argument("--scheduler_model", default=None,
                    help="Pipeline whose scheduler an ensemble samples with (its base model).")

@@ -28,7 +28,7 @@ from utils.families.controlnet import ControlBankSampler
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra.errors import UserError
-from utils.infra.training import precision_dtype
+from utils.infra.training import HelpFormatter, precision_dtype
 from utils.methods.memory_bank import bank_prompts_from_file, build_memory_bank, check_memory_bank
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # the paper's ControlNet bank prompt
@@ -36,7 +36,7 @@ DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # the paper
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True,
                    help="DiTPipeline or Stable Diffusion 1.x/2.x pipeline: Hub id or folder.")
     p.add_argument("--revision", default=None, help="Revision of the pipeline on the Hub.")

@@ -30,6 +30,7 @@ from utils.infra import hub
 from utils.infra.data import load_image_dataset, require_column
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_finite_model, check_output_dir, finite_tensors, replace_dir, work_dir
+from utils.infra.training import HelpFormatter
 from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections, load_official_projections
 from utils.methods.deme import expand_models, model_ranges, range_losses
 from utils.methods.merging import (
@@ -51,7 +52,7 @@ SCRIPT = "merge_timestep_models.py"  # marks the output folders it writes (utils
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--base_model", required=True,
                    help="The pre-trained model theta: pipeline or model folder, or Hub id.")
     p.add_argument("--models", nargs="+", required=True,

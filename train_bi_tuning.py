@@ -63,6 +63,7 @@ from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
 from utils.infra.training import (
     LR_SCHEDULERS,
+    HelpFormatter,
     add_lr_shape_args,
     add_output_args,
     apply_gradients,
@@ -93,7 +94,7 @@ IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "queue_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", dest="pretrained_model_name_or_path",

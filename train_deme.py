@@ -35,6 +35,7 @@ from utils.infra.data import ResumableLoader, check_images, load_image_dataset, 
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
+    HelpFormatter,
     add_optimisation_args,
     add_output_args,
     apply_gradients,
@@ -79,7 +80,7 @@ IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "num_ranges", "ch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", required=True,

@@ -57,6 +57,7 @@ from utils.infra.data import (
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
+    HelpFormatter,
     add_optimisation_args,
     add_output_args,
     apply_gradients,
@@ -99,7 +100,7 @@ CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' train_controlnet.py)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel): Hub id or folder.")

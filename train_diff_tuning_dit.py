@@ -55,6 +55,7 @@ from utils.infra.data import (
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
+    HelpFormatter,
     add_optimisation_args,
     add_output_args,
     apply_gradients,
@@ -84,7 +85,7 @@ IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "tuning
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="DiTPipeline Hub id or folder.")

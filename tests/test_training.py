@@ -31,3 +31,23 @@ def test_lr_num_cycles_and_lr_power_reach_diffusers_schedules():
     assert linear[50] == pytest.approx(0.5, abs=0.02) and square[50] == pytest.approx(0.25, abs=0.02)
     with pytest.raises(UserError, match="--lr_num_cycles must be >= 1"):
         args_of("--lr_num_cycles", "0")
+
+
+def test_help_never_prints_a_default_twice():
+    """A flag whose help already says its (computed) default gets no second "(default: None)"."""
+    import re
+
+    import evaluate_fid
+    import generate_memory_bank
+    import merge_timestep_models
+    import train_bi_tuning
+    import train_deme
+    import train_diff_tuning_controlnet
+    import train_diff_tuning_text_to_image
+    from fixtures.testing import cli_help
+
+    for module in (script, train_diff_tuning_controlnet, train_deme, train_bi_tuning, train_diff_tuning_text_to_image,
+                   merge_timestep_models, evaluate_fid, generate_memory_bank):
+        text = " ".join(cli_help(module).split())
+        entries = re.split(r" (?=-{1,2}[a-z])", text)
+        assert not [e for e in entries if e.count("(default:") > 1], module.__name__

@@ -28,6 +28,14 @@ TRACKER_PACKAGES = {name: name for name in ("tensorboard", "wandb", "comet_ml", 
                                             "swanlab", "trackio")}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in --help, except where the help already says what the default is (a computed one such as
+    "default: the model's"), which would otherwise print it twice."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_help: str, max_train_steps: int,
                           learning_rate: float, max_grad_norm: float | None, ema_decay: float, paper: str):
     """The "optimisation" flag group; defaults are the paper's (`paper` names the setup in the help)."""
