@@ -530,11 +530,13 @@ def main(args):
         unwrapped = accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False)  # outputs in the model's dtype
         with averaged_weights(unwrapped, ema) as model, accelerator.autocast():
             score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, args)
+            extra = extra_grids(parts, model, args, accelerator.device) if accelerator.is_main_process else None
         if accelerator.is_main_process:
             tracker.add(step, score)
             accelerator.log({f"fidelity/{tracker.metric}": score}, step=step)
-            log_images(accelerator, "validation", np.stack([np.asarray(im) / 255.0 for im in
-                                                            (pair_grid(pairs),)]), step)
+            log_images(accelerator, "validation", np.asarray(pair_grid(pairs))[None] / 255.0, step)
+            if extra is not None:  # --validation_prompt / --validation_image grids, during training too
+                log_images(accelerator, "validation_prompts", np.asarray(extra)[None] / 255.0, step)
             logger.info(f"step {step}: {tracker.metric} {score:.4f} (threshold {threshold:g}, "
                         f"{tracker.direction_word}); converged at {tracker.converged_at}")
         return pairs

@@ -480,9 +480,13 @@ def test_stop_at_convergence_and_extra_validation_grids(tiny_sd_dir, control_dig
             "--stop_at_convergence", "--validation_prompt", "a digit seven", "--validation_image", control,
             "--num_validation_images", "2"]
     run_script(script, ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", control_digits_dir,
-                        "--output_dir", str(tmp_path), *argv])
+                        "--output_dir", str(tmp_path), *argv, "--report_to", "tensorboard"])
     curve = json.loads((tmp_path / "convergence.json").read_text())
     assert curve["converged_at"] == 0 and [p["step"] for p in curve["points"]] == [0, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "diff-tuning-controlnet"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("validation_prompts")] == [0, 2]  # the prompt grids during training
     assert Image.open(tmp_path / "validation_prompts.png").size == (2 * 128, 2 * 128)  # control above 2 samples
     assert "sudden convergence step | 0 (first of 1 evaluation(s) past -1)" in (tmp_path / "README.md").read_text()
 
