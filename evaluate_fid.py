@@ -235,8 +235,7 @@ def main(args):
 
     metric = make_metric(extractor).to(device)
     cache = os.path.expanduser(args.reference_cache_dir) if args.reference_cache_dir else None
-    n_ref = reference_statistics(metric, ds, image_column, resolution, args.feature_extractor, cache,
-                                 max_images=args.max_reference_images)
+    reference_statistics(metric, ds, image_column, resolution, args.feature_extractor, cache, max_images=n_ref)
     results = []
     for fraction in args.handoff_fractions:
         metric.reset()  # generated features only; the reference statistics stay

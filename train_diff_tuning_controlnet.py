@@ -204,9 +204,10 @@ def check_args(args):
                                                ("--validation_dataset", args.validation_dataset)])
 
 
-def check_pipeline(args) -> tuple[int, dict]:
+def check_pipeline(args) -> tuple[int, DDPMScheduler]:
     """From the configs alone (no weights): a Stable Diffusion 1.x/2.x pipeline whose UNet a ControlNet can
-    follow, trained to predict epsilon or v. Returns the VAE's downsampling factor and the UNet config."""
+    follow, trained to predict epsilon or v. Returns the VAE's downsampling factor and the training noise
+    scheduler."""
     name = args.pretrained_model_name_or_path
     detect_family(name, [ControlNetOnSD], "train_diff_tuning_controlnet.py", args.revision, args.cache_dir)
     try:
@@ -240,7 +241,7 @@ def check_pipeline(args) -> tuple[int, dict]:
     if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
         raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
     check_variant(name, args.variant)
-    return factor, unet_config
+    return factor, DDPMScheduler.from_config(scheduler_config)
 
 
 def load_rows(args, name, split, config_name=None):
@@ -413,7 +414,7 @@ def main(args):
     threshold = check_threshold(args.condition, args.convergence_threshold)
 
     # ---- Configs and data: everything cheap is checked before any weights load.
-    vae_factor, unet_config = check_pipeline(args)
+    vae_factor, noise_scheduler = check_pipeline(args)
     ds = load_rows(args, args.dataset, args.train_split, args.dataset_config_name)
     if args.max_train_samples is not None:
         ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
@@ -426,8 +427,6 @@ def main(args):
                                f"{args.num_validation_samples} for the tracker; lower it or pass --validation_dataset")
         split = ds.train_test_split(test_size=args.num_validation_samples, seed=args.seed, shuffle=True)
         ds, val = split["train"], split["test"]
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                    revision=args.revision, cache_dir=args.cache_dir)
     diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.proportion_empty_prompts)
     n_data = diff_tuning.n_data
     if len(ds) < n_data * accelerator.num_processes:
