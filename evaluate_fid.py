@@ -12,6 +12,9 @@ Protocols: DiT pipelines: DDIM, 50 steps, classifier-free guidance 1.5, classes 
 FID needs a prompt set). Writes a JSON report naming the feature extractor; `--plot` draws FID against k.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import json
 import math

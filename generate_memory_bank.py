@@ -17,6 +17,9 @@ its control annotated, as the ControlNet script trains on). Generation is sharde
 command again after an interruption.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import sys
 

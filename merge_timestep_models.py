@@ -11,6 +11,9 @@ timestep-wise ensemble instead (model i on range i: the paper's "before merge").
 output folder) means all its ranges in order.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import itertools
 import json

@@ -15,6 +15,9 @@ Defaults are the reference code's published supervised commands (thuml/Transfer-
 `--finetune`); the README lists where that code differs from the paper and what we keep.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import logging
 import os
@@ -66,6 +69,7 @@ from utils.infra.training import (
     HelpFormatter,
     add_lr_shape_args,
     add_output_args,
+    add_run_length_args,
     apply_gradients,
     check_common_args,
     check_finite_weights,
@@ -75,6 +79,7 @@ from utils.infra.training import (
     log_step,
     lr_schedule,
     make_accelerator,
+    run_length,
     tracker_config,
 )
 from utils.methods.bi_tuning import BiTuningLoss, ClassQueues, TwoHeadClassifier, key_encoder, momentum_update
@@ -102,6 +107,9 @@ def parse_args(argv=None):
                    "image processor; its classification layer is always replaced by a new one. --model_name_or_path "
                    "(transformers' run_image_classification) is an alias.")
     g.add_argument("--revision", default=None, help="Revision of the pre-trained model on the Hub.")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="Allow a model whose repository holds its own Python code (an auto_map in its config) to run "
+                        "it; only for repositories you trust.")
     g.add_argument("--dataset", "--dataset_name", "--train_dir", dest="dataset", required=True,
                    help="Hub id, folder of class sub-folders of images, or save_to_disk folder. --dataset_name and "
                         "--train_dir (transformers' names) are aliases.")
@@ -140,9 +148,11 @@ def parse_args(argv=None):
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("Bi-tuning")
-    g.add_argument("--method", choices=["bi_tuning", "standard"], default="bi_tuning",
+    g.add_argument("--method", choices=["bi_tuning", "standard", "two_view_ce"], default="bi_tuning",
                    help="bi_tuning: two heads, contrastive losses, momentum keys; standard: plain fine-tuning "
-                        "(cross-entropy on one view).")
+                        "(cross-entropy on one view); two_view_ce: a control, plain fine-tuning with the mean "
+                        "cross-entropy of two augmented views (the two views Bi-tuning draws), to tell a gain of the "
+                        "contrastive losses from a gain of seeing a second view.")
     g.add_argument("--queue_size", type=int, default=40, help="Keys kept per class (K).")
     g.add_argument("--temperature", type=float, default=0.07, help="Temperature T of both contrastive losses.")
     g.add_argument("--key_momentum", type=float, default=0.999,
@@ -159,7 +169,7 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd: the reference's (Nesterov, --sgd_momentum, --weight_decay); adamw: what ViT and Swin are "
                         "usually fine-tuned with (torch AdamW, --weight_decay; the same learning-rate groups).")
-    g.add_argument("--max_train_steps", type=int, default=10000, help="Optimizer steps (the reference: 10,000).")
+    add_run_length_args(g, 10000, "Optimizer steps (the reference: 10,000).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="Micro-batches per optimizer step (each micro-batch's keys are enqueued).")
     g.add_argument("--learning_rate", type=float, default=0.01, help="Learning rate of the new classifier head.")
@@ -192,6 +202,9 @@ def parse_args(argv=None):
     g = add_output_args(p, checkpointing_steps=1000, validation_steps=1000, sampling=False,
                         validation_help="Evaluate on the held-out split every N steps (0: only after the last step).")
     g.add_argument("--tracker_project_name", default="bi-tuning", help="Project name of the trackers.")
+    g.add_argument("--with_tracking", action="store_true",
+                   help="Accepted for transformers' example commands: here the trackers are on unless --report_to "
+                        "none (default: tensorboard), so the flag changes nothing.")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -210,6 +223,8 @@ def check_args(args):
     if args.validation_split is not None and args.validation_split == args.train_split:
         raise UserError(f"--validation_split {args.validation_split} is the training split: held-out metrics need "
                         "another split (or leave it out: --train_val_split holds out part of the training split)")
+    if args.with_tracking and args.report_to == "none":
+        raise UserError("--with_tracking and --report_to none contradict each other; give one")
     if not 0 < args.train_val_split < 1:
         raise UserError(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
     if args.temperature <= 0:
@@ -227,10 +242,8 @@ def check_args(args):
     if args.lr_decay_steps is not None:
         if args.lr_scheduler != "step":
             raise UserError(f"--lr_decay_steps is for --lr_scheduler step, not {args.lr_scheduler}")
-        for step in args.lr_decay_steps:
-            if not 0 < step < args.max_train_steps:
-                raise UserError(f"--lr_decay_steps {step} is beyond the run: decay steps must lie in 1.."
-                                f"{args.max_train_steps - 1} (--max_train_steps {args.max_train_steps})")
+        if args.num_train_epochs is None:  # else checked once the data gives the step count
+            check_decay_steps(args, args.max_train_steps)
         if sorted(set(args.lr_decay_steps)) != args.lr_decay_steps:
             raise UserError("--lr_decay_steps must be increasing")
     if not 0 < args.lr_decay_factor <= 1:
@@ -240,20 +253,28 @@ def check_args(args):
                                                ("--validation_dir", args.validation_dir)])
 
 
-def decay_steps(args) -> list[int]:
+def check_decay_steps(args, max_train_steps: int) -> None:
+    for step in args.lr_decay_steps or ():
+        if not 0 < step < max_train_steps:
+            raise UserError(f"--lr_decay_steps {step} is beyond the run: decay steps must lie in 1.."
+                            f"{max_train_steps - 1} (the run has {max_train_steps} steps)")
+
+
+def decay_steps(args, max_train_steps: int) -> list[int]:
     """The 'step' schedule's decay steps: as given, or 60% of the run (the reference's 6,000 of 10,000)."""
-    return args.lr_decay_steps or [max(1, round(0.6 * args.max_train_steps))]
+    return args.lr_decay_steps or [max(1, round(0.6 * max_train_steps))]
 
 
-def make_lr_scheduler(optimizer, args, num_processes: int):
-    """The reference's step decay (diffusers' piecewise_constant) or a diffusers schedule. A prepared scheduler is
-    stepped once per process per optimizer step, so every step count is multiplied by the process count."""
+def make_lr_scheduler(optimizer, args, num_processes: int, max_train_steps: int):
+    """The reference's step decay (diffusers' piecewise_constant) or a diffusers schedule over `max_train_steps`.
+    A prepared scheduler is stepped once per process per optimizer step, so every step count is multiplied by the
+    process count."""
     if args.lr_scheduler == "step":
-        rules = "".join(f"{args.lr_decay_factor ** i:g}:{step * num_processes},"
-                        for i, step in enumerate(decay_steps(args)))
-        rules += f"{args.lr_decay_factor ** len(decay_steps(args)):g}"
+        steps = decay_steps(args, max_train_steps)
+        rules = "".join(f"{args.lr_decay_factor ** i:g}:{step * num_processes}," for i, step in enumerate(steps))
+        rules += f"{args.lr_decay_factor ** len(steps):g}"
         return get_scheduler("piecewise_constant", optimizer=optimizer, step_rules=rules)
-    return lr_schedule(optimizer, args, num_processes)
+    return lr_schedule(optimizer, args, num_processes, max_train_steps)
 
 
 def split_data(splits, args):
@@ -354,10 +375,16 @@ def main(args):
     if len(train_ds) < args.train_batch_size * accelerator.num_processes:
         raise UserError(f"{len(train_ds)} training images, fewer than one batch of {args.train_batch_size} on each of "
                         f"{accelerator.num_processes} process(es); lower --train_batch_size")
-    config = load_classifier_config(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    if args.gradient_checkpointing and not classifier_class(config).supports_gradient_checkpointing:
-        raise UserError(f"--gradient_checkpointing: {classifier_class(config).__name__} does not support it")
-    processor = load_image_processor(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    # --max_train_steps or --num_train_epochs (the loader drops the last partial batch)
+    length = run_length(args, len(train_ds) // args.train_batch_size, accelerator.num_processes)
+    check_decay_steps(args, length.max_train_steps)
+    config = load_classifier_config(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
+                                    args.trust_remote_code)
+    model_class = classifier_class(config, args.pretrained_model_name_or_path, args.revision)
+    if args.gradient_checkpointing and not model_class.supports_gradient_checkpointing:
+        raise UserError(f"--gradient_checkpointing: {model_class.__name__} does not support it")
+    processor = load_image_processor(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
+                                     args.trust_remote_code)
     if args.resolution is not None:
         set_resolution(processor, args.resolution)
     size = input_size(processor)
@@ -382,7 +409,7 @@ def main(args):
         classifier = AutoModelForImageClassification.from_pretrained(
             args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-            ignore_mismatched_sizes=True)
+            ignore_mismatched_sizes=True, trust_remote_code=args.trust_remote_code)
     finally:
         loading.removeFilter(not_the_report)
     classifier.config.problem_type = "single_label_classification"
@@ -437,7 +464,7 @@ def main(args):
                                     weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=args.weight_decay)
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes, length.max_train_steps)
     model, optimizer, lr_scheduler, loader, eval_loader = accelerator.prepare(model, optimizer, lr_scheduler, loader,
                                                                               eval_loader)
     if accelerator.is_main_process:
@@ -451,25 +478,31 @@ def main(args):
 
     logger.info(f"{len(train_ds)} training and {len(eval_ds)} held-out images in {len(names)} classes; "
                 f"new head at {head_path} on {feature_dim} features; "
-                f"inputs {size[0]}x{size[1]}; {args.method}; steps {global_step} -> {args.max_train_steps}")
+                f"inputs {size[0]}x{size[1]}; {args.method}; steps {global_step} -> {length.max_train_steps}")
     logs, metrics = {}, {}
     model.train()
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+    progress = tqdm(range(length.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    while global_step < args.max_train_steps:
+    while global_step < length.max_train_steps:
         batch = next(train_iter)
         generator = step_generator(args.seed, accelerator.process_index, micro_step, "cpu")
         labels = batch["labels"]
         # The query view is drawn first, so that Bi-tuning with both contrastive weights 0 sees the same query
         # views as --method standard.
         views = [random_resized_views(batch["images"], size, generator, args.crop_scale, flip=args.random_flip)
-                 for _ in range(2 if bi_tuning else 1)]
+                 for _ in range(1 if args.method == "standard" else 2)]
         views = [normalise(v, rescale, mean, std) for v in views]
         start_of_step = micro_step % args.gradient_accumulation_steps == 0
         micro_step += 1
 
         with accelerator.accumulate(model):
-            query = model(views[0])
+            if args.method == "two_view_ce":  # one forward of both views; the first half is the query view
+                both = model(torch.cat(views))
+                query = both._replace(logits=both.logits[: len(labels)])
+                loss = F.cross_entropy(both.logits.float(), torch.cat([labels, labels]))
+                parts = {}
+            else:
+                query = model(views[0])
             if bi_tuning:
                 if start_of_step:  # once per optimizer step, before the keys are computed (the reference's order)
                     momentum_update(keys, accelerator.unwrap_model(model), args.key_momentum)
@@ -477,7 +510,7 @@ def main(args):
                     key = keys(views[1])
                 loss, parts = loss_fn(query, key, labels, accelerator.unwrap_model(model).head, queues,
                                       accelerator.gather)
-            else:
+            elif args.method == "standard":
                 loss = F.cross_entropy(query.logits.float(), labels)
                 parts = {}
             apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
@@ -490,9 +523,9 @@ def main(args):
                 "train_batch_accuracy": (query.logits.argmax(1) == labels).float().mean().item(),
                 "lr": lr_scheduler.get_last_lr()[0]}
         log_step(accelerator, progress, logs, global_step)
-        if global_step % args.checkpointing_steps == 0:
+        if global_step % length.checkpointing_steps == 0:
             checkpoint(accelerator, model, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
-        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < length.max_train_steps:
             metrics, _ = evaluate(model, eval_loader, accelerator, len(names))
             accelerator.log(metrics, step=global_step)
             logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -513,7 +546,7 @@ def main(args):
         write_json_atomically(os.path.join(args.output_dir, "all_results.json"), results)
         save_confusion_matrix(confusion, names, os.path.join(args.output_dir, "confusion_matrix.png"))
         write_card(args, names, len(train_ds), len(eval_ds), subset["validation"], metrics, logs,
-                   accelerator.mixed_precision, learning_rate)
+                   accelerator.mixed_precision, learning_rate, global_step)
         logger.info("held-out after the last step: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
@@ -547,12 +580,14 @@ def save_confusion_matrix(confusion: torch.Tensor, names, path: str) -> None:
     plt.close(fig)
 
 
-def write_card(args, names, num_train, num_eval, validation, metrics, last_logs, mixed_precision, learning_rate):
-    """`mixed_precision`: the effective one; `learning_rate` after --scale_lr."""
+def write_card(args, names, num_train, num_eval, validation, metrics, last_logs, mixed_precision, learning_rate,
+               steps):
+    """`mixed_precision`: the effective one; `learning_rate` after --scale_lr; `steps`: the optimizer steps
+    trained."""
     bi = args.method == "bi_tuning"
     label_share = (f"{args.train_fraction:g} of each class's images" if args.train_fraction is not None else
                    f"{args.samples_per_class} images per class" if args.samples_per_class is not None else "all labels")
-    hyper = {"method": args.method, "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
+    hyper = {"method": args.method, "steps": steps, "train_batch_size": args.train_batch_size,
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer":
              f"SGD (momentum {args.sgd_momentum}, nesterov {args.nesterov}, weight decay {args.weight_decay})"
              if args.optimizer == "sgd" else f"AdamW (weight decay {args.weight_decay})",
@@ -561,7 +596,8 @@ def write_card(args, names, num_train, num_eval, validation, metrics, last_logs,
              "held-out images": f"{num_eval} ({validation})", "crop_scale": " ".join(map(str, args.crop_scale)),
              "random_flip": args.random_flip, "mixed_precision": mixed_precision, "seed": args.seed}
     if args.lr_scheduler == "step":
-        hyper.update({"lr_decay_steps": " ".join(map(str, decay_steps(args))), "lr_decay_factor": args.lr_decay_factor})
+        hyper.update({"lr_decay_steps": " ".join(map(str, decay_steps(args, steps))),
+                      "lr_decay_factor": args.lr_decay_factor})
     if bi:
         hyper.update({"projector_lr_scale": args.projector_lr_scale, "queue_size": args.queue_size,
                       "temperature": args.temperature, "key_momentum": args.key_momentum,
@@ -574,7 +610,8 @@ def write_card(args, names, num_train, num_eval, validation, metrics, last_logs,
            "cross-entropy against the class directions and a projector head with a categorical contrastive loss "
            "over per-class queues of momentum-encoder keys. The projector and key encoder were used in training "
            "only; this folder holds the classifier alone." if bi else
-           "plain fine-tuning (cross-entropy, a new classification head).")
+           "plain fine-tuning (cross-entropy, a new classification head"
+           + (", averaged over two augmented views of each image)." if args.method == "two_view_ce" else ")."))
         + " Metrics are those of the last training step on held-out images (no best-of-run selection)."
     )
     repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)

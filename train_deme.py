@@ -14,6 +14,9 @@ encoder, `--caption_column`). Output: `out/range_{i}/`, a stock diffusers UNet f
 and `out/deme_manifest.json`. Defaults are the paper's DDPM CIFAR-10 setup.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import copy
 import gc
@@ -51,6 +54,7 @@ from utils.infra.training import (
     make_accelerator,
     make_ema,
     make_optimizer,
+    run_length,
     tracker_config,
     weight_dtype,
 )
@@ -245,7 +249,9 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
     rows = ds.with_transform(family.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                          **worker_options(args.dataloader_num_workers))
-    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, learning_rate)
+    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
+    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, learning_rate,
+                                             length.max_train_steps)
     ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
     unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
     if accelerator.is_main_process:
@@ -262,12 +268,12 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         prompts = args.validation_prompts or [c[0] if isinstance(c, list) else c for c in first]
     logger.info(f"range {index}: t in [{lo}, {hi}) with probability {1 - args.global_sample_prob:g}, else [0, {T}); "
                 f"{total:,} parameters, {extra:,} in channel projections ({args.channel_projection}); "
-                f"steps {global_step} -> {args.max_train_steps}")
+                f"steps {global_step} -> {length.max_train_steps}")
     logs = {}
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc=f"range {index}",
+    progress = tqdm(range(length.max_train_steps), initial=global_step, desc=f"range {index}",
                     disable=not accelerator.is_local_main_process)
 
-    while global_step < args.max_train_steps:
+    while global_step < length.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
         micro_step += 1
         with accelerator.accumulate(unet), accelerator.autocast():
@@ -283,7 +289,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         if ema is not None:
             ema.step(unet.parameters())
         log_step(accelerator, progress, logs, global_step)
-        if global_step % args.checkpointing_steps == 0:
+        if global_step % length.checkpointing_steps == 0:
             checkpoint(accelerator, unet, global_step, out, args.checkpoints_total_limit, identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             with averaged_weights(accelerator.unwrap_model(unet), ema) as model, accelerator.autocast():
@@ -315,7 +321,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         write_range_record(out, index, args.num_ranges, time_range, T, args.pretrained_model_name_or_path,
                            args.channel_projection)
         write_card(args, out, index, time_range, T, family, total, extra, logs, accelerator.mixed_precision,
-                   learning_rate)
+                   learning_rate, global_step)
         if args.push_to_hub:
             repo = hub.push_folder(out, f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}",
                                    args.hub_token, args.hub_private_repo)
@@ -328,9 +334,10 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
 
 
 
-def write_card(args, out, index, time_range, T, family, total, extra, last_logs, mixed_precision, learning_rate):
+def write_card(args, out, index, time_range, T, family, total, extra, last_logs, mixed_precision, learning_rate,
+               steps):
     """`mixed_precision`: the effective one (also when accelerate's config set it); `learning_rate` after
-    --scale_lr."""
+    --scale_lr; `steps`: the optimizer steps trained."""
     lo, hi = time_range
     hyper = {"range_index": f"{index} of {args.num_ranges}", "timesteps": f"[{lo}, {hi}) of [0, {T})",
              "global_sample_prob": args.global_sample_prob, "global_sample_mode": args.global_sample_mode,
@@ -339,7 +346,7 @@ def write_card(args, out, index, time_range, T, family, total, extra, last_logs,
              "channel_projection_parameters": f"{extra:,} ({100 * extra / total:.2f}% of {total:,}; "
                                               + ("folded into the convs" if args.channel_projection == "foldable"
                                                  else "not folded") + ")",
-             "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
+             "steps": steps, "train_batch_size": args.train_batch_size,
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": learning_rate,
              "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": mixed_precision,
              "seed": args.seed}

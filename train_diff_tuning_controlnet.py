@@ -15,6 +15,9 @@ Defaults reproduce the paper: 512 px, batch 4 (2 bank + 2 data rows), lr 1e-5 co
 5,000-sample bank, control fidelity every 100 steps with 50 sampling steps.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import copy
 import logging
@@ -73,6 +76,7 @@ from utils.infra.training import (
     make_accelerator,
     make_ema,
     make_optimizer,
+    run_length,
     tracker_config,
     weight_dtype,
 )
@@ -495,6 +499,7 @@ def main(args):
     bank_loader = None
     if bank is not None:
         bank_loader = diff_tuning.bank_loader(BankRows(bank, args), lambda b: b, workers)
+    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
     if args.use_8bit_adam:
@@ -502,7 +507,7 @@ def main(args):
 
         optimizer_class = bnb.optim.AdamW8bit
     optimizer, lr_scheduler = make_optimizer(controlnet.parameters(), args, accelerator, learning_rate,
-                                             optimizer_class)
+                                             length.max_train_steps, optimizer_class)
     ema = make_ema(controlnet, args.ema_decay, accelerator) if args.use_ema else None
     controlnet, optimizer, lr_scheduler, loader = accelerator.prepare(controlnet, optimizer, lr_scheduler, loader)
     if bank_loader is not None:
@@ -542,7 +547,7 @@ def main(args):
 
     logger.info(f"{len(ds)} training rows, {len(rows)} held-out rows; memory bank: "
                 f"{len(bank) if bank is not None else 0} rows; per micro-batch {diff_tuning.n_bank} bank + "
-                f"{n_data} data rows; steps {global_step} -> {args.max_train_steps}")
+                f"{n_data} data rows; steps {global_step} -> {length.max_train_steps}")
     if (args.validation_steps and global_step % args.validation_steps == 0
             and not any(p["step"] == global_step for p in tracker.points)):
         track(global_step)  # step 0 (the untrained ControlNet), or a due evaluation a kill interrupted
@@ -551,9 +556,9 @@ def main(args):
                            f"--convergence_threshold {threshold:g}: the convergence step will say nothing; choose a "
                            "threshold the untrained model does not reach (recorded in convergence.json)")
     logs = {}
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+    progress = tqdm(range(length.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    while global_step < args.max_train_steps:
+    while global_step < length.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
         micro_step += 1
         with accelerator.accumulate(controlnet):
@@ -570,7 +575,7 @@ def main(args):
         if ema is not None:
             ema.step(controlnet.parameters())
         log_step(accelerator, progress, logs, global_step)
-        if global_step % args.checkpointing_steps == 0:  # each checkpoint also holds a loadable controlnet/ folder
+        if global_step % length.checkpointing_steps == 0:  # each checkpoint also holds a loadable controlnet/ folder
             checkpoint(accelerator, controlnet, global_step, args.output_dir, args.checkpoints_total_limit,
                        identity, logger, save_extra=lambda folder: accelerator.unwrap_model(
                            controlnet, keep_fp32_wrapper=False).save_pretrained(os.path.join(folder, "controlnet")))
@@ -603,7 +608,7 @@ def main(args):
         bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
                                               or "generated for this run")
         write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_fields,
-                   annotator.settings)
+                   annotator.settings, global_step)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
@@ -637,12 +642,13 @@ def extra_grids(parts, controlnet, args, device):
 
 
 def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_fields,
-               annotator_settings):
-    """`bank_fields`: the method's card fields (empty for standard training)."""
+               annotator_settings, steps):
+    """`bank_fields`: the method's card fields (empty for standard training); `steps`: the optimizer steps
+    trained."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard ControlNet training"
     metric, higher, _ = METRICS[args.condition]
     hyper = {"method": args.method, "condition": args.condition, "annotator": str(annotator_settings),
-             "steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
+             "steps": steps, "train_batch_size": args.train_batch_size,
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": learning_rate,
              "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
              "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,

@@ -12,6 +12,9 @@ samples (their labels, t ~ psi, "adaptation"). `--method standard` is plain fine
 Defaults reproduce the paper's DiT setup; see the README for where they differ from the official code.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import json
 import logging
@@ -72,6 +75,7 @@ from utils.infra.training import (
     make_accelerator,
     make_ema,
     make_optimizer,
+    run_length,
     tracker_config,
     weight_dtype,
 )
@@ -271,12 +275,13 @@ def main(args):
     bank_loader = None
     if bank is not None:
         bank_loader = diff_tuning.bank_loader(ArrowBatches(bank, DiT.bank_columns()), as_batch, workers)
+    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
 
     # ---- Optimisation.
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     lr = learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
     optimizer, lr_scheduler = make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
-                                             accelerator, lr)
+                                             accelerator, lr, length.max_train_steps)
     ema = make_ema(transformer, args.ema_decay, accelerator) if args.use_ema else None
     transformer, optimizer, lr_scheduler, loader = accelerator.prepare(transformer, optimizer, lr_scheduler, loader)
     if bank_loader is not None:
@@ -296,14 +301,14 @@ def main(args):
                 f"{len(bank) if bank is not None else 0} samples; per micro-batch {diff_tuning.n_bank} bank + "
                 f"{diff_tuning.n_data} data rows")
     logger.info(f"{args.tuning} tuning: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
-                f"steps {global_step} -> {args.max_train_steps}")
+                f"steps {global_step} -> {length.max_train_steps}")
     validation_classes = [i % len(names) for i in range(args.num_validation_images)]
     logs = {}
     transformer.train()
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+    progress = tqdm(range(length.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
 
-    while global_step < args.max_train_steps:
+    while global_step < length.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
         micro_step += 1
         with accelerator.accumulate(transformer):
@@ -320,7 +325,7 @@ def main(args):
         if ema is not None:
             ema.step(transformer.parameters())
         log_step(accelerator, progress, logs, global_step)
-        if global_step % args.checkpointing_steps == 0:
+        if global_step % length.checkpointing_steps == 0:
             checkpoint(accelerator, transformer, global_step, args.output_dir, args.checkpoints_total_limit,
                        identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
@@ -357,7 +362,7 @@ def main(args):
         bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
                                               or "generated for this run")
         write_card(args, names, bank_fields, trainable, total, logs, accelerator.mixed_precision, learning_rate,
-                   difffit_blocks)
+                   difffit_blocks, global_step)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
@@ -387,13 +392,14 @@ def save_pipeline(transformer, vae, scheduler, names, output_dir):
 
 
 def write_card(args, names, bank_fields, trainable, total, last_logs, mixed_precision, learning_rate,
-               difffit_blocks):
+               difffit_blocks, steps):
     """`bank_fields`: the method's card fields (empty for standard fine-tuning); `mixed_precision`: the effective
-    one (also when accelerate's config set it); `learning_rate` after --scale_lr; `difffit_blocks` as resolved."""
+    one (also when accelerate's config set it); `learning_rate` after --scale_lr; `difffit_blocks` as resolved;
+    `steps`: the optimizer steps trained."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard fine-tuning"
     tuning = {"full": "all weights", "bitfit": "bias terms only (BitFit)", "lora": "LoRA adapters",
               "difffit": "DiffFit (biases, class embedding, scale factors)"}[args.tuning]
-    hyper = {"method": args.method, "tuning": args.tuning, "steps": args.max_train_steps,
+    hyper = {"method": args.method, "tuning": args.tuning, "steps": steps,
              "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
              "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
              "label_dropout": args.label_dropout, "use_ema": args.use_ema, "mixed_precision": mixed_precision,

@@ -21,6 +21,9 @@ bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction
 refused in one line.
 """
 
+import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
+
+# isort: split
 import argparse
 import logging
 import os
@@ -76,6 +79,7 @@ from utils.infra.training import (
     make_accelerator,
     make_ema,
     make_optimizer,
+    run_length,
     tracker_config,
     weight_dtype,
 )
@@ -336,13 +340,15 @@ def main(args):
         ds.with_transform(family.transform(args.image_column, caption_column, args.resolution)),
         batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, **workers)
     bank_loader = diff_tuning.bank_loader(family.bank_dataset(bank), as_batch, workers) if bank is not None else None
+    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
-    optimizer, lr_scheduler = make_optimizer(params, args, accelerator, learning_rate, optimizer_class)
+    optimizer, lr_scheduler = make_optimizer(params, args, accelerator, learning_rate, length.max_train_steps,
+                                             optimizer_class)
     ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
     unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
     if args.train_text_encoder:
@@ -383,11 +389,11 @@ def main(args):
     logger.info(f"{len(ds)} training images; memory bank: {len(bank) if bank is not None else 0} rows "
                 f"({bank_condition} condition); per micro-batch {diff_tuning.n_bank} bank + {diff_tuning.n_data} "
                 f"data rows; {args.tuning}: {trainable:,} of {total:,} UNet parameters train; "
-                f"steps {global_step} -> {args.max_train_steps}")
+                f"steps {global_step} -> {length.max_train_steps}")
     logs, validated = {}, {}
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+    progress = tqdm(range(length.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    while global_step < args.max_train_steps:
+    while global_step < length.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
         micro_step += 1
         with accelerator.accumulate(unet, *([text_encoder] if args.train_text_encoder else [])), \
@@ -407,7 +413,7 @@ def main(args):
         log_step(accelerator, progress, logs, global_step)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             validated = {global_step: validate(global_step)}
-        if global_step % args.checkpointing_steps == 0:  # after the step's records: a resume continues them
+        if global_step % length.checkpointing_steps == 0:  # after the step's records: a resume continues them
             checkpoint(accelerator, unet, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
     progress.close()
 
@@ -436,7 +442,7 @@ def main(args):
                 os.path.join(args.output_dir, "before_after.png"))
             probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
         write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, logs, accelerator.mixed_precision,
-                   learning_rate, probe, validation_prompts)
+                   learning_rate, probe, validation_prompts, global_step)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
@@ -452,10 +458,11 @@ def main(args):
 
 
 def write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, last_logs, mixed_precision,
-               learning_rate, probe, validation_prompts):
+               learning_rate, probe, validation_prompts, steps):
+    """`steps`: the optimizer steps trained."""
     method = {"diff_tuning": "Diff-Tuning", "standard": "standard fine-tuning",
               PRIOR_PRESERVATION: "DreamBooth prior preservation"}[args.method]
-    hyper = {"method": args.method, "tuning": args.tuning, "steps": args.max_train_steps,
+    hyper = {"method": args.method, "tuning": args.tuning, "steps": steps,
              "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
              "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
              "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,

@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoModelForImageClassification,
     BertConfig,
     ConvNextConfig,
@@ -36,7 +37,8 @@ from transformers import (
 )
 
 import train_bi_tuning as script
-from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, run_main
+from fixtures.in_process import run_script
+from fixtures.testing import ROOT, cli_error, cli_help, killed_at_first_checkpoint, run_main
 from utils.families.image_classifiers import find_head, replace_head
 from utils.infra.data import per_class_subset, stratified_split
 from utils.infra.errors import UserError
@@ -274,6 +276,105 @@ def test_both_contrastive_weights_zero_train_exactly_as_standard(classifier_dirs
     assert standard.queues is None and standard.model.projector is None
 
 
+def test_two_view_control_trains_on_both_views(classifier_dirs, digits_dir, tmp_path, monkeypatch):
+    """--method two_view_ce (the benchmark's control): the same query view as standard plus a second one, cross-
+    entropy averaged over both, no projector or queues; a stock classifier whose card says so."""
+    drawn = []
+    real = script.random_resized_views
+    monkeypatch.setattr(script, "random_resized_views", lambda *a, **k: drawn.append(real(*a, **k)) or
+                        drawn[-1])
+    standard = train(classifier_dirs["resnet"], digits_dir, tmp_path / "standard", "--method", "standard")
+    first_standard, drawn[:] = drawn[0], []
+    control = train(classifier_dirs["resnet"], digits_dir, tmp_path / "control", "--method", "two_view_ce")
+    assert torch.equal(drawn[0], first_standard) and not torch.equal(drawn[0], drawn[1])  # query view first
+    assert control.queues is None and control.model.projector is None
+    a, b = standard.model.classifier.state_dict(), control.model.classifier.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert "averaged over two augmented views" in (tmp_path / "control" / "README.md").read_text()
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "control").config.num_labels == \
+        standard.model.classifier.config.num_labels
+
+
+def test_transformers_example_flags_epochs_and_epoch_checkpoints(classifier_dirs, digits_dir, tmp_path):
+    """run_image_classification_no_trainer.py's flags: --num_train_epochs sets the length from the data (drop_last
+    batches of the training rows), --checkpointing_steps epoch saves after each pass, --with_tracking is accepted."""
+    out = tmp_path / "out"
+    run_script(script, ["--model_name_or_path", classifier_dirs["resnet"], "--train_dir", digits_dir, "--output_dir",
+                        str(out), "--per_device_train_batch_size", "16", "--num_train_epochs", "2",
+                        "--checkpointing_steps", "epoch", "--with_tracking", "--validation_steps", "0",
+                        "--queue_size", "4", "--projection_dim", "8", "--per_device_eval_batch_size", "32"])
+    rows = json.loads((out / "all_results.json").read_text())["train_samples"]
+    per_epoch = rows // 16
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted([f"checkpoint-{per_epoch}",
+                                                                      f"checkpoint-{2 * per_epoch}"])
+    assert json.loads((out / "all_results.json").read_text())["step"] == 2 * per_epoch
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    with pytest.raises(SystemExit):  # argparse: one of the two lengths
+        script.parse_args(["--model_name_or_path", "x", "--dataset", "y", "--max_train_steps", "5",
+                           "--num_train_epochs", "1"])
+    assert "--with_tracking and --report_to none" in cli_error(script, [
+        "--model_name_or_path", "x", "--dataset", "y", "--output_dir", str(tmp_path / "n"), "--with_tracking",
+        "--report_to", "none"])
+
+
+REMOTE_CONFIG = '''from transformers import PretrainedConfig
+
+
+class TinyConvConfig(PretrainedConfig):
+    model_type = "tiny-conv-remote"
+
+    def __init__(self, width=8, num_channels=3, **kwargs):
+        self.width, self.num_channels = width, num_channels
+        super().__init__(**kwargs)
+'''
+REMOTE_MODEL = '''import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .configuration_tiny import TinyConvConfig
+
+
+class TinyConvClassifier(PreTrainedModel):
+    config_class = TinyConvConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(config.num_channels, config.width, 3, padding=1),
+                                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.classifier = torch.nn.Linear(config.width, config.num_labels)
+        self.post_init()
+
+    def forward(self, pixel_values, labels=None, **kwargs):
+        return ImageClassifierOutput(logits=self.classifier(self.features(pixel_values)))
+'''
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(digits_dir, tmp_path):
+    """A repository whose config's auto_map names its own image-classification class: refused in one line without
+    --trust_remote_code, trained with it; the output loads with trust_remote_code."""
+    model_dir = tmp_path / "remote"
+    model_dir.mkdir()
+    (model_dir / "configuration_tiny.py").write_text(REMOTE_CONFIG)
+    (model_dir / "modeling_tiny.py").write_text(REMOTE_MODEL)
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "tiny-conv-remote", "width": 8, "num_channels": 3, "num_labels": 3,
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyConvConfig",
+                     "AutoModelForImageClassification": "modeling_tiny.TinyConvClassifier"}}))
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    remote = AutoModelForImageClassification.from_config(config, trust_remote_code=True)
+    remote.save_pretrained(model_dir)  # weights beside the code, as on the Hub
+    argv = ["--model_name_or_path", str(model_dir), "--dataset", digits_dir, "--output_dir", str(tmp_path / "out"),
+            *FAST[2:]]
+    assert "pass --trust_remote_code" in cli_error(script, argv)
+    assert not (tmp_path / "out").exists()
+    result = run_script(script, [*argv, "--trust_remote_code", "--train_batch_size", "8"])
+    assert type(result.model.classifier).__name__ == "TinyConvClassifier" and result.model.head.out_features == 10
+    trained = AutoModelForImageClassification.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert not torch.equal(trained.features[0].weight, remote.features[0].weight)
+
+
 def test_resume_gives_identical_weights_queues_and_pointers(classifier_dirs, digits_dir, tmp_path, monkeypatch):
     """Crash right after the step-3 checkpoint, resume: the same classifier, projector, key encoder and queues as an
     uninterrupted run; with accumulation every micro-batch's keys are enqueued (K = 100 never wraps here)."""
@@ -316,7 +417,7 @@ def test_step_decay_happens_at_the_same_optimizer_step_on_any_process_count():
         args = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--max_train_steps",
                                   "10", "--lr_decay_steps", "4", "7"])
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = script.make_lr_scheduler(optimizer, args, processes)
+        scheduler = script.make_lr_scheduler(optimizer, args, processes, args.max_train_steps)
         lrs = []
         for _ in range(10):
             lrs.append(round(scheduler.get_last_lr()[0], 6))
@@ -325,7 +426,7 @@ def test_step_decay_happens_at_the_same_optimizer_step_on_any_process_count():
                 scheduler.step()
         assert lrs == [1.0] * 4 + [0.1] * 3 + [0.01] * 3
     default = script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y"])
-    assert script.decay_steps(default) == [6000]  # the reference: x0.1 at 6,000 of 10,000
+    assert script.decay_steps(default, default.max_train_steps) == [6000]  # the reference: x0.1 at 6,000 of 10,000
 
 
 def test_push_uploads_the_classifier_and_never_the_training_state(classifier_dirs, digits_dir, tmp_path,

@@ -137,6 +137,16 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, control_digits_dir, ba
             == json.loads((tmp_path / "resumed" / "convergence.json").read_text()))
 
 
+def test_num_train_epochs_and_epoch_checkpoints(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path):
+    """diffusers' --num_train_epochs: 48 rows, batches of 8 data rows (standard), accumulation 2: 3 steps a pass."""
+    out = tmp_path / "out"
+    train(tiny_sd_dir, control_digits_dir, out, "--method", "standard", "--train_batch_size", "8",
+          "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+          "--validation_steps", "0", "--lr_scheduler", "linear")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert "| `steps` | `6` |" in (out / "README.md").read_text()
+
+
 def test_a_resume_between_evaluations_adds_no_evaluation(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path,
                                                          monkeypatch):
     """Checkpoints at step 3, evaluations every 2: the resumed run's curve is the uninterrupted one's (0, 2, 4),
@@ -448,6 +458,7 @@ def test_a_bad_input_ends_with_one_error_line_and_no_traceback(tiny_sd_dir, cont
                            "--condition", "depth"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --condition depth needs --annotator_model")
+    assert "requires torchvision" not in proc.stderr  # utils.infra.quiet: no note we cause on purpose
 
 
 def test_custom_annotator_from_a_file(tiny_sd_dir, control_digits_dir, tmp_path):

@@ -1,5 +1,6 @@
 import glob
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -391,3 +392,28 @@ def test_checkpoint_rotation_keeps_the_newest(tiny_pipeline_dir, digits_dir, tmp
     train(tiny_pipeline_dir, digits_dir, tmp_path, "--method", "standard", "--max_train_steps", "5",
           "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_loading_a_dit_pipeline_with_class_names_prints_no_type_note(tiny_pipeline_dir, tmp_path):
+    """model_index.json's id2label (string keys, as the Hub's DiT) loads without diffusers' "Expected types for
+    id2label" note; other pipeline warnings still get through."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from utils.families.dit import DiT
+
+    folder = tmp_path / "named"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "id2label": {"0": "zero", "1": "one"}}))
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    library = diffusers_logging.get_logger("diffusers")
+    library.addHandler(handler)
+    try:
+        pipe = DiT.load(str(folder))
+        diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").warning("Expected types for unet: x")
+    finally:
+        library.removeHandler(handler)
+    assert pipe.labels == {"zero": 0, "one": 1}
+    assert not any("id2label" in m for m in seen) and "Expected types for unet: x" in seen

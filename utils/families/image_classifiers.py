@@ -17,13 +17,23 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_classifier_config(name: str, revision=None, cache_dir=None):
+REMOTE_CLASS = "AutoModelForImageClassification"  # the auto_map entry of a model with its own code on the Hub
+
+
+def load_classifier_config(name: str, revision=None, cache_dir=None, trust_remote_code: bool = False):
     """The model's config, refused in one line when it is missing or not an image classifier (before any weights
-    load). timm models (transformers' `timm_wrapper`) need timm, which is imported only for them."""
+    load). timm models (transformers' `timm_wrapper`) need timm, which is imported only for them. A model with its
+    own code (an `auto_map` naming an image-classification class) loads only with `trust_remote_code`."""
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, cache_dir=cache_dir)
+        config = AutoConfig.from_pretrained(name, revision=revision, cache_dir=cache_dir,
+                                            trust_remote_code=trust_remote_code)
     except Exception as e:  # a missing folder, a diffusers pipeline (no config.json), offline Hub id...
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{name} runs its own code (its config names Python files in the repository); pass "
+                            "--trust_remote_code if you trust it") from e
         raise UserError(f"cannot load a transformers model config from {name!r}: {_first_line(e)}") from e
+    if REMOTE_CLASS in (getattr(config, "auto_map", None) or {}):
+        return config  # the repository's own classifier class (trust_remote_code was given: the config loaded)
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         raise UserError(f"{name} is a {config.model_type!r} model, which transformers has no image-classification "
                         "class for (AutoModelForImageClassification); give an image classifier or backbone "
@@ -38,14 +48,21 @@ def load_classifier_config(name: str, revision=None, cache_dir=None):
     return config
 
 
-def classifier_class(config):
-    """The AutoModelForImageClassification class of `config` (without instantiating it)."""
+def classifier_class(config, name: str | None = None, revision=None):
+    """The AutoModelForImageClassification class of `config` (without instantiating it): transformers' own, or the
+    one a model with its own code names in its `auto_map` (`name`: where that code lives)."""
+    remote = (getattr(config, "auto_map", None) or {}).get(REMOTE_CLASS)
+    if remote:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(remote, name, revision=revision)
     return AutoModelForImageClassification._model_mapping[type(config)]
 
 
-def load_image_processor(name: str, revision=None, cache_dir=None):
+def load_image_processor(name: str, revision=None, cache_dir=None, trust_remote_code: bool = False):
     try:
-        return AutoImageProcessor.from_pretrained(name, revision=revision, cache_dir=cache_dir)
+        return AutoImageProcessor.from_pretrained(name, revision=revision, cache_dir=cache_dir,
+                                                  trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"cannot load the image processor of {name!r} (its preprocessor_config.json says how images "
                         f"are resized and normalised): {_first_line(e)}") from e

@@ -8,6 +8,7 @@ import importlib.util
 import math
 import os
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     """The "optimisation" flag group; defaults are the paper's (`paper` names the setup in the help)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=batch_size, help=batch_help)
-    g.add_argument("--max_train_steps", type=int, default=max_train_steps, help=f"Optimizer steps ({paper}).")
+    add_run_length_args(g, max_train_steps, f"Optimizer steps ({paper}).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     g.add_argument("--learning_rate", type=float, default=learning_rate, help=f"Adam learning rate ({paper}).")
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
@@ -66,6 +67,42 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     return g
 
 
+def add_run_length_args(g, max_train_steps: int, help: str) -> None:
+    """--max_train_steps, or diffusers' and transformers' --num_train_epochs instead (one of the two)."""
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--max_train_steps", type=int, default=max_train_steps, help=help)
+    length.add_argument("--num_train_epochs", type=int, default=None,
+                        help="Train for this many passes over the training data instead of --max_train_steps (the "
+                             "step count is derived from the data, the batch, the accumulation and the processes).")
+
+
+def steps_or_epoch(value: str):
+    """--checkpointing_steps: a number of optimizer steps, or 'epoch' (after every pass over the data)."""
+    if value == "epoch":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'epoch', got {value!r}") from None
+
+
+class RunLength(NamedTuple):
+    """How long a run is, in optimizer steps, once the data is known (`run_length`)."""
+    max_train_steps: int  # --max_train_steps, or --num_train_epochs x steps_per_epoch
+    checkpointing_steps: int  # --checkpointing_steps, or steps_per_epoch for 'epoch'
+    steps_per_epoch: int  # optimizer steps of one pass over the training data by every process
+
+
+def run_length(args, batches_per_epoch: int, num_processes: int) -> RunLength:
+    """The run's length from the flags and the training loader's batches per pass (before `prepare`), counted as
+    diffusers' examples do: the batches are split over the processes, then grouped by the accumulation."""
+    per_process = math.ceil(batches_per_epoch / num_processes)
+    steps_per_epoch = max(1, math.ceil(per_process / args.gradient_accumulation_steps))
+    total = args.max_train_steps if args.num_train_epochs is None else args.num_train_epochs * steps_per_epoch
+    every = steps_per_epoch if args.checkpointing_steps == "epoch" else args.checkpointing_steps
+    return RunLength(total, every, steps_per_epoch)
+
+
 def add_lr_shape_args(g) -> None:
     """diffusers' --lr_num_cycles and --lr_power, for the schedules that take them."""
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
@@ -77,8 +114,8 @@ def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, val
     """Checkpoints, validation, logging and Hub flags (a script adds its own validation options to the group);
     `sampling`: the validation-grid flags of a generative model."""
     g = p.add_argument_group("checkpoints, validation, logging, Hub")
-    g.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps,
-                   help="Save resumable state every N steps.")
+    g.add_argument("--checkpointing_steps", type=steps_or_epoch, default=checkpointing_steps,
+                   help="Save resumable state every N optimizer steps, or 'epoch': after every pass over the data.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
     g.add_argument("--overwrite_output_dir", action="store_true",
@@ -107,9 +144,9 @@ def check_common_args(args, positive=(), finished: str = "README.md"):
             and not args.overwrite_output_dir):
         raise UserError(f"--output_dir {args.output_dir} holds a finished run; pass --resume_from_checkpoint latest to "
                         "continue it, --overwrite_output_dir to train it again from step 0, or choose a new folder")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "num_validation_images", "validation_inference_steps", *positive):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+    for name in ("train_batch_size", "max_train_steps", "num_train_epochs", "gradient_accumulation_steps",
+                 "checkpointing_steps", "num_validation_images", "validation_inference_steps", *positive):
+        if getattr(args, name, None) not in (None, "epoch") and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
@@ -151,6 +188,13 @@ def make_accelerator(args, project_dir: str, logging_dir: str) -> Accelerator:
         # Epoch e always shuffles the same way, so a resumed run can skip to the exact batch it stopped at.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # accelerate 1.x turns on FSDP only over GPUs (or other accelerators): an FSDP config with use_cpu starts N
+        # processes that each train alone and would overwrite each other's outputs
+        raise UserError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes} "
+                        f"({accelerator.distributed_type.value}); FSDP and DeepSpeed need GPUs (on CPU, launch "
+                        "without them: data parallel over gloo)")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -172,19 +216,19 @@ def weight_dtype(accelerator) -> torch.dtype:
     return precision_dtype(accelerator.mixed_precision)
 
 
-def make_optimizer(params, args, accelerator, lr: float, optimizer_class=None):
-    """AdamW (or `optimizer_class`, e.g. bitsandbytes' 8-bit AdamW) and the lr schedule over max_train_steps
-    (scheduler steps count every process, as accelerate does)."""
+def make_optimizer(params, args, accelerator, lr: float, max_train_steps: int, optimizer_class=None):
+    """AdamW (or `optimizer_class`, e.g. bitsandbytes' 8-bit AdamW) and the lr schedule over the run's
+    `max_train_steps` (scheduler steps count every process, as accelerate does)."""
     optimizer = (optimizer_class or torch.optim.AdamW)(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    return optimizer, lr_schedule(optimizer, args, accelerator.num_processes)
+    return optimizer, lr_schedule(optimizer, args, accelerator.num_processes, max_train_steps)
 
 
-def lr_schedule(optimizer, args, num_processes: int):
-    """diffusers' schedule `--lr_scheduler` over max_train_steps, with --lr_warmup_steps, --lr_num_cycles and
+def lr_schedule(optimizer, args, num_processes: int, max_train_steps: int):
+    """diffusers' schedule `--lr_scheduler` over `max_train_steps`, with --lr_warmup_steps, --lr_num_cycles and
     --lr_power (a prepared scheduler steps once per process per optimizer step: counts scale with the processes)."""
     return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                         num_training_steps=args.max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
+                         num_training_steps=max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
                          power=args.lr_power)
 
 
