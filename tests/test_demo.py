@@ -45,3 +45,16 @@ def test_transfer_figure_measures_both_models(tiny_pipeline_dir, tmp_path, monke
     assert set(report) == {"pre-trained", "fine-tuned"} and (tmp_path / "t.png").exists()
     for r in report.values():
         assert 0 <= r["rate"] <= 1 and r["classifier_held_out_accuracy"] >= 0.8
+
+
+def test_a_cached_source_of_other_settings_is_refused_not_reused(tmp_path):
+    """The demo caches its source model; one pre-trained with other settings (an older, shorter demo) is named and
+    refused, never silently reused or deleted."""
+    from fixtures.testing import run_module
+
+    cached = tmp_path / "source"
+    cached.mkdir()
+    (cached / "model_index.json").write_text("{}")
+    proc = run_module("fixtures.small_dit", "--output_dir", str(cached), "--dit_steps", "8000", check=False)
+    assert proc.returncode == 1 and "pre-trained with other settings (None)" in proc.stderr
+    assert (cached / "model_index.json").exists()

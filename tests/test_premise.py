@@ -1,0 +1,122 @@
+"""check_premise.py: the chain-of-forgetting premise measured on a user's data before training."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import check_premise as script
+from fixtures.in_process import run_script
+from fixtures.testing import TEST_EXTRACTOR, cli_error, cli_help
+
+
+@pytest.fixture(scope="module")
+def small_source(tmp_path_factory):
+    """A small DiT with a trained VAE, pre-trained briefly on MNIST digits (its own data): (model, its data)."""
+    import train_diff_tuning_dit
+    from fixtures.offline_data import mnist_5k, write_image_folder
+    from fixtures.small_dit import build_pipeline, train_vae
+    from utils.infra.data import to_tensor
+
+    root = tmp_path_factory.mktemp("premise")
+    images, labels, names = mnist_5k()
+    order = np.random.default_rng(0).permutation(len(images))[:1200]
+    data = write_image_folder(images[order], labels[order], names, str(root / "mnist"))
+    pipe = build_pipeline(resolution=16, vae_channels=(16, 32), hidden=(2, 32), layers=4)
+    train_vae(pipe.vae, torch.stack([to_tensor(Image.fromarray(i), 16) for i in images[order]]), 200)
+    pipe.save_pretrained(root / "init")
+    run_script(train_diff_tuning_dit, [
+        "--pretrained_model_name_or_path", str(root / "init"), "--dataset", data, "--output_dir", str(root / "dit"),
+        "--method", "standard", "--resolution", "16", "--train_batch_size", "64", "--learning_rate", "1e-3",
+        "--max_train_steps", "600", "--cache_latents", "--no-random_flip", "--checkpointing_steps", "1000",
+        "--validation_steps", "0", "--report_to", "none", "--skip_image_check"])
+    return str(root / "dit"), data
+
+
+@pytest.fixture(scope="module")
+def photo_patches(tmp_path_factory):
+    """16 px patches of sklearn's two sample photographs: data unrelated to digits."""
+    from sklearn.datasets import load_sample_images
+
+    folder = tmp_path_factory.mktemp("patches") / "x"
+    folder.mkdir()
+    photos, rng = load_sample_images().images, np.random.default_rng(0)
+    for i in range(64):
+        photo = photos[i % 2]
+        y, x = rng.integers(0, photo.shape[0] - 64), rng.integers(0, photo.shape[1] - 64)
+        Image.fromarray(photo[y:y + 64, x:x + 64]).resize((16, 16), Image.BILINEAR).save(folder / f"{i:03d}.png")
+    return str(folder.parent)
+
+
+def check(model, data, out, *extra):
+    return run_script(script, ["--pretrained_model_name_or_path", model, "--dataset", data, "--output_dir", str(out),
+                               "--num_images", "32", "--num_inference_steps", "20", "--feature_extractor",
+                               TEST_EXTRACTOR, *extra])
+
+
+def test_premise_holds_on_the_sources_data_and_not_on_unrelated_images(small_source, photo_patches, tmp_path):
+    """The small-t error ratio tells the source's own kind of data from photographs; with the hand-off threshold
+    opened (a 600-step source damages what it finishes), that measure decides the verdict."""
+    model, mnist = small_source
+    same = check(model, mnist, tmp_path / "same", "--max_handoff_cost", "10")
+    other = check(model, photo_patches, tmp_path / "other", "--max_handoff_cost", "10")
+    assert same["error_ratio"][0] <= 1.25 < other["error_ratio"][0]
+    assert same["premise_holds"] and "premise holds" in same["verdict"]
+    assert not other["premise_holds"] and "worse than its own samples" in other["verdict"]
+    written = json.loads((tmp_path / "same" / "premise.json").read_text())
+    assert written["premise_holds"] and set(written["handoff_cost"]) == {"0.1", "0.2"}
+    assert os.path.getsize(tmp_path / "same" / "premise.png") > 0
+    # the rule as written: the default hand-off limit applied to the same numbers
+    strict = script.verdict(same["error_ratio"], {0.1: same["handoff_cost"]["0.1"], 0.2: 0.0},
+                            script.parse_args(["--pretrained_model_name_or_path", model, "--dataset", mnist,
+                                               "--output_dir", str(tmp_path / "n")]))
+    assert strict[0] == (same["handoff_cost"]["0.1"] <= 0.05)
+
+
+def test_a_larger_hand_off_starts_from_more_noise(small_source):
+    """Handing over the last 5% of 20 DDIM steps (one step, from t near 0) returns latents close to the input;
+    handing over half starts from far more noise, and returns latents further from it."""
+    from diffusers import DDPMScheduler
+
+    from utils.families.dit import DiT
+
+    model, _ = small_source
+    pipe = DiT.load(model)
+    family = DiT(pipe.transformer, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config), "cpu")
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    null = {"class_labels": torch.full((4,), family.null_class)}
+    small = script.hand_off(family, pipe.transformer, latents, null, 0.05, 20, 0, 4)
+    large = script.hand_off(family, pipe.transformer, latents, null, 0.5, 20, 0, 4)
+    assert (small - latents).abs().mean() < (large - latents).abs().mean()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--handoff_fractions", "0"], "--handoff_fractions must lie in (0, 1]"),
+    (["--num_images", "0"], "--num_images must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--feature_extractor", "nonsense"], "unknown --feature_extractor"),
+])
+def test_bad_input_is_refused_before_weights_load(extra, message, tiny_pipeline_dir, digits_dir, tmp_path,
+                                                  monkeypatch):
+    import utils.families.dit as dit
+
+    monkeypatch.setattr(dit.DiT, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    argv = ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--dataset", digits_dir, "--output_dir",
+            str(tmp_path / "out"), *extra]
+    assert message in cli_error(script, argv)
+    assert not (tmp_path / "out" / "premise.json").exists()
+
+
+def test_a_pipeline_of_another_family_is_refused(tiny_ddpm_dir, digits_dir, tmp_path):
+    message = cli_error(script, ["--pretrained_model_name_or_path", tiny_ddpm_dir, "--dataset", digits_dir,
+                                 "--output_dir", str(tmp_path / "out")])
+    assert "check_premise.py takes a class-conditional DiTPipeline or a Stable Diffusion" in message
+
+
+def test_help_documents_every_flag():
+    text = cli_help(script)
+    for flag in ("--handoff_fractions", "--small_t_ratio", "--max_handoff_cost", "--feature_extractor"):
+        assert flag in text
