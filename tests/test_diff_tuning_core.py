@@ -244,3 +244,24 @@ def test_bank_generation_says_early_how_long_it_will_take(tiny_pipeline_dir, tmp
     said = [r.getMessage() for r in caplog.records if "more shard(s)" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("memory bank: 2 more shard(s) of 2 samples on this process, about")
     assert "generate_memory_bank.py" in said[0]
+
+
+def test_retention_ratio_zero_is_the_adaptation_only_ablation(tiny_pipeline_dir, digits_dir, tmp_path):
+    """An explicit --retention_ratio 0: no bank is generated or read, and the data rows keep psi's timesteps (mean
+    2T/3 at tau 1), unlike standard fine-tuning's uniform ones; a ratio that rounds to 0 stays refused."""
+    import train_diff_tuning_dit
+    from fixtures.testing import cli_error, train_dit
+
+    _, scheduler, family = dit_family(tiny_pipeline_dir)
+    core = DiffTuning(scheduler, retention_ratio=0.0, batch_size=8)
+    assert core.n_bank == 0 and not core.uses_bank
+    times = torch.cat([core.batch(family, {"labels": torch.zeros(8, dtype=torch.long),
+                                           "pixel_values": torch.rand(8, 3, 8, 8) * 2 - 1}, None,
+                                  torch.Generator().manual_seed(s)).timesteps for s in range(100)]).float()
+    assert 620 < times.mean() < 710
+    train_dit(tiny_pipeline_dir, digits_dir, tmp_path / "out", "--retention_ratio", "0", "--max_train_steps", "2",
+              "--checkpointing_steps", "2")
+    assert not (tmp_path / "out" / "memory_bank").exists() and (tmp_path / "out" / "model_index.json").exists()
+    assert "rounds to 0 memory-bank samples" in cli_error(train_diff_tuning_dit, [
+        "--pretrained_model_name_or_path", tiny_pipeline_dir, "--dataset", digits_dir, "--output_dir",
+        str(tmp_path / "n"), "--retention_ratio", "0.01"])

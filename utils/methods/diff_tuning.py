@@ -53,7 +53,8 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
                    help="Fraction of each batch from the memory bank (paper 0.5, official code 0.2): round(r x "
                         "batch) bank rows, halves up; the official code takes int(r x batch), the same only where "
                         "r x batch is a whole number (0.2 x 32 = 6.4: 6 rows both ways; 0.5 x 5 = 2.5: 3 here, 2 "
-                        "there).")
+                        "there). 0: no bank at all, the data rows at psi timesteps only (the adaptation-only "
+                        "ablation).")
     g.add_argument("--retention_weight", type=float, default=1.0,
                    help="loss = L_adapt + w * L_retain (paper 1.0, official code 0.1).")
     g.add_argument("--memory_bank", default=None,
@@ -94,7 +95,7 @@ def check_diff_tuning_args(args) -> None:
     if args.method != "diff_tuning":
         return
     n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
-    if n_bank == 0:
+    if n_bank == 0 and args.retention_ratio > 0:  # an explicit 0 is the adaptation-only ablation: no bank
         raise UserError(f"--retention_ratio {args.retention_ratio} x --train_batch_size {args.train_batch_size} "
                         "rounds to 0 memory-bank samples; raise either, or use --method standard")
     if n_bank == args.train_batch_size:
