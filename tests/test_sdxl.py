@@ -1,0 +1,98 @@
+"""The Stable Diffusion XL family (utils.families.sdxl) against diffusers' own SDXL pipeline on a tiny SDXL built
+from configs: the same text embeddings, the same added time ids, the same UNet call; and the Diff-Tuning core
+training it."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from PIL import Image
+
+from utils.families.base import detect_family
+from utils.families.sdxl import StableDiffusionXLUNet, crop_geometry
+from utils.families.unet import StableDiffusionUNet
+from utils.infra.errors import UserError
+from utils.methods.diff_tuning import DiffTuning
+
+PROMPTS = ["a digit seven", "a handwritten digit three"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    return pipe, StableDiffusionXLUNet(pipe, "cpu")
+
+
+def test_the_folder_is_detected_as_sdxl_and_refused_by_a_stable_diffusion_only_entry_point(tiny_sdxl_dir):
+    assert detect_family(tiny_sdxl_dir, [StableDiffusionUNet, StableDiffusionXLUNet], "x") is StableDiffusionXLUNet
+    with pytest.raises(UserError, match="Stable Diffusion XL is not supported yet"):
+        detect_family(tiny_sdxl_dir, [StableDiffusionUNet], "x")
+
+
+@torch.no_grad()
+def test_text_embeddings_equal_the_pipelines_encode_prompt(sdxl):
+    pipe, family = sdxl
+    hidden, pooled = family.embed(family.tokenize(PROMPTS))
+    expected, _, expected_pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(hidden, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+    assert family.tokenize(PROMPTS).shape[:2] == (2, 2)
+
+
+@torch.no_grad()
+def test_prediction_equals_the_pipelines_unet_call_with_its_time_ids(sdxl):
+    pipe, family = sdxl
+    ids = family.tokenize(PROMPTS)
+    hidden, pooled = family.embed(ids)
+    time_ids = family.time_ids(torch.tensor([[16, 16, 0, 0]] * 2), 16)
+    expected_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert torch.equal(time_ids.float(), expected_ids.expand(2, -1))
+    noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    cond = family.encode({"input_ids": ids, "time_ids": time_ids})
+    expected = pipe.unet(noisy, t, encoder_hidden_states=hidden,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": expected_ids.expand(2, -1)}).sample
+    torch.testing.assert_close(family.predict(pipe.unet, noisy, t, cond), expected)
+
+
+def test_crop_geometry_and_the_rows_time_ids_follow_diffusers_sdxl_scripts(sdxl):
+    """A 40 x 20 image at 16 px: resized to 32 x 16, centre crop left 8; a flipped row's crop left is 16 - 8."""
+    _, family = sdxl
+    assert crop_geometry((40, 20), 16) == (20, 40, 0, 8)
+    assert crop_geometry((16, 16), 16) == (16, 16, 0, 0)
+    batch = family.transform("image", "text", 16)({"image": [Image.new("RGB", (40, 20))] * 2, "text": PROMPTS})
+    collated = {k: torch.stack(v) for k, v in batch.items()}
+    assert collated["time_ids"].tolist() == [[20, 40, 0, 8, 16, 16]] * 2
+    flipping = StableDiffusionXLUNet(family.pipeline, "cpu", random_flip=True)
+    flips = flipping.flips(2, torch.Generator().manual_seed(0))
+    rows = flipping.rows(collated, torch.Generator().manual_seed(0))
+    assert rows.cond["time_ids"][:, 3].tolist() == [8 if not f else 16 - 8 for f in flips.tolist()]
+
+
+def test_dropped_captions_and_bank_rows_take_the_empty_prompt_and_keep_their_sizes(sdxl):
+    _, family = sdxl
+    rows = family.rows({"pixel_values": torch.zeros(2, 3, 16, 16), "input_ids": family.tokenize(PROMPTS),
+                        "time_ids": family.time_ids(torch.tensor([[20, 40, 0, 8]] * 2), 16)}, None)
+    dropped = family.drop_condition(rows, torch.tensor([True, False]))
+    assert torch.equal(dropped.cond["input_ids"][0], family.empty_ids[0])
+    assert torch.equal(dropped.cond["input_ids"][1], rows.cond["input_ids"][1])
+    assert torch.equal(dropped.cond["time_ids"], rows.cond["time_ids"])
+    bank = family.bank_rows({"latent_moments": torch.zeros(3, 8, 8, 8)}, None)
+    assert torch.equal(bank.cond["input_ids"], family.empty_ids.expand(3, -1, -1))
+    assert bank.cond["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 3
+
+
+def test_the_diff_tuning_core_trains_the_sdxl_unet(sdxl):
+    """Bank rows first (empty prompt, square ids), data rows after; a finite loss whose gradient reaches the UNet."""
+    pipe, family = sdxl
+    core = DiffTuning(DDPMScheduler.from_config(pipe.scheduler.config), retention_ratio=0.5, batch_size=4,
+                      condition_dropout=0.1)
+    data = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "input_ids": family.tokenize(PROMPTS),
+            "time_ids": family.time_ids(torch.tensor([[20, 40, 0, 8]] * 2), 16)}
+    bank = {"latent_moments": torch.randn(2, 8, 8, 8), "input_ids": family.tokenize(PROMPTS)}
+    unet = pipe.unet.train().requires_grad_(True)
+    loss, parts = core(family, unet, data, bank, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) == {"loss_adapt", "loss_retain"}
+    assert all(p.grad is not None for p in unet.add_embedding.parameters())  # the pooled + time ids path trains
+    unet.zero_grad(set_to_none=True)
+    unet.requires_grad_(False)

@@ -1,0 +1,129 @@
+"""Stable Diffusion XL (`StableDiffusionXLPipeline`): two CLIP text encoders and the UNet's size-and-crop
+conditioning, fed as diffusers' SDXL training scripts feed them (`train_text_to_image_lora_sdxl.py`).
+
+- Text: each caption is tokenized by both tokenizers; the penultimate hidden states of both encoders are
+  concatenated for cross-attention, and the second encoder's projected output is the pooled embedding.
+- "text_time" added condition: the pooled embedding and six ids per image, (original height, width, crop top, crop
+  left, target height, width), the crop taken in the resized image as diffusers' scripts record it (with
+  `--random_flip`, a flipped image's crop left becomes resolution - left, as they compute it).
+- The null condition (dropped captions, memory-bank rows with `bank_condition` "empty") is the empty prompt,
+  encoded, as diffusers' SDXL training scripts drop captions; `force_zeros_for_empty_prompt` zeroes the negative
+  prompt of classifier-free guidance at sampling only, and stays the pipeline's business.
+"""
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from ..infra.data import to_tensor
+from ..infra.errors import UserError
+from ..infra.training import freeze
+from .base import Rows
+from .latents import vae_scale_factor
+from .unet import StableDiffusionUNet, UNetFamily, unet_class
+
+
+def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
+    """(original height, width, crop top, crop left) of an image of PIL `size` (width, height) under the centre
+    crop this project applies (`utils.infra.data.center_crop_arr`): the short side resized to `resolution`."""
+    w, h = size
+    while min(w, h) >= 2 * resolution:
+        w, h = w // 2, h // 2
+    scale = resolution / min(w, h)
+    rw, rh = round(w * scale), round(h * scale)
+    return size[1], size[0], (rh - resolution) // 2, (rw - resolution) // 2
+
+
+class StableDiffusionXLUNet(StableDiffusionUNet):
+    """Rows hold `input_ids` (N, 2, L): the caption's tokens of both tokenizers, and `time_ids` (N, 6)."""
+
+    name, description, tag = "stable-diffusion-xl", "a Stable Diffusion XL pipeline", "stable-diffusion-xl"
+    model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionXLPipeline"
+    example_call = 'pipe("a photo of a cat", num_inference_steps=30)'
+
+    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
+                 train_text_encoder: bool = False):
+        UNetFamily.__init__(self, pipeline, device, dtype, random_flip)
+        self.vae = freeze(pipeline.vae, device, dtype)
+        self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
+        self.text_encoder_2 = freeze(pipeline.text_encoder_2, device, dtype)
+        self.tokenizer, self.tokenizer_2 = pipeline.tokenizer, pipeline.tokenizer_2
+        if self.tokenizer.model_max_length != self.tokenizer_2.model_max_length:
+            raise UserError(f"the two SDXL tokenizers take {self.tokenizer.model_max_length} and "
+                            f"{self.tokenizer_2.model_max_length} tokens; this adapter needs the same length")
+        self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
+        self.empty_ids = self.tokenize([""])
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return (unet_class(index) == "UNet2DConditionModel" and bool(index.get("text_encoder_2"))
+                and index.get("_class_name") == "StableDiffusionXLPipeline")
+
+    @staticmethod
+    def load(name: str, revision=None, cache_dir=None, **kwargs):
+        return StableDiffusionXLPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        ids = [tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                   return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2)]
+        return torch.stack(ids, dim=1)
+
+    def time_ids(self, geometry: torch.Tensor, resolution: int) -> torch.Tensor:
+        """(N, 6) from (N, 4) (original h, w, crop top, left) and the training resolution (the target size)."""
+        target = torch.tensor([resolution, resolution], dtype=geometry.dtype).expand(len(geometry), 2)
+        return torch.cat([geometry, target.to(geometry.device)], dim=1)
+
+    def transform(self, image_column, caption_column, resolution):
+        def transform(batch):
+            captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
+            images = [img.convert("RGB") if isinstance(img, Image.Image) else img for img in batch[image_column]]
+            geometry = torch.tensor([crop_geometry(img.size, resolution) for img in images], dtype=torch.long)
+            return {"pixel_values": [to_tensor(img, resolution) for img in images],
+                    "time_ids": list(self.time_ids(geometry, resolution)), "input_ids": list(self.tokenize(captions))}
+
+        return transform
+
+    def rows(self, batch, generator) -> Rows:
+        pixels = batch["pixel_values"].to(self.device)
+        time_ids = batch["time_ids"].to(self.device)
+        flip = self.flips(len(pixels), generator)
+        if flip is not None:
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            # diffusers' SDXL scripts: a flipped image's crop left becomes (cropped width - left)
+            left = torch.where(flip, time_ids[:, 5] - time_ids[:, 3], time_ids[:, 3])
+            time_ids = torch.cat([time_ids[:, :3], left[:, None], time_ids[:, 4:]], dim=1)
+        moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device), "time_ids": time_ids})
+
+    def bank_rows(self, batch, generator) -> Rows:
+        moments = batch["latent_moments"].to(self.device)
+        n, resolution = len(moments), moments.shape[-1] * vae_scale_factor(self.vae)
+        ids = self.empty_ids.expand(n, -1, -1) if self.bank_condition == "empty" else batch["input_ids"]
+        square = torch.tensor([[resolution, resolution, 0, 0]]).expand(n, 4)  # generated at the target size
+        return Rows(moments, {"input_ids": ids.to(self.device), "time_ids": self.time_ids(square, resolution)
+                              .to(self.device)})
+
+    def drop_condition(self, rows, mask) -> Rows:
+        ids = torch.where(mask[:, None, None], self.empty_ids.to(self.device), rows.cond["input_ids"])
+        return Rows(rows.x, {**rows.cond, "input_ids": ids})
+
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-attention states: both encoders' penultimate hidden states concatenated, pooled embedding: the
+        second encoder's projection), as `StableDiffusionXLPipeline.encode_prompt` computes them."""
+        first = self.text_encoder(input_ids[:, 0], output_hidden_states=True)
+        second = self.text_encoder_2(input_ids[:, 1], output_hidden_states=True)
+        return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second[0]
+
+    def encode(self, cond):
+        if self.train_text_encoder:  # encoded in `predict`, where gradients reach the encoders' adapters
+            return cond
+        hidden, pooled = self.embed(cond["input_ids"])
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": cond["time_ids"]}
+
+    def predict(self, net, noisy, timesteps, cond):
+        if "encoder_hidden_states" in cond:
+            hidden, pooled = cond["encoder_hidden_states"], cond["text_embeds"]
+        else:
+            hidden, pooled = self.embed(cond["input_ids"])
+        added = {"text_embeds": pooled, "time_ids": cond["time_ids"].to(hidden.dtype)}
+        return net(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
