@@ -116,3 +116,67 @@ def test_batch_mode_decides_once_and_mirrors():
         t = sampler.sample(n, g)
         drawn = n // 2 + 1
         assert len(t) == n and torch.equal(t[drawn:], 250 + 500 - 1 - t[: n - drawn])
+
+
+# ---- Flow matching (SD3): the base density of diffusers' draw, and Diff-Tuning's reweighting of it.
+
+def flow_sigmas(n=1000, shift=3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=shift).sigmas[:n].double()
+
+
+def binned(indices, probs, bins=20):
+    """Observed and expected counts of `indices` (0..N-1) in `bins` equal groups, for a chi-square test."""
+    n = len(probs)
+    observed = np.bincount(np.asarray(indices) * bins // n, minlength=bins)
+    expected = np.bincount(np.arange(n) * bins // n, weights=np.asarray(probs), minlength=bins) * len(indices)
+    keep = expected > 5
+    return observed[keep], expected[keep] / expected[keep].sum() * observed[keep].sum()
+
+
+@pytest.mark.parametrize("scheme,kw", [("logit_normal", {"logit_mean": 0.0, "logit_std": 1.0}),
+                                       ("logit_normal", {"logit_mean": 0.5, "logit_std": 0.8}),
+                                       ("mode", {"mode_scale": 1.29}), ("none", {}), ("cosmap", {})])
+def test_flow_base_density_is_diffusers_draw(scheme, kw):
+    """diffusers' own compute_density_for_timestep_sampling, binned as its scripts index (int(u N)), follows
+    flow_base_probabilities (chi-square at a fixed seed); a shifted density is rejected by the same test."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from utils.methods.timesteps import flow_base_probabilities
+
+    base = flow_base_probabilities(1000, scheme, **kw)
+    assert abs(float(base.sum()) - 1) < 1e-9 and (base >= 0).all()
+    args = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, **kw}
+    u = compute_density_for_timestep_sampling(scheme, 200_000, generator=torch.Generator().manual_seed(0), **args)
+    indices = (u * 1000).long().numpy()
+    assert stats.chisquare(*binned(indices, base.numpy())).pvalue > 1e-3
+    uniform = np.allclose(base.numpy(), 1e-3)
+    wrong = flow_base_probabilities(1000, "logit_normal").numpy() if uniform else np.roll(base.numpy(), 60)
+    assert stats.chisquare(*binned(indices, wrong / wrong.sum())).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("role,tau,form", [("adaptation", 1.0, "paper"), ("adaptation", 0.5, "paper"),
+                                           ("retention", 1.0, "paper"), ("retention", 2.0, "official")])
+def test_diff_tuning_flow_timesteps_follow_base_times_psi_or_xi(role, tau, form):
+    """Sampled indices follow base(i) psi(sigma_i) or base(i) xi(sigma_i) (chi-square; KS on the sigmas drawn), and
+    the base density alone is rejected: the reweighting is real."""
+    from utils.methods.timesteps import flow_base_probabilities, flow_matching_weights
+
+    sigmas, base = flow_sigmas(), flow_base_probabilities(1000, "logit_normal")
+    weights = flow_matching_weights(sigmas, base, tau, role, form)
+    psi = sigmas ** tau
+    expected = base * (psi if role == "adaptation" else (1 - sigmas) ** tau if form == "official" else 1 - psi)
+    torch.testing.assert_close(weights, expected)
+    probs = (weights / weights.sum()).numpy()
+    draws = CategoricalTimestepSampler(weights).sample(200_000, torch.Generator().manual_seed(1)).numpy()
+    assert stats.chisquare(*binned(draws, probs)).pvalue > 1e-3
+    assert stats.chisquare(*binned(draws, base.numpy())).pvalue < 1e-6
+    # KS on the noise levels drawn against the exact discrete CDF of sigma under `probs`
+    order = np.argsort(sigmas.numpy())
+    cdf_x, cdf_p = sigmas.numpy()[order], np.cumsum(probs[order])
+    ks = stats.kstest(sigmas.numpy()[draws], lambda x: np.interp(x, cdf_x, cdf_p, left=0.0, right=1.0))
+    assert ks.statistic < 0.01
+    mean_sigma = float((sigmas.numpy() * probs).sum())
+    base_mean = float((sigmas.numpy() * base.numpy()).sum())
+    assert (mean_sigma > base_mean) == (role == "adaptation")  # adaptation towards noise, retention towards data
