@@ -29,6 +29,7 @@ from utils.families.annotators import add_annotator_args, annotator_of
 from utils.families.base import detect_family
 from utils.families.controlnet import ControlBankSampler
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
+from utils.families.sdxl import StableDiffusionXLUNet
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra.errors import UserError
 from utils.infra.training import HelpFormatter, precision_dtype
@@ -75,7 +76,8 @@ def parse_args(argv=None):
 def bank_plan(args):
     """(family, the record a training run checks, sampler factory): from the configs alone, before any weights."""
     name = args.pretrained_model_name_or_path
-    family = detect_family(name, [DiT, StableDiffusionUNet], "generate_memory_bank.py", args.revision)
+    family = detect_family(name, [DiT, StableDiffusionUNet, StableDiffusionXLUNet], "generate_memory_bank.py",
+                           args.revision)
     if family is DiT:
         from diffusers import DiTTransformer2DModel
 
@@ -84,12 +86,14 @@ def bank_plan(args):
         return family, record, lambda pipe: DiTBankSampler(pipe, 1.5 if args.guidance_scale is None
                                                            else args.guidance_scale, args.num_inference_steps)
     guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
+    if family is StableDiffusionXLUNet and not (args.no_controls or args.prompts_file):
+        raise UserError("ControlNet memory banks of SDXL pipelines are not supported yet; pass --no_controls or "
+                        "--prompts_file for a text-to-image bank (train_diff_tuning_text_to_image.py)")
     if args.no_controls or args.prompts_file:
         prompts = bank_prompts_from_file(args.prompts_file) if args.prompts_file else [args.prompt]
-        record = {"family": StableDiffusionUNet.name, "base_model": name, "resolution": args.resolution,
-                  "prompts": prompts}
+        record = {"family": family.name, "base_model": name, "resolution": args.resolution, "prompts": prompts}
         return family, record, lambda pipe: PromptBankSampler(pipe, prompts, guidance, args.num_inference_steps,
-                                                              args.resolution)
+                                                              args.resolution, family)
     annotator = annotator_of(args)  # unknown condition, a missing --annotator_model: refused now
     record = {"family": ControlBankSampler.family, "base_model": name, "resolution": args.resolution,
               "annotator": annotator.settings, "prompt": args.prompt}

@@ -17,8 +17,9 @@ fine-tuning (diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py w
 Diff-Tuning equals prior preservation exactly with `--method diff_tuning --tau 0 --xi_form official
 --bank_condition prompt --retention_weight <prior_loss_weight> --memory_bank_prompts <a file holding the class
 prompt>` and as many bank rows as data rows (`--retention_ratio 0.5` on twice the batch): both parts at uniform t,
-bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction); SDXL, SD3 and other pipelines are
-refused in one line.
+bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction) and Stable Diffusion XL (two text
+encoders, size-and-crop conditioning as diffusers' SDXL scripts: `utils.families.sdxl`; `--train_text_encoder` gives
+both encoders adapters); SD3 and other pipelines are refused in one line.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -34,12 +35,13 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from utils.families.base import check_variant, detect_family
 from utils.families.latents import vae_scale_factor
+from utils.families.sdxl import StableDiffusionXLUNet
 from utils.families.tuning import (
     TEXT_ENCODER_LORA_TARGETS,
     UNET_LORA_TARGETS,
@@ -98,6 +100,7 @@ SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it wri
 # the flags that decide which weights a checkpoint holds: a resume with others is refused
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "tuning", "rank", "train_text_encoder")
 BANK_CONDITIONS = ("empty", "prompt")
+FAMILIES = [StableDiffusionUNet, StableDiffusionXLUNet]
 TUNINGS = ("lora", "full")
 
 
@@ -106,7 +109,11 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' text-to-image and DreamBooth examples)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Stable Diffusion 1.x/2.x pipeline (epsilon or v-prediction): Hub id or folder.")
+                   help="Stable Diffusion 1.x/2.x (epsilon or v-prediction) or Stable Diffusion XL pipeline: Hub id "
+                        "or folder.")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="Another VAE (a diffusers AutoencoderKL folder or Hub id), as diffusers' SDXL scripts take for "
+                        "madebyollin/sdxl-vae-fp16-fix; default: the pipeline's own.")
     g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
     g.add_argument("--variant", default=None, help="Variant of the pipeline's weight files, e.g. fp16.")
     g.add_argument("--dataset", "--dataset_name", "--train_data_dir", "--instance_data_dir", dest="dataset",
@@ -129,6 +136,11 @@ def parse_args(argv=None):
     g.add_argument("--resolution", type=int, default=512,
                    help="Training resolution (short side resized, centre crop); a multiple of the VAE factor.")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips of the downstream images.")
+    g.add_argument("--crops_coords_top_left_h", type=int, default=None,
+                   help="SDXL: the crop top every image's size conditioning records (default: each image's own crop, "
+                        "as diffusers' SDXL text-to-image scripts record it).")
+    g.add_argument("--crops_coords_top_left_w", type=int, default=None,
+                   help="SDXL: the crop left every image's size conditioning records (default: each image's own).")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("which weights train")
@@ -192,6 +204,8 @@ def check_args(args):
     if args.method == PRIOR_PRESERVATION and not (args.class_prompt or args.memory_bank_prompts):
         raise UserError("prior preservation needs --class_prompt (the prompt of the class images, e.g. "
                         "'a photo of a dog'), or --memory_bank_prompts for several")
+    if (args.crops_coords_top_left_h is None) != (args.crops_coords_top_left_w is None):
+        raise UserError("--crops_coords_top_left_h and --crops_coords_top_left_w go together; give both or neither")
     if args.train_text_encoder and args.tuning != "lora":
         raise UserError("--train_text_encoder trains LoRA adapters on the text encoder: use it with --tuning lora")
     if args.use_ema and args.tuning != "full":
@@ -234,11 +248,10 @@ def bank_prompts(args, ds, caption_column) -> list[str]:
 
 
 @torch.no_grad()
-def generate(parts, unet, text_encoder, prompts, args, device):
-    """NHWC images in [0, 1] of the pipeline with `unet` and `text_encoder` (DDIM, --validation_inference_steps),
-    image i with seed + i, so every evaluation and the base model see the same noise."""
-    pipe = StableDiffusionPipeline(**parts, unet=unet, text_encoder=text_encoder, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+def generate(family, unet, encoders, prompts, args, device):
+    """NHWC images in [0, 1] of the family's pipeline with `unet` and the text `encoders` (DDIM,
+    --validation_inference_steps), image i with seed + i, so every evaluation and the base model see the same noise."""
+    pipe = family.inference_pipeline(unet, encoders, DDIMScheduler.from_config(family.pipeline.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompts, height=args.resolution, width=args.resolution, guidance_scale=args.validation_guidance_scale,
                 num_inference_steps=args.validation_inference_steps, output_type="np",
@@ -257,7 +270,9 @@ def main(args):
 
     # ---- Configs and data: everything cheap is checked before any weights load.
     name = args.pretrained_model_name_or_path
-    detect_family(name, [StableDiffusionUNet], SCRIPT, args.revision, args.cache_dir)
+    family_class = detect_family(name, FAMILIES, SCRIPT, args.revision, args.cache_dir)
+    if args.crops_coords_top_left_h is not None and family_class is not StableDiffusionXLUNet:
+        raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
     check_variant(name, args.variant)
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision,
@@ -281,7 +296,7 @@ def main(args):
     bank_condition = args.bank_condition or ("prompt" if args.method == PRIOR_PRESERVATION else "empty")
     bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_record = {"family": StableDiffusionUNet.name, "base_model": name, "resolution": args.resolution,
+    bank_record = {"family": family_class.name, "base_model": name, "resolution": args.resolution,
                    "prompts": prompts}
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, bank_size)
     check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
@@ -293,25 +308,29 @@ def main(args):
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
 
     # ---- Models: the VAE (and the text encoder, unless it gets adapters) stay frozen.
-    pipeline = StableDiffusionUNet.load(name, args.revision, args.cache_dir, variant=args.variant)
+    vae = None
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    pipeline = family_class.load(name, args.revision, args.cache_dir, variant=args.variant,
+                                 **({"vae": vae} if vae is not None else {}))
     dtype = weight_dtype(accelerator)
-    family = StableDiffusionUNet(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
-                                 args.train_text_encoder)
-    unet, text_encoder = pipeline.unet.to(accelerator.device), family.text_encoder
-    parts = dict(vae=family.vae, tokenizer=family.tokenizer,
-                 scheduler=DDIMScheduler.from_config(pipeline.scheduler.config))
+    crops = (None if args.crops_coords_top_left_h is None
+             else {"crops_coords_top_left": (args.crops_coords_top_left_h, args.crops_coords_top_left_w)})
+    family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
+                          args.train_text_encoder, **(crops or {}))
+    unet, encoders = pipeline.unet.to(accelerator.device), family.text_encoders
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
     with accelerator.autocast():
         sampler = PromptBankSampler(pipeline, prompts, args.memory_bank_guidance_scale,
-                                    args.memory_bank_inference_steps, args.resolution)
+                                    args.memory_bank_inference_steps, args.resolution, family_class)
         bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, bank_size, args.memory_bank_batch_size,
                                      args.seed, bank_record)
     retention_prompts = args.retention_prompts or (prompts[:4] if bank is not None else [])
     base_images = None
     if retention_prompts and accelerator.is_main_process:
         with accelerator.autocast():
-            base_images = generate(parts, unet, text_encoder, retention_prompts, args, accelerator.device)
+            base_images = generate(family, unet, encoders, retention_prompts, args, accelerator.device)
 
     # ---- Which weights train.
     if args.tuning == "lora":
@@ -319,19 +338,21 @@ def main(args):
             unet.to(dtype)
         add_lora_adapter(unet, args.rank, UNET_LORA_TARGETS)
         if args.train_text_encoder:
-            add_lora_adapter(text_encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
-        cast_training_params([unet, text_encoder], dtype=torch.float32)
+            for encoder in encoders:
+                add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
+        cast_training_params([unet, *encoders], dtype=torch.float32)
     else:
         unet.requires_grad_(True)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for encoder in encoders:
+                encoder.gradient_checkpointing_enable()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     trainable, total = parameter_counts(unet)
-    params = [p for m in ([unet, text_encoder] if args.train_text_encoder else [unet]) for p in m.parameters()
+    params = [p for m in ([unet, *encoders] if args.train_text_encoder else [unet]) for p in m.parameters()
               if p.requires_grad]
 
     # ---- Data loaders and optimisation.
@@ -352,7 +373,8 @@ def main(args):
     ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
     unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
     if args.train_text_encoder:
-        text_encoder = family.text_encoder = accelerator.prepare(text_encoder)
+        encoders = [accelerator.prepare(encoder) for encoder in encoders]
+        family.set_text_encoders(encoders)
     if bank_loader is not None:
         bank_loader = accelerator.prepare(bank_loader)
     if accelerator.is_main_process:
@@ -374,10 +396,10 @@ def main(args):
     def validate(step, tag="validation"):
         """The validation grid (EMA weights under --use_ema) and the forgetting probe, to every tracker."""
         model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
-        encoder = accelerator.unwrap_model(text_encoder, keep_fp32_wrapper=False)
+        plain = [accelerator.unwrap_model(encoder, keep_fp32_wrapper=False) for encoder in encoders]
         with averaged_weights(model, ema), accelerator.autocast():
-            images = generate(parts, model, encoder, grid_prompts, args, accelerator.device)
-            probed = generate(parts, model, encoder, retention_prompts, args, accelerator.device) \
+            images = generate(family, model, plain, grid_prompts, args, accelerator.device)
+            probed = generate(family, model, plain, retention_prompts, args, accelerator.device) \
                 if retention_prompts else None
         log_images(accelerator, tag, images, step, grid_prompts)
         if probed is not None:
@@ -396,7 +418,7 @@ def main(args):
     while global_step < length.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
         micro_step += 1
-        with accelerator.accumulate(unet, *([text_encoder] if args.train_text_encoder else [])), \
+        with accelerator.accumulate(unet, *(encoders if args.train_text_encoder else [])), \
                 accelerator.autocast():  # the frozen parts run in the mixed-precision dtype
             loss, parts_of_loss = diff_tuning(family, unet, next(data_iter), next(bank_iter) if bank_iter else None,
                                               generator)
@@ -420,20 +442,18 @@ def main(args):
     # ---- Save the LoRA weights (diffusers' format) or a stock pipeline, the grids and a model card.
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(unet)
-    encoder = accelerator.unwrap_model(text_encoder)
+    plain = [accelerator.unwrap_model(encoder) for encoder in encoders]
     if ema is not None:
         ema.copy_to(model.parameters())
     check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
     if accelerator.is_main_process:
         model.eval()
         if args.tuning == "lora":
-            StableDiffusionPipeline.save_lora_weights(
-                args.output_dir, unet_lora_layers=lora_layers(model),
-                text_encoder_lora_layers=lora_layers(encoder) if args.train_text_encoder else None)
+            family.save_lora(args.output_dir, lora_layers(model),
+                             [lora_layers(encoder) for encoder in plain] if args.train_text_encoder else None)
         else:
-            full = StableDiffusionPipeline.from_pretrained(name, revision=args.revision, variant=args.variant,
-                                                           cache_dir=args.cache_dir, unet=model.to(torch.float32),
-                                                           safety_checker=None, requires_safety_checker=False)
+            full = family_class.load(name, args.revision, args.cache_dir, variant=args.variant,
+                                     unet=model.to(torch.float32), **({"vae": vae} if vae is not None else {}))
             full.save_pretrained(args.output_dir)
         images, probed = validated.get(global_step) or validate(global_step, "final")
         image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))
@@ -441,8 +461,8 @@ def main(args):
             image_grid(np.concatenate([base_images, probed]), cols=len(retention_prompts)).save(
                 os.path.join(args.output_dir, "before_after.png"))
             probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
-        write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, logs, accelerator.mixed_precision,
-                   learning_rate, probe, validation_prompts, global_step)
+        write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, total, logs,
+                   accelerator.mixed_precision, learning_rate, probe, validation_prompts, global_step)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
@@ -452,14 +472,14 @@ def main(args):
                                              args.hub_token, args.hub_private_repo)
                 logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
     # The DDP wrappers must go before the process group ends (utils.infra.training.end_training).
-    unet = text_encoder = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
+    unet = encoders = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
     return model
 
 
-def write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, last_logs, mixed_precision,
+def write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, total, last_logs, mixed_precision,
                learning_rate, probe, validation_prompts, steps):
-    """`steps`: the optimizer steps trained."""
+    """`family`: the pipeline's (its pipeline class and tag); `steps`: the optimizer steps trained."""
     method = {"diff_tuning": "Diff-Tuning", "standard": "standard fine-tuning",
               PRIOR_PRESERVATION: "DreamBooth prior preservation"}[args.method]
     hyper = {"method": args.method, "tuning": args.tuning, "steps": steps,
@@ -481,13 +501,14 @@ def write_card(args, diff_tuning, bank_dir, bank_condition, trainable, total, la
             f"{probe.points[-1]['ssim_to_base']:.4f} on {len(probe.prompts)} retention prompt(s)"
     repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
     prompt = validation_prompts[0].replace('"', "'")
+    pipeline_class = family.pipeline_class
     if args.tuning == "lora":
-        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+        load = (f'pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}")\n'
                 f'pipe.load_lora_weights("{repo}")')
     else:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{repo}")'
+        load = f'pipe = {pipeline_class}.from_pretrained("{repo}")'
     usage = f'''import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class}
 {load}
 image = pipe("{prompt}", num_inference_steps=50, generator=torch.manual_seed(0)).images[0]'''
     description = (
@@ -501,7 +522,7 @@ image = pipe("{prompt}", num_inference_steps=50, generator=torch.manual_seed(0))
            "standard": "The new data was trained with the ordinary uniform-timestep denoising loss."}[args.method]
         + (" `before_after.png`: the base model's samples (top) and this model's (bottom) for prompts it could "
            "already draw, same seeds." if probe.points else ""))
-    tags = ["text-to-image", "stable-diffusion", args.tuning, {"diff_tuning": "diff-tuning",
+    tags = ["text-to-image", family.tag, args.tuning, {"diff_tuning": "diff-tuning",
             "standard": "standard-fine-tuning", PRIOR_PRESERVATION: "dreambooth"}[args.method]]
     if args.instance_prompt:
         tags.append("dreambooth")

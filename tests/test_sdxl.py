@@ -96,3 +96,13 @@ def test_the_diff_tuning_core_trains_the_sdxl_unet(sdxl):
     assert all(p.grad is not None for p in unet.add_embedding.parameters())  # the pooled + time ids path trains
     unet.zero_grad(set_to_none=True)
     unet.requires_grad_(False)
+
+
+def test_fixed_crop_coordinates_replace_each_images_own(sdxl):
+    """--crops_coords_top_left_h/w: every row records the given crop, flipped or not."""
+    pipe, _ = sdxl
+    family = StableDiffusionXLUNet(pipe, "cpu", random_flip=True, crops_coords_top_left=(3, 5))
+    batch = family.transform("image", "text", 16)({"image": [Image.new("RGB", (40, 20))] * 2, "text": PROMPTS})
+    collated = {k: torch.stack(v) for k, v in batch.items()}
+    rows = family.rows(collated, torch.Generator().manual_seed(0))
+    assert rows.cond["time_ids"].tolist() == [[20, 40, 3, 5, 16, 16]] * 2

@@ -42,7 +42,7 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
     example_call = 'pipe("a photo of a cat", num_inference_steps=30)'
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
-                 train_text_encoder: bool = False):
+                 train_text_encoder: bool = False, crops_coords_top_left: tuple[int, int] | None = None):
         UNetFamily.__init__(self, pipeline, device, dtype, random_flip)
         self.vae = freeze(pipeline.vae, device, dtype)
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
@@ -52,6 +52,7 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
             raise UserError(f"the two SDXL tokenizers take {self.tokenizer.model_max_length} and "
                             f"{self.tokenizer_2.model_max_length} tokens; this adapter needs the same length")
         self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
+        self.crops_coords_top_left = crops_coords_top_left  # fixed crop ids for every image (diffusers' flags)
         self.empty_ids = self.tokenize([""])
 
     @classmethod
@@ -62,6 +63,30 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
     @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs):
         return StableDiffusionXLPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
+
+    @staticmethod
+    def sampler_from(pipeline, scheduler):
+        return StableDiffusionXLPipeline(**{**pipeline.components, "scheduler": scheduler},
+                                         force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt)
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def set_text_encoders(self, encoders: list) -> None:
+        self.text_encoder, self.text_encoder_2 = encoders
+
+    def inference_pipeline(self, unet, encoders: list, scheduler):
+        return StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=self.pipeline.config.force_zeros_for_empty_prompt)
+
+    @staticmethod
+    def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=encoder_layers[0] if encoder_layers
+            else None, text_encoder_2_lora_layers=encoder_layers[1] if encoder_layers else None)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         ids = [tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
@@ -78,6 +103,8 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
             captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
             images = [img.convert("RGB") if isinstance(img, Image.Image) else img for img in batch[image_column]]
             geometry = torch.tensor([crop_geometry(img.size, resolution) for img in images], dtype=torch.long)
+            if self.crops_coords_top_left is not None:
+                geometry[:, 2:] = torch.tensor(self.crops_coords_top_left)
             return {"pixel_values": [to_tensor(img, resolution) for img in images],
                     "time_ids": list(self.time_ids(geometry, resolution)), "input_ids": list(self.tokenize(captions))}
 
@@ -89,6 +116,7 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         flip = self.flips(len(pixels), generator)
         if flip is not None:
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        if flip is not None and self.crops_coords_top_left is None:
             # diffusers' SDXL scripts: a flipped image's crop left becomes (cropped width - left)
             left = torch.where(flip, time_ids[:, 5] - time_ids[:, 3], time_ids[:, 3])
             time_ids = torch.cat([time_ids[:, :3], left[:, None], time_ids[:, 4:]], dim=1)

@@ -123,6 +123,13 @@ class StableDiffusionUNet(UNetFamily):
                 and not index.get("text_encoder_2") and "XL" not in index.get("_class_name", ""))
 
     @staticmethod
+    def sampler_from(pipeline, scheduler):
+        """`pipeline`'s models with another scheduler (no safety checker)."""
+        return StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+                                       tokenizer=pipeline.tokenizer, unet=pipeline.unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs):
         # no safety checker: it is not used in training and would cost memory
         return StableDiffusionPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir,
@@ -172,11 +179,31 @@ class StableDiffusionUNet(UNetFamily):
             self.text_encoder(cond["input_ids"])[0]
         return net(noisy, timesteps, encoder_hidden_states=hidden).sample
 
+    @property
+    def text_encoders(self) -> list:
+        """The text encoders a script may give LoRA adapters (and swap for prepared ones: `set_text_encoders`)."""
+        return [self.text_encoder]
+
+    def set_text_encoders(self, encoders: list) -> None:
+        (self.text_encoder,) = encoders
+
+    def inference_pipeline(self, unet, encoders: list, scheduler):
+        """A pipeline of this family around `unet` and `encoders` (the frozen VAE and tokenizers), for validation and
+        memory-bank samples."""
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=encoders[0], tokenizer=self.tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    @staticmethod
+    def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:
+        """diffusers' LoRA files (`load_lora_weights` reads them): the UNet's, and the text encoder's if trained."""
+        encoder = encoder_layers[0] if encoder_layers else None
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                                  text_encoder_lora_layers=encoder)
+
     def sampling_pipeline(self, unet):
         """The pipeline's own scheduler (PNDM for Stable Diffusion), as DeMe evaluates it."""
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=unet, scheduler=self.pipeline.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = self.inference_pipeline(unet, [self.text_encoder], self.pipeline.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -189,20 +216,19 @@ class StableDiffusionUNet(UNetFamily):
 
 
 class PromptBankSampler:
-    """Bank rows of a text-to-image Stable Diffusion pipeline: sample i is generated from prompt i mod P (so a bank
-    does not depend on the batch size) with DDIM and classifier-free guidance. `sampler(seeds)` -> the columns of
-    those rows: the generated `image`, its `text` prompt and `seed`, and `latent_moments` (the VAE posterior)."""
+    """Bank rows of a text-to-image pipeline (Stable Diffusion, or SDXL with `family` its family class): sample i is
+    generated from prompt i mod P (so a bank does not depend on the batch size) with DDIM and classifier-free
+    guidance. `sampler(seeds)` -> the columns of those rows: the generated `image`, its `text` prompt and `seed`,
+    and `latent_moments` (the VAE posterior)."""
 
     family = StableDiffusionUNet.name
 
     def __init__(self, pipeline, prompts: list[str], guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 resolution: int = 512):
+                 resolution: int = 512, family: type[StableDiffusionUNet] = StableDiffusionUNet):
         self.pipeline, self.prompts, self.resolution = pipeline, list(prompts), resolution
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
-        self.sampler = StableDiffusionPipeline(
-            vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=pipeline.unet,
-            scheduler=DDIMScheduler.from_config(pipeline.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        self.family = family.name
+        self.sampler = family.sampler_from(pipeline, DDIMScheduler.from_config(pipeline.scheduler.config))
         self.sampler.set_progress_bar_config(disable=True)
         factor = vae_scale_factor(pipeline.vae)
         self.latent_shape = (2 * pipeline.vae.config.latent_channels, resolution // factor, resolution // factor)

@@ -1,0 +1,123 @@
+"""train_diff_tuning_text_to_image.py on a tiny Stable Diffusion XL pipeline: every method with LoRA (both text
+encoders too) and full tuning, outputs in the stock StableDiffusionXLPipeline, resume, and refusals."""
+
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+import train_diff_tuning_text_to_image as script
+from fixtures.testing import cli_error, killed_at_first_checkpoint, run_main
+
+TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--num_class_images", "8",
+        "--memory_bank_batch_size", "4", "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2",
+        "--num_validation_images", "2", "--validation_steps", "2", "--checkpointing_steps", "2",
+        "--report_to", "none", "--learning_rate", "1e-3", "--max_train_steps", "4"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def train(model_dir, data_dir, out, *extra):
+    return run_main(script, model_dir, data_dir, out, *TINY, *extra)
+
+
+def generates(pipe):
+    images = pipe("a digit three", num_inference_steps=2, height=16, width=16, output_type="np",
+                  generator=torch.manual_seed(0)).images
+    return images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+@pytest.fixture(scope="module")
+def sdxl_bank(tiny_sdxl_dir, captioned_digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdxl_bank") / "run"
+    train(tiny_sdxl_dir, captioned_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
+    return str(out / "memory_bank")
+
+
+def test_lora_with_both_text_encoders_loads_in_the_stock_sdxl_pipeline(tiny_sdxl_dir, captioned_digits_dir,
+                                                                       tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sdxl_dir, captioned_digits_dir, out, "--train_text_encoder")
+    bank = datasets.load_from_disk(str(out / "memory_bank"))
+    record = json.loads((out / "memory_bank" / "memory_bank.json").read_text())
+    assert len(bank) == 8 and record["family"] == "stable-diffusion-xl" and record["base_model"] == tiny_sdxl_dir
+    assert np.asarray(bank[0]["latent_moments"]).shape == (8, 8, 8)  # mean and log-variance of 4 x 8 x 8 latents
+    lora = load_file(out / LORA_FILE)
+    assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder", "text_encoder_2"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    prompt = pipe.encode_prompt("a digit three", device="cpu", do_classifier_free_guidance=False)
+    pipe.load_lora_weights(out)
+    after = pipe.encode_prompt("a digit three", device="cpu", do_classifier_free_guidance=False)
+    assert not torch.allclose(prompt[0], after[0]) and not torch.allclose(prompt[2], after[2])  # both encoders
+    assert generates(pipe)
+    card = ModelCard.load(out / "README.md")
+    assert "stable-diffusion-xl" in card.data.tags and "StableDiffusionXLPipeline.from_pretrained" in card.content
+
+
+@pytest.mark.parametrize("method", ["diff_tuning", "standard", "prior_preservation"])
+def test_every_method_with_full_tuning_saves_a_stock_sdxl_pipeline(method, tiny_sdxl_dir, captioned_digits_dir,
+                                                                   sdxl_bank, tmp_path):
+    extra = ["--method", method, "--tuning", "full"]
+    if method == "diff_tuning":
+        extra += ["--memory_bank", sdxl_bank]
+    if method == "prior_preservation":
+        extra += ["--class_prompt", "a digit", "--train_batch_size", "2"]
+    train(tiny_sdxl_dir, captioned_digits_dir, tmp_path, *extra)
+    base = load_file(os.path.join(tiny_sdxl_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert set(tuned) == set(base) and any(not torch.equal(base[k], tuned[k]) for k in base)
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k.startswith("add_embedding"))  # size/pooled
+    assert generates(StableDiffusionXLPipeline.from_pretrained(tmp_path))
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, captioned_digits_dir, sdxl_bank, tmp_path, monkeypatch):
+    common = ["--memory_bank", sdxl_bank, "--gradient_accumulation_steps", "2", "--train_text_encoder",
+              "--random_flip"]
+    train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "full", *common)
+    resumed_dir = str(tmp_path / "resumed")
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sdxl_dir, captioned_digits_dir, resumed_dir, *common))
+    assert not (tmp_path / "resumed" / LORA_FILE).exists()
+    train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    full, resumed = load_file(tmp_path / "full" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)
+    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert (json.loads((tmp_path / "full" / "forgetting.json").read_text())
+            == json.loads((tmp_path / "resumed" / "forgetting.json").read_text()))
+
+
+def test_refusals(tiny_sdxl_dir, tiny_sd_dir, captioned_digits_dir, sdxl_bank, tmp_path):
+    def error(model, *extra):
+        return cli_error(script, ["--pretrained_model_name_or_path", model, "--dataset", captioned_digits_dir,
+                                  "--output_dir", str(tmp_path / "out"), *TINY, *extra])
+
+    assert "--crops_coords_top_left_h and --crops_coords_top_left_w go together" in error(
+        tiny_sdxl_dir, "--crops_coords_top_left_h", "0")
+    assert "SDXL's size conditioning; this pipeline has none" in error(
+        tiny_sd_dir, "--crops_coords_top_left_h", "0", "--crops_coords_top_left_w", "0")
+    assert "stable-diffusion-xl" in error(tiny_sd_dir, "--memory_bank", sdxl_bank)  # a bank of another family
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sdxl_dir, captioned_digits_dir, tmp_path):
+    """generate_memory_bank.py builds an SDXL text-to-image bank (its family recorded) that the script then uses;
+    an SDXL ControlNet bank is refused in one line before any weights load."""
+    import generate_memory_bank
+    from fixtures.in_process import run_script
+
+    (tmp_path / "prompts.txt").write_text("a handwritten digit\na photo of a digit\n")
+    bank = str(tmp_path / "bank")
+    run_script(generate_memory_bank, ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--output_dir", bank,
+                                      "--prompts_file", str(tmp_path / "prompts.txt"), "--size", "6",
+                                      "--resolution", "16", "--num_inference_steps", "2"])
+    assert datasets.load_from_disk(bank)["text"] == ["a handwritten digit", "a photo of a digit"] * 3
+    assert json.loads(open(os.path.join(bank, "memory_bank.json")).read())["family"] == "stable-diffusion-xl"
+    train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "out", "--memory_bank", bank, "--memory_bank_prompts",
+          str(tmp_path / "prompts.txt"), "--max_train_steps", "2")
+    assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
+    assert "ControlNet memory banks of SDXL pipelines are not supported yet" in cli_error(generate_memory_bank, [
+        "--pretrained_model_name_or_path", tiny_sdxl_dir, "--output_dir", str(tmp_path / "cn"), "--condition",
+        "canny"])
