@@ -13,15 +13,18 @@ is worth its cost only where that holds. Two measures, on a small sample of your
    pre-trained model over those k% of the steps, as a perfectly fine-tuned model would hand them over; the FID of
    the result against other images of yours (set B), relative to the FID of A itself against B (the sample's own
    floor). The paper's chain-of-forgetting measure (hand the last k% of sampling to the pre-trained model) with
-   your data standing in for the fine-tuned model that does not exist yet.
+   your data standing in for the fine-tuned model that does not exist yet. The same is measured where the model is
+   at home, its own floor: on two sets of its own samples, or, better, on two sets of real images of its training
+   domain (`--source_dataset`): a small model pays on real images even of its own domain (docs/evaluation.md).
 
     python check_premise.py --pretrained_model_name_or_path facebook/DiT-XL-2-256 --dataset <your images> \\
         --feature_extractor fid-helper --output_dir premise [--num_images 64] [--handoff_fractions 0.1 0.2]
 
 It prints a table and a verdict and writes `premise.json` and `premise.png`. Verdict rule: the premise holds when
-the small-t bucket's error ratio is at most `--small_t_ratio` (1.25) AND handing the smallest fraction over costs at
-most `--max_handoff_cost` (0.05: FID +5%); otherwise it does not, and the message says which part failed. With a
-small sample FID is biased upwards; both FIDs share the bias, so read the relative cost, not the values.
+the small-t bucket's error ratio is at most `--small_t_ratio` (1.25) AND handing the smallest fraction over costs on
+your images at most `--max_handoff_cost` (0.05: 5 points of relative FID) more than at home; otherwise
+it does not, and the message says which part failed. With a small sample FID is biased upwards; the FIDs of a cost
+share the bias, so read the relative costs, not the values.
 DiT and Stable Diffusion 1.x/2.x pipelines.
 """
 
@@ -61,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
     p.add_argument("--split", default="train", help="Split of the dataset.")
     p.add_argument("--image_column", default=None, help="Image column (default: the only Image column, or 'image').")
+    p.add_argument("--source_dataset", default=None,
+                   help="Real images of the model's own training domain (e.g. ImageNet validation images for DiT-XL): "
+                        "the hand-off cost at home is measured on them instead of on the model's own samples.")
     p.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
     p.add_argument("--output_dir", default="premise", help="Where premise.json and premise.png go.")
     p.add_argument("--num_images", type=int, default=64,
@@ -81,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--small_t_ratio", type=float, default=1.25,
                    help="The premise holds only if your images' small-t error is at most this times its samples'.")
     p.add_argument("--max_handoff_cost", type=float, default=0.05,
-                   help="... and handing the smallest fraction over costs at most this relative FID increase.")
+                   help="... and handing the smallest fraction over costs at most this much more relative FID on "
+                        "your images than at home (its own samples, or --source_dataset).")
     p.add_argument("--batch_size", type=int, default=16, help="Images per model call.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the sample choice, samples, timesteps and noise.")
     args = p.parse_args(argv)
@@ -96,7 +103,7 @@ def parse_args(argv=None):
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
-                                               ("--dataset", args.dataset)])
+                                               ("--dataset", args.dataset), ("--source_dataset", args.source_dataset)])
     return args
 
 
@@ -159,23 +166,27 @@ def fid(metric, images, batch_size):
     return float(metric.compute())
 
 
-def verdict(ratios, costs, args):
-    """(holds, one-paragraph verdict) from the docstring's rule."""
+def verdict(ratios, costs, own_costs, args):
+    """(holds, one-paragraph verdict) from the docstring's rule. `costs`, `own_costs`: {k: relative FID cost} on
+    your images and at home (its own samples, or --source_dataset)."""
+    home = "its own domain's images" if getattr(args, "source_dataset", None) else "its own samples"
     small = ratios[0]
-    k, cost = min(costs.items())
+    k = min(costs)
+    cost, own = costs[k], own_costs[k]
     parts = []
     if small > args.small_t_ratio:
         parts.append(f"at small t it denoises your images x{small:.2f} worse than its own samples (limit "
                      f"x{args.small_t_ratio:g})")
-    if cost > args.max_handoff_cost:
-        parts.append(f"finishing the last {100 * k:g}% of sampling from your images costs FID {100 * cost:+.0f}% "
-                     f"(limit +{100 * args.max_handoff_cost:g}%)")
+    if cost - own > args.max_handoff_cost:
+        parts.append(f"finishing the last {100 * k:g}% of sampling from your images costs FID {100 * cost:+.0f}%, "
+                     f"against {100 * own:+.0f}% on {home} (limit: {100 * args.max_handoff_cost:g} points more)")
     if not parts:
         return True, (f"the chain-of-forgetting premise holds on this data: at small t the pre-trained model denoises "
                       f"your images about as well as its own samples (x{small:.2f}; x{ratios[-1]:.2f} at large t), "
                       f"and finishing the last {100 * k:g}% of sampling from your images costs FID "
-                      f"{100 * cost:+.1f}%. Expect retention (memory-bank rows at small t) to keep knowledge that "
-                      "transfers: Diff-Tuning can help where standard fine-tuning forgets it.")
+                      f"{100 * cost:+.1f}%, against {100 * own:+.1f}% on {home}. Expect retention "
+                      "(memory-bank rows at small t) to keep knowledge that transfers: Diff-Tuning can help where "
+                      "standard fine-tuning forgets it.")
     return False, ("the chain-of-forgetting premise does not hold on this data: " + "; and ".join(parts) + ". Expect "
                    "little from retention: its small-t knowledge does not fit your images. Prefer standard fine-tuning "
                    "(--method standard), or a small --retention_weight (the official code's 0.1).")
@@ -192,6 +203,16 @@ def main(args):
     n = min(args.num_images, len(ds) // 2)
     ds = ds.shuffle(seed=args.seed).select(range(2 * n))
     check_images(ds, image_column)
+    home = None
+    if args.source_dataset:
+        home = load_image_dataset(args.source_dataset, args.split, None, args.cache_dir)
+        home_column = require_column(home, args.image_column, datasets.Image, "image", "--image_column",
+                                     "--source_dataset")
+        if len(home) < 2 * n:
+            raise UserError(f"--source_dataset has {len(home)} image(s); the check needs {2 * n} (two sets of "
+                            f"{n}, as many as of yours)")
+        home = home.shuffle(seed=args.seed).select(range(2 * n))
+        check_images(home, home_column)
     extractor = load_feature_extractor(args.feature_extractor)  # before any weights load
     mark(args.output_dir, SCRIPT)
 
@@ -199,7 +220,7 @@ def main(args):
     pipeline.set_progress_bar_config(disable=True)
     vae = pipeline.vae.eval()
     factor = vae_scale_factor(vae)
-    seeds = list(range(args.seed, args.seed + n))
+    seeds = list(range(args.seed, args.seed + 2 * n))  # two sets of its own samples
     if family_class is DiT:
         resolution = args.resolution or pipeline.transformer.config.sample_size * factor
         sampler = DiTBankSampler(pipeline, 1.5 if args.guidance_scale is None else args.guidance_scale,
@@ -216,8 +237,16 @@ def main(args):
         null = family.encode({"input_ids": family.empty_ids.expand(n, -1)})
     scale = vae.config.scaling_factor
     with torch.no_grad():
-        own = torch.cat([torch.from_numpy(np.asarray(sampler([seeds[i] for i in idx])["latent_moments"]))
-                         .chunk(2, dim=1)[0] for idx in batches(n, args.batch_size)]) * scale
+        drawn = [sampler([seeds[i] for i in idx]) for idx in batches(2 * n, args.batch_size)]
+        own_all = torch.cat([torch.from_numpy(np.asarray(d["latent_moments"])).chunk(2, dim=1)[0] for d in drawn])
+        own = own_all[:n] * scale
+        own_images = torch.cat([torch.from_numpy(np.stack([np.asarray(i) for i in d["image"]])) for d in drawn])
+        own_reference = own_images[n:].permute(0, 3, 1, 2).float() / 255
+        if home is not None:  # real images of its domain: set A' encoded, set B' the reference
+            home_pixels = torch.stack([to_tensor(img, resolution) for img in home[home_column]])
+            home_a = torch.cat([vae.encode(home_pixels[idx]).latent_dist.mean
+                                for idx in batches(n, args.batch_size)]) * scale
+            home_reference = home_pixels[n:] / 2 + 0.5
         pixels = torch.stack([to_tensor(img, resolution) for img in ds[image_column]])
         set_a = torch.cat([vae.encode(pixels[idx]).latent_dist.mean for idx in batches(n, args.batch_size)]) * scale
     own_errors = denoising_errors(family, net, own, null, args.seed, args.batch_size)
@@ -233,7 +262,17 @@ def main(args):
                                                    args.batch_size), args.batch_size), args.batch_size)
                for k in sorted(args.handoff_fractions)}
     costs = {k: v / floor - 1 for k, v in handoff.items()}
-    holds, text = verdict(ratios, costs, args)
+    # the same at home (its own samples, or --source_dataset): set A' handed over, against set B'
+    at_home, home_ref = (own, own_reference) if home is None else (home_a, home_reference)
+    own_metric = make_metric(extractor)
+    for idx in batches(n, args.batch_size):
+        own_metric.update(home_ref[idx], real=True)
+    own_floor = fid(own_metric, decode(vae, at_home, args.batch_size), args.batch_size)
+    own_handoff = {k: fid(own_metric, decode(vae, hand_off(family, net, at_home, null, k, args.num_inference_steps,
+                                                           args.seed, args.batch_size), args.batch_size),
+                          args.batch_size) for k in sorted(args.handoff_fractions)}
+    own_costs = {k: v / own_floor - 1 for k, v in own_handoff.items()}
+    holds, text = verdict(ratios, costs, own_costs, args)
     T = family.scheduler.config.num_train_timesteps
     report = {"model": args.pretrained_model_name_or_path, "family": family_class.name, "dataset": args.dataset,
               "images_per_set": n, "feature_extractor": extractor.name,
@@ -241,6 +280,9 @@ def main(args):
               "error_on_your_images": your_errors, "error_on_its_own_samples": own_errors, "error_ratio": ratios,
               "fid_your_images": floor, "fid_after_handoff": {f"{k:g}": v for k, v in handoff.items()},
               "handoff_cost": {f"{k:g}": v for k, v in costs.items()},
+              "home": args.source_dataset or "its own samples", "fid_its_own_samples": own_floor,
+              "fid_after_handoff_own": {f"{k:g}": v for k, v in own_handoff.items()},
+              "handoff_cost_own": {f"{k:g}": v for k, v in own_costs.items()},
               "rule": {"small_t_ratio": args.small_t_ratio, "max_handoff_cost": args.max_handoff_cost},
               "premise_holds": holds, "verdict": text}
     write_json_atomically(os.path.join(args.output_dir, "premise.json"), report)
@@ -249,8 +291,11 @@ def main(args):
     for (lo, hi), y, o, r in zip(report["buckets"], your_errors, own_errors, ratios):
         print(f"[{lo:4d}, {hi:4d})   {y:12.4f} {o:12.4f} {r:7.2f}")
     print(f"FID of your images (set A vs B, through the VAE): {floor:.3f}")
+    where = "its own domain's images" if home is not None else "its own samples"
+    print(f"FID of {where} (two sets, through the VAE): {own_floor:.3f}")
     for k, v in handoff.items():
-        print(f"last {100 * k:g}% handed to the pre-trained model: FID {v:.3f} ({100 * costs[k]:+.1f}%)")
+        print(f"last {100 * k:g}% handed to the pre-trained model: FID {v:.3f} ({100 * costs[k]:+.1f}%); on {where} "
+              f"{own_handoff[k]:.3f} ({100 * own_costs[k]:+.1f}%)")
     print(text)
     return report
 
@@ -269,9 +314,11 @@ def plot(report, path):
     left.set_ylabel("denoising error (null condition)")
     left.legend(fontsize=8)
     ks = [0.0] + [float(k) for k in report["fid_after_handoff"]]
-    right.plot([100 * k for k in ks], [report["fid_your_images"], *report["fid_after_handoff"].values()], marker="o")
+    right.plot([100 * k for k in ks], [0.0, *report["handoff_cost"].values()], marker="o", label="your images")
+    right.plot([100 * k for k in ks], [0.0, *report["handoff_cost_own"].values()], marker="o", label=report["home"])
     right.set_xlabel("last % of DDIM steps handed to the pre-trained model")
-    right.set_ylabel("FID against your other images")
+    right.set_ylabel("relative FID cost")
+    right.legend(fontsize=8)
     fig.suptitle("premise " + ("holds" if report["premise_holds"] else "does not hold"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
