@@ -1,12 +1,24 @@
 """Does Diff-Tuning help where its premise holds? Diff-Tuning's Table 1 / Figure 1 claim and its ablation at toy
-scale on 2 CPU cores, version 3: a source pre-trained until the premise holds, checked before any fine-tuning
-(about 1.5 hours from scratch on one thread; resumable: finished stages and runs are kept).
+scale on 2 CPU cores, version 4: the premise checked on the source before any fine-tuning, against the source's own
+domain (about 1.5 hours from scratch on one thread, 1.2 with version 3's source stages reused; resumable: finished
+stages and runs are kept).
 
-    python -m benchmarks.transfer [--work_dir benchmarks_out/transfer3] [--quick]
+    python -m benchmarks.transfer [--work_dir benchmarks_out/transfer4] [--reuse benchmarks_out/transfer3] [--quick]
 
 Fixed before any run of this version (this docstring was written first; results go to benchmarks/RESULTS.md whichever
 way they go). Version 2 (a 2,000-step source, 3 seeds) failed its premise: handing the last 10% of sampling to its
-source cost more than 5% FID, so nothing was read. Version 3 fixes the source first.
+source cost more than 5% FID, so nothing was read. Version 3 pre-trained the source up to 16,000 steps and stopped:
+the absolute limit was never met (+20.6% at 16,000 steps), and the same source pays +21.6% on real images of its own
+training domain, so the limit measured the small model's fidelity floor, not a transfer gap. Version 4 changes only
+the premise rule and the choice of the source (below); everything else is version 3's.
+
+Version 4's premise rule and source: the source is the 16,000-step stage (the budget's end, the best source the
+budget buys; version 3's stages are reused from `--reuse` when present, else trained as described next). Premise
+check (`check_premise.py`, 128 images per set, MNIST-CNN features, DDIM 50, `--handoff_fractions 0.1`,
+`--source_dataset` MNIST-5k digits 0-4): against target A's reference images (digits 5-9), the small-t error ratio
+must be at most 1.25 AND handing the last 10% of the steps to the source must cost on A at most 5 points of relative
+FID more than on real digits 0-4. If it fails, the benchmark stops and reports that. Version 3's text follows for
+the source's training and the rest; its premise rule is replaced by this one.
 
 Source. The demo's small class-conditional DiT (`fixtures.small_dit`: hidden 64, 4 blocks, its own small VAE fitted
 400 steps, 16 px) pre-trained on MNIST-5k digits 0-4 only, batch 64, lr 1e-3 with a cosine decay to each stage's end
@@ -297,7 +309,10 @@ def plot(results, premise, seeds, samples, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work_dir", default="benchmarks_out/transfer3", help="Models, data and reports (not committed).")
+    p.add_argument("--work_dir", default="benchmarks_out/transfer4", help="Models, data and reports (not committed).")
+    p.add_argument("--reuse", default="benchmarks_out/transfer3",
+                   help="A version 3 work folder whose data, source stages and feature network are copied (the same "
+                        "seeds and settings: the same files), to save their 15 minutes.")
     p.add_argument("--quick", action="store_true", help="A smoke run: nothing is read from it.")
     a = p.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -308,6 +323,11 @@ def main():
         seeds, steps, samples, bank_size, budget, stage = [0, 1, 2, 3, 4], 1500, 500, 2000, 16000, 4000
     w = os.path.abspath(a.work_dir + ("_quick" if a.quick else ""))
     os.makedirs(os.path.join(w, "reports"), exist_ok=True)
+    if a.reuse and not a.quick and os.path.isdir(a.reuse):
+        for part in ("data", "source_init", "source", "mnist_features.pt"):
+            src, dst = os.path.join(a.reuse, part), os.path.join(w, part)
+            if os.path.exists(src) and not os.path.exists(dst):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
     started = time.time()
     data = os.path.join(w, "data")
     targets = write_targets(data)
@@ -315,16 +335,17 @@ def main():
     results_path = os.path.join(w, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
 
-    # ---- The source: pre-trained in stages until the premise check passes on A (or the budget ends).
+    # ---- The source: pre-trained in stages to the budget; the premise checked on the last stage.
     src_data = source_data(data)
     init = source_init(w, src_data)
     stages = list(range(stage, budget + 1, stage))
     source = None
+    run_dir = os.path.join(w, "source")
     for step in stages:
-        run_dir = os.path.join(w, "source")
         train_stages(init, src_data, run_dir, [
             "--method", "standard", "--train_batch_size", "64", "--learning_rate", "1e-3", "--lr_scheduler",
             "cosine", "--lr_warmup_steps", "100"], [step], 0)
+    for step in stages[-1:]:
         key = f"step{step}"
         if key not in results.get("source_premise", {}):
             out = os.path.join(w, "reports", f"premise_{key}")
@@ -332,16 +353,18 @@ def main():
             report = run_script(check_premise, [
                 "--pretrained_model_name_or_path", os.path.join(run_dir, key), "--dataset", targets["A"][1],
                 "--output_dir", out, "--num_images", "128", "--feature_extractor", extractor,
-                "--handoff_fractions", "0.1", "--num_inference_steps", "50", "--batch_size", "64"])
+                "--handoff_fractions", "0.1", "--num_inference_steps", "50", "--batch_size", "64",
+                "--source_dataset", src_data])
             results = record(results_path, ("source_premise", key), {
-                k: report[k] for k in ("error_ratio", "handoff_cost", "fid_your_images", "premise_holds")})
+                k: report[k] for k in ("error_ratio", "handoff_cost", "handoff_cost_own", "fid_your_images",
+                                       "fid_its_own_samples", "premise_holds")})
         check = results["source_premise"][key]
         print(f"source {key}: small-t error ratio {check['error_ratio'][0]:.3f}, last-10% hand-off cost "
-              f"{100 * check['handoff_cost']['0.1']:+.1f}% -> premise {'holds' if check['premise_holds'] else 'fails'}"
+              f"{100 * check['handoff_cost']['0.1']:+.1f}% on A, {100 * check['handoff_cost_own']['0.1']:+.1f}% on "
+              f"real digits 0-4 -> premise {'holds' if check['premise_holds'] else 'fails'}"
               f" ({time.time() - started:.0f} s)", flush=True)
-        if check["premise_holds"] or a.quick and step == stages[-1]:
+        if check["premise_holds"] or a.quick:
             source = os.path.join(run_dir, key)
-            break
     if source is None:
         report = {"premise": "fails at the budget", "source_premise": results["source_premise"]}
         with open(os.path.join(w, "report.json"), "w") as f:
