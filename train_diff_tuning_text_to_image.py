@@ -98,7 +98,8 @@ from utils.metrics.forgetting import FORGETTING_FILE, ForgettingProbe
 logger = get_logger(__name__)
 SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it writes (utils.infra.outputs)
 # the flags that decide which weights a checkpoint holds: a resume with others is refused
-IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "tuning", "rank", "train_text_encoder")
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "method", "tuning",
+                  "rank", "train_text_encoder")
 BANK_CONDITIONS = ("empty", "prompt")
 FAMILIES = [StableDiffusionUNet, StableDiffusionXLUNet]
 TUNINGS = ("lora", "full")
@@ -298,6 +299,8 @@ def main(args):
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
     bank_record = {"family": family_class.name, "base_model": name, "resolution": args.resolution,
                    "prompts": prompts}
+    if args.pretrained_vae_model_name_or_path:  # a bank's latents are its VAE's
+        bank_record["vae"] = args.pretrained_vae_model_name_or_path
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, bank_size)
     check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if not args.skip_image_check:
@@ -340,6 +343,7 @@ def main(args):
         if args.train_text_encoder:
             for encoder in encoders:
                 add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
+                encoder.train()  # frozen models are in eval mode; checkpointing and dropout need train mode
         cast_training_params([unet, *encoders], dtype=torch.float32)
     else:
         unet.requires_grad_(True)
@@ -422,8 +426,8 @@ def main(args):
                 accelerator.autocast():  # the frozen parts run in the mixed-precision dtype
             loss, parts_of_loss = diff_tuning(family, unet, next(data_iter), next(bank_iter) if bank_iter else None,
                                               generator)
-            apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            step=global_step + 1, output_dir=args.output_dir)
+            apply_gradients(accelerator, params, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                            step=global_step + 1, output_dir=args.output_dir)  # UNet and text-encoder adapters
 
         if not accelerator.sync_gradients:
             continue
@@ -445,7 +449,8 @@ def main(args):
     plain = [accelerator.unwrap_model(encoder) for encoder in encoders]
     if ema is not None:
         ema.copy_to(model.parameters())
-    check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
+    for trained in [model, *(plain if args.train_text_encoder else [])]:  # nothing non-finite is saved or pushed
+        check_finite_weights(accelerator, trained, global_step, args.output_dir)
     if accelerator.is_main_process:
         model.eval()
         if args.tuning == "lora":

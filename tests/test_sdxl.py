@@ -106,3 +106,20 @@ def test_fixed_crop_coordinates_replace_each_images_own(sdxl):
     collated = {k: torch.stack(v) for k, v in batch.items()}
     rows = family.rows(collated, torch.Generator().manual_seed(0))
     assert rows.cond["time_ids"].tolist() == [[20, 40, 3, 5, 16, 16]] * 2
+
+
+def test_a_vae_that_asks_for_upcast_stays_fp32_under_mixed_precision(tiny_sdxl_dir):
+    """The stock SDXL VAE (force_upcast) is kept in fp32 and encodes with autocast off; a fixed VAE (no
+    force_upcast, as madebyollin/sdxl-vae-fp16-fix) takes the mixed-precision dtype; pipelines carry no watermark."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    assert pipe.vae.config.force_upcast
+    family = StableDiffusionXLUNet(pipe, "cpu", dtype=torch.bfloat16)
+    assert family.vae.dtype == torch.float32 and family.text_encoder.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = family.rows({"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "input_ids": family.tokenize(PROMPTS),
+                            "time_ids": family.time_ids(torch.tensor([[16, 16, 0, 0]] * 2), 16)}, None)
+    assert rows.x.dtype == torch.float32
+    fixed = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    fixed.vae.register_to_config(force_upcast=False)
+    assert StableDiffusionXLUNet(fixed, "cpu", dtype=torch.bfloat16).vae.dtype == torch.bfloat16
+    assert family.inference_pipeline(pipe.unet, family.text_encoders, pipe.scheduler).watermark is None

@@ -9,6 +9,10 @@ conditioning, fed as diffusers' SDXL training scripts feed them (`train_text_to_
 - The null condition (dropped captions, memory-bank rows with `bank_condition` "empty") is the empty prompt,
   encoded, as diffusers' SDXL training scripts drop captions; `force_zeros_for_empty_prompt` zeroes the negative
   prompt of classifier-free guidance at sampling only, and stays the pipeline's business.
+- A VAE whose config asks for `force_upcast` (the stock SDXL VAE overflows in fp16) stays fp32 and encodes with
+  autocast off, as diffusers' SDXL scripts keep it unless a fixed VAE (`--pretrained_vae_model_name_or_path`
+  madebyollin/sdxl-vae-fp16-fix, no force_upcast) is given. Pipelines are built without the invisible watermark
+  (bank images must not carry it).
 """
 
 import torch
@@ -44,7 +48,8 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
                  train_text_encoder: bool = False, crops_coords_top_left: tuple[int, int] | None = None):
         UNetFamily.__init__(self, pipeline, device, dtype, random_flip)
-        self.vae = freeze(pipeline.vae, device, dtype)
+        self.upcast_vae = bool(getattr(pipeline.vae.config, "force_upcast", False))
+        self.vae = freeze(pipeline.vae, device, torch.float32 if self.upcast_vae else dtype)
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
         self.text_encoder_2 = freeze(pipeline.text_encoder_2, device, dtype)
         self.tokenizer, self.tokenizer_2 = pipeline.tokenizer, pipeline.tokenizer_2
@@ -67,7 +72,8 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
     @staticmethod
     def sampler_from(pipeline, scheduler):
         return StableDiffusionXLPipeline(**{**pipeline.components, "scheduler": scheduler},
-                                         force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt)
+                                         force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt,
+                                         add_watermarker=False)
 
     @property
     def text_encoders(self) -> list:
@@ -80,7 +86,7 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         return StableDiffusionXLPipeline(
             vae=self.vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=self.tokenizer,
             tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=self.pipeline.config.force_zeros_for_empty_prompt)
+            force_zeros_for_empty_prompt=self.pipeline.config.force_zeros_for_empty_prompt, add_watermarker=False)
 
     @staticmethod
     def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:
@@ -120,7 +126,8 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
             # diffusers' SDXL scripts: a flipped image's crop left becomes (cropped width - left)
             left = torch.where(flip, time_ids[:, 5] - time_ids[:, 3], time_ids[:, 3])
             time_ids = torch.cat([time_ids[:, :3], left[:, None], time_ids[:, 4:]], dim=1)
-        moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+        with torch.autocast(pixels.device.type, enabled=not self.upcast_vae):
+            moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters.float()
         return Rows(moments, {"input_ids": batch["input_ids"].to(self.device), "time_ids": time_ids})
 
     def bank_rows(self, batch, generator) -> Rows:

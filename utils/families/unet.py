@@ -203,7 +203,7 @@ class StableDiffusionUNet(UNetFamily):
 
     def sampling_pipeline(self, unet):
         """The pipeline's own scheduler (PNDM for Stable Diffusion), as DeMe evaluates it."""
-        pipe = self.inference_pipeline(unet, [self.text_encoder], self.pipeline.scheduler)
+        pipe = self.inference_pipeline(unet, self.text_encoders, self.pipeline.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

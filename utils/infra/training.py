@@ -236,11 +236,12 @@ def apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, max_grad_
                     output_dir: str, set_to_none: bool = True):
     """Stop on a non-finite loss (every process at once; `step` is the optimizer step being computed), then
     backward, clip and step. Call inside `accelerator.accumulate(model)`: the prepared optimizer and scheduler only
-    step on the micro-batch that completes an accumulation, which is also the only one clipped."""
+    step on the micro-batch that completes an accumulation, which is also the only one clipped. `model`: the module
+    whose gradients are clipped, or a list of the parameters (e.g. a UNet's and its text encoders' adapters)."""
     check_finite_loss(accelerator, loss, step, output_dir)
     accelerator.backward(loss)
     if accelerator.sync_gradients and max_grad_norm:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        accelerator.clip_grad_norm_(model.parameters() if hasattr(model, "parameters") else model, max_grad_norm)
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=set_to_none)
