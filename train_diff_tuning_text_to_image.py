@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
@@ -134,8 +134,10 @@ def parse_args(argv=None):
     g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
     g.add_argument("--output_dir", default="diff-tuning-text-to-image",
                    help="Where the LoRA weights or pipeline, card, grids, logs and checkpoints go.")
-    g.add_argument("--resolution", type=int, default=512,
-                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor.")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor (default: "
+                        "the model's, its UNet's sample size x the VAE factor: 512 for SD 1.5, 768 for SD 2.x, 1024 "
+                        "for SDXL).")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips of the downstream images.")
     g.add_argument("--crops_coords_top_left_h", type=int, default=None,
                    help="SDXL: the crop top every image's size conditioning records (default: each image's own crop, "
@@ -249,12 +251,12 @@ def bank_prompts(args, ds, caption_column) -> list[str]:
 
 
 @torch.no_grad()
-def generate(family, unet, encoders, prompts, args, device):
+def generate(family, unet, encoders, prompts, args, resolution, device):
     """NHWC images in [0, 1] of the family's pipeline with `unet` and the text `encoders` (DDIM,
     --validation_inference_steps), image i with seed + i, so every evaluation and the base model see the same noise."""
     pipe = family.inference_pipeline(unet, encoders, DDIMScheduler.from_config(family.pipeline.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompts, height=args.resolution, width=args.resolution, guidance_scale=args.validation_guidance_scale,
+    return pipe(prompts, height=resolution, width=resolution, guidance_scale=args.validation_guidance_scale,
                 num_inference_steps=args.validation_inference_steps, output_type="np",
                 generator=[torch.Generator(device).manual_seed(args.seed + i) for i in range(len(prompts))]).images
 
@@ -280,14 +282,17 @@ def main(args):
                                                         cache_dir=args.cache_dir)
         vae_factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=args.revision,
                                                                 cache_dir=args.cache_dir))
+        unet_size = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
+                                                     cache_dir=args.cache_dir)["sample_size"]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: {str(e).strip().splitlines()[0]}"
                         ) from e
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"the pipeline's scheduler predicts {noise_scheduler.config.prediction_type!r}; this script "
                         "trains epsilon and v_prediction models")
-    if args.resolution % vae_factor:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {vae_factor}")
+    resolution = args.resolution or unet_size * vae_factor  # the model's own unless given
+    if resolution % vae_factor:
+        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's factor {vae_factor}")
     ds, caption_column = load_captioned(args)
     diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.proportion_empty_prompts)
     if len(ds) < diff_tuning.n_data * accelerator.num_processes:
@@ -297,7 +302,7 @@ def main(args):
     bank_condition = args.bank_condition or ("prompt" if args.method == PRIOR_PRESERVATION else "empty")
     bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_record = {"family": family_class.name, "base_model": name, "resolution": args.resolution,
+    bank_record = {"family": family_class.name, "base_model": name, "resolution": resolution,
                    "prompts": prompts}
     if args.pretrained_vae_model_name_or_path:  # a bank's latents are its VAE's
         bank_record["vae"] = args.pretrained_vae_model_name_or_path
@@ -326,14 +331,14 @@ def main(args):
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
     with accelerator.autocast():
         sampler = PromptBankSampler(pipeline, prompts, args.memory_bank_guidance_scale,
-                                    args.memory_bank_inference_steps, args.resolution, family_class)
+                                    args.memory_bank_inference_steps, resolution, family_class)
         bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, bank_size, args.memory_bank_batch_size,
                                      args.seed, bank_record)
     retention_prompts = args.retention_prompts or (prompts[:4] if bank is not None else [])
     base_images = None
     if retention_prompts and accelerator.is_main_process:
         with accelerator.autocast():
-            base_images = generate(family, unet, encoders, retention_prompts, args, accelerator.device)
+            base_images = generate(family, unet, encoders, retention_prompts, args, resolution, accelerator.device)
 
     # ---- Which weights train.
     if args.tuning == "lora":
@@ -362,7 +367,7 @@ def main(args):
     # ---- Data loaders and optimisation.
     workers = worker_options(args.dataloader_num_workers)
     loader = torch.utils.data.DataLoader(
-        ds.with_transform(family.transform(args.image_column, caption_column, args.resolution)),
+        ds.with_transform(family.transform(args.image_column, caption_column, resolution)),
         batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, **workers)
     bank_loader = diff_tuning.bank_loader(family.bank_dataset(bank), as_batch, workers) if bank is not None else None
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
@@ -402,8 +407,8 @@ def main(args):
         model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
         plain = [accelerator.unwrap_model(encoder, keep_fp32_wrapper=False) for encoder in encoders]
         with averaged_weights(model, ema), accelerator.autocast():
-            images = generate(family, model, plain, grid_prompts, args, accelerator.device)
-            probed = generate(family, model, plain, retention_prompts, args, accelerator.device) \
+            images = generate(family, model, plain, grid_prompts, args, resolution, accelerator.device)
+            probed = generate(family, model, plain, retention_prompts, args, resolution, accelerator.device) \
                 if retention_prompts else None
         log_images(accelerator, tag, images, step, grid_prompts)
         if probed is not None:
@@ -467,7 +472,7 @@ def main(args):
                 os.path.join(args.output_dir, "before_after.png"))
             probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
         write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, total, logs,
-                   accelerator.mixed_precision, learning_rate, probe, validation_prompts, global_step)
+                   accelerator.mixed_precision, learning_rate, probe, validation_prompts, global_step, resolution)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
@@ -483,13 +488,14 @@ def main(args):
 
 
 def write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, total, last_logs, mixed_precision,
-               learning_rate, probe, validation_prompts, steps):
-    """`family`: the pipeline's (its pipeline class and tag); `steps`: the optimizer steps trained."""
+               learning_rate, probe, validation_prompts, steps, resolution):
+    """`family`: the pipeline's (its pipeline class and tag); `steps`: the optimizer steps trained; `resolution`: the
+    one trained at."""
     method = {"diff_tuning": "Diff-Tuning", "standard": "standard fine-tuning",
               PRIOR_PRESERVATION: "DreamBooth prior preservation"}[args.method]
     hyper = {"method": args.method, "tuning": args.tuning, "steps": steps,
              "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-             "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
+             "learning_rate": learning_rate, "lr_scheduler": args.lr_scheduler, "resolution": resolution,
              "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,
              "mixed_precision": mixed_precision, "seed": args.seed,
              "trainable_unet_parameters": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"}

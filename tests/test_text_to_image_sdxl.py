@@ -121,3 +121,12 @@ def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sdxl_dir, capti
     assert "ControlNet memory banks of SDXL pipelines are not supported yet" in cli_error(generate_memory_bank, [
         "--pretrained_model_name_or_path", tiny_sdxl_dir, "--output_dir", str(tmp_path / "cn"), "--condition",
         "canny"])
+
+
+def test_resolution_defaults_to_the_models_own(tiny_sdxl_dir, captioned_digits_dir, tmp_path):
+    """Without --resolution the tiny SDXL trains at its UNet's sample size x the VAE factor (8 x 2 = 16), as an SDXL
+    base at 1024: the card and the bank record it."""
+    argv = [a for a in TINY if a not in ("--resolution", "16")]
+    run_main(script, tiny_sdxl_dir, captioned_digits_dir, tmp_path / "out", *argv, "--max_train_steps", "2")
+    assert json.loads((tmp_path / "out" / "memory_bank" / "memory_bank.json").read_text())["resolution"] == 16
+    assert "| `resolution` | `16` |" in (tmp_path / "out" / "README.md").read_text()
