@@ -5,6 +5,7 @@ one machine (CPU or GPU).
     python -m benchmarks.speed --small --dataset demo_out/digits          # the demo's architecture, random weights
     python -m benchmarks.speed --dit_xl --dataset digits_folder --resolution 256 --mixed_precision bf16  # GPU
     python -m benchmarks.speed --text_to_image       # a small Stable Diffusion with LoRA on captioned digits
+    python -m benchmarks.speed --text_to_image --sdxl   # the same with a small SDXL
 
 A step's time is the median interval between optimisation steps inside one run (CUDA synchronised), after
 `WARMUP` steps, so start-up, data caching, memory-bank loading and the final save do not count. Each run is a
@@ -77,13 +78,15 @@ def fmt(values, digits=3):
 
 
 def text_to_image(a, tmp):
-    """Diff-Tuning / standard step of train_diff_tuning_text_to_image.py (LoRA) on a small Stable Diffusion."""
+    """Diff-Tuning / standard step of train_diff_tuning_text_to_image.py (LoRA) on a small Stable Diffusion (or, with
+    --sdxl, a small Stable Diffusion XL)."""
     import train_diff_tuning_text_to_image as t2i
     from fixtures.offline_data import sklearn_digits, write_captioned_folder
-    from fixtures.small_unet import build_sd_pipeline
+    from fixtures.small_unet import build_sd_pipeline, build_sdxl_pipeline
 
-    build_sd_pipeline(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32,
-                      unet_channels=(32, 64)).save_pretrained(f"{tmp}/sd")
+    build = build_sdxl_pipeline if a.sdxl else build_sd_pipeline
+    build(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, unet_channels=(32, 64)).save_pretrained(
+        f"{tmp}/sd")
     data = write_captioned_folder(*sklearn_digits(), f"{tmp}/captioned", limit=256, size=a.resolution)
     base = ["--pretrained_model_name_or_path", f"{tmp}/sd", "--dataset", data, "--resolution", str(a.resolution),
             "--train_batch_size", str(a.batch_size), "--validation_steps", "0", "--num_validation_images", "1",
@@ -98,7 +101,8 @@ def text_to_image(a, tmp):
             times[kind].append(timed_run([*base, "--method", kind, "--output_dir", f"{tmp}/t2i-{kind}-{r}"],
                                          a.steps, t2i)[0])
     ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
-    print(f"\ntext-to-image, LoRA rank 4, batch {a.batch_size}, resolution {a.resolution}, {a.steps} timed steps "
+    print(f"\ntext-to-image ({'SDXL' if a.sdxl else 'Stable Diffusion'}), LoRA rank 4, batch {a.batch_size}, "
+          f"resolution {a.resolution}, {a.steps} timed steps "
           f"per run, mixed precision {a.mixed_precision}; {a.repeats} interleaved repeats; median (range)\n")
     print("| measurement | value |\n|---|---|")
     print(f"| standard step | {fmt([1000 * t for t in times['standard']], 1)} ms |")
@@ -119,6 +123,8 @@ def main():
                      help="Build DiT-XL/2 (28 blocks of width 1152) and an SD-sized VAE with random weights: "
                           "the compute of facebook/DiT-XL-2-256 without a download (step times do not depend on "
                           "weight values).")
+    p.add_argument("--sdxl", action="store_true",
+                   help="With --text_to_image: a small SDXL instead of Stable Diffusion.")
     p.add_argument("--dataset", default=None, help="Image-folder data set (the DiT measurements).")
     p.add_argument("--resolution", type=int, default=16, help="Training resolution.")
     p.add_argument("--batch_size", type=int, default=32, help="Training batch.")
