@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import datasets
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,17 +20,21 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_text_to_image as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, run_main
+from fixtures.testing import (
+    LORA_FILE,
+    ROOT,
+    TEXT_TO_IMAGE_TINY,
+    cli_help,
+    generates,
+    killed_at_first_checkpoint,
+    run_main,
+)
 from utils.families.unet import StableDiffusionUNet
 from utils.infra.errors import UserError
 from utils.methods.diff_tuning import DiffTuning
 from utils.methods.timesteps import retention_weights
 
-TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--num_class_images", "8",
-        "--memory_bank_batch_size", "4", "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2",
-        "--num_validation_images", "2", "--validation_steps", "2", "--checkpointing_steps", "2",
-        "--report_to", "none", "--learning_rate", "1e-3", "--max_train_steps", "4"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
+TINY = TEXT_TO_IMAGE_TINY
 
 
 def train(sd_dir, data_dir, out, *extra):
@@ -57,12 +60,6 @@ def t2i_bank(tiny_sd_dir, captioned_digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("t2i_bank") / "run"
     train(tiny_sd_dir, captioned_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
     return str(out / "memory_bank")
-
-
-def generates(pipe):
-    images = pipe("a digit three", num_inference_steps=2, height=16, width=16, output_type="np",
-                  generator=torch.manual_seed(0)).images
-    return images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
 
 
 def test_end_to_end_with_accelerate_launch_lora_loads_in_the_stock_pipeline(tiny_sd_dir, captioned_digits_dir,

@@ -13,23 +13,13 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import train_diff_tuning_text_to_image as script
-from fixtures.testing import cli_error, killed_at_first_checkpoint, run_main
+from fixtures.testing import LORA_FILE, TEXT_TO_IMAGE_TINY, cli_error, generates, killed_at_first_checkpoint, run_main
 
-TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--num_class_images", "8",
-        "--memory_bank_batch_size", "4", "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2",
-        "--num_validation_images", "2", "--validation_steps", "2", "--checkpointing_steps", "2",
-        "--report_to", "none", "--learning_rate", "1e-3", "--max_train_steps", "4"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
+TINY = TEXT_TO_IMAGE_TINY
 
 
 def train(model_dir, data_dir, out, *extra):
     return run_main(script, model_dir, data_dir, out, *TINY, *extra)
-
-
-def generates(pipe):
-    images = pipe("a digit three", num_inference_steps=2, height=16, width=16, output_type="np",
-                  generator=torch.manual_seed(0)).images
-    return images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
 
 
 @pytest.fixture(scope="module")
