@@ -332,16 +332,12 @@ def test_help_documents_every_flag():
 
 
 def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sd_dir, captioned_digits_dir, tmp_path):
-    import generate_memory_bank
+    from fixtures.testing import bank_built_ahead
 
-    (tmp_path / "prompts.txt").write_text("a handwritten digit\na photo of a digit\n")
-    bank = str(tmp_path / "bank")
-    run_script(generate_memory_bank, ["--pretrained_model_name_or_path", tiny_sd_dir, "--output_dir", bank,
-                                      "--prompts_file", str(tmp_path / "prompts.txt"), "--size", "6",
-                                      "--resolution", "16", "--num_inference_steps", "2"])
+    bank, prompts = bank_built_ahead(tiny_sd_dir, tmp_path)
     assert datasets.load_from_disk(bank)["text"] == ["a handwritten digit", "a photo of a digit"] * 3
     train(tiny_sd_dir, captioned_digits_dir, tmp_path / "out", "--memory_bank", bank, "--memory_bank_prompts",
-          str(tmp_path / "prompts.txt"), "--max_train_steps", "2")
+          prompts, "--max_train_steps", "2")
     assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
     with pytest.raises(UserError, match="was made with prompts"):  # the run's prompts differ from the bank's
         train(tiny_sd_dir, captioned_digits_dir, tmp_path / "out2", "--memory_bank", bank)

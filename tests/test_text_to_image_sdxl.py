@@ -96,17 +96,13 @@ def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sdxl_dir, capti
     """generate_memory_bank.py builds an SDXL text-to-image bank (its family recorded) that the script then uses;
     an SDXL ControlNet bank is refused in one line before any weights load."""
     import generate_memory_bank
-    from fixtures.in_process import run_script
+    from fixtures.testing import bank_built_ahead
 
-    (tmp_path / "prompts.txt").write_text("a handwritten digit\na photo of a digit\n")
-    bank = str(tmp_path / "bank")
-    run_script(generate_memory_bank, ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--output_dir", bank,
-                                      "--prompts_file", str(tmp_path / "prompts.txt"), "--size", "6",
-                                      "--resolution", "16", "--num_inference_steps", "2"])
+    bank, prompts = bank_built_ahead(tiny_sdxl_dir, tmp_path)
     assert datasets.load_from_disk(bank)["text"] == ["a handwritten digit", "a photo of a digit"] * 3
     assert json.loads(open(os.path.join(bank, "memory_bank.json")).read())["family"] == "stable-diffusion-xl"
     train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "out", "--memory_bank", bank, "--memory_bank_prompts",
-          str(tmp_path / "prompts.txt"), "--max_train_steps", "2")
+          prompts, "--max_train_steps", "2")
     assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
     assert "ControlNet memory banks of SDXL pipelines are not supported yet" in cli_error(generate_memory_bank, [
         "--pretrained_model_name_or_path", tiny_sdxl_dir, "--output_dir", str(tmp_path / "cn"), "--condition",

@@ -70,8 +70,11 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         return StableDiffusionXLPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
 
     @staticmethod
-    def sampler_from(pipeline, scheduler):
-        return StableDiffusionXLPipeline(**{**pipeline.components, "scheduler": scheduler},
+    def sampler_from(pipeline, scheduler, unet=None, encoders: list | None = None):
+        first, second = encoders or [pipeline.text_encoder, pipeline.text_encoder_2]
+        parts = {**pipeline.components, "scheduler": scheduler, "unet": pipeline.unet if unet is None else unet,
+                 "text_encoder": first, "text_encoder_2": second}
+        return StableDiffusionXLPipeline(**parts,
                                          force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt,
                                          add_watermarker=False)
 
@@ -81,12 +84,6 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
 
     def set_text_encoders(self, encoders: list) -> None:
         self.text_encoder, self.text_encoder_2 = encoders
-
-    def inference_pipeline(self, unet, encoders: list, scheduler):
-        return StableDiffusionXLPipeline(
-            vae=self.vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=self.pipeline.config.force_zeros_for_empty_prompt, add_watermarker=False)
 
     @staticmethod
     def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:

@@ -123,11 +123,13 @@ class StableDiffusionUNet(UNetFamily):
                 and not index.get("text_encoder_2") and "XL" not in index.get("_class_name", ""))
 
     @staticmethod
-    def sampler_from(pipeline, scheduler):
-        """`pipeline`'s models with another scheduler (no safety checker)."""
-        return StableDiffusionPipeline(vae=pipeline.vae, text_encoder=pipeline.text_encoder,
-                                       tokenizer=pipeline.tokenizer, unet=pipeline.unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    def sampler_from(pipeline, scheduler, unet=None, encoders: list | None = None):
+        """`pipeline`'s models with another scheduler, and another `unet` and text `encoders` where given (no
+        safety checker)."""
+        return StableDiffusionPipeline(vae=pipeline.vae, text_encoder=(encoders or [pipeline.text_encoder])[0],
+                                       tokenizer=pipeline.tokenizer, unet=pipeline.unet if unet is None else unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
 
     @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs):
@@ -190,9 +192,7 @@ class StableDiffusionUNet(UNetFamily):
     def inference_pipeline(self, unet, encoders: list, scheduler):
         """A pipeline of this family around `unet` and `encoders` (the frozen VAE and tokenizers), for validation and
         memory-bank samples."""
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=encoders[0], tokenizer=self.tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return self.sampler_from(self.pipeline, scheduler, unet, encoders)
 
     @staticmethod
     def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:
