@@ -22,7 +22,7 @@ training rows; a fixed, disjoint held-out folder of 32 rows for the tracker.
 The pilot (seed 100, standard arm only; it chose the setting and is not among the paired seeds). Candidates, in the
 order tried, with the rule "the first setting whose halfway threshold (below) plain training crosses at step >= 300
 and whose final samples visibly follow the controls": Canny at lr 1e-3 for 1,000 steps (crossed halfway at step
-150; samples follow the edges faintly), Canny at lr 3e-4 for 2,000 steps (crossed at ~300, samples barely follow:
+150; samples follow the edges faintly), Canny at lr 3e-4 for 2,000 steps (crossed at 350, samples barely follow:
 1-px edges at 16 px are a weak control), sketch at lr 1e-3 for 2,000 steps (blurred-sketch SSIM -0.04 at step 0,
 0.07 at 100, 0.32 at 250, about 0.44 from step 450 on: the jump of sudden convergence, and the samples follow the
 strokes; but halfway is crossed at step 200), sketch at lr 3e-4 for 2,000 steps (-0.04 at step 0, still
