@@ -29,6 +29,7 @@ from utils.families.annotators import add_annotator_args, annotator_of
 from utils.families.base import detect_family
 from utils.families.controlnet import ControlBankSampler
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
+from utils.families.sd3 import StableDiffusion3
 from utils.families.sdxl import StableDiffusionXLUNet
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra.errors import UserError
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="DiTPipeline or Stable Diffusion 1.x/2.x pipeline: Hub id or folder.")
+                   help="DiTPipeline, or Stable Diffusion 1.x/2.x, XL or 3 pipeline: Hub id or folder.")
     p.add_argument("--revision", default=None, help="Revision of the pipeline on the Hub.")
     p.add_argument("--output_dir", required=True, help="Folder of the finished bank (a save_to_disk dataset).")
     p.add_argument("--size", type=int, default=5000, help="Number of samples (the paper's smallest bank).")
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("Stable Diffusion banks")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="Prompt of the bank samples (ControlNet banks).")
     g.add_argument("--resolution", type=int, default=512, help="Sample size in pixels (the training resolution).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3: T5 tokens per prompt (default 77; the training script's --max_sequence_length).")
     g.add_argument("--no_controls", action="store_true",
                    help="A text-to-image bank: no control annotated (the default annotates with --condition).")
     g.add_argument("--prompts_file", default=None,
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     for name in ("size", "num_inference_steps", "resolution"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        raise UserError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -76,8 +81,10 @@ def parse_args(argv=None):
 def bank_plan(args):
     """(family, the record a training run checks, sampler factory): from the configs alone, before any weights."""
     name = args.pretrained_model_name_or_path
-    family = detect_family(name, [DiT, StableDiffusionUNet, StableDiffusionXLUNet], "generate_memory_bank.py",
-                           args.revision)
+    family = detect_family(name, [DiT, StableDiffusionUNet, StableDiffusionXLUNet, StableDiffusion3],
+                           "generate_memory_bank.py", args.revision)
+    if args.max_sequence_length is not None and family is not StableDiffusion3:
+        raise UserError("--max_sequence_length is SD3's (T5 tokens); this pipeline has no T5 encoder")
     if family is DiT:
         from diffusers import DiTTransformer2DModel
 
@@ -89,11 +96,18 @@ def bank_plan(args):
     if family is StableDiffusionXLUNet and not (args.no_controls or args.prompts_file):
         raise UserError("ControlNet memory banks of SDXL pipelines are not supported yet; pass --no_controls or "
                         "--prompts_file for a text-to-image bank (train_diff_tuning_text_to_image.py)")
+    if family is StableDiffusion3 and not (args.no_controls or args.prompts_file):
+        raise UserError("ControlNet memory banks of SD3 pipelines are not supported (the ControlNet script trains SD "
+                        "1.x/2.x and SDXL ControlNets); pass --no_controls or --prompts_file for a text-to-image bank")
     if args.no_controls or args.prompts_file:
         prompts = bank_prompts_from_file(args.prompts_file) if args.prompts_file else [args.prompt]
         record = {"family": family.name, "base_model": name, "resolution": args.resolution, "prompts": prompts}
+        kwargs = {}
+        if family is StableDiffusion3:  # the T5 length shapes the samples: recorded, as the training script checks
+            kwargs = {"max_sequence_length": args.max_sequence_length or 77}
+            record.update(kwargs)
         return family, record, lambda pipe: PromptBankSampler(pipe, prompts, guidance, args.num_inference_steps,
-                                                              args.resolution, family)
+                                                              args.resolution, family, kwargs)
     annotator = annotator_of(args)  # unknown condition, a missing --annotator_model: refused now
     record = {"family": ControlBankSampler.family, "base_model": name, "resolution": args.resolution,
               "annotator": annotator.settings, "prompt": args.prompt}

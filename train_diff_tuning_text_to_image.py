@@ -17,9 +17,11 @@ fine-tuning (diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py w
 Diff-Tuning equals prior preservation exactly with `--method diff_tuning --tau 0 --xi_form official
 --bank_condition prompt --retention_weight <prior_loss_weight> --memory_bank_prompts <a file holding the class
 prompt>` and as many bank rows as data rows (`--retention_ratio 0.5` on twice the batch): both parts at uniform t,
-bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction) and Stable Diffusion XL (two text
+bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction), Stable Diffusion XL (two text
 encoders, size-and-crop conditioning as diffusers' SDXL scripts: `utils.families.sdxl`; `--train_text_encoder` gives
-both encoders adapters); SD3 and other pipelines are refused in one line.
+both encoders adapters) and Stable Diffusion 3 (three text encoders, rectified flow with diffusers'
+`--weighting_scheme`: `utils.families.sd3`; Diff-Tuning's psi and xi multiply the scheme's timestep density, see
+docs/methods.md); Flux and other pipelines are refused in one line.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -35,20 +37,15 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from utils.families.base import check_variant, detect_family
 from utils.families.latents import vae_scale_factor
+from utils.families.sd3 import StableDiffusion3
 from utils.families.sdxl import StableDiffusionXLUNet
-from utils.families.tuning import (
-    TEXT_ENCODER_LORA_TARGETS,
-    UNET_LORA_TARGETS,
-    add_lora_adapter,
-    lora_layers,
-    parameter_counts,
-)
+from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
@@ -92,6 +89,7 @@ from utils.methods.diff_tuning import (
     add_diff_tuning_args,
     check_diff_tuning_args,
 )
+from utils.methods.forward_process import add_flow_matching_args, given_flow_flags
 from utils.methods.memory_bank import bank_prompts_from_file
 from utils.metrics.forgetting import FORGETTING_FILE, ForgettingProbe
 
@@ -101,7 +99,7 @@ SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it wri
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "method", "tuning",
                   "rank", "train_text_encoder")
 BANK_CONDITIONS = ("empty", "prompt")
-FAMILIES = [StableDiffusionUNet, StableDiffusionXLUNet]
+FAMILIES = [StableDiffusionUNet, StableDiffusionXLUNet, StableDiffusion3]
 TUNINGS = ("lora", "full")
 
 
@@ -110,8 +108,8 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' text-to-image and DreamBooth examples)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Stable Diffusion 1.x/2.x (epsilon or v-prediction) or Stable Diffusion XL pipeline: Hub id "
-                        "or folder.")
+                   help="Stable Diffusion 1.x/2.x (epsilon or v-prediction), Stable Diffusion XL or Stable Diffusion "
+                        "3 pipeline: Hub id or folder.")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="Another VAE (a diffusers AutoencoderKL folder or Hub id), as diffusers' SDXL scripts take for "
                         "madebyollin/sdxl-vae-fp16-fix; default: the pipeline's own.")
@@ -136,23 +134,27 @@ def parse_args(argv=None):
                    help="Where the LoRA weights or pipeline, card, grids, logs and checkpoints go.")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training resolution (short side resized, centre crop); a multiple of the VAE factor (default: "
-                        "the model's, its UNet's sample size x the VAE factor: 512 for SD 1.5, 768 for SD 2.x, 1024 "
-                        "for SDXL).")
+                        "the model's, its UNet's or transformer's sample size x the VAE factor: 512 for SD 1.5, 768 "
+                        "for SD 2.x, 1024 for SDXL and SD3).")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips of the downstream images.")
     g.add_argument("--crops_coords_top_left_h", type=int, default=None,
                    help="SDXL: the crop top every image's size conditioning records (default: each image's own crop, "
                         "as diffusers' SDXL text-to-image scripts record it).")
     g.add_argument("--crops_coords_top_left_w", type=int, default=None,
                    help="SDXL: the crop left every image's size conditioning records (default: each image's own).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3: T5 tokens per caption (default 77, as diffusers' SD3 LoRA script).")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("which weights train")
     g.add_argument("--tuning", choices=TUNINGS, default="lora",
-                   help="lora: peft LoRA on the UNet's attention projections, saved in diffusers' LoRA format; "
-                        "full: every UNet weight, saved as a stock pipeline.")
+                   help="lora: peft LoRA on the UNet's attention projections (SD3: the transformer's joint-attention "
+                        "projections), saved in diffusers' LoRA format; full: every UNet (transformer) weight, saved "
+                        "as a stock pipeline.")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank).")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="Also LoRA on the text encoder's attention projections (with --tuning lora).")
+                   help="Also LoRA on the text encoder's attention projections (with --tuning lora; SDXL and SD3: "
+                        "both CLIP encoders, never SD3's T5).")
 
     g = add_diff_tuning_args(
         p, bank_guidance_scale=7.5, bank_batch_size=8, methods=(*METHODS, PRIOR_PRESERVATION),
@@ -177,6 +179,7 @@ def parse_args(argv=None):
                    help="What bank rows are conditioned on: empty (the paper's null condition; default for "
                         "diff_tuning) or prompt (their own prompt; DreamBooth's, default for prior_preservation).")
 
+    add_flow_matching_args(p)
     g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data rows together (prior "
                               "preservation: data rows; as many class rows are added, as in DreamBooth).",
                               max_train_steps=1000, learning_rate=1e-4, max_grad_norm=1.0, ema_decay=0.9999,
@@ -207,6 +210,8 @@ def check_args(args):
     if args.method == PRIOR_PRESERVATION and not (args.class_prompt or args.memory_bank_prompts):
         raise UserError("prior preservation needs --class_prompt (the prompt of the class images, e.g. "
                         "'a photo of a dog'), or --memory_bank_prompts for several")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        raise UserError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}")
     if (args.crops_coords_top_left_h is None) != (args.crops_coords_top_left_w is None):
         raise UserError("--crops_coords_top_left_h and --crops_coords_top_left_w go together; give both or neither")
     if args.train_text_encoder and args.tuning != "lora":
@@ -252,13 +257,15 @@ def bank_prompts(args, ds, caption_column) -> list[str]:
 
 @torch.no_grad()
 def generate(family, unet, encoders, prompts, args, resolution, device):
-    """NHWC images in [0, 1] of the family's pipeline with `unet` and the text `encoders` (DDIM,
-    --validation_inference_steps), image i with seed + i, so every evaluation and the base model see the same noise."""
-    pipe = family.inference_pipeline(unet, encoders, DDIMScheduler.from_config(family.pipeline.scheduler.config))
+    """NHWC images in [0, 1] of the family's pipeline with `unet` and the text `encoders` (DDIM; SD3: its
+    flow-matching Euler sampler; --validation_inference_steps), image i with seed + i, so every evaluation and the
+    base model see the same noise."""
+    pipe = family.inference_pipeline(unet, encoders, family.sampling_scheduler(family.pipeline))
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompts, height=resolution, width=resolution, guidance_scale=args.validation_guidance_scale,
                 num_inference_steps=args.validation_inference_steps, output_type="np",
-                generator=[torch.Generator(device).manual_seed(args.seed + i) for i in range(len(prompts))]).images
+                generator=[torch.Generator(device).manual_seed(args.seed + i) for i in range(len(prompts))],
+                **family.pipeline_kwargs).images
 
 
 def main(args):
@@ -276,21 +283,32 @@ def main(args):
     family_class = detect_family(name, FAMILIES, SCRIPT, args.revision, args.cache_dir)
     if args.crops_coords_top_left_h is not None and family_class is not StableDiffusionXLUNet:
         raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
+    family_options = {}  # the family's own flags: SDXL's fixed crop ids, SD3's T5 length
+    if family_class is StableDiffusion3:
+        family_options["max_sequence_length"] = args.max_sequence_length or 77
+    elif args.max_sequence_length is not None or given_flow_flags(args):
+        given = ["--max_sequence_length"] if args.max_sequence_length is not None else []
+        raise UserError(f"{' and '.join(given + [f'--{k}' for k in given_flow_flags(args)])}: SD3's (T5 tokens, "
+                        "flow matching); this pipeline trains with DDPM and CLIP")
+    if args.crops_coords_top_left_h is not None:
+        family_options["crops_coords_top_left"] = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
     check_variant(name, args.variant)
     try:
-        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=args.revision,
-                                                        cache_dir=args.cache_dir)
+        noise_scheduler = family_class.scheduler_class.from_pretrained(name, subfolder="scheduler",
+                                                                       revision=args.revision, cache_dir=args.cache_dir)
         vae_factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=args.revision,
                                                                 cache_dir=args.cache_dir))
-        unet_size = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
-                                                     cache_dir=args.cache_dir)["sample_size"]
+        model_size = family_class.denoiser_class.load_config(name, subfolder=family_class.model_key,
+                                                             revision=args.revision,
+                                                             cache_dir=args.cache_dir)["sample_size"]
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: {str(e).strip().splitlines()[0]}"
+        raise UserError(f"cannot load {family_class.description} from {name!r}: {str(e).strip().splitlines()[0]}"
                         ) from e
-    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(f"the pipeline's scheduler predicts {noise_scheduler.config.prediction_type!r}; this script "
-                        "trains epsilon and v_prediction models")
-    resolution = args.resolution or unet_size * vae_factor  # the model's own unless given
+    prediction_type = noise_scheduler.config.get("prediction_type")  # flow matching has none: noise - x_0
+    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"the pipeline's scheduler predicts {prediction_type!r}; this script trains epsilon and "
+                        "v_prediction models (and SD3's flow matching)")
+    resolution = args.resolution or model_size * vae_factor  # the model's own unless given
     if resolution % vae_factor:
         raise UserError(f"--resolution {resolution} is not a multiple of the VAE's factor {vae_factor}")
     ds, caption_column = load_captioned(args)
@@ -303,7 +321,7 @@ def main(args):
     bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
     bank_record = {"family": family_class.name, "base_model": name, "resolution": resolution,
-                   "prompts": prompts}
+                   "prompts": prompts, **{k: v for k, v in family_options.items() if k == "max_sequence_length"}}
     if args.pretrained_vae_model_name_or_path:  # a bank's latents are its VAE's
         bank_record["vae"] = args.pretrained_vae_model_name_or_path
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, bank_size)
@@ -315,23 +333,23 @@ def main(args):
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
 
-    # ---- Models: the VAE (and the text encoder, unless it gets adapters) stay frozen.
+    # ---- Models: the VAE (and the text encoders, unless they get adapters) stay frozen; `unet` is the trained
+    # denoiser (SD3's transformer).
     vae = None
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
     pipeline = family_class.load(name, args.revision, args.cache_dir, variant=args.variant,
                                  **({"vae": vae} if vae is not None else {}))
     dtype = weight_dtype(accelerator)
-    crops = (None if args.crops_coords_top_left_h is None
-             else {"crops_coords_top_left": (args.crops_coords_top_left_h, args.crops_coords_top_left_w)})
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
-                          args.train_text_encoder, **(crops or {}))
-    unet, encoders = pipeline.unet.to(accelerator.device), family.text_encoders
+                          args.train_text_encoder, **family_options)
+    unet, encoders = getattr(pipeline, family.model_key).to(accelerator.device), family.text_encoders
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
     with accelerator.autocast():
         sampler = PromptBankSampler(pipeline, prompts, args.memory_bank_guidance_scale,
-                                    args.memory_bank_inference_steps, resolution, family_class)
+                                    args.memory_bank_inference_steps, resolution, family_class,
+                                    family.pipeline_kwargs)
         bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, bank_size, args.memory_bank_batch_size,
                                      args.seed, bank_record)
     retention_prompts = args.retention_prompts or (prompts[:4] if bank is not None else [])
@@ -344,7 +362,7 @@ def main(args):
     if args.tuning == "lora":
         if dtype != torch.float32:  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
             unet.to(dtype)
-        add_lora_adapter(unet, args.rank, UNET_LORA_TARGETS)
+        add_lora_adapter(unet, args.rank, family.lora_targets)
         if args.train_text_encoder:
             for encoder in encoders:
                 add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
@@ -419,7 +437,7 @@ def main(args):
 
     logger.info(f"{len(ds)} training images; memory bank: {len(bank) if bank is not None else 0} rows "
                 f"({bank_condition} condition); per micro-batch {diff_tuning.n_bank} bank + {diff_tuning.n_data} "
-                f"data rows; {args.tuning}: {trainable:,} of {total:,} UNet parameters train; "
+                f"data rows; {args.tuning}: {trainable:,} of {total:,} {family.model_class} parameters train; "
                 f"steps {global_step} -> {length.max_train_steps}")
     logs, validated = {}, {}
     progress = tqdm(range(length.max_train_steps), initial=global_step, desc="steps",
@@ -459,11 +477,11 @@ def main(args):
     if accelerator.is_main_process:
         model.eval()
         if args.tuning == "lora":
-            family.save_lora(args.output_dir, lora_layers(model),
-                             [lora_layers(encoder) for encoder in plain] if args.train_text_encoder else None)
+            family.save_lora(args.output_dir, model, plain if args.train_text_encoder else None)
         else:
             full = family_class.load(name, args.revision, args.cache_dir, variant=args.variant,
-                                     unet=model.to(torch.float32), **({"vae": vae} if vae is not None else {}))
+                                     **{family.model_key: model.to(torch.float32)},
+                                     **({"vae": vae} if vae is not None else {}))
             full.save_pretrained(args.output_dir)
         images, probed = validated.get(global_step) or validate(global_step, "final")
         image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))

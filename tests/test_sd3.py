@@ -1,18 +1,45 @@
-"""The tiny Stable Diffusion 3 pipeline built from configs (fixtures.small_unet.build_sd3_pipeline): it builds,
-saves, loads and samples offline on this stack; the text-to-image script refuses SD3 in one line (not supported
-yet)."""
+"""Stable Diffusion 3 (flow matching) through the Diff-Tuning core and train_diff_tuning_text_to_image.py: the tiny
+pipeline from configs, the forward process the core draws from (timesteps, noisy input, target, loss weights), every
+method with LoRA (both CLIP encoders too) and full tuning, outputs in the stock StableDiffusion3Pipeline, resume,
+banks built ahead, and refusals."""
 
+import json
+import os
+
+import datasets
 import numpy as np
+import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.training_utils import compute_loss_weighting_for_sd3
+from huggingface_hub import ModelCard
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
 
 import train_diff_tuning_text_to_image as script
 from fixtures.small_unet import build_sd3_pipeline
-from fixtures.testing import cli_error
+from fixtures.testing import LORA_FILE, TEXT_TO_IMAGE_TINY, cli_error, generates, killed_at_first_checkpoint, run_main
+from utils.families.base import Rows
+from utils.families.sd3 import StableDiffusion3
+from utils.methods.diff_tuning import DiffTuning
+from utils.methods.forward_process import FlowMatchingProcess, forward_process
+from utils.methods.timesteps import flow_base_probabilities, flow_matching_weights
+
+TINY = [*TEXT_TO_IMAGE_TINY, "--max_sequence_length", "16"]
 
 
-def test_tiny_sd3_builds_saves_loads_samples_and_is_refused_by_the_text_to_image_script(captioned_digits_dir,
-                                                                                        tmp_path):
+def train(model_dir, data_dir, out, *extra):
+    return run_main(script, model_dir, data_dir, out, *TINY, *extra)
+
+
+@pytest.fixture(scope="module")
+def sd3_bank(tiny_sd3_dir, captioned_digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd3_bank") / "run"
+    train(tiny_sd3_dir, captioned_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
+    return str(out / "memory_bank")
+
+
+def test_tiny_sd3_builds_saves_loads_and_samples(tmp_path):
     build_sd3_pipeline(str(tmp_path / "src")).save_pretrained(tmp_path / "sd3")
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
     pipe.set_progress_bar_config(disable=True)
@@ -23,6 +50,134 @@ def test_tiny_sd3_builds_saves_loads_samples_and_is_refused_by_the_text_to_image
     images = pipe("a digit seven", num_inference_steps=2, height=16, width=16, output_type="np",
                   max_sequence_length=16, generator=torch.manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
-    message = cli_error(script, ["--pretrained_model_name_or_path", str(tmp_path / "sd3"), "--dataset",
-                                 captioned_digits_dir, "--output_dir", str(tmp_path / "out")])
-    assert "is a StableDiffusion3Pipeline" in message and "takes a Stable Diffusion 1.x/2.x pipeline" in message
+
+
+def test_the_family_encodes_prompts_as_the_pipeline_does(tiny_sd3_dir):
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    family = StableDiffusion3(pipe, "cpu", max_sequence_length=16)
+    ids = family.tokenize(["a digit seven", ""])
+    assert ids.shape == (2, 2 * pipe.tokenizer.model_max_length + 16)
+    hidden, pooled = family.embed(ids)
+    want_hidden, _, want_pooled, _ = pipe.encode_prompt(["a digit seven", ""], None, None,
+                                                        do_classifier_free_guidance=False, max_sequence_length=16)
+    torch.testing.assert_close(hidden, want_hidden)
+    torch.testing.assert_close(pooled, want_pooled)
+    assert torch.equal(family.empty_ids[0], ids[1])  # the null condition is the encoded empty prompt
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "cosmap"])
+def test_the_core_draws_noises_and_weights_as_flow_matching(scheme, tiny_sd3_dir):
+    """DiffTuning on a flow-matching scheduler: data rows' indices follow base x psi(sigma), bank rows' base x
+    xi(sigma), standard fine-tuning the base alone; the noisy input is (1 - sigma) x_0 + sigma eps, the transformer
+    gets scheduler.timesteps[i], the target is noise - x_0, and cosmap weights the per-sample loss."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3_dir, subfolder="scheduler")
+    process = forward_process(scheduler, weighting_scheme=scheme)
+    assert isinstance(process, FlowMatchingProcess)
+    sigmas, base = scheduler.sigmas.double(), flow_base_probabilities(1000, scheme)
+    core = DiffTuning(scheduler, tau=1.0, batch_size=4, process=process)
+    for sampler, role in ((core.timesteps.adapt, "adaptation"), (core.timesteps.retain, "retention")):
+        want = flow_matching_weights(sigmas, base, 1.0, role)
+        torch.testing.assert_close(sampler.probs.double(), want / want.sum(), atol=1e-7, rtol=1e-5)
+    standard = DiffTuning(scheduler, method="standard", batch_size=2, process=process)
+    torch.testing.assert_close(standard.timesteps.adapt.probs.double(), base, atol=1e-7, rtol=1e-5)
+
+    family = StableDiffusion3(StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir), "cpu", max_sequence_length=16)
+    rows = Rows(torch.randn(2, 8, 8, 8), {"input_ids": family.tokenize(["a digit one", "a digit two"])})
+    family.rows = lambda data, generator: rows  # two fixed rows (VAE moments and tokens) instead of a dataset
+    b = standard.batch(family, {}, None, torch.Generator().manual_seed(0))
+    index = torch.stack([(scheduler.timesteps == t).nonzero()[0, 0] for t in b.timesteps])
+    sigma = scheduler.sigmas[index].view(-1, 1, 1, 1)
+    torch.testing.assert_close(b.noisy, (1 - sigma) * b.x0 + sigma * b.noise)
+    torch.testing.assert_close(b.target, b.noise - b.x0)
+    expected = compute_loss_weighting_for_sd3(scheme, scheduler.sigmas[index]) if scheme == "cosmap" else None
+    assert (b.loss_weights is None) == (expected is None)
+    if expected is not None:
+        torch.testing.assert_close(b.loss_weights, expected.float())
+        assert not torch.allclose(b.loss_weights, torch.ones(2))
+
+
+def test_lora_with_both_clip_encoders_loads_in_the_stock_sd3_pipeline(tiny_sd3_dir, captioned_digits_dir, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd3_dir, captioned_digits_dir, out, "--train_text_encoder")
+    bank = datasets.load_from_disk(str(out / "memory_bank"))
+    record = json.loads((out / "memory_bank" / "memory_bank.json").read_text())
+    assert len(bank) == 8 and record["family"] == "stable-diffusion-3" and record["max_sequence_length"] == 16
+    assert np.asarray(bank[0]["latent_moments"]).shape == (8, 8, 8)  # mean and log-variance of 4 x 8 x 8 latents
+    lora = load_file(out / LORA_FILE)
+    assert {k.split(".")[0] for k in lora} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert any(".attn.add_q_proj." in k for k in lora)  # the joint attention's context projections too
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    before = pipe.encode_prompt("a digit three", None, None, do_classifier_free_guidance=False, max_sequence_length=16)
+    pipe.load_lora_weights(out)
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.get_active_adapters()[0])
+    saved = {k.removeprefix("transformer."): v for k, v in lora.items() if k.startswith("transformer.")}
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)  # every adapter loads
+    assert any(".attn.to_q." in k for k in saved) and any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    after = pipe.encode_prompt("a digit three", None, None, do_classifier_free_guidance=False, max_sequence_length=16)
+    assert not torch.allclose(before[2], after[2])  # the pooled projections of the CLIP encoders
+    assert not torch.allclose(before[0][:, :-16], after[0][:, :-16])  # their hidden states
+    assert torch.equal(before[0][:, -16:], after[0][:, -16:])  # the last 16 rows are T5's: no adapters there
+    assert generates(pipe)
+    card = ModelCard.load(out / "README.md")
+    assert "sd3" in card.data.tags and "StableDiffusion3Pipeline.from_pretrained" in card.content
+
+
+@pytest.mark.parametrize("method", ["diff_tuning", "standard", "prior_preservation"])
+def test_every_method_with_full_tuning_saves_a_stock_sd3_pipeline(method, tiny_sd3_dir, captioned_digits_dir,
+                                                                  sd3_bank, tmp_path):
+    extra = ["--method", method, "--tuning", "full"]
+    if method == "diff_tuning":
+        extra += ["--memory_bank", sd3_bank]
+    if method == "prior_preservation":
+        extra += ["--class_prompt", "a digit", "--train_batch_size", "2"]
+    train(tiny_sd3_dir, captioned_digits_dir, tmp_path, *extra)
+    base = load_file(os.path.join(tiny_sd3_dir, "transformer", "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(tuned) == set(base) and any(not torch.equal(base[k], tuned[k]) for k in base)
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k.startswith("time_text_embed"))  # pooled path
+    assert generates(StableDiffusion3Pipeline.from_pretrained(tmp_path))
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_sd3_dir, captioned_digits_dir, sd3_bank, tmp_path, monkeypatch):
+    common = ["--memory_bank", sd3_bank, "--gradient_accumulation_steps", "2", "--train_text_encoder",
+              "--random_flip", "--weighting_scheme", "cosmap", "--proportion_empty_prompts", "0.5"]
+    train(tiny_sd3_dir, captioned_digits_dir, tmp_path / "full", *common)
+    resumed_dir = str(tmp_path / "resumed")
+    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd3_dir, captioned_digits_dir, resumed_dir, *common))
+    assert not (tmp_path / "resumed" / LORA_FILE).exists()
+    train(tiny_sd3_dir, captioned_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    full, resumed = load_file(tmp_path / "full" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)
+    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert (json.loads((tmp_path / "full" / "forgetting.json").read_text())
+            == json.loads((tmp_path / "resumed" / "forgetting.json").read_text()))
+
+
+def test_refusals(tiny_sd3_dir, tiny_sd_dir, captioned_digits_dir, sd3_bank, tmp_path):
+    def error(model, *extra):
+        return cli_error(script, ["--pretrained_model_name_or_path", model, "--dataset", captioned_digits_dir,
+                                  "--output_dir", str(tmp_path / "out"), *TEXT_TO_IMAGE_TINY, *extra])
+
+    assert "--weighting snr is defined on DDPM's alphas_cumprod" in error(tiny_sd3_dir, "--weighting", "snr")
+    assert "error: --weighting_scheme: SD3's" in error(tiny_sd_dir, "--weighting_scheme", "mode")
+    assert "error: --max_sequence_length: SD3's" in error(tiny_sd_dir, "--max_sequence_length", "16")
+    assert "--logit_std must be > 0" in error(tiny_sd3_dir, "--logit_std", "0")
+    assert "--max_sequence_length must be >= 1" in error(tiny_sd3_dir, "--max_sequence_length", "0")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_a_bank_of_another_family_is_refused(tiny_sd3_dir, tiny_sdxl_dir, captioned_digits_dir, sd3_bank, tmp_path):
+    message = cli_error(script, ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--dataset", captioned_digits_dir,
+                                 "--output_dir", str(tmp_path / "out"), *TEXT_TO_IMAGE_TINY, "--memory_bank",
+                                 sd3_bank])
+    assert "stable-diffusion-3" in message and "stable-diffusion-xl" in message
+
+
+def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sd3_dir, captioned_digits_dir, tmp_path):
+    from fixtures.testing import bank_built_ahead
+
+    bank, prompts = bank_built_ahead(tiny_sd3_dir, tmp_path, "--max_sequence_length", "16")
+    record = json.loads(open(os.path.join(bank, "memory_bank.json")).read())
+    assert record["family"] == "stable-diffusion-3" and record["max_sequence_length"] == 16
+    train(tiny_sd3_dir, captioned_digits_dir, tmp_path / "out", "--memory_bank", bank, "--memory_bank_prompts",
+          prompts, "--max_train_steps", "2")
+    assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated

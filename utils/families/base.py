@@ -41,7 +41,7 @@ class Family:
 
     def __init__(self, scheduler, device, random_flip: bool = False):
         self.scheduler, self.device, self.random_flip = scheduler, device, random_flip
-        self.prediction_type = scheduler.config.prediction_type
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")  # flow matching sets its own
 
     @classmethod
     def matches(cls, index: dict) -> bool:
@@ -101,8 +101,10 @@ def describe(index: dict) -> str:
     """What a pipeline folder holds, in words, for a refusal."""
     parts = [f"{k} {v[1]}" for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[1]
              and k in ("unet", "transformer", "text_encoder_2", "text_encoder_3")]
-    if "XL" in index.get("_class_name", "") or index.get("text_encoder_2"):
+    if "XL" in index.get("_class_name", "") or (index.get("text_encoder_2") and "unet" in index):
         parts.insert(0, "Stable Diffusion XL is not supported yet")
+    if "Flux" in index.get("_class_name", ""):  # a family of its own: packed latents, guidance embedding, CLIP + T5
+        parts.insert(0, "Flux is not supported")
     return f"a {index.get('_class_name', 'pipeline')}" + (f" ({', '.join(parts)})" if parts else "")
 
 

@@ -24,6 +24,7 @@ from ..infra.errors import UserError
 from ..infra.training import freeze
 from .base import Rows
 from .latents import vae_scale_factor
+from .tuning import lora_layers
 from .unet import StableDiffusionUNet, UNetFamily, unet_class
 
 
@@ -86,10 +87,10 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         self.text_encoder, self.text_encoder_2 = encoders
 
     @staticmethod
-    def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:
-        StableDiffusionXLPipeline.save_lora_weights(
-            folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=encoder_layers[0] if encoder_layers
-            else None, text_encoder_2_lora_layers=encoder_layers[1] if encoder_layers else None)
+    def save_lora(folder: str, unet, encoders: list | None) -> None:
+        first, second = [lora_layers(e) for e in encoders] if encoders else (None, None)
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers(unet),
+                                                    text_encoder_lora_layers=first, text_encoder_2_lora_layers=second)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         ids = [tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,

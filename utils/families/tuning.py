@@ -132,10 +132,11 @@ def add_lora_adapter(model, rank: int, targets: list[str], alpha: float | None =
                                  target_modules=targets))
 
 
-def lora_layers(model) -> dict:
-    """The adapters' weights in diffusers' LoRA format (what `save_lora_weights` writes and `load_lora_weights`
-    reads)."""
+def lora_layers(model, diffusers_format: bool = True) -> dict:
+    """The adapters' weights as `save_lora_weights` takes them and `load_lora_weights` reads them back: converted to
+    diffusers' format for UNet pipelines, peft's own for transformer pipelines (SD3), as diffusers' scripts save."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = get_peft_model_state_dict(model)
+    return convert_state_dict_to_diffusers(layers) if diffusers_format else layers

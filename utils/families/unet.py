@@ -8,13 +8,21 @@ import os
 import datasets
 import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 from ..infra.data import ArrowBatches, to_tensor
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
 from .base import Family, Rows, detect_family
 from .latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
+from .tuning import UNET_LORA_TARGETS, lora_layers
 
 
 def unet_class(index: dict) -> str | None:
@@ -100,9 +108,12 @@ class StableDiffusionUNet(UNetFamily):
     DreamBooth's prior preservation); a dropped caption becomes the empty prompt."""
 
     name, description, tag = "stable-diffusion", "a Stable Diffusion 1.x/2.x pipeline", "stable-diffusion"
-    model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionPipeline"
+    model_class, pipeline_class, model_key = "UNet2DConditionModel", "StableDiffusionPipeline", "unet"
+    denoiser_class, scheduler_class = UNet2DConditionModel, DDPMScheduler  # the trained model; the training noise
+    lora_targets = UNET_LORA_TARGETS
     example_call = 'pipe("a photo of a cat", num_inference_steps=50)'
     needs_captions = True
+    pipeline_kwargs: dict = {}  # more arguments of every pipeline call (SD3: max_sequence_length)
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
                  train_text_encoder: bool = False):
@@ -121,6 +132,11 @@ class StableDiffusionUNet(UNetFamily):
     def matches(cls, index: dict) -> bool:
         return (unet_class(index) == "UNet2DConditionModel" and "text_encoder" in index
                 and not index.get("text_encoder_2") and "XL" not in index.get("_class_name", ""))
+
+    @staticmethod
+    def sampling_scheduler(pipeline):
+        """The sampler of validation grids and memory banks: DDIM on the pipeline's noise schedule."""
+        return DDIMScheduler.from_config(pipeline.scheduler.config)
 
     @staticmethod
     def sampler_from(pipeline, scheduler, unet=None, encoders: list | None = None):
@@ -195,11 +211,12 @@ class StableDiffusionUNet(UNetFamily):
         return self.sampler_from(self.pipeline, scheduler, unet, encoders)
 
     @staticmethod
-    def save_lora(folder: str, unet_layers: dict, encoder_layers: list | None) -> None:
-        """diffusers' LoRA files (`load_lora_weights` reads them): the UNet's, and the text encoder's if trained."""
-        encoder = encoder_layers[0] if encoder_layers else None
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                                  text_encoder_lora_layers=encoder)
+    def save_lora(folder: str, unet, encoders: list | None) -> None:
+        """diffusers' LoRA files (`load_lora_weights` reads them): the UNet's adapters, and the text encoder's if
+        trained (`encoders`, else None)."""
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers(unet),
+                                                  text_encoder_lora_layers=lora_layers(encoders[0]) if encoders
+                                                  else None)
 
     def sampling_pipeline(self, unet):
         """The pipeline's own scheduler (PNDM for Stable Diffusion), as DeMe evaluates it."""
@@ -212,7 +229,8 @@ class StableDiffusionUNet(UNetFamily):
         generator = torch.Generator(self.device).manual_seed(seed)
         prompts = [prompts[i % len(prompts)] for i in range(num_images)]
         return self.sampling_pipeline(unet)(prompts, num_inference_steps=num_inference_steps, generator=generator,
-                                            output_type="np", height=self.resolution, width=self.resolution).images
+                                            output_type="np", height=self.resolution, width=self.resolution,
+                                            **self.pipeline_kwargs).images
 
 
 class PromptBankSampler:
@@ -224,17 +242,18 @@ class PromptBankSampler:
     family = StableDiffusionUNet.name
 
     def __init__(self, pipeline, prompts: list[str], guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 resolution: int = 512, family: type[StableDiffusionUNet] = StableDiffusionUNet):
+                 resolution: int = 512, family: type[StableDiffusionUNet] = StableDiffusionUNet,
+                 pipeline_kwargs: dict | None = None):
         self.pipeline, self.prompts, self.resolution = pipeline, list(prompts), resolution
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
-        self.family = family.name
-        self.sampler = family.sampler_from(pipeline, DDIMScheduler.from_config(pipeline.scheduler.config))
+        self.family, self.pipeline_kwargs = family.name, dict(pipeline_kwargs or {})
+        self.sampler = family.sampler_from(pipeline, family.sampling_scheduler(pipeline))
         self.sampler.set_progress_bar_config(disable=True)
         factor = vae_scale_factor(pipeline.vae)
         self.latent_shape = (2 * pipeline.vae.config.latent_channels, resolution // factor, resolution // factor)
-        self.model = pipeline.unet
+        self.model = getattr(pipeline, family.model_key)
         self.settings = {"prompts": self.prompts, "guidance_scale": guidance_scale,
-                         "num_inference_steps": num_inference_steps, "resolution": resolution}
+                         "num_inference_steps": num_inference_steps, "resolution": resolution, **self.pipeline_kwargs}
 
     @property
     def features(self) -> datasets.Features:
@@ -248,7 +267,8 @@ class PromptBankSampler:
         prompts = [self.prompts[s % len(self.prompts)] for s in seeds]
         images = self.sampler(prompts, height=self.resolution, width=self.resolution,
                               guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-                              generator=seeded_generators(seeds, self.model.device), output_type="np").images
+                              generator=seeded_generators(seeds, self.model.device), output_type="np",
+                              **self.pipeline_kwargs).images
         images, pixels = as_uint8(images)  # exactly what a PNG of the sample holds
         moments, _ = encode_moments(self.pipeline.vae, pixels)
         return prompts, images, moments

@@ -27,8 +27,9 @@ import torch
 
 from ..infra.errors import UserError
 from . import memory_bank
+from .forward_process import forward_process, given_flow_flags
 from .losses import DenoisingBatch
-from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler, adaptation_weights, retention_weights
+from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler
 
 METHODS = ("diff_tuning", "standard")
 # DreamBooth's prior preservation as a case of the core: a bank of class images at uniform t for both parts, as many
@@ -105,18 +106,19 @@ def check_diff_tuning_args(args) -> None:
 
 
 class DiffTuningTimesteps:
-    """The timesteps of one micro-batch: xi for the bank rows (first), psi for the downstream rows."""
+    """The timestep indices of one micro-batch: xi for the bank rows (first), psi for the downstream rows, over the
+    forward process's discrete timesteps (`utils.methods.forward_process`: DDPM's t, or flow matching's sigmas with
+    its base density)."""
 
-    def __init__(self, num_timesteps: int, method: str, tau: float, xi_form: str, weighting: str, alphas_cumprod):
-        if method != "diff_tuning":  # standard fine-tuning samples t uniformly, whatever --weighting says
-            tau, weighting = 0.0, "power"
-        self.adapt = CategoricalTimestepSampler(adaptation_weights(num_timesteps, tau, weighting, alphas_cumprod))
+    def __init__(self, process, method: str, tau: float, xi_form: str, weighting: str):
         self.retain = None
         if method == "diff_tuning":
-            self.retain = CategoricalTimestepSampler(retention_weights(
-                num_timesteps, tau, xi_form, weighting, alphas_cumprod))
-        elif method == PRIOR_PRESERVATION:  # DreamBooth: class images at uniform t, as the instance images
-            self.adapt = self.retain = CategoricalTimestepSampler(torch.ones(num_timesteps, dtype=torch.float64))
+            self.adapt = CategoricalTimestepSampler(process.timestep_weights("adaptation", tau, xi_form, weighting))
+            self.retain = CategoricalTimestepSampler(process.timestep_weights("retention", tau, xi_form, weighting))
+        else:  # standard fine-tuning, and DreamBooth's class images: the process's own density, whatever --weighting
+            self.adapt = CategoricalTimestepSampler(process.timestep_weights("uniform"))
+            if method == PRIOR_PRESERVATION:
+                self.retain = self.adapt
 
     def sample(self, n_bank: int, n_data: int, generator: torch.Generator, device) -> torch.Tensor:
         data = self.adapt.sample(n_data, generator, device)
@@ -131,22 +133,27 @@ class DiffTuning:
 
     def __init__(self, scheduler, *, method: str = "diff_tuning", tau: float = 1.0, xi_form: str = "paper",
                  weighting: str = "power", retention_ratio: float = 0.5, retention_weight: float = 1.0,
-                 batch_size: int = 32, condition_dropout: float = 0.0):
-        self.scheduler, self.method = scheduler, method  # the training noise scheduler (DDPM)
+                 batch_size: int = 32, condition_dropout: float = 0.0, process=None):
+        # the training noise scheduler, and the forward process it defines (DDPM, or flow matching with `process`
+        # built from diffusers' --weighting_scheme flags: utils.methods.forward_process)
+        self.scheduler, self.method = scheduler, method
+        self.process = process or forward_process(scheduler)
         self.n_bank = num_bank_rows(method, retention_ratio, batch_size)
         self.n_data = batch_size if method == PRIOR_PRESERVATION else batch_size - self.n_bank
         self.retention_weight, self.condition_dropout = retention_weight, condition_dropout
         self.settings = {"tau": tau, "xi_form": xi_form, "weighting": weighting, "retention_ratio": retention_ratio,
                          "retention_weight": retention_weight}
-        self.timesteps = DiffTuningTimesteps(scheduler.config.num_train_timesteps, method, tau, xi_form, weighting,
-                                             scheduler.alphas_cumprod)
+        self.timesteps = DiffTuningTimesteps(self.process, method, tau, xi_form, weighting)
 
     @classmethod
     def from_args(cls, args, scheduler, condition_dropout: float) -> "DiffTuning":
-        """From the "Diff-Tuning" flag group (`add_diff_tuning_args`) and --train_batch_size."""
+        """From the "Diff-Tuning" flag group (`add_diff_tuning_args`), --train_batch_size and, for a flow-matching
+        scheduler, the flow-matching group (`add_flow_matching_args`) where the script has it."""
+        flow = given_flow_flags(args)
         return cls(scheduler, method=args.method, tau=args.tau, xi_form=args.xi_form, weighting=args.weighting,
                    retention_ratio=args.retention_ratio, retention_weight=args.retention_weight,
-                   batch_size=args.train_batch_size, condition_dropout=condition_dropout)
+                   batch_size=args.train_batch_size, condition_dropout=condition_dropout,
+                   process=forward_process(scheduler, **flow))
 
     @property
     def uses_bank(self) -> bool:
@@ -206,18 +213,21 @@ class DiffTuning:
         if bank is not None:
             bank_rows = family.bank_rows(bank, generator)
             n_bank, rows = len(bank_rows), bank_rows.then(rows)
-        timesteps = self.timesteps.sample(n_bank, len(rows) - n_bank, generator, family.device)
+        index = self.timesteps.sample(n_bank, len(rows) - n_bank, generator, family.device)
         x0 = family.x0(rows.x, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        noisy = self.process.noisy(x0, noise, index)
+        timesteps = self.process.model_timesteps(index)
         return DenoisingBatch(x0, family.encode(rows.cond), timesteps, noise, noisy,
-                               family.target(x0, noise, timesteps), n_bank)
+                               family.target(x0, noise, timesteps), n_bank, self.process.loss_weights(index))
 
     def __call__(self, family, net, data: dict, bank: dict | None, generator) -> tuple[torch.Tensor, dict]:
         """loss = L_adapt + retention_weight * L_retain over the family's per-sample losses; returns the loss and
         its parts for logging (L_retain is 0 without bank rows)."""
         b = self.batch(family, data, bank, generator)
         per_sample = family.loss(net, b)
+        if b.loss_weights is not None:  # flow matching's cosmap / sigma_sqrt
+            per_sample = per_sample * b.loss_weights
         loss_adapt = per_sample[b.n_bank:].mean()
         loss_retain = per_sample[:b.n_bank].mean() if b.n_bank else torch.zeros_like(loss_adapt)
         loss = loss_adapt + self.retention_weight * loss_retain

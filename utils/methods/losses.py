@@ -9,8 +9,8 @@ import torch
 @dataclass
 class DenoisingBatch:
     """One composed micro-batch, as a method (Diff-Tuning, DeMe) builds it and a model family's `loss` reads it:
-    x_0, the conditioning, timesteps, noise, the noisy input and the target; the first `n_bank` rows are memory-bank
-    rows (Diff-Tuning)."""
+    x_0, the conditioning, timesteps (as the model takes them), noise, the noisy input and the target; the first
+    `n_bank` rows are memory-bank rows (Diff-Tuning)."""
 
     x0: torch.Tensor
     cond: dict
@@ -19,6 +19,7 @@ class DenoisingBatch:
     noisy: torch.Tensor
     target: torch.Tensor
     n_bank: int = 0
+    loss_weights: torch.Tensor | None = None  # per-sample weights of the forward process (flow matching's cosmap)
 
 
 def epsilon_mse(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""Stable Diffusion 3 (`StableDiffusion3Pipeline`: `SD3Transformer2DModel` on VAE latents, trained by rectified flow
+with `FlowMatchEulerDiscreteScheduler`), fed as diffusers' `train_dreambooth_lora_sd3.py` feeds it.
+
+- Text: three encoders. Both CLIP encoders' penultimate hidden states are concatenated along features and padded
+  (or cropped) to the T5 width, then stacked before the T5 states along the sequence; the pooled embedding is both
+  CLIP projections concatenated. Each caption's tokens of the three tokenizers are stored side by side in one id
+  tensor (CLIP, CLIP, T5 at `--max_sequence_length`), so rows, banks and caption dropout treat them as one.
+- The null condition (dropped captions, bank rows with `bank_condition` "empty") is the empty prompt, encoded: what
+  the pipeline's classifier-free guidance uses as its negative prompt.
+- Latents: (z - shift_factor) x scaling_factor; the VAE stays fp32 and encodes with autocast off, as diffusers'
+  SD3 scripts keep it.
+- The forward process is flow matching (`utils.methods.forward_process.FlowMatchingProcess`: x = (1 - sigma) x_0 +
+  sigma eps, the transformer given sigma x 1000); the target is noise - x_0. Validation and banks sample with the
+  pipeline's own flow-matching Euler scheduler.
+- LoRA: the transformer's joint-attention projections (diffusers' SD3 LoRA defaults); `--train_text_encoder` gives
+  the two CLIP encoders adapters, never T5 (as diffusers' script); saved with `StableDiffusion3Pipeline
+  .save_lora_weights`.
+"""
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from ..infra.training import freeze
+from .base import Family, Rows
+from .latents import sample_latents, vae_scale_factor
+from .tuning import lora_layers
+from .unet import StableDiffusionUNet
+
+SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                    "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py's default
+
+
+class StableDiffusion3(StableDiffusionUNet):
+    """Rows hold `input_ids` (N, 2 L + L_T5): the caption's CLIP tokens twice (L each) and its T5 tokens."""
+
+    name, description, tag = "stable-diffusion-3", "a Stable Diffusion 3 pipeline", "sd3"
+    model_class, pipeline_class, model_key = "SD3Transformer2DModel", "StableDiffusion3Pipeline", "transformer"
+    denoiser_class, scheduler_class = SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    lora_targets = SD3_LORA_TARGETS
+    example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
+
+    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
+                 train_text_encoder: bool = False, max_sequence_length: int = 77):
+        Family.__init__(self, FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config), device,
+                        random_flip)
+        self.pipeline, self.prediction_type = pipeline, "flow_matching"
+        self.vae = freeze(pipeline.vae, device, torch.float32)
+        self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
+        self.text_encoder_2 = freeze(pipeline.text_encoder_2, device, dtype)
+        self.text_encoder_3 = freeze(pipeline.text_encoder_3, device, dtype)
+        self.tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3]
+        self.clip_length = pipeline.tokenizer.model_max_length
+        self.max_sequence_length = max_sequence_length
+        self.pipeline_kwargs = {"max_sequence_length": max_sequence_length}
+        self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
+        self.empty_ids = self.tokenize([""])
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return (index.get("transformer") or [None, None])[1] == "SD3Transformer2DModel"
+
+    @staticmethod
+    def load(name: str, revision=None, cache_dir=None, **kwargs):
+        return StableDiffusion3Pipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
+
+    @staticmethod
+    def sampling_scheduler(pipeline):
+        """The pipeline's own flow-matching Euler sampler (a fresh copy)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+
+    @staticmethod
+    def sampler_from(pipeline, scheduler, unet=None, encoders: list | None = None):
+        first, second = encoders or [pipeline.text_encoder, pipeline.text_encoder_2]
+        return StableDiffusion3Pipeline(**{**pipeline.components, "scheduler": scheduler, "text_encoder": first,
+                                           "text_encoder_2": second,
+                                           "transformer": pipeline.transformer if unet is None else unet})
+
+    @staticmethod
+    def save_lora(folder: str, transformer, encoders: list | None) -> None:
+        """peft-format state dicts, as diffusers' SD3 script saves them (`load_lora_weights` reads them)."""
+        first, second = [lora_layers(e, diffusers_format=False) for e in encoders] if encoders else (None, None)
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder, transformer_lora_layers=lora_layers(transformer, diffusers_format=False),
+            text_encoder_lora_layers=first, text_encoder_2_lora_layers=second)
+
+    @property
+    def resolution(self) -> int:
+        return self.pipeline.transformer.config.sample_size * vae_scale_factor(self.vae)
+
+    @property
+    def text_encoders(self) -> list:
+        """The two CLIP encoders (T5 never gets adapters)."""
+        return [self.text_encoder, self.text_encoder_2]
+
+    def set_text_encoders(self, encoders: list) -> None:
+        self.text_encoder, self.text_encoder_2 = encoders
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        lengths = [self.clip_length, self.clip_length, self.max_sequence_length]
+        return torch.cat([tok(captions, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+                          .input_ids for tok, n in zip(self.tokenizers, lengths)], dim=1)
+
+    def rows(self, batch, generator) -> Rows:
+        pixels = batch["pixel_values"].to(self.device)
+        flip = self.flips(len(pixels), generator)
+        if flip is not None:
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        with torch.autocast(pixels.device.type, enabled=False):
+            moments = self.vae.encode(pixels.float()).latent_dist.parameters
+        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device)})
+
+    def x0(self, x, generator):
+        config = self.vae.config
+        return sample_latents(x, generator, config.scaling_factor) - config.shift_factor * config.scaling_factor
+
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(joint-attention states, pooled projections), as `StableDiffusion3Pipeline.encode_prompt` computes them."""
+        n = self.clip_length
+        hidden, pooled = [], []
+        for encoder, ids in ((self.text_encoder, input_ids[:, :n]), (self.text_encoder_2, input_ids[:, n:2 * n])):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        t5 = self.text_encoder_3(input_ids[:, 2 * n:])[0]
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+    def encode(self, cond):
+        if self.train_text_encoder:  # encoded in `predict`, where gradients reach the CLIP encoders' adapters
+            return cond
+        hidden, pooled = self.embed(cond["input_ids"])
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+
+    def predict(self, net, noisy, timesteps, cond):
+        if "encoder_hidden_states" in cond:
+            hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+        else:
+            hidden, pooled = self.embed(cond["input_ids"])
+        return net(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden,
+                   pooled_projections=pooled).sample
+
+    def target(self, x0, noise, timesteps):
+        """Rectified flow's velocity: noise - x_0."""
+        return noise - x0
