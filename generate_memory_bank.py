@@ -27,7 +27,7 @@ import torch
 
 from utils.families.annotators import add_annotator_args, annotator_of
 from utils.families.base import detect_family
-from utils.families.controlnet import ControlBankSampler
+from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
 from utils.families.sd3 import StableDiffusion3
 from utils.families.sdxl import StableDiffusionXLUNet
@@ -93,9 +93,6 @@ def bank_plan(args):
         return family, record, lambda pipe: DiTBankSampler(pipe, 1.5 if args.guidance_scale is None
                                                            else args.guidance_scale, args.num_inference_steps)
     guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
-    if family is StableDiffusionXLUNet and not (args.no_controls or args.prompts_file):
-        raise UserError("ControlNet memory banks of SDXL pipelines are not supported yet; pass --no_controls or "
-                        "--prompts_file for a text-to-image bank (train_diff_tuning_text_to_image.py)")
     if family is StableDiffusion3 and not (args.no_controls or args.prompts_file):
         raise UserError("ControlNet memory banks of SD3 pipelines are not supported (the ControlNet script trains SD "
                         "1.x/2.x and SDXL ControlNets); pass --no_controls or --prompts_file for a text-to-image bank")
@@ -109,10 +106,10 @@ def bank_plan(args):
         return family, record, lambda pipe: PromptBankSampler(pipe, prompts, guidance, args.num_inference_steps,
                                                               args.resolution, family, kwargs)
     annotator = annotator_of(args)  # unknown condition, a missing --annotator_model: refused now
-    record = {"family": ControlBankSampler.family, "base_model": name, "resolution": args.resolution,
+    record = {"family": ControlNetOnSD.bank_family(family), "base_model": name, "resolution": args.resolution,
               "annotator": annotator.settings, "prompt": args.prompt}
     return family, record, lambda pipe: ControlBankSampler(pipe, annotator, args.prompt, guidance,
-                                                           args.num_inference_steps, args.resolution)
+                                                           args.num_inference_steps, args.resolution, family)
 
 
 def main(args):

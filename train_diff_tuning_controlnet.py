@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Diff-Tuning (and standard training) of a ControlNet on Stable Diffusion, with a sudden-convergence tracker.
+"""Diff-Tuning (and standard training) of a ControlNet on Stable Diffusion (1.x/2.x or XL), with a sudden-convergence
+tracker.
 
 Diff-Tuning ("Diffusion Tuning: Transferring Diffusion Models via Chain of Forgetting", Zhong et al. 2024, its
 ControlNet experiment): each micro-batch mixes memory-bank rows (samples of the pre-trained Stable Diffusion for
@@ -12,7 +13,11 @@ ControlNet training (diffusers' examples/controlnet/train_controlnet.py) through
         save_to_disk folder> --condition canny --output_dir out --method diff_tuning
 
 Defaults reproduce the paper: 512 px, batch 4 (2 bank + 2 data rows), lr 1e-5 constant, 15,000 steps, tau 1, a
-5,000-sample bank, control fidelity every 100 steps with 50 sampling steps.
+5,000-sample bank, control fidelity every 100 steps with 50 sampling steps. On a Stable Diffusion XL base (pass
+`--resolution 1024`) the ControlNet is copied from the SDXL UNet and fed as diffusers' train_controlnet_sdxl.py feeds
+it: both text encoders, the pooled embedding and the size ids (resolution, resolution, --crops_coords_top_left_h/w,
+resolution, resolution); it loads in `StableDiffusionXLControlNetPipeline`. SD3 ControlNets (`SD3ControlNetModel`)
+and Flux are refused in one line.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -29,15 +34,7 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -45,6 +42,8 @@ from utils.families.annotators import add_annotator_args, annotator_of
 from utils.families.base import check_variant, detect_family, looks_local
 from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
 from utils.families.latents import vae_scale_factor
+from utils.families.sdxl import StableDiffusionXLUNet
+from utils.families.unet import StableDiffusionUNet
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
@@ -94,8 +93,9 @@ from utils.metrics.sampling import seeded_generators
 logger = get_logger(__name__)
 SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes (utils.infra.outputs)
 # the flags that decide which weights a checkpoint holds: a resume with others is refused
-IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "controlnet_model_name_or_path", "method",
-                  "condition")
+IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",
+                  "controlnet_model_name_or_path", "method", "condition")
+BASES = [StableDiffusionUNet, StableDiffusionXLUNet]  # the text-to-image families a ControlNet can follow
 DEFAULT_BANK_PROMPT = "a high-quality, detailed, and professional image"  # the paper's
 # ControlNetModel.from_unet's conditioning embedding assumes a VAE that downsamples 8x (3 stride-2 convs between
 # these 4 widths); a VAE of factor f takes the first log2(f) + 1 of them.
@@ -107,12 +107,15 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' train_controlnet.py)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel): Hub id or folder.")
+                   help="Stable Diffusion 1.x/2.x or XL pipeline (UNet2DConditionModel): Hub id or folder.")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="Another VAE (a diffusers AutoencoderKL), as diffusers' SDXL scripts take "
+                        "madebyollin/sdxl-vae-fp16-fix; default: the pipeline's own.")
     g.add_argument("--controlnet_model_name_or_path", default=None,
                    help="ControlNet to start from (default: a new one copied from the UNet's encoder).")
     g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
     g.add_argument("--variant", default=None, help="Variant of the pipeline's weight files, e.g. fp16.")
-    g.add_argument("--tokenizer_name", default=None, help="Tokenizer, if not the pipeline's.")
+    g.add_argument("--tokenizer_name", default=None, help="Tokenizer, if not the pipeline's (SD 1.x/2.x).")
     g.add_argument("--dataset", "--dataset_name", "--train_data_dir", dest="dataset", required=True,
                    help="Hub id, image folder with a metadata.jsonl (file_name, conditioning_image_file_name, text), "
                         "or save_to_disk folder. --dataset_name and --train_data_dir are aliases.")
@@ -131,7 +134,12 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default="diff-tuning-controlnet", help="Where the ControlNet, card, curve, logs "
                    "and checkpoints go.")
     g.add_argument("--resolution", type=int, default=512,
-                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor.")
+                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor (1024 "
+                        "for SDXL).")
+    g.add_argument("--crops_coords_top_left_h", type=int, default=0,
+                   help="SDXL: the crop top every row's size ids record (diffusers' train_controlnet_sdxl.py).")
+    g.add_argument("--crops_coords_top_left_w", type=int, default=0,
+                   help="SDXL: the crop left every row's size ids record.")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image and control first.")
 
     add_annotator_args(p)
@@ -208,12 +216,18 @@ def check_args(args):
                                                ("--validation_dataset", args.validation_dataset)])
 
 
-def check_pipeline(args) -> tuple[int, DDPMScheduler]:
-    """From the configs alone (no weights): a Stable Diffusion 1.x/2.x pipeline whose UNet a ControlNet can
-    follow, trained to predict epsilon or v. Returns the VAE's downsampling factor and the training noise
-    scheduler."""
+def check_pipeline(args) -> tuple[type[StableDiffusionUNet], int, DDPMScheduler]:
+    """From the configs alone (no weights): a Stable Diffusion 1.x/2.x or XL pipeline whose UNet a ControlNet can
+    follow, trained to predict epsilon or v. Returns its text-to-image family, the VAE's downsampling factor and the
+    training noise scheduler."""
     name = args.pretrained_model_name_or_path
-    detect_family(name, [ControlNetOnSD], "train_diff_tuning_controlnet.py", args.revision, args.cache_dir)
+    family = detect_family(name, BASES, "train_diff_tuning_controlnet.py (ControlNetModel)", args.revision,
+                           args.cache_dir)
+    if args.tokenizer_name and family is not StableDiffusionUNet:
+        raise UserError("--tokenizer_name replaces the one tokenizer of a Stable Diffusion 1.x/2.x pipeline; SDXL "
+                        "has two: leave it out")
+    if (args.crops_coords_top_left_h or args.crops_coords_top_left_w) and family is StableDiffusionUNet:
+        raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
     try:
         unet_config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
                                                        cache_dir=args.cache_dir)
@@ -245,7 +259,7 @@ def check_pipeline(args) -> tuple[int, DDPMScheduler]:
     if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
         raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
     check_variant(name, args.variant)
-    return factor, DDPMScheduler.from_config(scheduler_config)
+    return family, factor, DDPMScheduler.from_config(scheduler_config)
 
 
 def load_rows(args, name, split, config_name=None):
@@ -345,12 +359,12 @@ class BankRows(ArrowBatches):
 
 
 @torch.no_grad()
-def generate(pipeline_parts, controlnet, prompts, controls, seeds, args, device):
-    """Images of a ControlNet pipeline (DDIM, --validation_inference_steps), one seed per image."""
-    if controlnet.dtype != pipeline_parts["unet"].dtype:  # mixed precision: the frozen UNet is in bf16/fp16, and
-        controlnet = copy.deepcopy(controlnet).to(pipeline_parts["unet"].dtype)  # the pipeline adds their outputs
-    pipe = StableDiffusionControlNetPipeline(**pipeline_parts, controlnet=controlnet, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+def generate(make_pipeline, controlnet, prompts, controls, seeds, args, device):
+    """Images of a ControlNet pipeline (`make_pipeline(controlnet)`: DDIM, --validation_inference_steps), one seed
+    per image."""
+    pipe = make_pipeline(controlnet)
+    if controlnet.dtype != pipe.unet.dtype:  # mixed precision: the frozen UNet is in bf16/fp16, and the pipeline
+        pipe = make_pipeline(copy.deepcopy(controlnet).to(pipe.unet.dtype))  # adds their outputs
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i in range(0, len(prompts), args.validation_batch_size):  # each image keeps its own seed in any batch
@@ -418,7 +432,7 @@ def main(args):
     threshold = check_threshold(args.condition, args.convergence_threshold)
 
     # ---- Configs and data: everything cheap is checked before any weights load.
-    vae_factor, noise_scheduler = check_pipeline(args)
+    base_family, vae_factor, noise_scheduler = check_pipeline(args)
     ds = load_rows(args, args.dataset, args.train_split, args.dataset_config_name)
     if args.max_train_samples is not None:
         ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
@@ -443,8 +457,10 @@ def main(args):
             for part in (ds, val):
                 check_images(part, [args.image_column, args.conditioning_image_column], bar, same_aspect)
     bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_record = {"family": ControlNetOnSD.name, "base_model": args.pretrained_model_name_or_path,
+    bank_record = {"family": ControlNetOnSD.bank_family(base_family), "base_model": args.pretrained_model_name_or_path,
                    "resolution": args.resolution, "annotator": annotator.settings, "prompt": args.memory_bank_prompt}
+    if args.pretrained_vae_model_name_or_path:  # a bank's latents are its VAE's
+        bank_record["vae"] = args.pretrained_vae_model_name_or_path
     diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
     check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if accelerator.is_main_process:
@@ -453,24 +469,24 @@ def main(args):
         with accelerator.main_process_first():
             ds, val = annotate(ds, args, annotator), annotate(val, args, annotator)
 
-    # ---- Models: only the ControlNet trains; the UNet, VAE and text encoder stay frozen.
-    common = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
-                                                       requires_safety_checker=False, **common)
+    # ---- Models: only the ControlNet trains; the UNet, VAE and text encoders stay frozen.
+    vae = {}
+    if args.pretrained_vae_model_name_or_path:
+        vae = {"vae": AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)}
+    pipeline = base_family.load(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
+                                variant=args.variant, **vae)
     if args.tokenizer_name:
         from transformers import AutoTokenizer
 
         pipeline.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
-    tokenizer = pipeline.tokenizer
     if args.controlnet_model_name_or_path:
         controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
     else:
         channels = CONDITIONING_CHANNELS[: int(np.log2(vae_factor)) + 1]
         controlnet = ControlNetModel.from_unet(pipeline.unet, conditioning_embedding_out_channels=channels)
     dtype = weight_dtype(accelerator)
-    vae = freeze(pipeline.vae, accelerator.device, dtype)
+    text = base_family(pipeline, accelerator.device, dtype)  # freezes the VAE and the text encoders
     unet = freeze(pipeline.unet, accelerator.device, dtype)
-    text_encoder = freeze(pipeline.text_encoder, accelerator.device, dtype)
     controlnet.to(accelerator.device).train()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -478,17 +494,13 @@ def main(args):
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
 
-    def tokenize(captions):
-        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                         return_tensors="pt").input_ids
-
-    family = ControlNetOnSD({"vae": vae, "text_encoder": text_encoder, "unet": unet}, noise_scheduler,
-                            accelerator.device, tokenize, args.memory_bank_prompt, accelerator.autocast, dtype)
+    family = ControlNetOnSD(text, noise_scheduler, unet, args.memory_bank_prompt, accelerator.autocast, dtype,
+                            args.resolution, (args.crops_coords_top_left_h, args.crops_coords_top_left_w))
 
     # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
     with accelerator.autocast():
         sampler = ControlBankSampler(pipeline, annotator, args.memory_bank_prompt, args.memory_bank_guidance_scale,
-                                     args.memory_bank_inference_steps, args.resolution)
+                                     args.memory_bank_inference_steps, args.resolution, base_family)
         bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, args.memory_bank_size,
                                      args.memory_bank_batch_size, args.seed, bank_record)
 
@@ -526,8 +538,10 @@ def main(args):
                                  else None)
     tracker.resume(global_step)
     rows = held_out_rows(val, args, annotator, args.resolution)
-    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                 scheduler=DDIMScheduler.from_config(pipeline.scheduler.config))
+    ddim = DDIMScheduler.from_config(pipeline.scheduler.config)
+
+    def parts(model):  # the frozen base pipeline with this ControlNet, for the tracker and grids
+        return base_family.controlnet_sampler(pipeline, model, ddim)
 
     def track(step):
         """Score the control fidelity (EMA weights when --use_ema) and log the curve; returns the pairs."""
@@ -608,7 +622,7 @@ def main(args):
         bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
                                               or "generated for this run")
         write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_fields,
-                   annotator.settings, global_step)
+                   annotator.settings, global_step, base_family)
         if args.push_to_hub:
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
@@ -642,9 +656,9 @@ def extra_grids(parts, controlnet, args, device):
 
 
 def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_fields,
-               annotator_settings, steps):
+               annotator_settings, steps, base_family):
     """`bank_fields`: the method's card fields (empty for standard training); `steps`: the optimizer steps
-    trained."""
+    trained; `base_family`: the base pipeline's text-to-image family."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard ControlNet training"
     metric, higher, _ = METRICS[args.condition]
     hyper = {"method": args.method, "condition": args.condition, "annotator": str(annotator_settings),
@@ -663,12 +677,13 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
             if converged is not None else f"not reached in {tracker.points[-1]['step']} steps "
                                           f"(threshold {tracker.threshold:g})")
     repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
+    pipeline_class = base_family.pipeline_class.replace("Pipeline", "ControlNetPipeline")
     usage = f'''import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, {pipeline_class}
 from diffusers.utils import load_image
 
 controlnet = ControlNetModel.from_pretrained("{repo}")
-pipe = StableDiffusionControlNetPipeline.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
+pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
 control = load_image("<a {args.condition} control image>")
 image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.manual_seed(0)).images[0]'''
     description = (
@@ -682,7 +697,7 @@ image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.
     hub.save_training_card(
         args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
         base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
-        tags=["controlnet", "stable-diffusion", args.condition,
+        tags=["controlnet", base_family.tag, args.condition,
               "diff-tuning" if bank_fields else "standard-fine-tuning"],
         description=description, hyperparameters=hyper, usage=usage)
 

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from diffusers import ControlNetModel, DiffusionPipeline, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -326,7 +326,8 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("aspect_ratio", "is 16x16 but its control is 16x32: different aspect ratios"),
     ("too_few_rows", "too few to hold out|fewer than one batch"),
     ("not_sd", "is a DDPMPipeline .*takes a Stable Diffusion 1.x/2.x pipeline"),
-    ("sdxl", "Stable Diffusion XL is not supported yet"),
+    ("sd3", "is a StableDiffusion3Pipeline .*takes a Stable Diffusion 1.x/2.x pipeline or a Stable Diffusion XL"),
+    ("crops_on_sd", "--crops_coords_top_left_h/w are SDXL's size conditioning"),
     ("controlnet_mismatch", "does not match the UNet: block_out_channels"),
     ("resolution", "--resolution 15 is not a multiple of the VAE's factor 2"),
     ("sample_prediction", "predicts 'sample'"),
@@ -380,11 +381,14 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         data = write_folder(tmp_path / "d", [{"text": "x"}] * 5)
     elif case == "not_sd":
         model = tiny_ddpm_dir
-    elif case == "sdxl":
-        model = str(shutil.copytree(tiny_sd_dir, tmp_path / "xl"))
-        index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
-        (tmp_path / "xl" / "model_index.json").write_text(json.dumps(
-            {**index, "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": index["text_encoder"]}))
+    elif case == "sd3":  # an SD3 pipeline's index (no weights needed)
+        model = str(tmp_path / "sd3")
+        os.makedirs(model)
+        (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"]}))
+    elif case == "crops_on_sd":
+        extra = ["--crops_coords_top_left_h", "4"]
     elif case == "controlnet_mismatch":
         from fixtures.small_unet import build_sd_pipeline
 
@@ -439,7 +443,7 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
     def no_weights(*a, **kw):
         raise AssertionError("weights were loaded before the input was checked")
 
-    monkeypatch.setattr(script.StableDiffusionPipeline, "from_pretrained", no_weights)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", no_weights)  # every pipeline class's loader
     argv = ["--pretrained_model_name_or_path", model, "--dataset", data, "--output_dir", str(out), *TINY, *extra]
     if case == "unknown_condition":  # argparse's own one line
         with pytest.raises(SystemExit):

@@ -93,9 +93,8 @@ def test_refusals(tiny_sdxl_dir, tiny_sd_dir, captioned_digits_dir, sdxl_bank, t
 
 
 def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sdxl_dir, captioned_digits_dir, tmp_path):
-    """generate_memory_bank.py builds an SDXL text-to-image bank (its family recorded) that the script then uses;
-    an SDXL ControlNet bank is refused in one line before any weights load."""
-    import generate_memory_bank
+    """generate_memory_bank.py builds an SDXL text-to-image bank (its family recorded) that the script then uses
+    (SDXL ControlNet banks: tests/test_controlnet_sdxl.py)."""
     from fixtures.testing import bank_built_ahead
 
     bank, prompts = bank_built_ahead(tiny_sdxl_dir, tmp_path)
@@ -104,9 +103,6 @@ def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sdxl_dir, capti
     train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "out", "--memory_bank", bank, "--memory_bank_prompts",
           prompts, "--max_train_steps", "2")
     assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
-    assert "ControlNet memory banks of SDXL pipelines are not supported yet" in cli_error(generate_memory_bank, [
-        "--pretrained_model_name_or_path", tiny_sdxl_dir, "--output_dir", str(tmp_path / "cn"), "--condition",
-        "canny"])
 
 
 def test_resolution_defaults_to_the_models_own(tiny_sdxl_dir, captioned_digits_dir, tmp_path):

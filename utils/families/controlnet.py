@@ -1,6 +1,7 @@
-"""A ControlNet on a frozen Stable Diffusion 1.x/2.x UNet (`StableDiffusionControlNetPipeline`): how rows (image,
-control, caption) are fed, and the memory-bank sampler that annotates each generated image with the run's
-annotator."""
+"""A ControlNet on a frozen Stable Diffusion 1.x/2.x or XL UNet (`StableDiffusionControlNetPipeline`,
+`StableDiffusionXLControlNetPipeline`): how rows (image, control, caption) are fed, and the memory-bank sampler that
+annotates each generated image with the run's annotator. The text side (tokenizers, encoders, VAE, SDXL's pooled
+embedding and size ids) is the text-to-image family's (`utils.families.unet`, `utils.families.sdxl`)."""
 
 import datasets
 import torch
@@ -15,64 +16,84 @@ class ControlNetOnSD(Family):
     """Rows: `pixel_values` (encoded by the frozen VAE), `conditioning_pixel_values` in [0, 1] and `captions` (a
     string, or a list of which one is drawn); bank rows: stored `latent_moments`, their own control, and the bank's
     prompt (never dropped). The dropped condition is the empty prompt; the control is kept, as in diffusers'
-    train_controlnet.py. Only the ControlNet trains; the UNet runs under autocast in the mixed-precision dtype."""
+    train_controlnet.py. Only the ControlNet trains; the UNet runs under autocast in the mixed-precision dtype.
+    `text`: the base pipeline's text-to-image family (an instance); on SDXL every row's size ids are (resolution,
+    resolution, crop top, crop left, resolution, resolution), as diffusers' train_controlnet_sdxl.py sets them."""
 
     name = "controlnet"
-    description = "a Stable Diffusion 1.x/2.x pipeline (ControlNet)"
-    matches = StableDiffusionUNet.matches
+    description = "a Stable Diffusion 1.x/2.x or XL pipeline (ControlNet)"
 
-    def __init__(self, pipeline_parts: dict, scheduler, device, tokenize, bank_prompt: str, autocast, dtype):
-        super().__init__(scheduler, device)
-        self.vae, self.text_encoder, self.unet = (pipeline_parts[k] for k in ("vae", "text_encoder", "unet"))
-        self.tokenize, self.autocast, self.dtype = tokenize, autocast, dtype
-        self.bank_ids, self.empty_ids = tokenize([bank_prompt]), tokenize([""])
+    def __init__(self, text: StableDiffusionUNet, scheduler, unet, bank_prompt: str, autocast, dtype,
+                 resolution: int, crops_coords_top_left: tuple[int, int] = (0, 0)):
+        super().__init__(scheduler, text.device)
+        self.text, self.vae, self.unet = text, text.vae, unet
+        self.autocast, self.dtype = autocast, dtype
+        self.bank_ids, self.empty_ids = text.tokenize([bank_prompt]), text.empty_ids
+        self.time_ids = None
+        if hasattr(text, "time_ids"):  # SDXL's added condition: the same for every row
+            geometry = torch.tensor([[resolution, resolution, *crops_coords_top_left]])
+            self.time_ids = text.time_ids(geometry, resolution)
+
+    @staticmethod
+    def bank_family(text_class) -> str:
+        """The family a ControlNet bank records: "controlnet" on SD 1.x/2.x (as before SDXL), else with the base's."""
+        return "controlnet" if text_class is StableDiffusionUNet else f"controlnet-{text_class.name}"
+
+    def _cond(self, ids, controls) -> dict:
+        cond = {"input_ids": ids.to(self.device), "controls": controls.to(self.device)}
+        if self.time_ids is not None:
+            cond["time_ids"] = self.time_ids.to(self.device).expand(len(ids), -1)
+        return cond
 
     def rows(self, batch, generator) -> Rows:
         n = len(batch["captions"])
         picks = torch.rand(n, generator=generator, device=self.device).tolist()  # which caption of a list
         captions = [c[min(int(u * len(c)), len(c) - 1)] if isinstance(c, list) else c
                     for c, u in zip(batch["captions"], picks)]
-        moments = self.vae.encode(batch["pixel_values"].to(self.device, self.vae.dtype)).latent_dist.parameters
-        return Rows(moments.float(), {"input_ids": self.tokenize(captions).to(self.device),
-                                      "controls": batch["conditioning_pixel_values"].to(self.device)})
+        moments = self.text.encode_pixels(batch["pixel_values"].to(self.device))
+        return Rows(moments.float(), self._cond(self.text.tokenize(captions), batch["conditioning_pixel_values"]))
 
     def bank_rows(self, batch, generator) -> Rows:
         n = len(batch["latent_moments"])
-        return Rows(batch["latent_moments"].to(self.device),
-                    {"input_ids": self.bank_ids.to(self.device).expand(n, -1),
-                     "controls": batch["conditioning_pixel_values"].to(self.device)})
+        ids = self.bank_ids.expand(n, *self.bank_ids.shape[1:])
+        return Rows(batch["latent_moments"].to(self.device), self._cond(ids, batch["conditioning_pixel_values"]))
 
     def drop_condition(self, rows, mask) -> Rows:
-        ids = torch.where(mask[:, None], self.empty_ids.to(self.device), rows.cond["input_ids"])
-        return Rows(rows.x, {**rows.cond, "input_ids": ids})
+        return self.text.drop_condition(rows, mask)
 
     def x0(self, x, generator):
         return sample_latents(x, generator, self.vae.config.scaling_factor)
 
     def encode(self, cond):
-        return {"encoder_hidden_states": self.text_encoder(cond["input_ids"], return_dict=False)[0],
-                "controls": cond["controls"]}
+        text = {k: v for k, v in cond.items() if k != "controls"}
+        return {**self.text.encode(text), "controls": cond["controls"]}
 
     def predict(self, net, noisy, timesteps, cond):
         with self.autocast():
             hidden = cond["encoder_hidden_states"]
+            added = {}
+            if "text_embeds" in cond:  # SDXL: pooled embedding and size ids, to the ControlNet and the UNet
+                added = {"added_cond_kwargs": {"text_embeds": cond["text_embeds"],
+                                               "time_ids": cond["time_ids"].to(hidden.dtype)}}
             down, mid = net(noisy, timesteps, encoder_hidden_states=hidden,
-                            controlnet_cond=cond["controls"].to(self.dtype), return_dict=False)
+                            controlnet_cond=cond["controls"].to(self.dtype), return_dict=False, **added)
             return self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=hidden,
                              down_block_additional_residuals=[d.to(self.dtype) for d in down],
-                             mid_block_additional_residual=mid.to(self.dtype), return_dict=False)[0]
+                             mid_block_additional_residual=mid.to(self.dtype), return_dict=False, **added)[0]
 
 
 class ControlBankSampler(PromptBankSampler):
-    """Bank rows of a text-to-image Stable Diffusion pipeline for ControlNet Diff-Tuning: samples of one prompt (the
-    paper's "a high-quality, detailed, and professional image"), each with its control annotated from the
-    generated image by the run's annotator: the columns of `PromptBankSampler` and `conditioning_image`."""
+    """Bank rows of a text-to-image Stable Diffusion (1.x/2.x or XL: `family`) pipeline for ControlNet Diff-Tuning:
+    samples of one prompt (the paper's "a high-quality, detailed, and professional image"), each with its control
+    annotated from the generated image by the run's annotator: the columns of `PromptBankSampler` and
+    `conditioning_image`."""
 
     family = ControlNetOnSD.name
 
     def __init__(self, pipeline, annotator, prompt: str, guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 resolution: int = 512):
-        super().__init__(pipeline, [prompt], guidance_scale, num_inference_steps, resolution)
+                 resolution: int = 512, family: type[StableDiffusionUNet] = StableDiffusionUNet):
+        super().__init__(pipeline, [prompt], guidance_scale, num_inference_steps, resolution, family)
+        self.family = ControlNetOnSD.bank_family(family)
         self.annotator, self.prompt = annotator, prompt
         self.settings = {"prompt": prompt, "guidance_scale": guidance_scale,
                          "num_inference_steps": num_inference_steps, "resolution": resolution,

@@ -79,6 +79,15 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
                                          force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt,
                                          add_watermarker=False)
 
+    @staticmethod
+    def controlnet_sampler(pipeline, controlnet, scheduler):
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        parts = {k: v for k, v in pipeline.components.items() if k not in ("image_encoder", "feature_extractor")}
+        return StableDiffusionXLControlNetPipeline(
+            **{**parts, "controlnet": controlnet, "scheduler": scheduler},
+            force_zeros_for_empty_prompt=pipeline.config.force_zeros_for_empty_prompt, add_watermarker=False)
+
     @property
     def text_encoders(self) -> list:
         return [self.text_encoder, self.text_encoder_2]
@@ -91,6 +100,11 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         first, second = [lora_layers(e) for e in encoders] if encoders else (None, None)
         StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers(unet),
                                                     text_encoder_lora_layers=first, text_encoder_2_lora_layers=second)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's posterior moments (fp32 with autocast off where the VAE asks for `force_upcast`)."""
+        with torch.autocast(pixels.device.type, enabled=not self.upcast_vae):
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         ids = [tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
@@ -124,9 +138,8 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
             # diffusers' SDXL scripts: a flipped image's crop left becomes (cropped width - left)
             left = torch.where(flip, time_ids[:, 5] - time_ids[:, 3], time_ids[:, 3])
             time_ids = torch.cat([time_ids[:, :3], left[:, None], time_ids[:, 4:]], dim=1)
-        with torch.autocast(pixels.device.type, enabled=not self.upcast_vae):
-            moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters.float()
-        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device), "time_ids": time_ids})
+        return Rows(self.encode_pixels(pixels).float(), {"input_ids": batch["input_ids"].to(self.device),
+                                                         "time_ids": time_ids})
 
     def bank_rows(self, batch, generator) -> Rows:
         moments = batch["latent_moments"].to(self.device)

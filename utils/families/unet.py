@@ -148,6 +148,16 @@ class StableDiffusionUNet(UNetFamily):
                                        requires_safety_checker=False)
 
     @staticmethod
+    def controlnet_sampler(pipeline, controlnet, scheduler):
+        """`pipeline`'s models with a ControlNet and another scheduler (no safety checker)."""
+        from diffusers import StableDiffusionControlNetPipeline
+
+        return StableDiffusionControlNetPipeline(
+            vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=pipeline.unet,
+            controlnet=controlnet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+
+    @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs):
         # no safety checker: it is not used in training and would cost memory
         return StableDiffusionPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir,
@@ -166,10 +176,13 @@ class StableDiffusionUNet(UNetFamily):
 
         return transform
 
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen VAE's posterior moments of pixels in [-1, 1]."""
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+
     def rows(self, batch, generator) -> Rows:
         pixels = super().rows(batch, generator).x
-        moments = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
-        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device)})
+        return Rows(self.encode_pixels(pixels), {"input_ids": batch["input_ids"].to(self.device)})
 
     def bank_rows(self, batch, generator) -> Rows:
         n = len(batch["latent_moments"])
@@ -182,7 +195,7 @@ class StableDiffusionUNet(UNetFamily):
 
     def drop_condition(self, rows, mask) -> Rows:
         ids = torch.where(mask[:, None], self.empty_ids.to(self.device), rows.cond["input_ids"])
-        return Rows(rows.x, {"input_ids": ids})
+        return Rows(rows.x, {**rows.cond, "input_ids": ids})
 
     def x0(self, x, generator):
         return sample_latents(x, generator, self.vae.config.scaling_factor)
