@@ -181,3 +181,22 @@ def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_sd3_dir, captio
     train(tiny_sd3_dir, captioned_digits_dir, tmp_path / "out", "--memory_bank", bank, "--memory_bank_prompts",
           prompts, "--max_train_steps", "2")
     assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
+
+
+def test_the_data_transform_hashes_after_the_pipeline_has_run(tiny_sd3_dir):
+    """datasets fingerprints `with_transform`'s function; once a pipeline has run the CLIP encoders they hold
+    context variables that do not pickle, so the transform must not close over them (else every run warns)."""
+    from datasets.fingerprint import Hasher
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    family = StableDiffusion3(pipe, "cpu", max_sequence_length=16)
+    family.inference_pipeline(pipe.transformer, family.text_encoders, family.sampling_scheduler(pipe))(
+        "a digit", height=16, width=16, num_inference_steps=1, max_sequence_length=16)
+    with pytest.raises(TypeError):
+        Hasher.hash(pipe.text_encoder)  # the premise: the encoder itself no longer hashes
+    transform = family.transform("image", "text", 16)
+    Hasher.hash(transform)
+    from PIL import Image
+
+    batch = transform({"image": [Image.new("RGB", (16, 16))], "text": [["a digit one", "one"]]})
+    assert torch.equal(batch["input_ids"][0], family.tokenize(["a digit one"])[0])

@@ -17,6 +17,8 @@ with `FlowMatchEulerDiscreteScheduler`), fed as diffusers' `train_dreambooth_lor
   .save_lora_weights`.
 """
 
+import functools
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -24,10 +26,16 @@ from ..infra.training import freeze
 from .base import Family, Rows
 from .latents import sample_latents, vae_scale_factor
 from .tuning import lora_layers
-from .unet import StableDiffusionUNet
+from .unet import StableDiffusionUNet, UNetFamily
 
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py's default
+
+
+def tokenize_three(tokenizers, lengths, captions: list[str]) -> torch.Tensor:
+    """The captions' ids of the two CLIP tokenizers and T5's, side by side: (N, 2 L + L_T5)."""
+    return torch.cat([tok(captions, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+                      .input_ids for tok, n in zip(tokenizers, lengths)], dim=1)
 
 
 class StableDiffusion3(StableDiffusionUNet):
@@ -96,9 +104,21 @@ class StableDiffusion3(StableDiffusionUNet):
         self.text_encoder, self.text_encoder_2 = encoders
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        lengths = [self.clip_length, self.clip_length, self.max_sequence_length]
-        return torch.cat([tok(captions, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
-                          .input_ids for tok, n in zip(self.tokenizers, lengths)], dim=1)
+        return tokenize_three(self.tokenizers, [self.clip_length, self.clip_length, self.max_sequence_length],
+                              captions)
+
+    def transform(self, image_column, caption_column, resolution):
+        """As Stable Diffusion's, closing over the tokenizers only (datasets hashes the transform, and the text
+        encoders, once a pipeline has run them, hold context variables that do not pickle)."""
+        pixels = UNetFamily.transform(self, image_column, caption_column, resolution)
+        tokenize = functools.partial(tokenize_three, self.tokenizers,
+                                     [self.clip_length, self.clip_length, self.max_sequence_length])
+
+        def transform(batch):
+            captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
+            return {**pixels(batch), "input_ids": tokenize(captions)}
+
+        return transform
 
     def rows(self, batch, generator) -> Rows:
         pixels = batch["pixel_values"].to(self.device)
