@@ -6,6 +6,7 @@ one machine (CPU or GPU).
     python -m benchmarks.speed --dit_xl --dataset digits_folder --resolution 256 --mixed_precision bf16  # GPU
     python -m benchmarks.speed --text_to_image       # a small Stable Diffusion with LoRA on captioned digits
     python -m benchmarks.speed --text_to_image --sdxl   # the same with a small SDXL
+    python -m benchmarks.speed --text_to_image --sd3    # the same with a small SD3 (flow matching)
 
 A step's time is the median interval between optimisation steps inside one run (CUDA synchronised), after
 `WARMUP` steps, so start-up, data caching, memory-bank loading and the final save do not count. Each run is a
@@ -79,21 +80,28 @@ def fmt(values, digits=3):
 
 def text_to_image(a, tmp):
     """Diff-Tuning / standard step of train_diff_tuning_text_to_image.py (LoRA) on a small Stable Diffusion (or, with
-    --sdxl, a small Stable Diffusion XL)."""
+    --sdxl, a small Stable Diffusion XL; with --sd3, a small Stable Diffusion 3: 4 joint-attention blocks of width
+    64, flow matching with the logit-normal density)."""
     import train_diff_tuning_text_to_image as t2i
     from fixtures.offline_data import sklearn_digits, write_captioned_folder
-    from fixtures.small_unet import build_sd_pipeline, build_sdxl_pipeline
+    from fixtures.small_unet import build_sd3_pipeline, build_sd_pipeline, build_sdxl_pipeline
 
-    build = build_sdxl_pipeline if a.sdxl else build_sd_pipeline
-    build(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, unet_channels=(32, 64)).save_pretrained(
-        f"{tmp}/sd")
+    extra = []
+    if a.sd3:
+        build_sd3_pipeline(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, num_layers=4,
+                           attention_head_dim=16, num_attention_heads=4).save_pretrained(f"{tmp}/sd")
+        extra = ["--max_sequence_length", "16"]
+    else:
+        build = build_sdxl_pipeline if a.sdxl else build_sd_pipeline
+        build(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, unet_channels=(32, 64)).save_pretrained(
+            f"{tmp}/sd")
     data = write_captioned_folder(*sklearn_digits(), f"{tmp}/captioned", limit=256, size=a.resolution)
     base = ["--pretrained_model_name_or_path", f"{tmp}/sd", "--dataset", data, "--resolution", str(a.resolution),
             "--train_batch_size", str(a.batch_size), "--validation_steps", "0", "--num_validation_images", "1",
             "--validation_inference_steps", "1", "--checkpointing_steps", "100000", "--report_to", "none",
             "--skip_image_check", "--mixed_precision", a.mixed_precision, "--memory_bank", f"{tmp}/t2i-bank",
             "--memory_bank_size", "64", "--memory_bank_inference_steps", "5", "--dataloader_num_workers",
-            str(a.num_workers)]
+            str(a.num_workers), *extra]
     timed_run([*base, "--output_dir", f"{tmp}/t2i-warm"], 1, t2i)  # builds the bank once
     times = {"standard": [], "diff_tuning": []}
     for r in range(a.repeats):
@@ -101,7 +109,8 @@ def text_to_image(a, tmp):
             times[kind].append(timed_run([*base, "--method", kind, "--output_dir", f"{tmp}/t2i-{kind}-{r}"],
                                          a.steps, t2i)[0])
     ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
-    print(f"\ntext-to-image ({'SDXL' if a.sdxl else 'Stable Diffusion'}), LoRA rank 4, batch {a.batch_size}, "
+    name = "SD3" if a.sd3 else "SDXL" if a.sdxl else "Stable Diffusion"
+    print(f"\ntext-to-image ({name}), LoRA rank 4, batch {a.batch_size}, "
           f"resolution {a.resolution}, {a.steps} timed steps "
           f"per run, mixed precision {a.mixed_precision}; {a.repeats} interleaved repeats; median (range)\n")
     print("| measurement | value |\n|---|---|")
@@ -125,6 +134,8 @@ def main():
                           "weight values).")
     p.add_argument("--sdxl", action="store_true",
                    help="With --text_to_image: a small SDXL instead of Stable Diffusion.")
+    p.add_argument("--sd3", action="store_true",
+                   help="With --text_to_image: a small SD3 (flow matching) instead of Stable Diffusion.")
     p.add_argument("--dataset", default=None, help="Image-folder data set (the DiT measurements).")
     p.add_argument("--resolution", type=int, default=16, help="Training resolution.")
     p.add_argument("--batch_size", type=int, default=32, help="Training batch.")
