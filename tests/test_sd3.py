@@ -94,6 +94,10 @@ def test_the_core_draws_noises_and_weights_as_flow_matching(scheme, tiny_sd3_dir
     if expected is not None:
         torch.testing.assert_close(b.loss_weights, expected.float())
         assert not torch.allclose(b.loss_weights, torch.ones(2))
+    net = family.pipeline.transformer  # the loss the core returns is the weighted mean of the family's per-row loss
+    loss, _ = standard(family, net, {}, None, torch.Generator().manual_seed(0))
+    per_row = family.loss(net, b)
+    torch.testing.assert_close(loss, (per_row * (1 if expected is None else expected.float())).mean())
 
 
 def test_lora_with_both_clip_encoders_loads_in_the_stock_sd3_pipeline(tiny_sd3_dir, captioned_digits_dir, tmp_path):
