@@ -187,7 +187,7 @@ def plot(curves, report, path):
     for name, value in report["thresholds"].items():
         ax.axhline(value, color="black", lw=0.8, ls="--" if name.startswith("main") else ":")
     ax.set_xlabel("training step")
-    ax.set_ylabel("blurred-Canny SSIM (held out)")
+    ax.set_ylabel(f"blurred-{CONDITION} SSIM (held out)")
     ax.set_title("ControlNet control fidelity: standard vs Diff-Tuning (toy scale)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
