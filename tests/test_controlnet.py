@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, run_main
+from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, resume_matches_uninterrupted, run_main
 from utils.families.annotators import make_annotator, normals_from_depth
 from utils.infra.errors import UserError
 from utils.metrics.fidelity import ConvergenceTracker, blurred_ssim, fidelity_score
@@ -126,15 +126,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, control_digits_dir, ba
                                              accumulation):
     common = ["--memory_bank", bank_dir, "--max_train_steps", "4", "--gradient_accumulation_steps", str(accumulation),
               "--use_ema", "--ema_decay", "0.5"]
-    train(tiny_sd_dir, control_digits_dir, tmp_path / "full", *common)
-    resumed_dir = str(tmp_path / "resumed")
-    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd_dir, control_digits_dir, resumed_dir, *common))
-    assert not (tmp_path / "resumed" / "config.json").exists()
-    train(tiny_sd_dir, control_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
-    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert (json.loads((tmp_path / "full" / "convergence.json").read_text())
-            == json.loads((tmp_path / "resumed" / "convergence.json").read_text()))
+    resume_matches_uninterrupted(lambda out, *more: train(tiny_sd_dir, control_digits_dir, out, *common, *more),
+                                 tmp_path, monkeypatch, weights, ["convergence.json"])
 
 
 def test_num_train_epochs_and_epoch_checkpoints(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 import generate_memory_bank
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
-from fixtures.testing import cli_error, killed_at_first_checkpoint, run_main
+from fixtures.testing import cli_error, resume_matches_uninterrupted, run_main
 
 TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--memory_bank_batch_size", "4",
         "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2", "--num_validation_samples", "4",
@@ -94,15 +94,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, control_digits_dir, 
                                              monkeypatch):
     common = ["--memory_bank", sdxl_control_bank, "--gradient_accumulation_steps", "2", "--proportion_empty_prompts",
               "0.5"]
-    train(tiny_sdxl_dir, control_digits_dir, tmp_path / "full", *common)
-    resumed_dir = str(tmp_path / "resumed")
-    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sdxl_dir, control_digits_dir, resumed_dir, *common))
-    assert not (tmp_path / "resumed" / "config.json").exists()
-    train(tiny_sdxl_dir, control_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
-    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert (json.loads((tmp_path / "full" / "convergence.json").read_text())
-            == json.loads((tmp_path / "resumed" / "convergence.json").read_text()))
+    resume_matches_uninterrupted(lambda out, *more: train(tiny_sdxl_dir, control_digits_dir, out, *common, *more),
+                                 tmp_path, monkeypatch, weights, ["convergence.json"])
 
 
 def test_a_bank_built_ahead_is_used_and_other_families_banks_are_refused(tiny_sdxl_dir, tiny_sd_dir,

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler, DiTPipeline, StableDiffusionPipeline
 from utils.families.base import Family, Rows
 from utils.families.controlnet import ControlNetOnSD
 from utils.families.dit import DiT, latent_shape
+from utils.families.unet import StableDiffusionUNet
 from utils.infra.data import ArrowBatches
 from utils.infra.errors import UserError
 from utils.methods import memory_bank
@@ -148,8 +149,8 @@ def controlnet_family(sd_dir):
         return tok(captions, max_length=tok.model_max_length, padding="max_length", truncation=True,
                    return_tensors="pt").input_ids
 
-    family = ControlNetOnSD({"vae": pipe.vae, "text_encoder": pipe.text_encoder, "unet": pipe.unet}, scheduler,
-                            "cpu", tokenize, "a bank prompt", contextlib.nullcontext, torch.float32)
+    text = StableDiffusionUNet(pipe, "cpu")  # the base's text-to-image family: tokenizer, encoder, VAE
+    family = ControlNetOnSD(text, scheduler, pipe.unet, "a bank prompt", contextlib.nullcontext, torch.float32, 16)
     return pipe, scheduler, family, tokenize
 
 

@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_text_to_image as script
 from fixtures.small_unet import build_sd3_pipeline
-from fixtures.testing import LORA_FILE, TEXT_TO_IMAGE_TINY, cli_error, generates, killed_at_first_checkpoint, run_main
+from fixtures.testing import (
+    LORA_FILE,
+    TEXT_TO_IMAGE_TINY,
+    cli_error,
+    generates,
+    resume_matches_uninterrupted,
+    run_main,
+)
 from utils.families.base import Rows
 from utils.families.sd3 import StableDiffusion3
 from utils.methods.diff_tuning import DiffTuning
@@ -145,15 +152,9 @@ def test_every_method_with_full_tuning_saves_a_stock_sd3_pipeline(method, tiny_s
 def test_resume_matches_an_uninterrupted_run(tiny_sd3_dir, captioned_digits_dir, sd3_bank, tmp_path, monkeypatch):
     common = ["--memory_bank", sd3_bank, "--gradient_accumulation_steps", "2", "--train_text_encoder",
               "--random_flip", "--weighting_scheme", "cosmap", "--proportion_empty_prompts", "0.5"]
-    train(tiny_sd3_dir, captioned_digits_dir, tmp_path / "full", *common)
-    resumed_dir = str(tmp_path / "resumed")
-    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd3_dir, captioned_digits_dir, resumed_dir, *common))
-    assert not (tmp_path / "resumed" / LORA_FILE).exists()
-    train(tiny_sd3_dir, captioned_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
-    full, resumed = load_file(tmp_path / "full" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)
-    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
-    assert (json.loads((tmp_path / "full" / "forgetting.json").read_text())
-            == json.loads((tmp_path / "resumed" / "forgetting.json").read_text()))
+    resume_matches_uninterrupted(lambda out, *more: train(tiny_sd3_dir, captioned_digits_dir, out, *common, *more),
+                                 tmp_path, monkeypatch, lambda out: load_file(out / LORA_FILE), ["forgetting.json"],
+                                 LORA_FILE)
 
 
 def test_refusals(tiny_sd3_dir, tiny_sd_dir, captioned_digits_dir, sd3_bank, tmp_path):

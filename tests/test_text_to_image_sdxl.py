@@ -13,7 +13,14 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 import train_diff_tuning_text_to_image as script
-from fixtures.testing import LORA_FILE, TEXT_TO_IMAGE_TINY, cli_error, generates, killed_at_first_checkpoint, run_main
+from fixtures.testing import (
+    LORA_FILE,
+    TEXT_TO_IMAGE_TINY,
+    cli_error,
+    generates,
+    resume_matches_uninterrupted,
+    run_main,
+)
 
 TINY = TEXT_TO_IMAGE_TINY
 
@@ -68,15 +75,9 @@ def test_every_method_with_full_tuning_saves_a_stock_sdxl_pipeline(method, tiny_
 def test_resume_matches_an_uninterrupted_run(tiny_sdxl_dir, captioned_digits_dir, sdxl_bank, tmp_path, monkeypatch):
     common = ["--memory_bank", sdxl_bank, "--gradient_accumulation_steps", "2", "--train_text_encoder",
               "--random_flip"]
-    train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "full", *common)
-    resumed_dir = str(tmp_path / "resumed")
-    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sdxl_dir, captioned_digits_dir, resumed_dir, *common))
-    assert not (tmp_path / "resumed" / LORA_FILE).exists()
-    train(tiny_sdxl_dir, captioned_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
-    full, resumed = load_file(tmp_path / "full" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)
-    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
-    assert (json.loads((tmp_path / "full" / "forgetting.json").read_text())
-            == json.loads((tmp_path / "resumed" / "forgetting.json").read_text()))
+    resume_matches_uninterrupted(lambda out, *more: train(tiny_sdxl_dir, captioned_digits_dir, out, *common, *more),
+                                 tmp_path, monkeypatch, lambda out: load_file(out / LORA_FILE), ["forgetting.json"],
+                                 LORA_FILE)
 
 
 def test_refusals(tiny_sdxl_dir, tiny_sd_dir, captioned_digits_dir, sdxl_bank, tmp_path):

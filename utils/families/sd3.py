@@ -23,7 +23,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from ..infra.training import freeze
-from .base import Family, Rows
+from .base import Family
 from .latents import sample_latents, vae_scale_factor
 from .tuning import lora_layers
 from .unet import StableDiffusionUNet, UNetFamily
@@ -120,14 +120,10 @@ class StableDiffusion3(StableDiffusionUNet):
 
         return transform
 
-    def rows(self, batch, generator) -> Rows:
-        pixels = batch["pixel_values"].to(self.device)
-        flip = self.flips(len(pixels), generator)
-        if flip is not None:
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The fp32 VAE's posterior moments, autocast off (as diffusers' SD3 scripts keep the VAE)."""
         with torch.autocast(pixels.device.type, enabled=False):
-            moments = self.vae.encode(pixels.float()).latent_dist.parameters
-        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device)})
+            return self.vae.encode(pixels.float()).latent_dist.parameters
 
     def x0(self, x, generator):
         config = self.vae.config
