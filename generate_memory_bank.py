@@ -58,7 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="Prompt of the bank samples (ControlNet banks).")
     g.add_argument("--resolution", type=int, default=512, help="Sample size in pixels (the training resolution).")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="SD3: T5 tokens per prompt (default 77; the training script's --max_sequence_length).")
+                   help="SD3: T5 tokens per prompt (default: 77; the training script's --max_sequence_length).")
     g.add_argument("--no_controls", action="store_true",
                    help="A text-to-image bank: no control annotated (the default annotates with --condition).")
     g.add_argument("--prompts_file", default=None,

@@ -143,7 +143,7 @@ def parse_args(argv=None):
     g.add_argument("--crops_coords_top_left_w", type=int, default=None,
                    help="SDXL: the crop left every image's size conditioning records (default: each image's own).")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="SD3: T5 tokens per caption (default 77, as diffusers' SD3 LoRA script).")
+                   help="SD3: T5 tokens per caption (default: 77, as diffusers' SD3 LoRA script).")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("which weights train")

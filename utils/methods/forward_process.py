@@ -114,10 +114,10 @@ def add_flow_matching_args(p) -> None:
                    help="Base timestep density (logit_normal, mode) or loss weighting (cosmap, sigma_sqrt) of "
                         "flow-matching training; Diff-Tuning multiplies the base density by psi(sigma) or xi(sigma) "
                         "(default: logit_normal).")
-    g.add_argument("--logit_mean", type=float, default=None, help="Mean of the logit_normal scheme (default 0).")
+    g.add_argument("--logit_mean", type=float, default=None, help="Mean of the logit_normal scheme (default: 0).")
     g.add_argument("--logit_std", type=float, default=None,
-                   help="Standard deviation of the logit_normal scheme (default 1).")
-    g.add_argument("--mode_scale", type=float, default=None, help="Scale of the mode scheme (default 1.29).")
+                   help="Standard deviation of the logit_normal scheme (default: 1).")
+    g.add_argument("--mode_scale", type=float, default=None, help="Scale of the mode scheme (default: 1.29).")
 
 
 def given_flow_flags(args) -> dict:
