@@ -29,7 +29,7 @@ from utils.families.annotators import add_annotator_args, annotator_of
 from utils.families.base import detect_family
 from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
-from utils.families.sd3 import StableDiffusion3
+from utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, StableDiffusion3
 from utils.families.sdxl import StableDiffusionXLUNet
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra.errors import UserError
@@ -101,7 +101,7 @@ def bank_plan(args):
         record = {"family": family.name, "base_model": name, "resolution": args.resolution, "prompts": prompts}
         kwargs = {}
         if family is StableDiffusion3:  # the T5 length shapes the samples: recorded, as the training script checks
-            kwargs = {"max_sequence_length": args.max_sequence_length or 77}
+            kwargs = {"max_sequence_length": args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH}
             record.update(kwargs)
         return family, record, lambda pipe: PromptBankSampler(pipe, prompts, guidance, args.num_inference_steps,
                                                               args.resolution, family, kwargs)

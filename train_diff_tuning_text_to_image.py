@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from utils.families.base import check_variant, detect_family
 from utils.families.latents import vae_scale_factor
-from utils.families.sd3 import StableDiffusion3
+from utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, StableDiffusion3
 from utils.families.sdxl import StableDiffusionXLUNet
 from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
 from utils.families.unet import PromptBankSampler, StableDiffusionUNet
@@ -284,12 +284,14 @@ def main(args):
     if args.crops_coords_top_left_h is not None and family_class is not StableDiffusionXLUNet:
         raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
     family_options = {}  # the family's own flags: SDXL's fixed crop ids, SD3's T5 length
+    sd3_flags = [f"--{k}" for k in given_flow_flags(args)]  # SD3's flags given on the command line
+    if args.max_sequence_length is not None:
+        sd3_flags.insert(0, "--max_sequence_length")
     if family_class is StableDiffusion3:
-        family_options["max_sequence_length"] = args.max_sequence_length or 77
-    elif args.max_sequence_length is not None or given_flow_flags(args):
-        given = ["--max_sequence_length"] if args.max_sequence_length is not None else []
-        raise UserError(f"{' and '.join(given + [f'--{k}' for k in given_flow_flags(args)])}: SD3's (T5 tokens, "
-                        "flow matching); this pipeline trains with DDPM and CLIP")
+        family_options["max_sequence_length"] = args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+    elif sd3_flags:
+        raise UserError(f"{' and '.join(sd3_flags)}: SD3's (T5 tokens, flow matching); this pipeline trains with "
+                        "DDPM and CLIP")
     if args.crops_coords_top_left_h is not None:
         family_options["crops_coords_top_left"] = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
     check_variant(name, args.variant)

@@ -26,16 +26,11 @@ from ..infra.training import freeze
 from .base import Family
 from .latents import sample_latents, vae_scale_factor
 from .tuning import lora_layers
-from .unet import StableDiffusionUNet, UNetFamily
+from .unet import StableDiffusionUNet, token_ids
 
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py's default
-
-
-def tokenize_three(tokenizers, lengths, captions: list[str]) -> torch.Tensor:
-    """The captions' ids of the two CLIP tokenizers and T5's, side by side: (N, 2 L + L_T5)."""
-    return torch.cat([tok(captions, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
-                      .input_ids for tok, n in zip(tokenizers, lengths)], dim=1)
+DEFAULT_MAX_SEQUENCE_LENGTH = 77  # T5 tokens per caption: train_dreambooth_lora_sd3.py's default
 
 
 class StableDiffusion3(StableDiffusionUNet):
@@ -48,7 +43,7 @@ class StableDiffusion3(StableDiffusionUNet):
     example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
-                 train_text_encoder: bool = False, max_sequence_length: int = 77):
+                 train_text_encoder: bool = False, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH):
         Family.__init__(self, FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config), device,
                         random_flip)
         self.pipeline, self.prediction_type = pipeline, "flow_matching"
@@ -56,9 +51,9 @@ class StableDiffusion3(StableDiffusionUNet):
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
         self.text_encoder_2 = freeze(pipeline.text_encoder_2, device, dtype)
         self.text_encoder_3 = freeze(pipeline.text_encoder_3, device, dtype)
-        self.tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3]
         self.clip_length = pipeline.tokenizer.model_max_length
-        self.max_sequence_length = max_sequence_length
+        self.tokenize = functools.partial(token_ids, [pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3],
+                                          [self.clip_length, self.clip_length, max_sequence_length])
         self.pipeline_kwargs = {"max_sequence_length": max_sequence_length}
         self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
         self.empty_ids = self.tokenize([""])
@@ -102,23 +97,6 @@ class StableDiffusion3(StableDiffusionUNet):
 
     def set_text_encoders(self, encoders: list) -> None:
         self.text_encoder, self.text_encoder_2 = encoders
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return tokenize_three(self.tokenizers, [self.clip_length, self.clip_length, self.max_sequence_length],
-                              captions)
-
-    def transform(self, image_column, caption_column, resolution):
-        """As Stable Diffusion's, closing over the tokenizers only (datasets hashes the transform, and the text
-        encoders, once a pipeline has run them, hold context variables that do not pickle)."""
-        pixels = UNetFamily.transform(self, image_column, caption_column, resolution)
-        tokenize = functools.partial(tokenize_three, self.tokenizers,
-                                     [self.clip_length, self.clip_length, self.max_sequence_length])
-
-        def transform(batch):
-            captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
-            return {**pixels(batch), "input_ids": tokenize(captions)}
-
-        return transform
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """The fp32 VAE's posterior moments, autocast off (as diffusers' SD3 scripts keep the VAE)."""

@@ -15,6 +15,8 @@ conditioning, fed as diffusers' SDXL training scripts feed them (`train_text_to_
   (bank images must not carry it).
 """
 
+import functools
+
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
@@ -25,7 +27,7 @@ from ..infra.training import freeze
 from .base import Rows
 from .latents import vae_scale_factor
 from .tuning import lora_layers
-from .unet import StableDiffusionUNet, UNetFamily, unet_class
+from .unet import StableDiffusionUNet, UNetFamily, token_ids, unet_class
 
 
 def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
@@ -57,6 +59,8 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         if self.tokenizer.model_max_length != self.tokenizer_2.model_max_length:
             raise UserError(f"the two SDXL tokenizers take {self.tokenizer.model_max_length} and "
                             f"{self.tokenizer_2.model_max_length} tokens; this adapter needs the same length")
+        self.tokenize = functools.partial(token_ids, [self.tokenizer, self.tokenizer_2],
+                                          [self.tokenizer.model_max_length] * 2, stack=True)
         self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
         self.crops_coords_top_left = crops_coords_top_left  # fixed crop ids for every image (diffusers' flags)
         self.empty_ids = self.tokenize([""])
@@ -106,25 +110,24 @@ class StableDiffusionXLUNet(StableDiffusionUNet):
         with torch.autocast(pixels.device.type, enabled=not self.upcast_vae):
             return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        ids = [tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                   return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2)]
-        return torch.stack(ids, dim=1)
-
-    def time_ids(self, geometry: torch.Tensor, resolution: int) -> torch.Tensor:
+    @staticmethod
+    def time_ids(geometry: torch.Tensor, resolution: int) -> torch.Tensor:
         """(N, 6) from (N, 4) (original h, w, crop top, left) and the training resolution (the target size)."""
         target = torch.tensor([resolution, resolution], dtype=geometry.dtype).expand(len(geometry), 2)
         return torch.cat([geometry, target.to(geometry.device)], dim=1)
 
     def transform(self, image_column, caption_column, resolution):
+        # the tokenizers and settings only, not the family (datasets hashes the transform)
+        tokenize, time_ids, crops = self.tokenize, self.time_ids, self.crops_coords_top_left
+
         def transform(batch):
             captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
             images = [img.convert("RGB") if isinstance(img, Image.Image) else img for img in batch[image_column]]
             geometry = torch.tensor([crop_geometry(img.size, resolution) for img in images], dtype=torch.long)
-            if self.crops_coords_top_left is not None:
-                geometry[:, 2:] = torch.tensor(self.crops_coords_top_left)
+            if crops is not None:
+                geometry[:, 2:] = torch.tensor(crops)
             return {"pixel_values": [to_tensor(img, resolution) for img in images],
-                    "time_ids": list(self.time_ids(geometry, resolution)), "input_ids": list(self.tokenize(captions))}
+                    "time_ids": list(time_ids(geometry, resolution)), "input_ids": list(tokenize(captions))}
 
         return transform
 

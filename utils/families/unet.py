@@ -3,6 +3,7 @@
 epsilon or v prediction). Each turns dataset rows into the UNet's inputs and samples for validation, so training and
 the merge-weight search compute the same loss."""
 
+import functools
 import os
 
 import datasets
@@ -23,6 +24,15 @@ from ..metrics.sampling import seeded_generators
 from .base import Family, Rows, detect_family
 from .latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 from .tuning import UNET_LORA_TARGETS, lora_layers
+
+
+def token_ids(tokenizers, lengths, captions: list[str], stack: bool = False) -> torch.Tensor:
+    """Each tokenizer's ids of `captions`, padded or cut to its length, side by side (N, sum of lengths) or, with
+    `stack`, stacked (N, k, L). A function of the tokenizers alone: a dataset transform built on a partial of it is
+    hashed by `datasets` without the models (text encoders a pipeline has run do not pickle)."""
+    ids = [tok(captions, padding="max_length", truncation=True, max_length=n, return_tensors="pt").input_ids
+           for tok, n in zip(tokenizers, lengths)]
+    return torch.stack(ids, dim=1) if stack else torch.cat(ids, dim=1)
 
 
 def unet_class(index: dict) -> str | None:
@@ -121,12 +131,9 @@ class StableDiffusionUNet(UNetFamily):
         self.vae = freeze(pipeline.vae, device, dtype)
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in a prepared one
         self.tokenizer = pipeline.tokenizer
+        self.tokenize = functools.partial(token_ids, [self.tokenizer], [self.tokenizer.model_max_length])
         self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
         self.empty_ids = self.tokenize([""])
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(captions, padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
 
     @classmethod
     def matches(cls, index: dict) -> bool:
@@ -168,11 +175,12 @@ class StableDiffusionUNet(UNetFamily):
         return self.pipeline.unet.config.sample_size * vae_scale_factor(self.vae)
 
     def transform(self, image_column, caption_column, resolution):
-        pixels = super().transform(image_column, caption_column, resolution)
+        pixels = UNetFamily.transform(self, image_column, caption_column, resolution)
+        tokenize = self.tokenize  # the tokenizers only, not the family (datasets hashes the transform)
 
         def transform(batch):
             captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
-            return {**pixels(batch), "input_ids": self.tokenize(captions)}
+            return {**pixels(batch), "input_ids": tokenize(captions)}
 
         return transform
 
