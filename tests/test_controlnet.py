@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
-from fixtures.testing import ROOT, cli_help, killed_at_first_checkpoint, resume_matches_uninterrupted, run_main
+from fixtures.testing import (
+    ROOT,
+    bank_of_a_first_run,
+    cli_help,
+    killed_at_first_checkpoint,
+    resume_matches_uninterrupted,
+    run_main,
+)
 from utils.families.annotators import make_annotator, normals_from_depth
 from utils.infra.errors import UserError
 from utils.metrics.fidelity import ConvergenceTracker, blurred_ssim, fidelity_score
@@ -39,9 +46,7 @@ def weights(folder):
 @pytest.fixture(scope="module")
 def bank_dir(tiny_sd_dir, control_digits_dir, tmp_path_factory):
     """A finished bank of the tiny SD with Canny controls, made by a first run and reused by the others."""
-    out = tmp_path_factory.mktemp("cn_bank") / "run"
-    train(tiny_sd_dir, control_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
-    return str(out / "memory_bank")
+    return bank_of_a_first_run(train, tiny_sd_dir, control_digits_dir, tmp_path_factory.mktemp("cn_bank"))
 
 
 def test_end_to_end_with_accelerate_launch(tiny_sd_dir, control_digits_dir, tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 import generate_memory_bank
 import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
-from fixtures.testing import cli_error, resume_matches_uninterrupted, run_main
+from fixtures.testing import bank_of_a_first_run, cli_error, resume_matches_uninterrupted, run_main
 
 TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--memory_bank_batch_size", "4",
         "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2", "--num_validation_samples", "4",
@@ -33,9 +33,7 @@ def weights(folder):
 
 @pytest.fixture(scope="module")
 def sdxl_control_bank(tiny_sdxl_dir, control_digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdxl_cn_bank") / "run"
-    train(tiny_sdxl_dir, control_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
-    return str(out / "memory_bank")
+    return bank_of_a_first_run(train, tiny_sdxl_dir, control_digits_dir, tmp_path_factory.mktemp("sdxl_cn_bank"))
 
 
 @pytest.mark.parametrize("method", ["diff_tuning", "standard"])

@@ -21,6 +21,7 @@ from fixtures.small_unet import build_sd3_pipeline
 from fixtures.testing import (
     LORA_FILE,
     TEXT_TO_IMAGE_TINY,
+    bank_of_a_first_run,
     cli_error,
     full_tuning_changed,
     full_tuning_flags,
@@ -43,9 +44,7 @@ def train(model_dir, data_dir, out, *extra):
 
 @pytest.fixture(scope="module")
 def sd3_bank(tiny_sd3_dir, captioned_digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sd3_bank") / "run"
-    train(tiny_sd3_dir, captioned_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
-    return str(out / "memory_bank")
+    return bank_of_a_first_run(train, tiny_sd3_dir, captioned_digits_dir, tmp_path_factory.mktemp("sd3_bank"))
 
 
 def test_tiny_sd3_builds_saves_loads_and_samples(tmp_path):

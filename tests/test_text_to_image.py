@@ -24,9 +24,10 @@ from fixtures.testing import (
     LORA_FILE,
     ROOT,
     TEXT_TO_IMAGE_TINY,
+    bank_of_a_first_run,
     cli_help,
     generates,
-    killed_at_first_checkpoint,
+    resume_matches_uninterrupted,
     run_main,
 )
 from utils.families.unet import StableDiffusionUNet
@@ -57,9 +58,7 @@ def tiny_sd_v_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def t2i_bank(tiny_sd_dir, captioned_digits_dir, tmp_path_factory):
     """A finished bank for the captioned digits (the default prompts: their distinct captions)."""
-    out = tmp_path_factory.mktemp("t2i_bank") / "run"
-    train(tiny_sd_dir, captioned_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
-    return str(out / "memory_bank")
+    return bank_of_a_first_run(train, tiny_sd_dir, captioned_digits_dir, tmp_path_factory.mktemp("t2i_bank"))
 
 
 def test_end_to_end_with_accelerate_launch_lora_loads_in_the_stock_pipeline(tiny_sd_dir, captioned_digits_dir,
@@ -218,15 +217,9 @@ def test_dreambooth_instance_folder_with_an_instance_prompt(tiny_sd_dir, tmp_pat
 def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, captioned_digits_dir, t2i_bank, tmp_path, monkeypatch,
                                              accumulation):
     common = ["--memory_bank", t2i_bank, "--gradient_accumulation_steps", str(accumulation), "--train_text_encoder"]
-    train(tiny_sd_dir, captioned_digits_dir, tmp_path / "full", *common)
-    resumed_dir = str(tmp_path / "resumed")
-    killed_at_first_checkpoint(monkeypatch, lambda: train(tiny_sd_dir, captioned_digits_dir, resumed_dir, *common))
-    assert not (tmp_path / "resumed" / LORA_FILE).exists()
-    train(tiny_sd_dir, captioned_digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
-    full, resumed = load_file(tmp_path / "full" / LORA_FILE), load_file(tmp_path / "resumed" / LORA_FILE)
-    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
-    assert (json.loads((tmp_path / "full" / "forgetting.json").read_text())
-            == json.loads((tmp_path / "resumed" / "forgetting.json").read_text()))
+    resume_matches_uninterrupted(lambda out, *more: train(tiny_sd_dir, captioned_digits_dir, out, *common, *more),
+                                 tmp_path, monkeypatch, lambda out: load_file(out / LORA_FILE), ["forgetting.json"],
+                                 LORA_FILE)
 
 
 def test_two_processes(tiny_sd_dir, captioned_digits_dir, t2i_bank, tmp_path):

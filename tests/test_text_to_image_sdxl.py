@@ -16,6 +16,7 @@ import train_diff_tuning_text_to_image as script
 from fixtures.testing import (
     LORA_FILE,
     TEXT_TO_IMAGE_TINY,
+    bank_of_a_first_run,
     cli_error,
     full_tuning_changed,
     full_tuning_flags,
@@ -33,9 +34,7 @@ def train(model_dir, data_dir, out, *extra):
 
 @pytest.fixture(scope="module")
 def sdxl_bank(tiny_sdxl_dir, captioned_digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdxl_bank") / "run"
-    train(tiny_sdxl_dir, captioned_digits_dir, out, "--max_train_steps", "1", "--validation_steps", "0")
-    return str(out / "memory_bank")
+    return bank_of_a_first_run(train, tiny_sdxl_dir, captioned_digits_dir, tmp_path_factory.mktemp("sdxl_bank"))
 
 
 def test_lora_with_both_text_encoders_loads_in_the_stock_sdxl_pipeline(tiny_sdxl_dir, captioned_digits_dir,
