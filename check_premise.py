@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from utils.diffusion.latents import vae_scale_factor
 from utils.families.base import detect_family
 from utils.families.dit import DiT, DiTBankSampler
-from utils.families.latents import vae_scale_factor
-from utils.families.unet import PromptBankSampler, StableDiffusionUNet
+from utils.families.stable_diffusion import PromptBankSampler, StableDiffusion
 from utils.infra.data import check_images, load_image_dataset, require_column, to_tensor
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
@@ -194,7 +194,7 @@ def verdict(ratios, costs, own_costs, args):
 
 def main(args):
     torch.manual_seed(args.seed)
-    family_class = detect_family(args.pretrained_model_name_or_path, [DiT, StableDiffusionUNet], SCRIPT,
+    family_class = detect_family(args.pretrained_model_name_or_path, [DiT, StableDiffusion], SCRIPT,
                                  args.revision, args.cache_dir)
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name, args.cache_dir)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
@@ -232,7 +232,7 @@ def main(args):
         resolution = args.resolution or pipeline.unet.config.sample_size * factor
         sampler = PromptBankSampler(pipeline, [args.prompt], 7.5 if args.guidance_scale is None
                                     else args.guidance_scale, args.num_inference_steps, resolution)
-        family = StableDiffusionUNet(pipeline, "cpu")
+        family = StableDiffusion(pipeline, "cpu")
         net = pipeline.unet.eval()
         null = family.encode({"input_ids": family.empty_ids.expand(n, -1)})
     scale = vae.config.scaling_factor

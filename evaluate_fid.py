@@ -25,8 +25,8 @@ import datasets
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
+from utils.families.ddpm import DDPMUNet
 from utils.families.dit import DiT
-from utils.families.unet import DDPMUNet
 from utils.infra.data import check_images, load_image_dataset, require_column
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_file, write_json_atomically

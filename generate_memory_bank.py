@@ -25,16 +25,16 @@ import sys
 
 import torch
 
-from utils.families.annotators import add_annotator_args, annotator_of
 from utils.families.base import detect_family
 from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
 from utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, StableDiffusion3
-from utils.families.sdxl import StableDiffusionXLUNet
-from utils.families.unet import PromptBankSampler, StableDiffusionUNet
+from utils.families.sdxl import StableDiffusionXL
+from utils.families.stable_diffusion import PromptBankSampler, StableDiffusion
 from utils.infra.errors import UserError
 from utils.infra.training import HelpFormatter, precision_dtype
 from utils.methods.memory_bank import bank_prompts_from_file, build_memory_bank, check_memory_bank
+from utils.metrics.annotators import add_annotator_args, annotator_of
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"  # the paper's ControlNet bank prompt
 
@@ -81,7 +81,7 @@ def parse_args(argv=None):
 def bank_plan(args):
     """(family, the record a training run checks, sampler factory): from the configs alone, before any weights."""
     name = args.pretrained_model_name_or_path
-    family = detect_family(name, [DiT, StableDiffusionUNet, StableDiffusionXLUNet, StableDiffusion3],
+    family = detect_family(name, [DiT, StableDiffusion, StableDiffusionXL, StableDiffusion3],
                            "generate_memory_bank.py", args.revision)
     if args.max_sequence_length is not None and family is not StableDiffusion3:
         raise UserError("--max_sequence_length is SD3's (T5 tokens); this pipeline has no T5 encoder")

@@ -28,7 +28,9 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
-from utils.families.unet import DDPMUNet, detect_unet_family, unet_weights_folder
+from utils.families.base import detect_family
+from utils.families.ddpm import DDPMUNet, unet_weights_folder
+from utils.families.registry import DEME
 from utils.infra import hub
 from utils.infra.data import load_image_dataset, require_column
 from utils.infra.errors import UserError
@@ -159,7 +161,7 @@ def main(args):
     if args.search != "none":
         if not is_pipeline:
             raise UserError("--search needs the base to be a pipeline (its scheduler, and VAE/text encoder for SD)")
-        family = detect_unet_family(base_dir, "the merge-weight search")
+        family = detect_family(base_dir, DEME, "the merge-weight search")
         if family is not DDPMUNet and fid:
             raise UserError("--search_metric fid scores DDPM pipelines; for Stable Diffusion use loss (text-to-image "
                             "FID needs a prompt set)")

@@ -31,7 +31,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
-from utils.families.unet import detect_unet_family
+from utils.families.base import detect_family
+from utils.families.registry import DEME
 from utils.infra import hub
 from utils.infra.checkpointing import resume, run_identity, step_generator
 from utils.infra.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
@@ -167,7 +168,7 @@ def main(args):
     # ---- Data and model: load and check everything cheap first.
     ds = load_image_dataset(args.dataset, args.train_split, args.dataset_config_name, args.cache_dir)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
-    family = detect_unet_family(args.pretrained_model_name_or_path, "DeMe", args.revision, args.cache_dir)
+    family = detect_family(args.pretrained_model_name_or_path, DEME, "DeMe", args.revision, args.cache_dir)
     caption_column = None
     if family.needs_captions:
         caption_column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)

@@ -38,12 +38,11 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMSchedul
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.families.annotators import add_annotator_args, annotator_of
+from utils.diffusion.latents import vae_scale_factor
 from utils.families.base import check_variant, detect_family, looks_local
 from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
-from utils.families.latents import vae_scale_factor
-from utils.families.sdxl import StableDiffusionXLUNet
-from utils.families.unet import StableDiffusionUNet
+from utils.families.sdxl import StableDiffusionXL
+from utils.families.stable_diffusion import StableDiffusion
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
@@ -80,6 +79,7 @@ from utils.infra.training import (
     weight_dtype,
 )
 from utils.methods.diff_tuning import DiffTuning, add_diff_tuning_args, check_diff_tuning_args
+from utils.metrics.annotators import add_annotator_args, annotator_of
 from utils.metrics.fidelity import (
     CONVERGENCE_FILE,
     METRICS,
@@ -95,7 +95,7 @@ SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes
 # the flags that decide which weights a checkpoint holds: a resume with others is refused
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",
                   "controlnet_model_name_or_path", "method", "condition")
-BASES = [StableDiffusionUNet, StableDiffusionXLUNet]  # the text-to-image families a ControlNet can follow
+BASES = [StableDiffusion, StableDiffusionXL]  # the text-to-image families a ControlNet can follow
 DEFAULT_BANK_PROMPT = "a high-quality, detailed, and professional image"  # the paper's
 # ControlNetModel.from_unet's conditioning embedding assumes a VAE that downsamples 8x (3 stride-2 convs between
 # these 4 widths); a VAE of factor f takes the first log2(f) + 1 of them.
@@ -216,17 +216,17 @@ def check_args(args):
                                                ("--validation_dataset", args.validation_dataset)])
 
 
-def check_pipeline(args) -> tuple[type[StableDiffusionUNet], int, DDPMScheduler]:
+def check_pipeline(args) -> tuple[type[StableDiffusion], int, DDPMScheduler]:
     """From the configs alone (no weights): a Stable Diffusion 1.x/2.x or XL pipeline whose UNet a ControlNet can
     follow, trained to predict epsilon or v. Returns its text-to-image family, the VAE's downsampling factor and the
     training noise scheduler."""
     name = args.pretrained_model_name_or_path
     family = detect_family(name, BASES, "train_diff_tuning_controlnet.py (ControlNetModel)", args.revision,
                            args.cache_dir)
-    if args.tokenizer_name and family is not StableDiffusionUNet:
+    if args.tokenizer_name and family is not StableDiffusion:
         raise UserError("--tokenizer_name replaces the one tokenizer of a Stable Diffusion 1.x/2.x pipeline; SDXL "
                         "has two: leave it out")
-    if (args.crops_coords_top_left_h or args.crops_coords_top_left_w) and family is StableDiffusionUNet:
+    if (args.crops_coords_top_left_h or args.crops_coords_top_left_w) and family is StableDiffusion:
         raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
     try:
         unet_config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,

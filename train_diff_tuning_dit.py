@@ -29,9 +29,9 @@ from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
+from utils.diffusion.latents import encode_moments, vae_scale_factor
 from utils.families.base import detect_family
 from utils.families.dit import DiT, DiTBankSampler, latent_shape
-from utils.families.latents import encode_moments, vae_scale_factor
 from utils.families.tuning import (
     DEFAULT_LORA_TARGETS,
     TUNING_MODES,

@@ -41,12 +41,13 @@ from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
+from utils.diffusion.forward_process import add_flow_matching_args, given_flow_flags
+from utils.diffusion.latents import vae_scale_factor
 from utils.families.base import check_variant, detect_family
-from utils.families.latents import vae_scale_factor
 from utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, StableDiffusion3
-from utils.families.sdxl import StableDiffusionXLUNet
+from utils.families.sdxl import StableDiffusionXL
+from utils.families.stable_diffusion import PromptBankSampler, StableDiffusion
 from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
-from utils.families.unet import PromptBankSampler, StableDiffusionUNet
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
@@ -89,7 +90,6 @@ from utils.methods.diff_tuning import (
     add_diff_tuning_args,
     check_diff_tuning_args,
 )
-from utils.methods.forward_process import add_flow_matching_args, given_flow_flags
 from utils.methods.memory_bank import bank_prompts_from_file
 from utils.metrics.forgetting import FORGETTING_FILE, ForgettingProbe
 
@@ -99,7 +99,7 @@ SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it wri
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "method", "tuning",
                   "rank", "train_text_encoder")
 BANK_CONDITIONS = ("empty", "prompt")
-FAMILIES = [StableDiffusionUNet, StableDiffusionXLUNet, StableDiffusion3]
+FAMILIES = [StableDiffusion, StableDiffusionXL, StableDiffusion3]
 TUNINGS = ("lora", "full")
 
 
@@ -281,7 +281,7 @@ def main(args):
     # ---- Configs and data: everything cheap is checked before any weights load.
     name = args.pretrained_model_name_or_path
     family_class = detect_family(name, FAMILIES, SCRIPT, args.revision, args.cache_dir)
-    if args.crops_coords_top_left_h is not None and family_class is not StableDiffusionXLUNet:
+    if args.crops_coords_top_left_h is not None and family_class is not StableDiffusionXL:
         raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
     family_options = {}  # the family's own flags: SDXL's fixed crop ids, SD3's T5 length
     sd3_flags = [f"--{k}" for k in given_flow_flags(args)]  # SD3's flags given on the command line

@@ -88,7 +88,7 @@ LEARNING_RATE = "3e-4"
 def write_downstream(work):
     """sklearn digits with sketch controls: a training folder and a disjoint held-out folder."""
     from fixtures.offline_data import sklearn_digits, write_control_folder
-    from utils.families.annotators import make_annotator
+    from utils.metrics.annotators import make_annotator
 
     images, labels, names = sklearn_digits()
     order = np.random.default_rng(0).permutation(len(images))

@@ -52,7 +52,7 @@ def fixtures(folder):
     from fixtures.offline_data import sklearn_digits, write_control_folder, write_image_folder
     from fixtures.small_dit import build_pipeline
     from fixtures.small_unet import build_sd_pipeline
-    from utils.families.annotators import make_annotator
+    from utils.metrics.annotators import make_annotator
 
     paths = {k: os.path.join(folder, k) for k in ("dit", "sd", "digits", "control")}
     if not os.path.exists(os.path.join(paths["dit"], "model_index.json")):

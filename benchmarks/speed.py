@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diff_tuning_dit as script  # noqa: E402
 from fixtures.in_process import run_script  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
+from utils.diffusion.latents import encode_moments  # noqa: E402
 from utils.families.dit import DiTBankSampler  # noqa: E402
-from utils.families.latents import encode_moments  # noqa: E402
 from utils.infra.training import precision_dtype  # noqa: E402
 from utils.methods.memory_bank import generate_shards  # noqa: E402
 

@@ -295,7 +295,7 @@ def main():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     from fixtures.offline_data import DIGIT_NAMES as names
-    from utils.families.unet import StableDiffusionUNet
+    from utils.families.stable_diffusion import StableDiffusion
 
     work = a.work_dir + ("_quick" if a.quick else "")
     os.makedirs(work, exist_ok=True)
@@ -316,7 +316,7 @@ def main():
         os.replace(results_path + ".tmp", results_path)
 
     def load(path):
-        pipe = StableDiffusionUNet.load(path)
+        pipe = StableDiffusion.load(path)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -98,7 +98,7 @@ def captioned_digits_dir(tmp_path_factory):
 def control_digits_dir(tmp_path_factory):
     """48 sklearn digits at 16 px in diffusers' ControlNet layout: image, Canny control, caption "a digit seven"."""
     from fixtures.offline_data import write_control_folder
-    from utils.families.annotators import make_annotator
+    from utils.metrics.annotators import make_annotator
 
     return write_control_folder(*sklearn_digits(), str(tmp_path_factory.mktemp("control_digits")),
                                 make_annotator("canny"), limit=48)

@@ -25,8 +25,8 @@ from fixtures.testing import (
     resume_matches_uninterrupted,
     run_main,
 )
-from utils.families.annotators import make_annotator, normals_from_depth
 from utils.infra.errors import UserError
+from utils.metrics.annotators import make_annotator, normals_from_depth
 from utils.metrics.fidelity import ConvergenceTracker, blurred_ssim, fidelity_score
 
 TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--memory_bank_batch_size", "4",

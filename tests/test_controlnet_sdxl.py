@@ -68,10 +68,10 @@ def test_rows_carry_the_size_ids_and_both_encoders(tiny_sdxl_dir):
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
     from utils.families.controlnet import ControlNetOnSD
-    from utils.families.sdxl import StableDiffusionXLUNet
+    from utils.families.sdxl import StableDiffusionXL
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    text = StableDiffusionXLUNet(pipe, "cpu")
+    text = StableDiffusionXL(pipe, "cpu")
     family = ControlNetOnSD(text, DDPMScheduler.from_config(pipe.scheduler.config), pipe.unet, "a bank prompt",
                             torch.autocast, torch.float32, 16, (2, 3))
     batch = {"pixel_values": torch.zeros(2, 3, 16, 16), "conditioning_pixel_values": torch.zeros(2, 3, 16, 16),

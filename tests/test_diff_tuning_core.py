@@ -12,15 +12,15 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiTPipeline, StableDiffusionPipeline
 
+from utils.diffusion.timesteps import retention_weights
 from utils.families.base import Family, Rows
 from utils.families.controlnet import ControlNetOnSD
 from utils.families.dit import DiT, latent_shape
-from utils.families.unet import StableDiffusionUNet
+from utils.families.stable_diffusion import StableDiffusion
 from utils.infra.data import ArrowBatches
 from utils.infra.errors import UserError
 from utils.methods import memory_bank
 from utils.methods.diff_tuning import DiffTuning
-from utils.methods.timesteps import retention_weights
 
 
 def dit_family(pipeline_dir, random_flip=True):
@@ -97,7 +97,7 @@ def test_the_batch_is_a_function_of_the_generator_alone(tiny_pipeline_dir, tiny_
 
 def test_cached_moments_give_the_latents_that_encoding_gives(tiny_pipeline_dir):
     """Stored posteriors (image and mirror) feed the model exactly what encoding the pixels would, flips included."""
-    from utils.families.latents import encode_moments
+    from utils.diffusion.latents import encode_moments
 
     pipe, scheduler, family = dit_family(tiny_pipeline_dir)
     core = DiffTuning(scheduler, method="standard", batch_size=6)
@@ -149,7 +149,7 @@ def controlnet_family(sd_dir):
         return tok(captions, max_length=tok.model_max_length, padding="max_length", truncation=True,
                    return_tensors="pt").input_ids
 
-    text = StableDiffusionUNet(pipe, "cpu")  # the base's text-to-image family: tokenizer, encoder, VAE
+    text = StableDiffusion(pipe, "cpu")  # the base's text-to-image family: tokenizer, encoder, VAE
     family = ControlNetOnSD(text, scheduler, pipe.unet, "a bank prompt", contextlib.nullcontext, torch.float32, 16)
     return pipe, scheduler, family, tokenize
 

@@ -2,7 +2,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from fixtures.small_dit import build_pipeline
-from utils.methods.losses import LearnedVarianceLoss, epsilon_mse, min_snr_weights
+from utils.diffusion.losses import LearnedVarianceLoss, epsilon_mse, min_snr_weights
 
 sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 vb = LearnedVarianceLoss(sched.betas)

@@ -258,7 +258,7 @@ def test_search_over_official_projection_models_scores_each_candidate_with_its_m
     """The score of the chosen weights is the held-out loss of the model as saved and loaded back with its maps."""
     from diffusers import DDPMPipeline
 
-    from utils.families.unet import DDPMUNet
+    from utils.families.ddpm import DDPMUNet
     from utils.methods.channel_projection import attach_saved_projections
     from utils.methods.deme import range_losses
 

@@ -29,11 +29,11 @@ from fixtures.testing import (
     resume_matches_uninterrupted,
     run_main,
 )
+from utils.diffusion.forward_process import FlowMatchingProcess, forward_process
+from utils.diffusion.timesteps import flow_base_probabilities, flow_matching_weights
 from utils.families.base import Rows
 from utils.families.sd3 import StableDiffusion3
 from utils.methods.diff_tuning import DiffTuning
-from utils.methods.forward_process import FlowMatchingProcess, forward_process
-from utils.methods.timesteps import flow_base_probabilities, flow_matching_weights
 
 TINY = [*TEXT_TO_IMAGE_TINY, "--max_sequence_length", "16"]
 

@@ -8,8 +8,8 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from utils.families.base import detect_family
-from utils.families.sdxl import StableDiffusionXLUNet, crop_geometry
-from utils.families.unet import StableDiffusionUNet
+from utils.families.sdxl import StableDiffusionXL, crop_geometry
+from utils.families.stable_diffusion import StableDiffusion
 from utils.infra.errors import UserError
 from utils.methods.diff_tuning import DiffTuning
 
@@ -19,13 +19,13 @@ PROMPTS = ["a digit seven", "a handwritten digit three"]
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_dir):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    return pipe, StableDiffusionXLUNet(pipe, "cpu")
+    return pipe, StableDiffusionXL(pipe, "cpu")
 
 
 def test_the_folder_is_detected_as_sdxl_and_refused_by_a_stable_diffusion_only_entry_point(tiny_sdxl_dir):
-    assert detect_family(tiny_sdxl_dir, [StableDiffusionUNet, StableDiffusionXLUNet], "x") is StableDiffusionXLUNet
+    assert detect_family(tiny_sdxl_dir, [StableDiffusion, StableDiffusionXL], "x") is StableDiffusionXL
     with pytest.raises(UserError, match="Stable Diffusion XL is not supported yet"):
-        detect_family(tiny_sdxl_dir, [StableDiffusionUNet], "x")
+        detect_family(tiny_sdxl_dir, [StableDiffusion], "x")
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def test_crop_geometry_and_the_rows_time_ids_follow_diffusers_sdxl_scripts(sdxl)
     batch = family.transform("image", "text", 16)({"image": [Image.new("RGB", (40, 20))] * 2, "text": PROMPTS})
     collated = {k: torch.stack(v) for k, v in batch.items()}
     assert collated["time_ids"].tolist() == [[20, 40, 0, 8, 16, 16]] * 2
-    flipping = StableDiffusionXLUNet(family.pipeline, "cpu", random_flip=True)
+    flipping = StableDiffusionXL(family.pipeline, "cpu", random_flip=True)
     flips = flipping.flips(2, torch.Generator().manual_seed(0))
     rows = flipping.rows(collated, torch.Generator().manual_seed(0))
     assert rows.cond["time_ids"][:, 3].tolist() == [8 if not f else 16 - 8 for f in flips.tolist()]
@@ -101,7 +101,7 @@ def test_the_diff_tuning_core_trains_the_sdxl_unet(sdxl):
 def test_fixed_crop_coordinates_replace_each_images_own(sdxl):
     """--crops_coords_top_left_h/w: every row records the given crop, flipped or not."""
     pipe, _ = sdxl
-    family = StableDiffusionXLUNet(pipe, "cpu", random_flip=True, crops_coords_top_left=(3, 5))
+    family = StableDiffusionXL(pipe, "cpu", random_flip=True, crops_coords_top_left=(3, 5))
     batch = family.transform("image", "text", 16)({"image": [Image.new("RGB", (40, 20))] * 2, "text": PROMPTS})
     collated = {k: torch.stack(v) for k, v in batch.items()}
     rows = family.rows(collated, torch.Generator().manual_seed(0))
@@ -113,7 +113,7 @@ def test_a_vae_that_asks_for_upcast_stays_fp32_under_mixed_precision(tiny_sdxl_d
     force_upcast, as madebyollin/sdxl-vae-fp16-fix) takes the mixed-precision dtype; pipelines carry no watermark."""
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     assert pipe.vae.config.force_upcast
-    family = StableDiffusionXLUNet(pipe, "cpu", dtype=torch.bfloat16)
+    family = StableDiffusionXL(pipe, "cpu", dtype=torch.bfloat16)
     assert family.vae.dtype == torch.float32 and family.text_encoder.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rows = family.rows({"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "input_ids": family.tokenize(PROMPTS),
@@ -121,5 +121,5 @@ def test_a_vae_that_asks_for_upcast_stays_fp32_under_mixed_precision(tiny_sdxl_d
     assert rows.x.dtype == torch.float32
     fixed = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     fixed.vae.register_to_config(force_upcast=False)
-    assert StableDiffusionXLUNet(fixed, "cpu", dtype=torch.bfloat16).vae.dtype == torch.bfloat16
+    assert StableDiffusionXL(fixed, "cpu", dtype=torch.bfloat16).vae.dtype == torch.bfloat16
     assert family.inference_pipeline(pipe.unet, family.text_encoders, pipe.scheduler).watermark is None

@@ -30,10 +30,10 @@ from fixtures.testing import (
     resume_matches_uninterrupted,
     run_main,
 )
-from utils.families.unet import StableDiffusionUNet
+from utils.diffusion.timesteps import retention_weights
+from utils.families.stable_diffusion import StableDiffusion
 from utils.infra.errors import UserError
 from utils.methods.diff_tuning import DiffTuning
-from utils.methods.timesteps import retention_weights
 
 TINY = TEXT_TO_IMAGE_TINY
 
@@ -129,7 +129,7 @@ def test_every_method_with_lora_and_full_tuning(method, tuning, tiny_sd_dir, cap
 def sd_family(sd_dir, bank_condition="empty", dropout_ids=False):
     pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return pipe, scheduler, StableDiffusionUNet(pipe, "cpu", bank_condition=bank_condition)
+    return pipe, scheduler, StableDiffusion(pipe, "cpu", bank_condition=bank_condition)
 
 
 def rows(family, g, n=2):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
+from utils.diffusion.timesteps import CategoricalTimestepSampler, adaptation_weights, retention_weights
 from utils.methods.deme import GLOBAL_SAMPLE_MODES, RangeTimestepSampler, timestep_ranges
-from utils.methods.timesteps import CategoricalTimestepSampler, adaptation_weights, retention_weights
 
 T = 1000
 u = np.arange(1, T + 1) / T
@@ -143,7 +143,7 @@ def test_flow_base_density_is_diffusers_draw(scheme, kw):
     flow_base_probabilities (chi-square at a fixed seed); a shifted density is rejected by the same test."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from utils.methods.timesteps import flow_base_probabilities
+    from utils.diffusion.timesteps import flow_base_probabilities
 
     base = flow_base_probabilities(1000, scheme, **kw)
     assert abs(float(base.sum()) - 1) < 1e-9 and (base >= 0).all()
@@ -161,7 +161,7 @@ def test_flow_base_density_is_diffusers_draw(scheme, kw):
 def test_diff_tuning_flow_timesteps_follow_base_times_psi_or_xi(role, tau, form):
     """Sampled indices follow base(i) psi(sigma_i) or base(i) xi(sigma_i) (chi-square; KS on the sigmas drawn), and
     the base density alone is rejected: the reweighting is real."""
-    from utils.methods.timesteps import flow_base_probabilities, flow_matching_weights
+    from utils.diffusion.timesteps import flow_base_probabilities, flow_matching_weights
 
     sigmas, base = flow_sigmas(), flow_base_probabilities(1000, "logit_normal")
     weights = flow_matching_weights(sigmas, base, tau, role, form)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
+from ..diffusion.losses import epsilon_mse
 from ..infra.errors import UserError
-from ..methods.losses import epsilon_mse
 
 
 @dataclass

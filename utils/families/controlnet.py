@@ -1,15 +1,15 @@
 """A ControlNet on a frozen Stable Diffusion 1.x/2.x or XL UNet (`StableDiffusionControlNetPipeline`,
 `StableDiffusionXLControlNetPipeline`): how rows (image, control, caption) are fed, and the memory-bank sampler that
 annotates each generated image with the run's annotator. The text side (tokenizers, encoders, VAE, SDXL's pooled
-embedding and size ids) is the text-to-image family's (`utils.families.unet`, `utils.families.sdxl`)."""
+embedding and size ids) is the text-to-image family's (`utils.families.stable_diffusion`, `utils.families.sdxl`)."""
 
 import datasets
 import torch
 from PIL import Image
 
+from ..diffusion.latents import sample_latents
 from .base import Family, Rows
-from .latents import sample_latents
-from .unet import PromptBankSampler, StableDiffusionUNet
+from .stable_diffusion import PromptBankSampler, StableDiffusion
 
 
 class ControlNetOnSD(Family):
@@ -23,7 +23,7 @@ class ControlNetOnSD(Family):
     name = "controlnet"
     description = "a Stable Diffusion 1.x/2.x or XL pipeline (ControlNet)"
 
-    def __init__(self, text: StableDiffusionUNet, scheduler, unet, bank_prompt: str, autocast, dtype,
+    def __init__(self, text: StableDiffusion, scheduler, unet, bank_prompt: str, autocast, dtype,
                  resolution: int, crops_coords_top_left: tuple[int, int] = (0, 0)):
         super().__init__(scheduler, text.device)
         self.text, self.vae, self.unet = text, text.vae, unet
@@ -37,7 +37,7 @@ class ControlNetOnSD(Family):
     @staticmethod
     def bank_family(text_class) -> str:
         """The family a ControlNet bank records: "controlnet" on SD 1.x/2.x (as before SDXL), else with the base's."""
-        return "controlnet" if text_class is StableDiffusionUNet else f"controlnet-{text_class.name}"
+        return "controlnet" if text_class is StableDiffusion else f"controlnet-{text_class.name}"
 
     def _cond(self, ids, controls) -> dict:
         cond = {"input_ids": ids.to(self.device), "controls": controls.to(self.device)}
@@ -91,7 +91,7 @@ class ControlBankSampler(PromptBankSampler):
     family = ControlNetOnSD.name
 
     def __init__(self, pipeline, annotator, prompt: str, guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 resolution: int = 512, family: type[StableDiffusionUNet] = StableDiffusionUNet):
+                 resolution: int = 512, family: type[StableDiffusion] = StableDiffusion):
         super().__init__(pipeline, [prompt], guidance_scale, num_inference_steps, resolution, family)
         self.family = ControlNetOnSD.bank_family(family)
         self.annotator, self.prompt = annotator, prompt

@@ -7,10 +7,10 @@ import torch
 from diffusers import DDIMScheduler, DiTPipeline
 from diffusers.utils import logging as diffusers_logging
 
-from ..methods.losses import LearnedVarianceLoss, epsilon_mse
+from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
+from ..diffusion.losses import LearnedVarianceLoss, epsilon_mse
 from ..metrics.sampling import seeded_generators
 from .base import Family, Rows
-from .latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 
 
 def _not_the_id2label_type_note(record) -> bool:

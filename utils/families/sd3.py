@@ -9,7 +9,7 @@ with `FlowMatchEulerDiscreteScheduler`), fed as diffusers' `train_dreambooth_lor
   the pipeline's classifier-free guidance uses as its negative prompt.
 - Latents: (z - shift_factor) x scaling_factor; the VAE stays fp32 and encodes with autocast off, as diffusers'
   SD3 scripts keep it.
-- The forward process is flow matching (`utils.methods.forward_process.FlowMatchingProcess`: x = (1 - sigma) x_0 +
+- The forward process is flow matching (`utils.diffusion.forward_process.FlowMatchingProcess`: x = (1 - sigma) x_0 +
   sigma eps, the transformer given sigma x 1000); the target is noise - x_0. Validation and banks sample with the
   pipeline's own flow-matching Euler scheduler.
 - LoRA: the transformer's joint-attention projections (diffusers' SD3 LoRA defaults); `--train_text_encoder` gives
@@ -22,18 +22,18 @@ import functools
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from ..diffusion.latents import sample_latents, vae_scale_factor
 from ..infra.training import freeze
 from .base import Family
-from .latents import sample_latents, vae_scale_factor
+from .stable_diffusion import StableDiffusion, token_ids
 from .tuning import lora_layers
-from .unet import StableDiffusionUNet, token_ids
 
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py's default
 DEFAULT_MAX_SEQUENCE_LENGTH = 77  # T5 tokens per caption: train_dreambooth_lora_sd3.py's default
 
 
-class StableDiffusion3(StableDiffusionUNet):
+class StableDiffusion3(StableDiffusion):
     """Rows hold `input_ids` (N, 2 L + L_T5): the caption's CLIP tokens twice (L each) and its T5 tokens."""
 
     name, description, tag = "stable-diffusion-3", "a Stable Diffusion 3 pipeline", "sd3"

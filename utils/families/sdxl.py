@@ -21,13 +21,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from ..diffusion.latents import vae_scale_factor
 from ..infra.data import to_tensor
 from ..infra.errors import UserError
 from ..infra.training import freeze
 from .base import Rows
-from .latents import vae_scale_factor
+from .ddpm import UNetFamily, unet_class
+from .stable_diffusion import StableDiffusion, token_ids
 from .tuning import lora_layers
-from .unet import StableDiffusionUNet, UNetFamily, token_ids, unet_class
 
 
 def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
@@ -41,7 +42,7 @@ def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[int, int, int
     return size[1], size[0], (rh - resolution) // 2, (rw - resolution) // 2
 
 
-class StableDiffusionXLUNet(StableDiffusionUNet):
+class StableDiffusionXL(StableDiffusion):
     """Rows hold `input_ids` (N, 2, L): the caption's tokens of both tokenizers, and `time_ids` (N, 6)."""
 
     name, description, tag = "stable-diffusion-xl", "a Stable Diffusion XL pipeline", "stable-diffusion-xl"

@@ -15,8 +15,8 @@ import os
 
 import torch
 
+from ..diffusion.losses import DenoisingBatch, epsilon_mse, min_snr_weights
 from ..infra.outputs import write_json_atomically
-from .losses import DenoisingBatch, epsilon_mse, min_snr_weights
 
 GLOBAL_SAMPLE_MODES = ("sample", "batch")
 MANIFEST = "deme_manifest.json"  # in the output folder: the ranges and their folders

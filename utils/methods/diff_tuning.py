@@ -16,7 +16,7 @@ serves both, and
 each the mean of the family's per-sample loss over its rows. `--method standard` is the same code with no bank
 and a uniform psi (tau = 0): plain fine-tuning. The object also opens (or builds) the memory bank with one check of
 what the bank recorded and of its real row count, and gives the bank's loader and card fields. The timestep weights
-are in `utils.methods.timesteps`, the bank's storage in `utils.methods.memory_bank`, and how each model is fed in
+are in `utils.diffusion.timesteps`, the bank's storage in `utils.methods.memory_bank`, and how each model is fed in
 `utils.families`.
 """
 
@@ -25,11 +25,11 @@ import math
 
 import torch
 
+from ..diffusion.forward_process import forward_process, given_flow_flags
+from ..diffusion.losses import DenoisingBatch
+from ..diffusion.timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler
 from ..infra.errors import UserError
 from . import memory_bank
-from .forward_process import forward_process, given_flow_flags
-from .losses import DenoisingBatch
-from .timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler
 
 METHODS = ("diff_tuning", "standard")
 # DreamBooth's prior preservation as a case of the core: a bank of class images at uniform t for both parts, as many
@@ -107,7 +107,7 @@ def check_diff_tuning_args(args) -> None:
 
 class DiffTuningTimesteps:
     """The timestep indices of one micro-batch: xi for the bank rows (first), psi for the downstream rows, over the
-    forward process's discrete timesteps (`utils.methods.forward_process`: DDPM's t, or flow matching's sigmas with
+    forward process's discrete timesteps (`utils.diffusion.forward_process`: DDPM's t, or flow matching's sigmas with
     its base density)."""
 
     def __init__(self, process, method: str, tau: float, xi_form: str, weighting: str):
@@ -135,7 +135,7 @@ class DiffTuning:
                  weighting: str = "power", retention_ratio: float = 0.5, retention_weight: float = 1.0,
                  batch_size: int = 32, condition_dropout: float = 0.0, process=None):
         # the training noise scheduler, and the forward process it defines (DDPM, or flow matching with `process`
-        # built from diffusers' --weighting_scheme flags: utils.methods.forward_process)
+        # built from diffusers' --weighting_scheme flags: utils.diffusion.forward_process)
         self.scheduler, self.method = scheduler, method
         self.process = process or forward_process(scheduler)
         self.n_bank = num_bank_rows(method, retention_ratio, batch_size)

@@ -21,8 +21,8 @@ import os
 import numpy as np
 import torch
 
-from ..families.annotators import control_map
 from ..infra.outputs import write_json_atomically
+from .annotators import control_map
 
 METRICS = {  # condition -> (metric, higher is better, default threshold)
     "canny": ("blurred_ssim", True, 0.55),

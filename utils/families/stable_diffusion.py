@@ -1,28 +1,20 @@
-"""UNet pipelines as DeMe trains, evaluates and merges them: an unconditional pixel-space DDPM/DDIM pipeline
-(`UNet2DModel`) and Stable Diffusion 1.x/2.x (`UNet2DConditionModel` with a frozen VAE and CLIP text encoder;
-epsilon or v prediction). Each turns dataset rows into the UNet's inputs and samples for validation, so training and
-the merge-weight search compute the same loss."""
+"""Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`: `UNet2DConditionModel` with a frozen VAE and CLIP text
+encoder; epsilon or v prediction), the base of the SDXL and SD3 families: how captioned rows and memory-bank rows
+are fed, its memory-bank sampler (prompted samples of the pre-trained pipeline) and the bank's view for the loader."""
 
 import functools
-import os
 
 import datasets
 import numpy as np
 import torch
-from diffusers import (
-    DDIMPipeline,
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from ..infra.data import ArrowBatches, to_tensor
+from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
+from ..infra.data import ArrowBatches
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
-from .base import Family, Rows, detect_family
-from .latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
+from .base import Rows
+from .ddpm import UNetFamily, unet_class
 from .tuning import UNET_LORA_TARGETS, lora_layers
 
 
@@ -35,82 +27,8 @@ def token_ids(tokenizers, lengths, captions: list[str], stack: bool = False) -> 
     return torch.stack(ids, dim=1) if stack else torch.cat(ids, dim=1)
 
 
-def unet_class(index: dict) -> str | None:
-    return (index.get("unet") or [None, None])[1]
 
-
-class UNetFamily(Family):
-    """Shared by the two UNet families: rows of `pixel_values` in [-1, 1] (flipped with the run's generator)."""
-
-    model_class = pipeline_class = tag = ""
-    bank_batch_size = 8  # generation batch of a memory bank
-    example_call = ""  # how the card's usage calls the pipeline
-
-    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False):
-        super().__init__(DDPMScheduler.from_config(pipeline.scheduler.config), device, random_flip)
-        self.pipeline = pipeline
-
-    @staticmethod
-    def load(name: str, revision=None, cache_dir=None, **kwargs):
-        return DiffusionPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
-
-    @property
-    def resolution(self) -> int:
-        """The size the model was trained at."""
-        return self.pipeline.unet.config.sample_size
-
-    def transform(self, image_column: str, caption_column: str | None, resolution: int):
-        """A `Dataset.with_transform` function giving `pixel_values` in [-1, 1]. Flips happen in the training loop
-        with the run's own generator, so a resumed run repeats them exactly."""
-
-        def transform(batch):
-            return {"pixel_values": [to_tensor(img, resolution) for img in batch[image_column]]}
-
-        return transform
-
-    def rows(self, batch, generator) -> Rows:
-        pixels = batch["pixel_values"].to(self.device)
-        flip = self.flips(len(pixels), generator)
-        if flip is not None:
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        return Rows(pixels, {})
-
-    def predict(self, net, noisy, timesteps, cond):
-        return net(noisy, timesteps).sample
-
-    def sampling_pipeline(self, unet):
-        """DDIM, the papers' 50-step protocol for DDPM."""
-        pipe = self.evaluation_pipeline(unet, {"scheduler": self.pipeline.scheduler})
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @staticmethod
-    def evaluation_pipeline(unet, parts: dict) -> DDIMPipeline:
-        return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(parts["scheduler"].config))
-
-    @staticmethod
-    def image_size(unet, parts: dict) -> int:
-        return unet.config.sample_size
-
-    @torch.no_grad()
-    def sample(self, unet, num_images: int, num_inference_steps: int, seed: int, prompts=None):
-        """NHWC images in [0, 1]."""
-        generator = torch.Generator(self.device).manual_seed(seed)
-        return self.sampling_pipeline(unet)(batch_size=num_images, num_inference_steps=num_inference_steps,
-                                            generator=generator, output_type="np").images
-
-
-class DDPMUNet(UNetFamily):
-    name, description, tag = "ddpm", "an unconditional UNet2DModel pipeline (DDPM/DDIM)", "ddpm"
-    model_class, pipeline_class, example_call = "UNet2DModel", "DDIMPipeline", "pipe(num_inference_steps=50)"
-    needs_captions = False
-
-    @classmethod
-    def matches(cls, index: dict) -> bool:
-        return unet_class(index) == "UNet2DModel"
-
-
-class StableDiffusionUNet(UNetFamily):
+class StableDiffusion(UNetFamily):
     """Text-conditioned: rows also hold `input_ids` (the first caption of a list), encoded by the CLIP text encoder
     (frozen, or with LoRA adapters when `train_text_encoder`: then encoded inside the loss, with gradients); latents
     are sampled from the frozen VAE's posterior. Memory-bank rows hold stored `latent_moments` and are conditioned
@@ -260,10 +178,10 @@ class PromptBankSampler:
     guidance. `sampler(seeds)` -> the columns of those rows: the generated `image`, its `text` prompt and `seed`,
     and `latent_moments` (the VAE posterior)."""
 
-    family = StableDiffusionUNet.name
+    family = StableDiffusion.name
 
     def __init__(self, pipeline, prompts: list[str], guidance_scale: float = 7.5, num_inference_steps: int = 50,
-                 resolution: int = 512, family: type[StableDiffusionUNet] = StableDiffusionUNet,
+                 resolution: int = 512, family: type[StableDiffusion] = StableDiffusion,
                  pipeline_kwargs: dict | None = None):
         self.pipeline, self.prompts, self.resolution = pipeline, list(prompts), resolution
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
@@ -317,15 +235,3 @@ class PromptBankRows(torch.utils.data.Dataset):
         batch = self.moments.__getitems__(indices)
         batch["input_ids"] = self.input_ids[torch.as_tensor(indices)]
         return batch
-
-
-UNET_FAMILIES = [DDPMUNet, StableDiffusionUNet]
-
-
-def detect_unet_family(name: str, purpose: str, revision=None, cache_dir=None) -> type[UNetFamily]:
-    return detect_family(name, UNET_FAMILIES, purpose, revision, cache_dir)
-
-
-def unet_weights_folder(path: str) -> str:
-    """The folder holding a UNet's config and weights: `path/unet` for a pipeline folder, else `path`."""
-    return os.path.join(path, "unet") if os.path.exists(os.path.join(path, "model_index.json")) else path

@@ -4,7 +4,7 @@ over the scheduler's N discrete sigmas). Each answers, for indices i of its disc
 weights of them (`timestep_weights`), the noisy input, what the model is given as its timestep, and per-sample loss
 weights. A method draws indices and never asks which process it has.
 
-DDPM: index t is the timestep; the noise level is u = (t+1)/T (`utils.methods.timesteps`). Flow matching: index i
+DDPM: index t is the timestep; the noise level is u = (t+1)/T (`utils.diffusion.timesteps`). Flow matching: index i
 is drawn as diffusers' SD3 scripts draw it (`--weighting_scheme` through `compute_density_for_timestep_sampling`,
 i = int(u N)); the model is given `scheduler.timesteps[i]` (sigma_i x 1000, after the scheduler's shift), the noise
 level is sigma_i, and the loss is weighted by `compute_loss_weighting_for_sd3` (cosmap, sigma_sqrt; 1 otherwise).
