@@ -5,11 +5,14 @@ Bi-tuning ("Bi-tuning of Pre-trained Representations", Zhong et al. 2020) adds t
 the classification layer: the classifier, trained with cross-entropy plus a contrastive cross-entropy against the
 class directions, and a projector trained with a categorical contrastive loss whose positives are same-class keys
 of a momentum encoder, kept in per-class queues. `--method standard` is plain fine-tuning through the same code
-(same data, optimiser, learning-rate groups and schedule; one view, cross-entropy only).
+(same data, optimiser, learning-rate groups and schedule; one view, cross-entropy only), and `--method two_view_ce`
+the control that averages the cross-entropy of Bi-tuning's two views. Each is one object from
+`utils.methods.bi_tuning` (Bi-tuning's holds the key encoder, the queues and the momentum update): the loop draws
+the views it asks for and calls it, `loss, parts, logits = method(views, labels)`.
 
     accelerate launch train_bi_tuning.py --pretrained_model_name_or_path microsoft/resnet-50 \\
         --dataset <hub id | folder of class sub-folders | save_to_disk folder> --output_dir out \\
-        [--method bi_tuning|standard] [--train_fraction 0.15 | --samples_per_class 10]
+        [--method bi_tuning|standard|two_view_ce] [--train_fraction 0.15 | --samples_per_class 10]
 
 Defaults are the reference code's published supervised commands (thuml/Transfer-Learning-Library with
 `--finetune`); the README lists where that code differs from the paper and what we keep.
@@ -27,7 +30,6 @@ from typing import NamedTuple
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
@@ -82,7 +84,7 @@ from utils.infra.training import (
     run_length,
     tracker_config,
 )
-from utils.methods.bi_tuning import BiTuningLoss, ClassQueues, TwoHeadClassifier, key_encoder, momentum_update
+from utils.methods.bi_tuning import METHODS, ClassQueues, TwoHeadClassifier, make_method
 
 logger = get_logger(__name__)
 
@@ -148,7 +150,7 @@ def parse_args(argv=None):
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("Bi-tuning")
-    g.add_argument("--method", choices=["bi_tuning", "standard", "two_view_ce"], default="bi_tuning",
+    g.add_argument("--method", choices=METHODS, default="bi_tuning",
                    help="bi_tuning: two heads, contrastive losses, momentum keys; standard: plain fine-tuning "
                         "(cross-entropy on one view); two_view_ce: a control, plain fine-tuning with the mean "
                         "cross-entropy of two augmented views (the two views Bi-tuning draws), to tell a gain of the "
@@ -400,7 +402,8 @@ def main(args):
         # which rows trained and which were held out (a carved split, a label subset), and the per-class counts
         write_json_atomically(os.path.join(args.output_dir, "train_subset.json"), subset)
 
-    # ---- Models: the classifier with a NEW head, the projector, the key encoder and the class queues.
+    # ---- Models: the classifier with a NEW head, and the method around it (Bi-tuning: the projector, the key
+    # encoder and the class queues).
     # transformers reports the head's size mismatch in a LOAD REPORT; the head is replaced on purpose just below
     loading = transformers.utils.logging.get_logger("transformers.modeling_utils")
     not_the_report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
@@ -417,16 +420,15 @@ def main(args):
     replace_head(classifier, head_path, len(names))  # from_pretrained keeps an old head of the same size
     if args.gradient_checkpointing:  # transformers 5 renamed it; older versions only have the first name
         getattr(classifier, "activation_checkpointing_enable", classifier.gradient_checkpointing_enable)()
-    bi_tuning = args.method == "bi_tuning"
-    model = TwoHeadClassifier(classifier, head_path, args.projection_dim if bi_tuning else None)
-    feature_dim = model.head.in_features
-    keys = queues = loss_fn = None
-    if bi_tuning:
-        keys = key_encoder(model).to(accelerator.device)
-        queues = ClassQueues(len(names), args.queue_size, feature_dim, args.projection_dim,
-                             torch.Generator().manual_seed(args.seed)).to(accelerator.device)
-        loss_fn = BiTuningLoss(args.temperature, args.projector_loss_weight, args.classifier_contrast_weight)
-        accelerator.register_for_checkpointing(keys, queues)
+    method = make_method(
+        args.method, classifier, head_path, len(names), projection_dim=args.projection_dim,
+        queue_size=args.queue_size, key_momentum=args.key_momentum, temperature=args.temperature,
+        projector_weight=args.projector_loss_weight, classifier_weight=args.classifier_contrast_weight,
+        accumulation_steps=args.gradient_accumulation_steps,
+        generator=torch.Generator().manual_seed(args.seed),  # the queues' initial random keys
+        gather=accelerator.gather, autocast=accelerator.autocast).to(accelerator.device)
+    feature_dim = method.query.head.in_features
+    accelerator.register_for_checkpointing(*method.training_state)  # the key encoder and the queues
 
     # ---- Data loaders. Training images arrive as uint8 tensors; crops and flips are drawn in the loop from the
     # step's own generator. Evaluation uses the image processor itself, as inference will.
@@ -451,22 +453,24 @@ def main(args):
         eval_ds.select_columns([image_column, label_column]).with_transform(eval_transform),
         batch_size=args.per_device_eval_batch_size, **workers)
 
-    # ---- Optimisation: SGD with three learning-rate groups (head, backbone, projector).
+    # ---- Optimisation: SGD with three learning-rate groups (head, backbone, projector) over what trains.
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    head_params = list(model.head.parameters())
-    backbone_params = [p for p in classifier.parameters() if all(p is not h for h in head_params)]
+    query = method.query
+    head_params = list(query.head.parameters())
+    backbone_params = [p for p in query.classifier.parameters() if all(p is not h for h in head_params)]
     groups = [{"params": head_params, "lr": learning_rate},
               {"params": backbone_params, "lr": learning_rate * args.backbone_lr_scale}]
-    if model.projector is not None:
-        groups.append({"params": list(model.projector.parameters()), "lr": learning_rate * args.projector_lr_scale})
+    if query.projector is not None:
+        groups.append({"params": list(query.projector.parameters()), "lr": learning_rate * args.projector_lr_scale})
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.sgd_momentum, nesterov=args.nesterov,
                                     weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes, length.max_train_steps)
-    model, optimizer, lr_scheduler, loader, eval_loader = accelerator.prepare(model, optimizer, lr_scheduler, loader,
+    model, optimizer, lr_scheduler, loader, eval_loader = accelerator.prepare(query, optimizer, lr_scheduler, loader,
                                                                               eval_loader)
+    method.run_query_through(model)  # under DDP the wrapper, which synchronises the gradients
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
@@ -490,29 +494,13 @@ def main(args):
         # The query view is drawn first, so that Bi-tuning with both contrastive weights 0 sees the same query
         # views as --method standard.
         views = [random_resized_views(batch["images"], size, generator, args.crop_scale, flip=args.random_flip)
-                 for _ in range(1 if args.method == "standard" else 2)]
+                 for _ in range(method.num_views)]
         views = [normalise(v, rescale, mean, std) for v in views]
-        start_of_step = micro_step % args.gradient_accumulation_steps == 0
         micro_step += 1
 
         with accelerator.accumulate(model):
-            if args.method == "two_view_ce":  # one forward of both views; the first half is the query view
-                both = model(torch.cat(views))
-                query = both._replace(logits=both.logits[: len(labels)])
-                loss = F.cross_entropy(both.logits.float(), torch.cat([labels, labels]))
-                parts = {}
-            else:
-                query = model(views[0])
-            if bi_tuning:
-                if start_of_step:  # once per optimizer step, before the keys are computed (the reference's order)
-                    momentum_update(keys, accelerator.unwrap_model(model), args.key_momentum)
-                with torch.no_grad(), accelerator.autocast():
-                    key = keys(views[1])
-                loss, parts = loss_fn(query, key, labels, accelerator.unwrap_model(model).head, queues,
-                                      accelerator.gather)
-            elif args.method == "standard":
-                loss = F.cross_entropy(query.logits.float(), labels)
-                parts = {}
+            # Bi-tuning moves its key encoder on a step's first micro-batch and enqueues every micro-batch's keys
+            loss, parts, logits = method(views, labels)
             apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
                             step=global_step + 1, output_dir=args.output_dir)
 
@@ -520,7 +508,7 @@ def main(args):
             continue
         global_step += 1
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts.items()},
-                "train_batch_accuracy": (query.logits.argmax(1) == labels).float().mean().item(),
+                "train_batch_accuracy": (logits.argmax(1) == labels).float().mean().item(),
                 "lr": lr_scheduler.get_last_lr()[0]}
         log_step(accelerator, progress, logs, global_step)
         if global_step % length.checkpointing_steps == 0:
@@ -552,10 +540,11 @@ def main(args):
             repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
                                    args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
-    # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
+    # The DDP wrapper must go before the process group ends (utils.infra.training.end_training), the method's too.
     model = optimizer = lr_scheduler = loader = eval_loader = None  # noqa: F841
+    method.run_query_through(method.query)
     end_training(accelerator)
-    return Result(unwrapped, metrics, queues)
+    return Result(unwrapped, metrics, method.queues)
 
 
 def save_confusion_matrix(confusion: torch.Tensor, names, path: str) -> None:

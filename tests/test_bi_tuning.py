@@ -1,7 +1,9 @@
 """Bi-tuning: the vectorised method against a literal port of the reference loops, the heads on real transformers
-classifiers, and train_bi_tuning.py end to end (stock outputs, resume, two processes, bad inputs)."""
+classifiers, the method objects (one call shape for Bi-tuning and its baselines), and train_bi_tuning.py end to end
+(stock outputs, resume, two processes, bad inputs)."""
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -43,14 +45,18 @@ from utils.families.image_classifiers import find_head, replace_head
 from utils.infra.data import per_class_subset, stratified_split
 from utils.infra.errors import UserError
 from utils.methods.bi_tuning import (
+    METHODS,
+    BiTuning,
     BiTuningLoss,
     ClassQueues,
+    CrossEntropy,
     Features,
     TwoHeadClassifier,
     classifier_contrast_logits,
     contrastive_target,
     head_directions,
     key_encoder,
+    make_method,
     momentum_update,
     projector_logits,
 )
@@ -215,6 +221,92 @@ def test_momentum_zero_copies_the_query_and_one_keeps_the_keys():
         query.weight.add_(1.0)
     momentum_update(keys, query, 0.75)
     torch.testing.assert_close(keys.weight, 0.75 * (query.weight - 1.0) + 0.25 * query.weight)
+
+
+def tiny_method(name, **bi_tuning):
+    """`make_method(name)` around a fresh tiny ResNet with a new 4-class head (seeded: the same weights each call)."""
+    _, classifier, _ = next(c for c in tiny_classifiers() if c[0] == "resnet")
+    path = find_head(classifier, (16, 16))
+    replace_head(classifier, path, 4)
+    return make_method(name, classifier, path, 4, projection_dim=8, queue_size=3,
+                       generator=torch.Generator().manual_seed(0), **bi_tuning)
+
+
+def test_every_method_is_one_object_with_the_same_call():
+    """`loss, parts, logits = method(views, labels)` for each name, with `num_views` views (the query view first):
+    the baselines are cross-entropy on the query view (standard) or on both views in one forward (two_view_ce)."""
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(6, 3, 16, 16, generator=g) for _ in range(2)]
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    kinds = {"bi_tuning": (BiTuning, 2), "standard": (CrossEntropy, 1), "two_view_ce": (CrossEntropy, 2)}
+    assert set(METHODS) == set(kinds)
+    for name in METHODS:
+        method = tiny_method(name).eval()  # eval: batch norm on running statistics, so views compare alone
+        kind, num_views = kinds[name]
+        assert type(method) is kind and method.num_views == num_views
+        assert (method.query.projector is not None) == (name == "bi_tuning")
+        assert [type(m) for m in method.training_state] == ([TwoHeadClassifier, ClassQueues] if name == "bi_tuning"
+                                                            else [])
+        assert (method.queues is None) == (name != "bi_tuning")
+        loss, parts, logits = method(views[:num_views], labels)
+        assert loss.shape == () and logits.shape == (6, 4) and all(v.shape == () for v in parts.values())
+        query = method.query(views[0]).logits
+        torch.testing.assert_close(logits, query)  # the query view's logits
+        if name == "standard":
+            assert parts == {} and torch.equal(loss, F.cross_entropy(query, labels))
+        elif name == "two_view_ce":
+            both = method.query(torch.cat(views)).logits
+            assert parts == {} and torch.equal(loss, F.cross_entropy(both, torch.cat([labels, labels])))
+        else:
+            assert set(parts) == {"loss_ce", "loss_projector", "loss_classifier_contrast"}
+    with pytest.raises(ValueError, match="unknown method 'moco'"):
+        tiny_method("moco")
+
+
+def test_bi_tuning_is_its_pieces_and_updates_keys_and_queues_inside_the_call():
+    """One call = the momentum update, the key forward, BiTuningLoss with its enqueue, bit for bit; the key encoder
+    moves on the first micro-batch of each optimizer step only, towards the query, which it never changes."""
+    method = tiny_method("bi_tuning", key_momentum=0.5, temperature=0.1, projector_weight=0.3,
+                         classifier_weight=2.0, accumulation_steps=2).train()
+    pieces = tiny_method("bi_tuning", key_momentum=0.5, temperature=0.1, projector_weight=0.3,
+                         classifier_weight=2.0).train()
+    assert all(torch.equal(a, b) for a, b in zip(method.state_dict().values(), pieces.state_dict().values()))
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1, 2, 3, 0, 0])
+    with torch.no_grad():  # a query that differs from its key encoder, so that the momentum update shows
+        for p in (*method.query.parameters(), *pieces.query.parameters()):
+            p.add_(0.01)
+    query_before = [p.clone() for p in method.query.parameters()]
+    for call in range(3):
+        views = [torch.randn(6, 3, 16, 16, generator=g) for _ in range(2)]
+        keys_before = [p.clone() for p in method.keys.parameters()]
+        ptr_before = method.queues.ptr.clone()
+        loss, parts, logits = method(views, labels)
+        moved = call % 2 == 0  # accumulation 2: calls 0 and 2 start an optimizer step
+        if moved:
+            momentum_update(pieces.keys, pieces.query, 0.5)
+        query = pieces.query(views[0])
+        with torch.no_grad():
+            keys = pieces.keys(views[1])
+        expected, expected_parts = BiTuningLoss(0.1, 0.3, 2.0)(query, keys, labels, pieces.query.head, pieces.queues)
+        assert torch.equal(loss, expected) and torch.equal(logits, query.logits)
+        assert all(torch.equal(parts[k], expected_parts[k]) for k in parts)
+        assert all(torch.equal(a, b) for a, b in zip(method.queues.state_dict().values(),
+                                                     pieces.queues.state_dict().values()))
+        assert method.queues.ptr.tolist() == ((ptr_before + torch.tensor([3, 1, 1, 1])) % 3).tolist()
+        changed = [not torch.equal(a, b) for a, b in zip(keys_before, method.keys.parameters())]
+        assert any(changed) if moved else not any(changed)
+        assert all(torch.equal(a, b) for a, b in zip(method.keys.parameters(), pieces.keys.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(query_before, method.query.parameters()))  # only the keys move
+    assert all(not p.requires_grad for p in method.keys.parameters())
+
+
+def test_the_training_loop_never_asks_which_method_it_has():
+    """The loop draws `method.num_views` views and calls the method; no branch on --method inside it."""
+    source = inspect.getsource(script.main)
+    loop = source[source.index("while global_step < length.max_train_steps:"):source.index("progress.close()")]
+    assert "args.method" not in loop and "bi_tuning" not in loop and "method.num_views" in loop
+    assert "loss, parts, logits = method(views, labels)" in loop
 
 
 def test_subsets_are_per_class_seeded_and_stratified():

@@ -1,11 +1,25 @@
-"""Bi-tuning (Zhong et al., "Bi-tuning of Pre-trained Representations", arXiv 2011.06182), exactly as the
-reference code (thuml/Transfer-Learning-Library, `tllib/regularization/bi_tuning.py`), vectorised.
+"""Bi-tuning (Zhong et al., "Bi-tuning of Pre-trained Representations", arXiv 2011.06182) as one module in the shape
+of the reference code's `BiTuning` (thuml/Transfer-Learning-Library, `tllib/regularization/bi_tuning.py`), vectorised,
+with its baselines behind the same call.
 
-On the features h that feed the classification layer, two heads: the classifier (cross-entropy plus a contrastive
+A script picks the method by name and calls it once per micro-batch; it never asks which method it has:
+
+    method = make_method("bi_tuning", classifier, head_path, num_classes, ...)  # or "standard", "two_view_ce"
+    views = [augment(images, generator) for _ in range(method.num_views)]  # the query view first
+    loss, parts, logits = method(views, labels)  # logits: the query view's, for the batch accuracy
+
+`method.query` is what trains (the classifier, its head and, for Bi-tuning, the projector): the optimizer's
+parameters and what `accelerator.prepare` wraps, after which `method.run_query_through(model)` makes the call go
+through the wrapper. `method.training_state` is what a checkpoint must hold besides it (Bi-tuning: the key encoder
+and the queues).
+
+`BiTuning` holds the query model, its momentum copy (the key encoder) and per-class queues of K keys. On the
+features h that feed the classification layer, two heads: the classifier (cross-entropy plus a contrastive
 cross-entropy that uses the labels instance by instance) and a projector z = normalize(Linear(h)) with a
-categorical contrastive loss whose positives are keys of the same class. Keys come from a momentum copy of the
-model (key encoder) and live in per-class queues of K keys:
+categorical contrastive loss whose positives are keys of the same class. One call:
 
+- the key encoder moves towards the query model, k <- m k + (1 - m) q, on the first micro-batch of each optimizer
+  step, before the keys are computed (the reference's order);
 - projector logits of sample i of class c, queue read BEFORE the batch is enqueued:
   [z_q.z_k | z_q . queue_z[c] (K) | z_q . keys of every other class ((C-1)K)] / T;
 - then the batch's keys are enqueued (each class's ring in batch order);
@@ -13,13 +27,19 @@ model (key encoder) and live in per-class queues of K keys:
   reference's `.data`: this loss never trains the head): [hn_q.w_c | queue_h[c].w_c | other classes' keys.w_c] / T,
   with hn = normalize([h, 1]) so that hn.w_c is the cosine of the affine logit;
 - target 1/(K+1) on the first K+1 columns; loss = CE + a KL_z + b KL_y (KL with batch-mean reduction).
+
+The baselines are `CrossEntropy` objects: `standard` (cross-entropy on one view) and `two_view_ce` (cross-entropy
+averaged over two views in one forward: Bi-tuning's two views without its contrastive losses).
 """
 
+import contextlib
 import copy
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+METHODS = ("bi_tuning", "standard", "two_view_ce")
 
 
 class Features(NamedTuple):
@@ -172,3 +192,93 @@ class BiTuningLoss:
         kl_z, kl_y = contrastive_kl(logits_z, target), contrastive_kl(logits_y, target)
         loss = ce + self.projector_weight * kl_z + self.classifier_weight * kl_y
         return loss, {"loss_ce": ce, "loss_projector": kl_z, "loss_classifier_contrast": kl_y}
+
+
+class QueryMethod(torch.nn.Module):
+    """What the methods share: `query`, the model that trains, and the call `method(views, labels)` ->
+    (loss, parts to log, the query view's logits). `num_views`: the augmented views of each image a call takes."""
+
+    num_views: int
+
+    def __init__(self, query: TwoHeadClassifier):
+        super().__init__()
+        self.query = query
+        self.run_query_through(query)
+
+    def run_query_through(self, model: torch.nn.Module) -> None:
+        """Call `model` for the query features: the query as `accelerator.prepare` returned it, since a DDP wrapper
+        synchronises the gradients only when it is itself called (and `query` again before the process group ends).
+        Kept off the submodules: it holds the same weights as `query`."""
+        object.__setattr__(self, "run_query", model)
+
+    @property
+    def training_state(self) -> tuple[torch.nn.Module, ...]:
+        """What a checkpoint holds besides the query model and the optimizer (accelerate's
+        `register_for_checkpointing`, in this order)."""
+        return ()
+
+
+class CrossEntropy(QueryMethod):
+    """Plain fine-tuning: the cross-entropy of the classifier averaged over `num_views` augmented views of each image,
+    all in one forward (1: `standard`; 2: `two_view_ce`, the control that sees Bi-tuning's two views without its
+    contrastive losses). No projector, key encoder or queues."""
+
+    queues = None
+
+    def __init__(self, query: TwoHeadClassifier, num_views: int = 1):
+        super().__init__(query)
+        self.num_views = num_views
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor):
+        logits = self.run_query(views[0] if len(views) == 1 else torch.cat(views)).logits
+        loss = F.cross_entropy(logits.float(), labels.repeat(len(views)))
+        return loss, {}, logits[: len(labels)]
+
+
+class BiTuning(QueryMethod):
+    """The query model (a `TwoHeadClassifier` with a projector), its key encoder and the class queues (the queues
+    start as random unit vectors from `generator`). `gather(t)` concatenates a tensor over processes (identity on
+    one): every process enqueues the whole global batch, so all hold the same queues. `autocast()`: the mixed
+    precision the key encoder runs under (the prepared query model has its own)."""
+
+    num_views = 2  # the query view, then the key view
+
+    def __init__(self, query: TwoHeadClassifier, num_classes: int, *, queue_size: int = 40,
+                 key_momentum: float = 0.999, temperature: float = 0.07, projector_weight: float = 1.0,
+                 classifier_weight: float = 1.0, accumulation_steps: int = 1, generator: torch.Generator | None = None,
+                 gather=None, autocast=None):
+        super().__init__(query)
+        self.keys = key_encoder(query)
+        self.queues = ClassQueues(num_classes, queue_size, query.head.in_features, query.projector.out_features,
+                                  generator)
+        self.loss = BiTuningLoss(temperature, projector_weight, classifier_weight)
+        self.key_momentum, self.accumulation_steps = key_momentum, accumulation_steps
+        self.gather = gather or (lambda t: t)
+        self.autocast = autocast or contextlib.nullcontext
+        # micro-batches seen: a run resumes at an optimizer step's boundary, so the count needs no checkpoint
+        self.micro_batches = 0
+
+    @property
+    def training_state(self) -> tuple[torch.nn.Module, ...]:
+        return self.keys, self.queues
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor):
+        query = self.run_query(views[0])
+        if self.micro_batches % self.accumulation_steps == 0:  # once per optimizer step, before the keys
+            momentum_update(self.keys, self.query, self.key_momentum)
+        self.micro_batches += 1
+        with torch.no_grad(), self.autocast():
+            keys = self.keys(views[1])
+        loss, parts = self.loss(query, keys, labels, self.query.head, self.queues, self.gather)
+        return loss, parts, query.logits
+
+
+def make_method(name: str, classifier, head_path: str, num_classes: int, *, projection_dim: int = 128,
+                **bi_tuning) -> QueryMethod:
+    """The method `name` (one of METHODS) around `classifier`, whose final Linear at `head_path` is the head.
+    `bi_tuning`: BiTuning's keyword arguments (ignored by the baselines)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
+    if name == "bi_tuning":
+        return BiTuning(TwoHeadClassifier(classifier, head_path, projection_dim), num_classes, **bi_tuning)
+    return CrossEntropy(TwoHeadClassifier(classifier, head_path, None), num_views=2 if name == "two_view_ce" else 1)
