@@ -38,12 +38,12 @@ import sys
 import datasets
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler
 
-from utils.diffusion.latents import vae_scale_factor
-from utils.families.base import detect_family
-from utils.families.dit import DiT, DiTBankSampler
-from utils.families.stable_diffusion import PromptBankSampler, StableDiffusion
+from utils.diffusion.forward_process import forward_process
+from utils.diffusion.losses import compose_batch
+from utils.families.base import BankSettings, detect_family
+from utils.families.registry import PREMISE
 from utils.infra.data import check_images, load_image_dataset, require_column, to_tensor
 from utils.infra.errors import UserError
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
@@ -116,6 +116,7 @@ def denoising_errors(family, net, latents, cond, seed, batch_size):
     """Epsilon MSE (or the family's target) of `net` on `latents` per t bucket under `cond`; the timesteps and noise
     depend on `seed`, the bucket and the row alone, so two sets of latents of the same size see the same problems."""
     T = family.scheduler.config.num_train_timesteps
+    process = forward_process(family.scheduler)
     errors = []
     for b, (lo, hi) in enumerate(BUCKETS):
         g = torch.Generator().manual_seed(seed * 1000 + b)
@@ -123,10 +124,10 @@ def denoising_errors(family, net, latents, cond, seed, batch_size):
         noise = torch.randn(latents.shape, generator=g)
         total = 0.0
         for idx in batches(len(latents), batch_size):
-            x0, eps, ts = latents[idx], noise[idx], t[idx]
-            noisy = family.scheduler.add_noise(x0, eps, ts)
-            pred = family.predict(net, noisy, ts, {k: v[idx] for k, v in cond.items()})[:, : x0.shape[1]]
-            total += float((pred.float() - family.target(x0, eps, ts).float()).pow(2).mean(dim=(1, 2, 3)).sum())
+            batch = compose_batch(process, family, latents[idx], {k: v[idx] for k, v in cond.items()}, t[idx],
+                                  noise=noise[idx])
+            pred = family.predict(net, batch.noisy, batch.timesteps, batch.cond)[:, : batch.x0.shape[1]]
+            total += float((pred.float() - batch.target.float()).pow(2).mean(dim=(1, 2, 3)).sum())
         errors.append(total / len(latents))
     return errors
 
@@ -143,7 +144,7 @@ def hand_off(family, net, latents, cond, fraction, num_steps, seed, batch_size):
                                    steps[0].expand(len(latents)))
     out = []
     for idx in batches(len(latents), batch_size):
-        xb, cb = x[idx], {k: v[idx] for k, v in cond.items()}
+        xb, cb = x[idx], family.encode({k: v[idx] for k, v in cond.items()})
         for t in steps:
             pred = family.predict(net, xb, t.expand(len(xb)), cb)[:, : xb.shape[1]]
             xb = scheduler.step(pred, t, xb).prev_sample
@@ -194,7 +195,7 @@ def verdict(ratios, costs, own_costs, args):
 
 def main(args):
     torch.manual_seed(args.seed)
-    family_class = detect_family(args.pretrained_model_name_or_path, [DiT, StableDiffusion], SCRIPT,
+    family_class = detect_family(args.pretrained_model_name_or_path, PREMISE, SCRIPT,
                                  args.revision, args.cache_dir)
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name, args.cache_dir)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
@@ -219,22 +220,15 @@ def main(args):
     pipeline = family_class.load(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     pipeline.set_progress_bar_config(disable=True)
     vae = pipeline.vae.eval()
-    factor = vae_scale_factor(vae)
     seeds = list(range(args.seed, args.seed + 2 * n))  # two sets of its own samples
-    if family_class is DiT:
-        resolution = args.resolution or pipeline.transformer.config.sample_size * factor
-        sampler = DiTBankSampler(pipeline, 1.5 if args.guidance_scale is None else args.guidance_scale,
-                                 args.num_inference_steps)
-        net = pipeline.transformer.eval()
-        family = DiT(net, vae, DDPMScheduler.from_config(pipeline.scheduler.config), "cpu")
-        null = {"class_labels": torch.full((n,), family.null_class)}
-    else:
-        resolution = args.resolution or pipeline.unet.config.sample_size * factor
-        sampler = PromptBankSampler(pipeline, [args.prompt], 7.5 if args.guidance_scale is None
-                                    else args.guidance_scale, args.num_inference_steps, resolution)
-        family = StableDiffusion(pipeline, "cpu")
-        net = pipeline.unet.eval()
-        null = family.encode({"input_ids": family.empty_ids.expand(n, -1)})
+    family = family_class.from_pipeline(pipeline, "cpu")
+    net = family.denoiser.eval()
+    resolution = args.resolution or family.resolution
+    # its own samples, drawn as a memory bank of the family would be (DiT: random classes; else --prompt)
+    sampler = family_class.bank_plan(args.pretrained_model_name_or_path, BankSettings(
+        args.guidance_scale, args.num_inference_steps, resolution, [args.prompt], revision=args.revision,
+        cache_dir=args.cache_dir), {}).sampler(pipeline)
+    null = family.null_condition(n)  # the condition memory-bank rows train on, encoded per batch
     scale = vae.config.scaling_factor
     with torch.no_grad():
         drawn = [sampler([seeds[i] for i in idx]) for idx in batches(2 * n, args.batch_size)]

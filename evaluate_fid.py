@@ -117,7 +117,7 @@ def is_plot(path) -> bool:
 
 
 def load_denoiser(name, scheduler_model=None):
-    """(family, denoiser, pipeline parts): the family is DiT or DDPMUNet; the denoiser is what the sampler calls."""
+    """(family, denoiser, pipeline parts): DiT or DDPMUNet as the family; the denoiser is what the sampler calls."""
     if os.path.exists(os.path.join(name, ENSEMBLE_CONFIG)):
         if scheduler_model is None:
             raise UserError(f"{name} is a DeMe ensemble; give --scheduler_model (its base pipeline) for the scheduler")
@@ -227,7 +227,7 @@ def main(args):
     handoff = condition = None
     if args.handoff_model:
         handoff_family, handoff, handoff_parts = load_denoiser(args.handoff_model, args.scheduler_model)
-        if handoff_family is not family or handoff.config.sample_size != model.config.sample_size:
+        if handoff_family != family or handoff.config.sample_size != model.config.sample_size:
             raise UserError(f"--handoff_model {args.handoff_model} is not the same kind and size as {args.model}")
         condition = handoff_condition(args.handoff_condition, family, parts.get("labels"), handoff_parts.get("labels"))
         handoff = NullClass(handoff) if condition == "null" else handoff

@@ -25,12 +25,9 @@ import sys
 
 import torch
 
-from utils.families.base import detect_family
-from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
-from utils.families.dit import DiT, DiTBankSampler, latent_shape
-from utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, StableDiffusion3
-from utils.families.sdxl import StableDiffusionXL
-from utils.families.stable_diffusion import PromptBankSampler, StableDiffusion
+from utils.families.base import BankSettings, detect_family
+from utils.families.controlnet import ControlNetOnSD
+from utils.families.registry import MEMORY_BANKS
 from utils.infra.errors import UserError
 from utils.infra.training import HelpFormatter, precision_dtype
 from utils.methods.memory_bank import bank_prompts_from_file, build_memory_bank, check_memory_bank
@@ -79,52 +76,34 @@ def parse_args(argv=None):
 
 
 def bank_plan(args):
-    """(family, the record a training run checks, sampler factory): from the configs alone, before any weights."""
+    """(family, its bank plan): from the configs alone, before any weights. A text-to-image pipeline makes a
+    ControlNet bank (its samples annotated with --condition) unless --no_controls or --prompts_file asks for a
+    text-to-image one."""
     name = args.pretrained_model_name_or_path
-    family = detect_family(name, [DiT, StableDiffusion, StableDiffusionXL, StableDiffusion3],
-                           "generate_memory_bank.py", args.revision)
-    if args.max_sequence_length is not None and family is not StableDiffusion3:
-        raise UserError("--max_sequence_length is SD3's (T5 tokens); this pipeline has no T5 encoder")
-    if family is DiT:
-        from diffusers import DiTTransformer2DModel
-
-        config = DiTTransformer2DModel.load_config(name, subfolder="transformer", revision=args.revision)
-        record = {"family": DiT.name, "base_model": name, "latent_shape": list(latent_shape(config))}
-        return family, record, lambda pipe: DiTBankSampler(pipe, 1.5 if args.guidance_scale is None
-                                                           else args.guidance_scale, args.num_inference_steps)
-    guidance = 7.5 if args.guidance_scale is None else args.guidance_scale
-    if family is StableDiffusion3 and not (args.no_controls or args.prompts_file):
-        raise UserError("ControlNet memory banks of SD3 pipelines are not supported (the ControlNet script trains SD "
-                        "1.x/2.x and SDXL ControlNets); pass --no_controls or --prompts_file for a text-to-image bank")
-    if args.no_controls or args.prompts_file:
-        prompts = bank_prompts_from_file(args.prompts_file) if args.prompts_file else [args.prompt]
-        record = {"family": family.name, "base_model": name, "resolution": args.resolution, "prompts": prompts}
-        kwargs = {}
-        if family is StableDiffusion3:  # the T5 length shapes the samples: recorded, as the training script checks
-            kwargs = {"max_sequence_length": args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH}
-            record.update(kwargs)
-        return family, record, lambda pipe: PromptBankSampler(pipe, prompts, guidance, args.num_inference_steps,
-                                                              args.resolution, family, kwargs)
-    annotator = annotator_of(args)  # unknown condition, a missing --annotator_model: refused now
-    record = {"family": ControlNetOnSD.bank_family(family), "base_model": name, "resolution": args.resolution,
-              "annotator": annotator.settings, "prompt": args.prompt}
-    return family, record, lambda pipe: ControlBankSampler(pipe, annotator, args.prompt, guidance,
-                                                           args.num_inference_steps, args.resolution, family)
+    family = detect_family(name, MEMORY_BANKS, "generate_memory_bank.py", args.revision)
+    options = family.options(args)  # the family's own flags (SD3's T5 length); another family's refused
+    controls = family.needs_captions and not (args.no_controls or args.prompts_file)
+    prompts = bank_prompts_from_file(args.prompts_file) if args.prompts_file else [args.prompt]
+    settings = BankSettings(args.guidance_scale, args.num_inference_steps, args.resolution, prompts,
+                            annotator_of(args) if controls else None, revision=args.revision)
+    if controls:  # the ControlNet family on this base pipeline
+        return family, ControlNetOnSD.bank_plan(name, settings, {"text_family": family})
+    return family, family.bank_plan(name, settings, options)
 
 
 def main(args):
     from accelerate import Accelerator
 
-    family, record, make_sampler = bank_plan(args)
+    family, plan = bank_plan(args)
     # A finished bank is reused only if it was made for this model and these settings.
-    check_memory_bank(args.output_dir, record, flag="--output_dir")
+    check_memory_bank(args.output_dir, plan.record, flag="--output_dir")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     dtype = precision_dtype(args.mixed_precision)
     pipeline = family.load(args.pretrained_model_name_or_path, args.revision, dtype=dtype)
     pipeline.to(accelerator.device)
     batch_size = args.batch_size or family.bank_batch_size
-    bank = build_memory_bank(accelerator, make_sampler(pipeline), args.output_dir, args.size, record, batch_size,
-                             args.seed)
+    bank = build_memory_bank(accelerator, plan.sampler(pipeline), args.output_dir, args.size, plan.record,
+                             batch_size, args.seed)
     accelerator.print(f"memory bank {args.output_dir}: {len(bank)} samples")
     return bank
 

@@ -29,7 +29,7 @@ from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
 from utils.families.base import detect_family
-from utils.families.ddpm import DDPMUNet, unet_weights_folder
+from utils.families.ddpm import unet_weights_folder
 from utils.families.registry import DEME
 from utils.infra import hub
 from utils.infra.data import load_image_dataset, require_column
@@ -162,7 +162,7 @@ def main(args):
         if not is_pipeline:
             raise UserError("--search needs the base to be a pipeline (its scheduler, and VAE/text encoder for SD)")
         family = detect_family(base_dir, DEME, "the merge-weight search")
-        if family is not DDPMUNet and fid:
+        if fid and family.needs_captions:
             raise UserError("--search_metric fid scores DDPM pipelines; for Stable Diffusion use loss (text-to-image "
                             "FID needs a prompt set)")
         pipeline = family.load(base_dir)

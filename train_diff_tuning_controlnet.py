@@ -39,14 +39,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.diffusion.latents import vae_scale_factor
-from utils.families.base import check_variant, detect_family, looks_local
-from utils.families.controlnet import ControlBankSampler, ControlNetOnSD
-from utils.families.sdxl import StableDiffusionXL
+from utils.families.base import BankSettings, check_variant, detect_family, looks_local
+from utils.families.controlnet import ControlNetOnSD, fit_control
+from utils.families.registry import CONTROLNET_BASES
 from utils.families.stable_diffusion import StableDiffusion
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
-    ArrowBatches,
     DatasetError,
     ResumableLoader,
     check_captions,
@@ -95,7 +94,6 @@ SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes
 # the flags that decide which weights a checkpoint holds: a resume with others is refused
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",
                   "controlnet_model_name_or_path", "method", "condition")
-BASES = [StableDiffusion, StableDiffusionXL]  # the text-to-image families a ControlNet can follow
 DEFAULT_BANK_PROMPT = "a high-quality, detailed, and professional image"  # the paper's
 # ControlNetModel.from_unet's conditioning embedding assumes a VAE that downsamples 8x (3 stride-2 convs between
 # these 4 widths); a VAE of factor f takes the first log2(f) + 1 of them.
@@ -136,10 +134,11 @@ def parse_args(argv=None):
     g.add_argument("--resolution", type=int, default=512,
                    help="Training resolution (short side resized, centre crop); a multiple of the VAE factor (1024 "
                         "for SDXL).")
-    g.add_argument("--crops_coords_top_left_h", type=int, default=0,
-                   help="SDXL: the crop top every row's size ids record (diffusers' train_controlnet_sdxl.py).")
-    g.add_argument("--crops_coords_top_left_w", type=int, default=0,
-                   help="SDXL: the crop left every row's size ids record.")
+    g.add_argument("--crops_coords_top_left_h", type=int, default=None,
+                   help="SDXL: the crop top every row's size ids record (diffusers' train_controlnet_sdxl.py; "
+                        "default: 0).")
+    g.add_argument("--crops_coords_top_left_w", type=int, default=None,
+                   help="SDXL: the crop left every row's size ids record (default: 0).")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image and control first.")
 
     add_annotator_args(p)
@@ -216,18 +215,14 @@ def check_args(args):
                                                ("--validation_dataset", args.validation_dataset)])
 
 
-def check_pipeline(args) -> tuple[type[StableDiffusion], int, DDPMScheduler]:
+def check_pipeline(args) -> tuple[type[StableDiffusion], dict, int, DDPMScheduler]:
     """From the configs alone (no weights): a Stable Diffusion 1.x/2.x or XL pipeline whose UNet a ControlNet can
-    follow, trained to predict epsilon or v. Returns its text-to-image family, the VAE's downsampling factor and the
-    training noise scheduler."""
+    follow, trained to predict epsilon or v. Returns its text-to-image family, the family's options, the VAE's
+    downsampling factor and the training noise scheduler."""
     name = args.pretrained_model_name_or_path
-    family = detect_family(name, BASES, "train_diff_tuning_controlnet.py (ControlNetModel)", args.revision,
+    family = detect_family(name, CONTROLNET_BASES, "train_diff_tuning_controlnet.py (ControlNetModel)", args.revision,
                            args.cache_dir)
-    if args.tokenizer_name and family is not StableDiffusion:
-        raise UserError("--tokenizer_name replaces the one tokenizer of a Stable Diffusion 1.x/2.x pipeline; SDXL "
-                        "has two: leave it out")
-    if (args.crops_coords_top_left_h or args.crops_coords_top_left_w) and family is StableDiffusion:
-        raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
+    options = family.options(args)  # the family's own flags (SDXL's crop ids); another family's refused
     try:
         unet_config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
                                                        cache_dir=args.cache_dir)
@@ -259,7 +254,7 @@ def check_pipeline(args) -> tuple[type[StableDiffusion], int, DDPMScheduler]:
     if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
         raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
     check_variant(name, args.variant)
-    return family, factor, DDPMScheduler.from_config(scheduler_config)
+    return family, options, factor, DDPMScheduler.from_config(scheduler_config)
 
 
 def load_rows(args, name, split, config_name=None):
@@ -309,53 +304,6 @@ def annotate(ds, args, annotator):
     features[args.conditioning_image_column] = datasets.Image()
     return ds.map(add, batched=True, batch_size=16, features=features, desc=f"annotating ({args.condition})",
                   new_fingerprint=Hasher.hash([ds._fingerprint, annotator.settings, args.conditioning_image_column]))
-
-
-def fit_control(image, resolution, condition):
-    """A control resized and cropped like its image (segmentation maps with nearest neighbour: no new colours)."""
-    resample = Image.NEAREST if condition == "segmentation" else Image.BILINEAR
-    return resize_center_crop(image.convert("RGB"), resolution, resample)
-
-
-def control_tensor(image, resolution, condition):
-    """A control image resized and cropped like its image, as (3, H, W) in [0, 1] (diffusers' convention)."""
-    arr = np.asarray(fit_control(image, resolution, condition), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-def image_tensor(image, resolution):
-    arr = np.asarray(resize_center_crop(image.convert("RGB"), resolution), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def row_transform(args):
-    def transform(batch):
-        return {"pixel_values": [image_tensor(im, args.resolution) for im in batch[args.image_column]],
-                "conditioning_pixel_values": [control_tensor(c, args.resolution, args.condition)
-                                              for c in batch[args.conditioning_image_column]],
-                "captions": batch[args.caption_column]}
-    return transform
-
-
-def collate(rows):
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "conditioning_pixel_values": torch.stack([r["conditioning_pixel_values"] for r in rows]),
-            "captions": [r["captions"] for r in rows]}
-
-
-class BankRows(ArrowBatches):
-    """Bank rows: stored latent moments straight from Arrow, and the decoded control."""
-
-    def __init__(self, bank, args):
-        super().__init__(bank, ["latent_moments"])
-        self.controls, self.args = bank.select_columns(["conditioning_image"]), args
-
-    def __getitems__(self, indices):
-        batch = super().__getitems__(indices)
-        controls = self.controls[list(indices)]["conditioning_image"]
-        batch["conditioning_pixel_values"] = torch.stack(
-            [control_tensor(c, self.args.resolution, self.args.condition) for c in controls])
-        return batch
 
 
 @torch.no_grad()
@@ -432,7 +380,7 @@ def main(args):
     threshold = check_threshold(args.condition, args.convergence_threshold)
 
     # ---- Configs and data: everything cheap is checked before any weights load.
-    base_family, vae_factor, noise_scheduler = check_pipeline(args)
+    base_family, family_options, vae_factor, noise_scheduler = check_pipeline(args)
     ds = load_rows(args, args.dataset, args.train_split, args.dataset_config_name)
     if args.max_train_samples is not None:
         ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
@@ -456,12 +404,10 @@ def main(args):
         with accelerator.main_process_first():
             for part in (ds, val):
                 check_images(part, [args.image_column, args.conditioning_image_column], bar, same_aspect)
-    bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_record = {"family": ControlNetOnSD.bank_family(base_family), "base_model": args.pretrained_model_name_or_path,
-                   "resolution": args.resolution, "annotator": annotator.settings, "prompt": args.memory_bank_prompt}
-    if args.pretrained_vae_model_name_or_path:  # a bank's latents are its VAE's
-        bank_record["vae"] = args.pretrained_vae_model_name_or_path
-    diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
+    bank_plan = ControlNetOnSD.bank_plan(args.pretrained_model_name_or_path, BankSettings(
+        args.memory_bank_guidance_scale, args.memory_bank_inference_steps, args.resolution, [args.memory_bank_prompt],
+        annotator, args.pretrained_vae_model_name_or_path), {"text_family": base_family})
+    diff_tuning.check_bank(bank_plan.record, args.memory_bank_size, accelerator.num_processes)
     check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
@@ -485,7 +431,7 @@ def main(args):
         channels = CONDITIONING_CHANNELS[: int(np.log2(vae_factor)) + 1]
         controlnet = ControlNetModel.from_unet(pipeline.unet, conditioning_embedding_out_channels=channels)
     dtype = weight_dtype(accelerator)
-    text = base_family(pipeline, accelerator.device, dtype)  # freezes the VAE and the text encoders
+    text = base_family(pipeline, accelerator.device, dtype, **family_options)  # freezes the VAE and text encoders
     unet = freeze(pipeline.unet, accelerator.device, dtype)
     controlnet.to(accelerator.device).train()
     if args.gradient_checkpointing:
@@ -495,22 +441,18 @@ def main(args):
         controlnet.enable_xformers_memory_efficient_attention()
 
     family = ControlNetOnSD(text, noise_scheduler, unet, args.memory_bank_prompt, accelerator.autocast, dtype,
-                            args.resolution, (args.crops_coords_top_left_h, args.crops_coords_top_left_w))
+                            args.resolution, args.condition)
 
     # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
     with accelerator.autocast():
-        sampler = ControlBankSampler(pipeline, annotator, args.memory_bank_prompt, args.memory_bank_guidance_scale,
-                                     args.memory_bank_inference_steps, args.resolution, base_family)
-        bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, args.memory_bank_size,
-                                     args.memory_bank_batch_size, args.seed, bank_record)
+        bank = diff_tuning.open_bank(accelerator, bank_plan.sampler(pipeline), args.memory_bank_batch_size, args.seed)
 
     # ---- Data loaders and optimisation.
     workers = worker_options(args.dataloader_num_workers)
-    loader = torch.utils.data.DataLoader(ds.with_transform(row_transform(args)), batch_size=n_data, shuffle=True,
-                                         drop_last=True, collate_fn=collate, **workers)
-    bank_loader = None
-    if bank is not None:
-        bank_loader = diff_tuning.bank_loader(BankRows(bank, args), lambda b: b, workers)
+    rows = ds.with_transform(family.transform(args.image_column, args.conditioning_image_column, args.caption_column))
+    loader = torch.utils.data.DataLoader(rows, batch_size=n_data, shuffle=True, drop_last=True,
+                                         collate_fn=family.collate, **workers)
+    bank_loader = diff_tuning.bank_loader(family, workers)
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
@@ -619,18 +561,11 @@ def main(args):
             extra.save(os.path.join(args.output_dir, "validation_prompts.png"))
         if tracker.points:
             tracker.plot(os.path.join(args.output_dir, "convergence.png"), f"{args.method}, {args.condition}")
-        bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
-                                              or "generated for this run")
-        write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, bank_fields,
+        write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, diff_tuning,
                    annotator.settings, global_step, base_family)
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
-                                   args.hub_token, args.hub_private_repo)
-            logger.info(f"pushed to https://huggingface.co/{repo}")
-            if args.push_memory_bank and diff_tuning.uses_bank:
-                repo = diff_tuning.push_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
-                                             args.hub_token, args.hub_private_repo)
-                logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
+            diff_tuning.push(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir), args.hub_token,
+                             args.hub_private_repo, logger)
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     controlnet = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
@@ -655,10 +590,10 @@ def extra_grids(parts, controlnet, args, device):
 
 
 
-def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, bank_fields,
+def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, diff_tuning,
                annotator_settings, steps, base_family):
-    """`bank_fields`: the method's card fields (empty for standard training); `steps`: the optimizer steps
-    trained; `base_family`: the base pipeline's text-to-image family."""
+    """`diff_tuning`: the method (its card text, fields and tag); `steps`: the optimizer steps trained;
+    `base_family`: the base pipeline's text-to-image family."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard ControlNet training"
     metric, higher, _ = METRICS[args.condition]
     hyper = {"method": args.method, "condition": args.condition, "annotator": str(annotator_settings),
@@ -667,7 +602,7 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
              "lr_scheduler": args.lr_scheduler, "resolution": args.resolution,
              "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,
              "mixed_precision": mixed_precision, "seed": args.seed}
-    hyper.update(bank_fields)
+    hyper.update(diff_tuning.card_fields())
     converged = tracker.converged_at
     metrics = {f"control fidelity ({metric}, {'higher' if higher else 'lower'} is better), final":
                f"{final_score:.4f} on {args.num_validation_samples} held-out rows"}
@@ -677,7 +612,7 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
             if converged is not None else f"not reached in {tracker.points[-1]['step']} steps "
                                           f"(threshold {tracker.threshold:g})")
     repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
-    pipeline_class = base_family.pipeline_class.replace("Pipeline", "ControlNetPipeline")
+    pipeline_class = base_family.controlnet_pipeline
     usage = f'''import torch
 from diffusers import ControlNetModel, {pipeline_class}
 from diffusers.utils import load_image
@@ -689,16 +624,14 @@ image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.
     description = (
         f"A ControlNet for `{args.condition}` controls on `{args.pretrained_model_name_or_path}`, trained on "
         f"`{args.dataset}` with {method}. "
-        + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples of "
-           "the pre-trained model (with their own annotated controls) at small timesteps, to retain its knowledge "
-           "near the data, and trains on the new data mostly at large timesteps. " if bank_fields else "")
-        + "`samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
+        + diff_tuning.card_text("samples of the pre-trained model (with their own annotated controls)")
+        + " `samples.png` shows held-out controls above the samples they produced; `convergence.png` the control "
           "fidelity along training (the \"sudden convergence\" of ControlNet).")
     hub.save_training_card(
         args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
         base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
         tags=["controlnet", base_family.tag, args.condition,
-              "diff-tuning" if bank_fields else "standard-fine-tuning"],
+              diff_tuning.tag],
         description=description, hyperparameters=hyper, usage=usage)
 
 

@@ -25,13 +25,12 @@ import datasets
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-from utils.diffusion.latents import encode_moments, vae_scale_factor
-from utils.families.base import detect_family
-from utils.families.dit import DiT, DiTBankSampler, latent_shape
+from utils.diffusion.latents import vae_scale_factor
+from utils.families.base import BankSettings, detect_family
+from utils.families.dit import DiT
 from utils.families.tuning import (
     DEFAULT_LORA_TARGETS,
     TUNING_MODES,
@@ -44,15 +43,11 @@ from utils.families.tuning import (
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
-    ArrowBatches,
     ResumableLoader,
-    as_batch,
     check_images,
     class_names,
-    image_transform,
     load_image_dataset,
     require_column,
-    to_tensor,
     worker_options,
 )
 from utils.infra.errors import UserError
@@ -199,10 +194,10 @@ def main(args):
     if len(ds) < diff_tuning.n_data * accelerator.num_processes:
         raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {diff_tuning.n_data} downstream rows "
                         f"on each of {accelerator.num_processes} process(es); lower --train_batch_size")
-    bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_record = {"family": DiT.name, "base_model": args.pretrained_model_name_or_path,
-                   "latent_shape": list(latent_shape(config))}
-    diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, args.memory_bank_size)
+    bank_plan = DiT.bank_plan(args.pretrained_model_name_or_path, BankSettings(
+        args.memory_bank_guidance_scale, args.memory_bank_inference_steps, revision=args.revision,
+        cache_dir=args.cache_dir), {})
+    diff_tuning.check_bank(bank_plan.record, args.memory_bank_size, accelerator.num_processes)
     check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if not args.skip_image_check:
         with accelerator.main_process_first():
@@ -234,9 +229,7 @@ def main(args):
     # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
     transformer.to(accelerator.device)  # trainable weights stay fp32; mixed precision runs under autocast
     with accelerator.autocast():
-        sampler = DiTBankSampler(pipeline, args.memory_bank_guidance_scale, args.memory_bank_inference_steps)
-        bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, args.memory_bank_size,
-                                     args.memory_bank_batch_size, args.seed, bank_record)
+        bank = diff_tuning.open_bank(accelerator, bank_plan.sampler(pipeline), args.memory_bank_batch_size, args.seed)
 
     # ---- Which weights train (after the bank, so that it always comes from the untouched pre-trained model).
     transformer = apply_tuning(transformer, args.tuning, difffit_blocks, args.lora_rank, args.lora_alpha,
@@ -245,36 +238,15 @@ def main(args):
 
     # ---- Data loaders: downstream rows and bank rows of every micro-batch.
     ds = ds.rename_column(label_column, "labels") if label_column != "labels" else ds
-    if args.cache_latents:
-        def encode_batch(batch):
-            pixels = torch.stack([to_tensor(img, args.resolution) for img in batch[image_column]])
-            with accelerator.autocast():
-                moments, flipped = encode_moments(vae, pixels)
-            return {"latent_moments": moments.cpu().numpy(), "latent_moments_flipped": flipped.cpu().numpy()}
-
+    if args.cache_latents:  # the VAE's moments of every image and its mirror, once (cached by datasets)
         with accelerator.main_process_first():
-            ds = ds.map(
-                encode_batch, batched=True, batch_size=32, remove_columns=[image_column],
-                features=datasets.Features({
-                    "labels": ds.features["labels"],
-                    "latent_moments": datasets.Array3D(latent_shape(config), "float32"),
-                    "latent_moments_flipped": datasets.Array3D(latent_shape(config), "float32"),
-                    **{c: f for c, f in ds.features.items() if c not in (image_column, "labels")},
-                }),
-                # The cache is reused while the data, VAE, resolution and dtype are the same.
-                new_fingerprint=Hasher.hash([ds._fingerprint, args.pretrained_model_name_or_path, args.revision,
-                                             dict(vae.config), args.resolution, str(vae.dtype)]),
-                desc="caching latents",
-            )
-        rows, collate = ArrowBatches(ds, ["labels", "latent_moments", "latent_moments_flipped"]), as_batch
-    else:
-        rows, collate = ds.with_transform(image_transform(image_column, "labels", args.resolution)), None
+            ds = family.cache_latents(ds, image_column, args.resolution, accelerator.autocast,
+                                      [args.pretrained_model_name_or_path, args.revision])
+    rows, collate = family.data_view(ds, image_column, args.resolution)
     workers = worker_options(args.dataloader_num_workers)
     loader = torch.utils.data.DataLoader(rows, batch_size=diff_tuning.n_data, shuffle=True, drop_last=True,
                                          collate_fn=collate, **workers)
-    bank_loader = None
-    if bank is not None:
-        bank_loader = diff_tuning.bank_loader(ArrowBatches(bank, DiT.bank_columns()), as_batch, workers)
+    bank_loader = diff_tuning.bank_loader(family, workers)
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
 
     # ---- Optimisation.
@@ -359,18 +331,11 @@ def main(args):
                                accelerator.device)
         image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
         log_images(accelerator, "final", images, global_step)
-        bank_fields = diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
-                                              or "generated for this run")
-        write_card(args, names, bank_fields, trainable, total, logs, accelerator.mixed_precision, learning_rate,
+        write_card(args, names, diff_tuning, trainable, total, logs, accelerator.mixed_precision, learning_rate,
                    difffit_blocks, global_step)
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
-                                   args.hub_token, args.hub_private_repo)
-            logger.info(f"pushed to https://huggingface.co/{repo}")
-            if args.push_memory_bank and diff_tuning.uses_bank:
-                repo = diff_tuning.push_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
-                                             args.hub_token, args.hub_private_repo)
-                logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
+            diff_tuning.push(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir), args.hub_token,
+                             args.hub_private_repo, logger)
     model = accelerator.unwrap_model(transformer)
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     transformer = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
@@ -391,9 +356,9 @@ def save_pipeline(transformer, vae, scheduler, names, output_dir):
 
 
 
-def write_card(args, names, bank_fields, trainable, total, last_logs, mixed_precision, learning_rate,
+def write_card(args, names, diff_tuning, trainable, total, last_logs, mixed_precision, learning_rate,
                difffit_blocks, steps):
-    """`bank_fields`: the method's card fields (empty for standard fine-tuning); `mixed_precision`: the effective
+    """`diff_tuning`: the method (its card text, fields and tag); `mixed_precision`: the effective
     one (also when accelerate's config set it); `learning_rate` after --scale_lr; `difffit_blocks` as resolved;
     `steps`: the optimizer steps trained."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard fine-tuning"
@@ -409,15 +374,11 @@ def write_card(args, names, bank_fields, trainable, total, last_logs, mixed_prec
     if args.tuning == "lora":
         hyper.update({"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha or args.lora_rank,
                       "lora_target_modules": " ".join(args.lora_target_modules), "merged": args.merge_lora})
-    hyper.update(bank_fields)
+    hyper.update(diff_tuning.card_fields())
     description = (
         f"A class-conditional DiT fine-tuned from `{args.pretrained_model_name_or_path}` on `{args.dataset}` "
         f"({len(names)} classes) with {method}, training {tuning}. "
-        + ("Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with samples "
-           "of the pre-trained model drawn at small timesteps, to retain its denoising knowledge near the data, "
-           "and trains on the new data mostly at large timesteps, where the domain is shaped."
-           if bank_fields else "The new data was trained with the ordinary uniform-timestep denoising loss.")
-    )
+        + diff_tuning.card_text("samples of the pre-trained model (null class)"))
     repo, example = hub.hub_repo_id(args.hub_model_id, args.output_dir), ", ".join(repr(n) for n in names[:2])
     if args.tuning == "lora" and not args.merge_lora:
         load = f'''import json
@@ -441,7 +402,7 @@ images = pipe(class_labels=class_ids, guidance_scale={args.validation_guidance_s
         title=f"{method} of {args.pretrained_model_name_or_path} on {args.dataset}",
         base_model=args.pretrained_model_name_or_path,
         dataset=args.dataset, last_logs=last_logs,
-        tags=["dit", "class-conditional", "diff-tuning" if bank_fields else "standard-fine-tuning", args.tuning],
+        tags=["dit", "class-conditional", diff_tuning.tag, args.tuning],
         description=description,
         hyperparameters=hyper,
         usage=usage,

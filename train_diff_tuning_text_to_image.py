@@ -41,19 +41,16 @@ from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from utils.diffusion.forward_process import add_flow_matching_args, given_flow_flags
+from utils.diffusion.forward_process import add_flow_matching_args
 from utils.diffusion.latents import vae_scale_factor
-from utils.families.base import check_variant, detect_family
-from utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, StableDiffusion3
-from utils.families.sdxl import StableDiffusionXL
-from utils.families.stable_diffusion import PromptBankSampler, StableDiffusion
+from utils.families.base import BankSettings, check_variant, detect_family
+from utils.families.registry import TEXT_TO_IMAGE
 from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     DatasetError,
     ResumableLoader,
-    as_batch,
     check_captions,
     check_images,
     load_image_dataset,
@@ -99,7 +96,6 @@ SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it wri
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "method", "tuning",
                   "rank", "train_text_encoder")
 BANK_CONDITIONS = ("empty", "prompt")
-FAMILIES = [StableDiffusion, StableDiffusionXL, StableDiffusion3]
 TUNINGS = ("lora", "full")
 
 
@@ -256,11 +252,11 @@ def bank_prompts(args, ds, caption_column) -> list[str]:
 
 
 @torch.no_grad()
-def generate(family, unet, encoders, prompts, args, resolution, device):
-    """NHWC images in [0, 1] of the family's pipeline with `unet` and the text `encoders` (DDIM; SD3: its
+def generate(family, denoiser, encoders, prompts, args, resolution, device):
+    """NHWC images in [0, 1] of the family's pipeline with `denoiser` and the text `encoders` (DDIM; SD3: its
     flow-matching Euler sampler; --validation_inference_steps), image i with seed + i, so every evaluation and the
     base model see the same noise."""
-    pipe = family.inference_pipeline(unet, encoders, family.sampling_scheduler(family.pipeline))
+    pipe = family.inference_pipeline(denoiser, encoders, family.sampling_scheduler(family.pipeline))
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompts, height=resolution, width=resolution, guidance_scale=args.validation_guidance_scale,
                 num_inference_steps=args.validation_inference_steps, output_type="np",
@@ -280,20 +276,8 @@ def main(args):
 
     # ---- Configs and data: everything cheap is checked before any weights load.
     name = args.pretrained_model_name_or_path
-    family_class = detect_family(name, FAMILIES, SCRIPT, args.revision, args.cache_dir)
-    if args.crops_coords_top_left_h is not None and family_class is not StableDiffusionXL:
-        raise UserError("--crops_coords_top_left_h/w are SDXL's size conditioning; this pipeline has none")
-    family_options = {}  # the family's own flags: SDXL's fixed crop ids, SD3's T5 length
-    sd3_flags = [f"--{k}" for k in given_flow_flags(args)]  # SD3's flags given on the command line
-    if args.max_sequence_length is not None:
-        sd3_flags.insert(0, "--max_sequence_length")
-    if family_class is StableDiffusion3:
-        family_options["max_sequence_length"] = args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
-    elif sd3_flags:
-        raise UserError(f"{' and '.join(sd3_flags)}: SD3's (T5 tokens, flow matching); this pipeline trains with "
-                        "DDPM and CLIP")
-    if args.crops_coords_top_left_h is not None:
-        family_options["crops_coords_top_left"] = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+    family_class = detect_family(name, TEXT_TO_IMAGE, SCRIPT, args.revision, args.cache_dir)
+    family_options = family_class.options(args)  # its own flags (SDXL's crop ids, SD3's T5 length); others refused
     check_variant(name, args.variant)
     try:
         noise_scheduler = family_class.scheduler_class.from_pretrained(name, subfolder="scheduler",
@@ -321,12 +305,10 @@ def main(args):
     prompts = bank_prompts(args, ds, caption_column)
     bank_condition = args.bank_condition or ("prompt" if args.method == PRIOR_PRESERVATION else "empty")
     bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
-    bank_dir = args.memory_bank or os.path.join(args.output_dir, "memory_bank")
-    bank_record = {"family": family_class.name, "base_model": name, "resolution": resolution,
-                   "prompts": prompts, **{k: v for k, v in family_options.items() if k == "max_sequence_length"}}
-    if args.pretrained_vae_model_name_or_path:  # a bank's latents are its VAE's
-        bank_record["vae"] = args.pretrained_vae_model_name_or_path
-    diff_tuning.check_bank(bank_dir, bank_record, accelerator.num_processes, bank_size)
+    bank_plan = family_class.bank_plan(name, BankSettings(
+        args.memory_bank_guidance_scale, args.memory_bank_inference_steps, resolution, prompts,
+        vae=args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir), family_options)
+    diff_tuning.check_bank(bank_plan.record, bank_size, accelerator.num_processes)
     check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
     if not args.skip_image_check:
         with accelerator.main_process_first():
@@ -335,8 +317,8 @@ def main(args):
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
 
-    # ---- Models: the VAE (and the text encoders, unless they get adapters) stay frozen; `unet` is the trained
-    # denoiser (SD3's transformer).
+    # ---- Models: the VAE (and the text encoders, unless they get adapters) stay frozen; `denoiser` is the trained
+    # UNet (SD3: transformer).
     vae = None
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
@@ -345,43 +327,39 @@ def main(args):
     dtype = weight_dtype(accelerator)
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
                           args.train_text_encoder, **family_options)
-    unet, encoders = getattr(pipeline, family.model_key).to(accelerator.device), family.text_encoders
+    denoiser, encoders = getattr(pipeline, family.model_key).to(accelerator.device), family.text_encoders
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
     with accelerator.autocast():
-        sampler = PromptBankSampler(pipeline, prompts, args.memory_bank_guidance_scale,
-                                    args.memory_bank_inference_steps, resolution, family_class,
-                                    family.pipeline_kwargs)
-        bank = diff_tuning.open_bank(accelerator, bank_dir, sampler, bank_size, args.memory_bank_batch_size,
-                                     args.seed, bank_record)
+        bank = diff_tuning.open_bank(accelerator, bank_plan.sampler(pipeline), args.memory_bank_batch_size, args.seed)
     retention_prompts = args.retention_prompts or (prompts[:4] if bank is not None else [])
     base_images = None
     if retention_prompts and accelerator.is_main_process:
         with accelerator.autocast():
-            base_images = generate(family, unet, encoders, retention_prompts, args, resolution, accelerator.device)
+            base_images = generate(family, denoiser, encoders, retention_prompts, args, resolution, accelerator.device)
 
     # ---- Which weights train.
     if args.tuning == "lora":
         if dtype != torch.float32:  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
-            unet.to(dtype)
-        add_lora_adapter(unet, args.rank, family.lora_targets)
+            denoiser.to(dtype)
+        add_lora_adapter(denoiser, args.rank, family.lora_targets)
         if args.train_text_encoder:
             for encoder in encoders:
                 add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
                 encoder.train()  # frozen models are in eval mode; checkpointing and dropout need train mode
-        cast_training_params([unet, *encoders], dtype=torch.float32)
+        cast_training_params([denoiser, *encoders], dtype=torch.float32)
     else:
-        unet.requires_grad_(True)
-    unet.train()
+        denoiser.requires_grad_(True)
+    denoiser.train()
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if args.train_text_encoder:
             for encoder in encoders:
                 encoder.gradient_checkpointing_enable()
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    trainable, total = parameter_counts(unet)
-    params = [p for m in ([unet, *encoders] if args.train_text_encoder else [unet]) for p in m.parameters()
+        denoiser.enable_xformers_memory_efficient_attention()
+    trainable, total = parameter_counts(denoiser)
+    params = [p for m in ([denoiser, *encoders] if args.train_text_encoder else [denoiser]) for p in m.parameters()
               if p.requires_grad]
 
     # ---- Data loaders and optimisation.
@@ -389,7 +367,7 @@ def main(args):
     loader = torch.utils.data.DataLoader(
         ds.with_transform(family.transform(args.image_column, caption_column, resolution)),
         batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, **workers)
-    bank_loader = diff_tuning.bank_loader(family.bank_dataset(bank), as_batch, workers) if bank is not None else None
+    bank_loader = diff_tuning.bank_loader(family, workers)
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
@@ -399,8 +377,8 @@ def main(args):
         optimizer_class = bnb.optim.AdamW8bit
     optimizer, lr_scheduler = make_optimizer(params, args, accelerator, learning_rate, length.max_train_steps,
                                              optimizer_class)
-    ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
-    unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
+    ema = make_ema(denoiser, args.ema_decay, accelerator) if args.use_ema else None
+    denoiser, optimizer, lr_scheduler, loader = accelerator.prepare(denoiser, optimizer, lr_scheduler, loader)
     if args.train_text_encoder:
         encoders = [accelerator.prepare(encoder) for encoder in encoders]
         family.set_text_encoders(encoders)
@@ -424,7 +402,7 @@ def main(args):
 
     def validate(step, tag="validation"):
         """The validation grid (EMA weights under --use_ema) and the forgetting probe, to every tracker."""
-        model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+        model = accelerator.unwrap_model(denoiser, keep_fp32_wrapper=False)
         plain = [accelerator.unwrap_model(encoder, keep_fp32_wrapper=False) for encoder in encoders]
         with averaged_weights(model, ema), accelerator.autocast():
             images = generate(family, model, plain, grid_prompts, args, resolution, accelerator.device)
@@ -447,9 +425,9 @@ def main(args):
     while global_step < length.max_train_steps:
         generator = step_generator(args.seed, accelerator.process_index, micro_step, accelerator.device)
         micro_step += 1
-        with accelerator.accumulate(unet, *(encoders if args.train_text_encoder else [])), \
+        with accelerator.accumulate(denoiser, *(encoders if args.train_text_encoder else [])), \
                 accelerator.autocast():  # the frozen parts run in the mixed-precision dtype
-            loss, parts_of_loss = diff_tuning(family, unet, next(data_iter), next(bank_iter) if bank_iter else None,
+            loss, parts_of_loss = diff_tuning(family, denoiser, next(data_iter), next(bank_iter) if bank_iter else None,
                                               generator)
             apply_gradients(accelerator, params, loss, optimizer, lr_scheduler, args.max_grad_norm,
                             step=global_step + 1, output_dir=args.output_dir)  # UNet and text-encoder adapters
@@ -460,17 +438,18 @@ def main(args):
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts_of_loss.items()},
                 "lr": lr_scheduler.get_last_lr()[0]}
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(denoiser.parameters())
         log_step(accelerator, progress, logs, global_step)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             validated = {global_step: validate(global_step)}
         if global_step % length.checkpointing_steps == 0:  # after the step's records: a resume continues them
-            checkpoint(accelerator, unet, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
+            checkpoint(accelerator, denoiser, global_step, args.output_dir, args.checkpoints_total_limit, identity,
+                       logger)
     progress.close()
 
     # ---- Save the LoRA weights (diffusers' format) or a stock pipeline, the grids and a model card.
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(unet)
+    model = accelerator.unwrap_model(denoiser)
     plain = [accelerator.unwrap_model(encoder) for encoder in encoders]
     if ema is not None:
         ema.copy_to(model.parameters())
@@ -491,26 +470,21 @@ def main(args):
             image_grid(np.concatenate([base_images, probed]), cols=len(retention_prompts)).save(
                 os.path.join(args.output_dir, "before_after.png"))
             probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
-        write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, total, logs,
-                   accelerator.mixed_precision, learning_rate, probe, validation_prompts, global_step, resolution)
+        write_card(args, family, diff_tuning, bank_condition, trainable, total, logs, accelerator.mixed_precision,
+                   learning_rate, probe, validation_prompts, global_step, resolution)
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
-                                   args.hub_token, args.hub_private_repo)
-            logger.info(f"pushed to https://huggingface.co/{repo}")
-            if args.push_memory_bank and diff_tuning.uses_bank:
-                repo = diff_tuning.push_bank(bank_dir, args.memory_bank_hub_id or f"{repo}-memory-bank",
-                                             args.hub_token, args.hub_private_repo)
-                logger.info(f"pushed the memory bank to https://huggingface.co/datasets/{repo}")
+            diff_tuning.push(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir), args.hub_token,
+                             args.hub_private_repo, logger)
     # The DDP wrappers must go before the process group ends (utils.infra.training.end_training).
-    unet = encoders = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
+    denoiser = encoders = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
     return model
 
 
-def write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, total, last_logs, mixed_precision,
+def write_card(args, family, diff_tuning, bank_condition, trainable, total, last_logs, mixed_precision,
                learning_rate, probe, validation_prompts, steps, resolution):
-    """`family`: the pipeline's (its pipeline class and tag); `steps`: the optimizer steps trained; `resolution`: the
-    one trained at."""
+    """`family`: the pipeline's (its pipeline class and tag); `diff_tuning`: the method (its card text, fields and
+    tag); `steps`: the optimizer steps trained; `resolution`: the one trained at."""
     method = {"diff_tuning": "Diff-Tuning", "standard": "standard fine-tuning",
               PRIOR_PRESERVATION: "DreamBooth prior preservation"}[args.method]
     hyper = {"method": args.method, "tuning": args.tuning, "steps": steps,
@@ -522,8 +496,7 @@ def write_card(args, family, diff_tuning, bank_dir, bank_condition, trainable, t
     if args.tuning == "lora":
         hyper.update({"rank": args.rank, "train_text_encoder": args.train_text_encoder})
     if diff_tuning.uses_bank:
-        hyper.update({**diff_tuning.card_fields(bank_dir, args.memory_bank_hub_id or args.memory_bank
-                                                or "generated for this run"), "bank_condition": bank_condition})
+        hyper.update({**diff_tuning.card_fields(), "bank_condition": bank_condition})
         if args.method == PRIOR_PRESERVATION:
             hyper["prior_loss_weight"] = args.retention_weight
     metrics = {}
@@ -545,16 +518,10 @@ image = pipe("{prompt}", num_inference_steps=50, generator=torch.manual_seed(0))
     description = (
         f"{'LoRA adapters for' if args.tuning == 'lora' else 'A fine-tune of'} `{args.pretrained_model_name_or_path}` "
         f"trained on `{args.dataset}` with {method}. "
-        + {"diff_tuning": "Diff-Tuning ([Zhong et al., 2024](https://arxiv.org/abs/2406.00773)) mixes each batch with "
-                          "samples of the pre-trained model at small timesteps, to retain its knowledge near the data, "
-                          "and trains on the new data mostly at large timesteps.",
-           PRIOR_PRESERVATION: "Prior preservation ([Ruiz et al., 2023](https://arxiv.org/abs/2208.12242)) mixes "
-                               "each batch with class images of the pre-trained model on their own prompt.",
-           "standard": "The new data was trained with the ordinary uniform-timestep denoising loss."}[args.method]
+        + diff_tuning.card_text()
         + (" `before_after.png`: the base model's samples (top) and this model's (bottom) for prompts it could "
            "already draw, same seeds." if probe.points else ""))
-    tags = ["text-to-image", family.tag, args.tuning, {"diff_tuning": "diff-tuning",
-            "standard": "standard-fine-tuning", PRIOR_PRESERVATION: "dreambooth"}[args.method]]
+    tags = ["text-to-image", family.tag, args.tuning, diff_tuning.tag]
     if args.instance_prompt:
         tags.append("dreambooth")
     hub.save_training_card(

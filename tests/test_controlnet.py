@@ -325,7 +325,8 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("too_few_rows", "too few to hold out|fewer than one batch"),
     ("not_sd", "is a DDPMPipeline .*takes a Stable Diffusion 1.x/2.x pipeline"),
     ("sd3", "is a StableDiffusion3Pipeline .*takes a Stable Diffusion 1.x/2.x pipeline or a Stable Diffusion XL"),
-    ("crops_on_sd", "--crops_coords_top_left_h/w are SDXL's size conditioning"),
+    ("crops_on_sd", "--crops_coords_top_left_h: SDXL's size conditioning .*; this pipeline is a Stable Diffusion "
+                    "1.x/2.x pipeline: leave it out"),
     ("controlnet_mismatch", "does not match the UNet: block_out_channels"),
     ("resolution", "--resolution 15 is not a multiple of the VAE's factor 2"),
     ("sample_prediction", "predicts 'sample'"),

@@ -117,7 +117,8 @@ def test_refusals(tiny_sdxl_dir, tiny_sd3_dir, control_digits_dir, tmp_path):
         return cli_error(script, ["--pretrained_model_name_or_path", model, "--dataset", control_digits_dir,
                                   "--output_dir", str(tmp_path / "out"), *TINY, *extra])
 
-    assert "--tokenizer_name replaces the one tokenizer" in error(tiny_sdxl_dir, "--tokenizer_name", tiny_sdxl_dir)
+    assert ("--tokenizer_name: the one tokenizer of a Stable Diffusion 1.x/2.x pipeline; this pipeline is a Stable "
+            "Diffusion XL") in error(tiny_sdxl_dir, "--tokenizer_name", tiny_sdxl_dir)
     assert "is a StableDiffusion3Pipeline" in error(tiny_sd3_dir)
     assert "ControlNet memory banks of SD3 pipelines are not supported" in cli_error(generate_memory_bank, [
         "--pretrained_model_name_or_path", tiny_sd3_dir, "--output_dir", str(tmp_path / "b"), "--condition", "canny"])

@@ -80,7 +80,8 @@ def test_refusals(tiny_sdxl_dir, tiny_sd_dir, captioned_digits_dir, sdxl_bank, t
 
     assert "--crops_coords_top_left_h and --crops_coords_top_left_w go together" in error(
         tiny_sdxl_dir, "--crops_coords_top_left_h", "0")
-    assert "SDXL's size conditioning; this pipeline has none" in error(
+    assert ("--crops_coords_top_left_w: SDXL's size conditioning (the crop every row's size ids record); this "
+            "pipeline is a Stable Diffusion 1.x/2.x pipeline: leave them out") in error(
         tiny_sd_dir, "--crops_coords_top_left_h", "0", "--crops_coords_top_left_w", "0")
     assert "stable-diffusion-xl" in error(tiny_sd_dir, "--memory_bank", sdxl_bank)  # a bank of another family
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")

@@ -22,6 +22,20 @@ class DenoisingBatch:
     loss_weights: torch.Tensor | None = None  # per-sample weights of the forward process (flow matching's cosmap)
 
 
+def compose_batch(process, family, x0: torch.Tensor, cond: dict, index: torch.Tensor, generator=None,
+                  noise: torch.Tensor | None = None, n_bank: int = 0) -> DenoisingBatch:
+    """The one noisy-batch composer (Diff-Tuning, DeMe, the premise check): the noise (drawn from `generator` unless
+    given), the noisy input at indices `index` of the forward `process` (`utils.diffusion.forward_process`), what the
+    model is given as its timesteps, the conditioning as the model takes it (`family.encode`), the target and the
+    process's per-sample loss weights. A caller draws x_0 and `index` first, in its own order."""
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    noisy = process.noisy(x0, noise, index)
+    timesteps = process.model_timesteps(index)
+    return DenoisingBatch(x0, family.encode(cond), timesteps, noise, noisy, family.target(x0, noise, timesteps),
+                          n_bank, process.loss_weights(index))
+
+
 def epsilon_mse(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The simple loss ||eps - eps_theta(x_t, t)||^2, averaged over all but the batch axis."""
     return (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)

@@ -1,12 +1,17 @@
-"""What every model family answers for a method: how a batch of rows becomes the model's x_0 and conditioning, what
-the null condition is, how the model predicts, what its target is, and its per-sample loss.
+"""What every model family answers, for a script and for a method: how it is detected, which of a script's flags
+are its own (`options`: another family's flag is refused in one line), its memory-bank plan (`bank_plan`: the record
+a bank made for it carries and the sampler that makes one), its views of a bank and of the data, how a batch of rows
+becomes the model's x_0 and conditioning, what the null condition is, how the model predicts, what its target is,
+and its per-sample loss.
 
 A method (`utils.methods.diff_tuning.DiffTuning`, `utils.methods.deme.DeMeLoss`) decides which rows, timesteps and
-noise a step uses; a family only says how its model is fed. Adding a model family is writing one subclass.
-Reading the pipeline folder (`pipeline_index`, `detect_family`) needs its `model_index.json` alone, so a wrong model
-is refused before any weights load."""
+noise a step uses; a family only says how its model is fed. Adding a model family is writing one subclass (and
+naming it in `utils.families.registry` for the commands that take it). Reading the pipeline folder
+(`pipeline_index`, `detect_family`) needs its `model_index.json` alone, so a wrong model is refused before any
+weights load."""
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +19,29 @@ from diffusers import DiffusionPipeline
 
 from ..diffusion.losses import epsilon_mse
 from ..infra.errors import UserError
+
+
+@dataclass
+class BankSettings:
+    """How a memory bank is sampled, as a script's flags say (None: the family's default)."""
+
+    guidance_scale: float | None = None
+    num_inference_steps: int = 50
+    resolution: int | None = None  # pixels, for prompted families
+    prompts: list[str] | None = None  # prompted families: sample i from prompt i mod P
+    annotator: object = None  # ControlNet banks: each sample's control annotated by the run's annotator
+    vae: str | None = None  # another VAE than the pipeline's (its latents are what the bank stores: recorded)
+    revision: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class BankPlan:
+    """A family's memory bank for a run: the `record` a bank made for it carries (checked before any weights load,
+    against a finished bank too) and `sampler(pipeline)`, the bank sampler of the loaded pre-trained pipeline."""
+
+    record: dict
+    sampler: Callable
 
 
 @dataclass
@@ -38,6 +66,9 @@ class Family:
     name = ""
     description = ""  # what a user calls it, for messages
     class_conditional = False  # evaluation samples balanced classes with guidance
+    needs_captions = False  # its rows carry a caption (text-to-image)
+    # a script's flags that only this family takes, with what they are: given for another family, refused
+    own_flags: dict[str, str] = {}
 
     def __init__(self, scheduler, device, random_flip: bool = False):
         self.scheduler, self.device, self.random_flip = scheduler, device, random_flip
@@ -45,8 +76,33 @@ class Family:
 
     @classmethod
     def matches(cls, index: dict) -> bool:
-        """Whether a pipeline's model_index.json is of this family."""
-        raise NotImplementedError
+        """Whether a pipeline's model_index.json is of this family (an abstract family matches none)."""
+        return False
+
+    @classmethod
+    def options(cls, args) -> dict:
+        """This family's constructor options from a script's parsed flags (those it has; absent ones count as not
+        given). A flag that only other families take is refused in one line, before anything loads."""
+        foreign: dict[str, list[str]] = {}
+        for family in _all_families():
+            for flag, meaning in family.own_flags.items():
+                if flag not in cls.own_flags and getattr(args, flag, None) is not None \
+                        and f"--{flag}" not in foreign.get(meaning, []):
+                    foreign.setdefault(meaning, []).append(f"--{flag}")
+        for meaning, flags in foreign.items():
+            raise UserError(f"{' and '.join(flags)}: {meaning}; this pipeline is {cls.description}: leave "
+                            f"{'it' if len(flags) == 1 else 'them'} out")
+        return {}
+
+    @classmethod
+    def from_pipeline(cls, pipeline, device, **options) -> "Family":
+        """The family of a loaded pipeline (no flips), for commands that evaluate rather than train."""
+        return cls(pipeline, device, **options)
+
+    @classmethod
+    def bank_plan(cls, name: str, settings: BankSettings, options: dict) -> BankPlan:
+        """The memory bank of a run on pipeline `name` (from its configs alone, before any weights load)."""
+        raise UserError(f"{cls.description} has no memory bank")
 
     # ---- rows -> x_0 and conditioning
     def rows(self, batch: dict, generator) -> Rows:
@@ -56,6 +112,14 @@ class Family:
     def bank_rows(self, batch: dict, generator) -> Rows:
         """Memory-bank rows with the retention condition."""
         raise NotImplementedError(f"{self.description} has no memory bank")
+
+    def bank_view(self, bank) -> tuple:
+        """(dataset, collate_fn): the bank as its loader reads it, a batch of rows at a time."""
+        raise NotImplementedError(f"{self.description} has no memory bank")
+
+    def null_condition(self, n: int) -> dict:
+        """The null condition of n rows, before `encode` (the class-free branch of guidance)."""
+        raise NotImplementedError
 
     def drop_condition(self, rows: Rows, mask: torch.Tensor) -> Rows:
         """The null condition where `mask` holds (classifier-free guidance dropout)."""
@@ -89,6 +153,15 @@ class Family:
         return epsilon_mse(self.predict(net, batch.noisy, batch.timesteps, batch.cond), batch.target)
 
 
+def _all_families() -> list[type[Family]]:
+    found, stack = [], list(Family.__subclasses__())
+    while stack:
+        family = stack.pop(0)
+        found.append(family)
+        stack.extend(family.__subclasses__())
+    return found
+
+
 def pipeline_index(name: str, revision=None, cache_dir=None) -> dict:
     """A pipeline's model_index.json (no weights), or one line saying why it cannot be read."""
     try:
@@ -101,8 +174,9 @@ def describe(index: dict) -> str:
     """What a pipeline folder holds, in words, for a refusal."""
     parts = [f"{k} {v[1]}" for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[1]
              and k in ("unet", "transformer", "text_encoder_2", "text_encoder_3")]
-    if "XL" in index.get("_class_name", "") or (index.get("text_encoder_2") and "unet" in index):
-        parts.insert(0, "Stable Diffusion XL is not supported yet")
+    known = next((f.description for f in _all_families() if f.matches(index)), None)
+    if known:  # a family of ours that this command does not take
+        parts.insert(0, known)
     if "Flux" in index.get("_class_name", ""):  # a family of its own: packed latents, guidance embedding, CLIP + T5
         parts.insert(0, "Flux is not supported")
     return f"a {index.get('_class_name', 'pipeline')}" + (f" ({', '.join(parts)})" if parts else "")

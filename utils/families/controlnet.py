@@ -1,15 +1,58 @@
 """A ControlNet on a frozen Stable Diffusion 1.x/2.x or XL UNet (`StableDiffusionControlNetPipeline`,
-`StableDiffusionXLControlNetPipeline`): how rows (image, control, caption) are fed, and the memory-bank sampler that
-annotates each generated image with the run's annotator. The text side (tokenizers, encoders, VAE, SDXL's pooled
-embedding and size ids) is the text-to-image family's (`utils.families.stable_diffusion`, `utils.families.sdxl`)."""
+`StableDiffusionXLControlNetPipeline`): its views of the data (image, control, caption) and of a bank, how rows are
+fed, and its memory-bank plan, whose sampler annotates each generated image with the run's annotator. The text side
+(tokenizers, encoders, VAE, SDXL's pooled embedding and size ids) is the text-to-image family's
+(`utils.families.stable_diffusion`, `utils.families.sdxl`)."""
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
 
 from ..diffusion.latents import sample_latents
-from .base import Family, Rows
+from ..infra.data import ArrowBatches, as_batch, resize_center_crop
+from ..infra.errors import UserError
+from .base import BankPlan, BankSettings, Family, Rows
 from .stable_diffusion import PromptBankSampler, StableDiffusion
+
+
+def fit_control(image, resolution: int, condition: str):
+    """A control resized and cropped like its image (segmentation maps with nearest neighbour: no new colours)."""
+    resample = Image.NEAREST if condition == "segmentation" else Image.BILINEAR
+    return resize_center_crop(image.convert("RGB"), resolution, resample)
+
+
+def control_tensor(image, resolution: int, condition: str) -> torch.Tensor:
+    """A control image resized and cropped like its image, as (3, H, W) in [0, 1] (diffusers' convention)."""
+    arr = np.asarray(fit_control(image, resolution, condition), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def image_tensor(image, resolution: int) -> torch.Tensor:
+    arr = np.asarray(resize_center_crop(image.convert("RGB"), resolution), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def collate_rows(rows: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+            "conditioning_pixel_values": torch.stack([r["conditioning_pixel_values"] for r in rows]),
+            "captions": [r["captions"] for r in rows]}
+
+
+class ControlBankRows(ArrowBatches):
+    """Bank rows: stored latent moments straight from Arrow, and the decoded control."""
+
+    def __init__(self, bank, resolution: int, condition: str):
+        super().__init__(bank, ["latent_moments"])
+        self.controls = bank.select_columns(["conditioning_image"])
+        self.resolution, self.condition = resolution, condition
+
+    def __getitems__(self, indices):
+        batch = super().__getitems__(indices)
+        controls = self.controls[list(indices)]["conditioning_image"]
+        batch["conditioning_pixel_values"] = torch.stack(
+            [control_tensor(c, self.resolution, self.condition) for c in controls])
+        return batch
 
 
 class ControlNetOnSD(Family):
@@ -24,20 +67,58 @@ class ControlNetOnSD(Family):
     description = "a Stable Diffusion 1.x/2.x or XL pipeline (ControlNet)"
 
     def __init__(self, text: StableDiffusion, scheduler, unet, bank_prompt: str, autocast, dtype,
-                 resolution: int, crops_coords_top_left: tuple[int, int] = (0, 0)):
+                 resolution: int, condition: str):
         super().__init__(scheduler, text.device)
         self.text, self.vae, self.unet = text, text.vae, unet
         self.autocast, self.dtype = autocast, dtype
+        self.resolution, self.condition = resolution, condition
         self.bank_ids, self.empty_ids = text.tokenize([bank_prompt]), text.empty_ids
         self.time_ids = None
-        if hasattr(text, "time_ids"):  # SDXL's added condition: the same for every row
-            geometry = torch.tensor([[resolution, resolution, *crops_coords_top_left]])
+        if hasattr(text, "time_ids"):  # SDXL's added condition: the same for every row (crop 0, 0 by default)
+            geometry = torch.tensor([[resolution, resolution, *(text.crops_coords_top_left or (0, 0))]])
             self.time_ids = text.time_ids(geometry, resolution)
 
     @staticmethod
     def bank_family(text_class) -> str:
         """The family a ControlNet bank records: "controlnet" on SD 1.x/2.x (as before SDXL), else with the base's."""
         return "controlnet" if text_class is StableDiffusion else f"controlnet-{text_class.name}"
+
+    @classmethod
+    def bank_plan(cls, name: str, settings: BankSettings, options: dict) -> BankPlan:
+        """Samples of the one prompt (`settings.prompts[0]`, the paper's "a high-quality, detailed, and professional
+        image") on the base pipeline (`options["text_family"]`), each with its control annotated by the run's
+        annotator; a bank records the base's family, the resolution, the annotator's settings, the prompt and
+        another VAE."""
+        text_class, annotator, prompt = options["text_family"], settings.annotator, settings.prompts[0]
+        if text_class.controlnet_pipeline is None:
+            raise UserError(f"ControlNet memory banks of {text_class.tag.upper()} pipelines are not supported (the "
+                            "ControlNet script trains SD 1.x/2.x and SDXL ControlNets); pass --no_controls or "
+                            "--prompts_file for a text-to-image bank")
+        record = {"family": cls.bank_family(text_class), "base_model": name, "resolution": settings.resolution,
+                  "annotator": annotator.settings, "prompt": prompt}
+        if settings.vae:  # a bank's latents are its VAE's
+            record["vae"] = settings.vae
+        guidance = text_class.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        return BankPlan(record, lambda pipe: ControlBankSampler(pipe, annotator, prompt, guidance,
+                                                                settings.num_inference_steps, settings.resolution,
+                                                                text_class))
+
+    # ---- the data and bank views
+    def transform(self, image_column: str, control_column: str, caption_column: str):
+        """A `Dataset.with_transform` function: `pixel_values` in [-1, 1], the control in [0, 1], the captions."""
+        resolution, condition = self.resolution, self.condition  # not the family: datasets hashes the transform
+
+        def transform(batch):
+            return {"pixel_values": [image_tensor(im, resolution) for im in batch[image_column]],
+                    "conditioning_pixel_values": [control_tensor(c, resolution, condition)
+                                                  for c in batch[control_column]],
+                    "captions": batch[caption_column]}
+        return transform
+
+    collate = staticmethod(collate_rows)
+
+    def bank_view(self, bank) -> tuple:
+        return ControlBankRows(bank, self.resolution, self.condition), as_batch
 
     def _cond(self, ids, controls) -> dict:
         cond = {"input_ids": ids.to(self.device), "controls": controls.to(self.device)}

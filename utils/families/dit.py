@@ -1,16 +1,20 @@
 """Class-conditional DiT (`DiTPipeline`: `DiTTransformer2DModel` on VAE latents, ImageNet's 1000 label rows and the
-null class 1000): how rows are fed, its learned-variance loss term, and its memory-bank sampler."""
+null class 1000): how rows are fed (images, or latents cached once), its learned-variance loss term, its memory-bank
+plan and sampler."""
 
 import datasets
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiTPipeline
+from datasets.fingerprint import Hasher
+from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
 from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 from ..diffusion.losses import LearnedVarianceLoss, epsilon_mse
+from ..infra.data import ArrowBatches, as_batch, image_transform, to_tensor
+from ..infra.errors import UserError
 from ..metrics.sampling import seeded_generators
-from .base import Family, Rows
+from .base import BankPlan, BankSettings, Family, Rows
 
 
 def _not_the_id2label_type_note(record) -> bool:
@@ -31,11 +35,15 @@ class DiT(Family):
 
     name = "dit"
     description = "a class-conditional DiTPipeline"
+    bank_guidance_scale = 1.5  # the official sampler's CFG scale
 
     def __init__(self, transformer, vae, scheduler, device, random_flip: bool = False):
         super().__init__(scheduler, device, random_flip)
+        self.denoiser = transformer  # what predicts (a script may train a wrapped copy)
+        self.resolution = transformer.config.sample_size * vae_scale_factor(vae)  # the size it was trained at
         self.vae, self.scaling_factor = vae, vae.config.scaling_factor  # 0.18215 for DiT's sd-vae-ft-ema
         self.null_class = transformer.config.num_embeds_ada_norm  # ImageNet: row 1000 is the null class
+        self.latent_shape = latent_shape(transformer.config)
         self.learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
         self.vb_loss = LearnedVarianceLoss(scheduler.betas) if self.learned_sigma else None
 
@@ -44,6 +52,10 @@ class DiT(Family):
         return index.get("_class_name") == "DiTPipeline"
 
     bank_batch_size = 32  # generation batch of a memory bank
+
+    @classmethod
+    def from_pipeline(cls, pipeline, device, **options) -> "DiT":
+        return cls(pipeline.transformer, pipeline.vae, DDPMScheduler.from_config(pipeline.scheduler.config), device)
 
     @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs) -> DiTPipeline:
@@ -56,6 +68,56 @@ class DiT(Family):
         for module in transformer.modules():
             if hasattr(module, "class_embedder"):
                 module.class_embedder.dropout_prob = 0.0
+
+    @classmethod
+    def bank_plan(cls, name: str, settings: BankSettings, options: dict) -> BankPlan:
+        """Random classes at CFG 1.5 (default) and 50 DDIM steps; a bank records the latent shape it holds."""
+        try:
+            config = DiTTransformer2DModel.load_config(name, subfolder="transformer", revision=settings.revision,
+                                                       cache_dir=settings.cache_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a DiTPipeline transformer from {name!r}: "
+                            f"{str(e).strip().splitlines()[0]}") from e
+        guidance = cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        record = {"family": cls.name, "base_model": name, "latent_shape": list(latent_shape(config))}
+        return BankPlan(record, lambda pipe: DiTBankSampler(pipe, guidance, settings.num_inference_steps))
+
+    def bank_view(self, bank) -> tuple:
+        return ArrowBatches(bank, self.bank_columns()), as_batch
+
+    def cache_latents(self, ds, image_column: str, resolution: int, autocast, key: list):
+        """`ds` with its images replaced by the VAE's posterior moments of each image and of its mirror, computed
+        once and cached by `datasets` (reused while the data, `key` (model and revision), VAE, resolution and dtype
+        stay the same)."""
+        vae, shape = self.vae, self.latent_shape
+
+        def encode_batch(batch):
+            pixels = torch.stack([to_tensor(img, resolution) for img in batch[image_column]])
+            with autocast():
+                moments, flipped = encode_moments(vae, pixels)
+            return {"latent_moments": moments.cpu().numpy(), "latent_moments_flipped": flipped.cpu().numpy()}
+
+        return ds.map(
+            encode_batch, batched=True, batch_size=32, remove_columns=[image_column],
+            features=datasets.Features({
+                "labels": ds.features["labels"],
+                "latent_moments": datasets.Array3D(shape, "float32"),
+                "latent_moments_flipped": datasets.Array3D(shape, "float32"),
+                **{c: f for c, f in ds.features.items() if c not in (image_column, "labels")},
+            }),
+            new_fingerprint=Hasher.hash([ds._fingerprint, *key, dict(vae.config), resolution, str(vae.dtype)]),
+            desc="caching latents")
+
+    @staticmethod
+    def data_view(ds, image_column: str, resolution: int) -> tuple:
+        """(dataset, collate_fn) of the downstream rows (`labels` and cached moments, or images encoded in the
+        loop)."""
+        if "latent_moments" in ds.column_names:
+            return ArrowBatches(ds, ["labels", "latent_moments", "latent_moments_flipped"]), as_batch
+        return ds.with_transform(image_transform(image_column, "labels", resolution)), None
+
+    def null_condition(self, n: int) -> dict:
+        return {"class_labels": torch.full((n,), self.null_class)}
 
     def _moments(self, batch, n, generator):
         flip = self.flips(n, generator)

@@ -22,6 +22,7 @@ import functools
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from ..diffusion.forward_process import FLOW_FLAGS
 from ..diffusion.latents import sample_latents, vae_scale_factor
 from ..infra.training import freeze
 from .base import Family
@@ -41,6 +42,8 @@ class StableDiffusion3(StableDiffusion):
     denoiser_class, scheduler_class = SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler
     lora_targets = SD3_LORA_TARGETS
     example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
+    own_flags = {flag: "SD3's (T5 tokens, flow matching)" for flag in ("max_sequence_length", *FLOW_FLAGS)}
+    controlnet_pipeline = None  # SD3ControlNetModel is a family of its own, not written yet
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
                  train_text_encoder: bool = False, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH):
@@ -61,6 +64,16 @@ class StableDiffusion3(StableDiffusion):
     @classmethod
     def matches(cls, index: dict) -> bool:
         return (index.get("transformer") or [None, None])[1] == "SD3Transformer2DModel"
+
+    @classmethod
+    def options(cls, args) -> dict:
+        """The T5 length (default 77, as diffusers' SD3 LoRA script)."""
+        super().options(args)
+        return {"max_sequence_length": getattr(args, "max_sequence_length", None) or DEFAULT_MAX_SEQUENCE_LENGTH}
+
+    @classmethod
+    def sampling_kwargs(cls, options: dict) -> dict:
+        return {"max_sequence_length": options.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)}
 
     @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs):

@@ -48,6 +48,9 @@ class StableDiffusionXL(StableDiffusion):
     name, description, tag = "stable-diffusion-xl", "a Stable Diffusion XL pipeline", "stable-diffusion-xl"
     model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionXLPipeline"
     example_call = 'pipe("a photo of a cat", num_inference_steps=30)'
+    own_flags = {"crops_coords_top_left_h": "SDXL's size conditioning (the crop every row's size ids record)",
+                 "crops_coords_top_left_w": "SDXL's size conditioning (the crop every row's size ids record)"}
+    controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
                  train_text_encoder: bool = False, crops_coords_top_left: tuple[int, int] | None = None):
@@ -70,6 +73,13 @@ class StableDiffusionXL(StableDiffusion):
     def matches(cls, index: dict) -> bool:
         return (unet_class(index) == "UNet2DConditionModel" and bool(index.get("text_encoder_2"))
                 and index.get("_class_name") == "StableDiffusionXLPipeline")
+
+    @classmethod
+    def options(cls, args) -> dict:
+        """Fixed crop ids for every row where --crops_coords_top_left_h/w are given (else each image's own crop)."""
+        super().options(args)
+        h, w = getattr(args, "crops_coords_top_left_h", None), getattr(args, "crops_coords_top_left_w", None)
+        return {} if h is None and w is None else {"crops_coords_top_left": (h or 0, w or 0)}
 
     @staticmethod
     def load(name: str, revision=None, cache_dir=None, **kwargs):

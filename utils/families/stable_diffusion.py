@@ -10,10 +10,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
-from ..infra.data import ArrowBatches
+from ..infra.data import ArrowBatches, as_batch
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
-from .base import Rows
+from .base import BankPlan, BankSettings, Rows
 from .ddpm import UNetFamily, unet_class
 from .tuning import UNET_LORA_TARGETS, lora_layers
 
@@ -42,6 +42,9 @@ class StableDiffusion(UNetFamily):
     example_call = 'pipe("a photo of a cat", num_inference_steps=50)'
     needs_captions = True
     pipeline_kwargs: dict = {}  # more arguments of every pipeline call (SD3: max_sequence_length)
+    own_flags = {"tokenizer_name": "the one tokenizer of a Stable Diffusion 1.x/2.x pipeline"}
+    bank_guidance_scale = 7.5  # CFG scale of memory-bank samples
+    controlnet_pipeline = "StableDiffusionControlNetPipeline"  # None: no ControlNet trains on this family
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
                  train_text_encoder: bool = False):
@@ -57,6 +60,32 @@ class StableDiffusion(UNetFamily):
     def matches(cls, index: dict) -> bool:
         return (unet_class(index) == "UNet2DConditionModel" and "text_encoder" in index
                 and not index.get("text_encoder_2") and "XL" not in index.get("_class_name", ""))
+
+    @classmethod
+    def sampling_kwargs(cls, options: dict) -> dict:
+        """The pipeline-call arguments its options fix (SD3: the T5 length), recorded by a bank."""
+        return {}
+
+    @classmethod
+    def bank_plan(cls, name, settings: BankSettings, options: dict) -> BankPlan:
+        """Sample i from prompt i mod P at CFG 7.5 (default) and the training resolution; a bank records the
+        resolution, the prompts, what the pipeline call was given (SD3: the T5 length) and another VAE."""
+        kwargs = cls.sampling_kwargs(options)
+        record = {"family": cls.name, "base_model": name, "resolution": settings.resolution,
+                  "prompts": settings.prompts, **kwargs}
+        if settings.vae:  # a bank's latents are its VAE's
+            record["vae"] = settings.vae
+        guidance = cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        return BankPlan(record, lambda pipe: PromptBankSampler(pipe, settings.prompts, guidance,
+                                                               settings.num_inference_steps, settings.resolution,
+                                                               cls, kwargs))
+
+    def bank_view(self, bank) -> tuple:
+        """Stored moments and each row's prompt tokens."""
+        return PromptBankRows(bank, self.tokenize), as_batch
+
+    def null_condition(self, n: int) -> dict:
+        return {"input_ids": self.empty_ids.expand(n, *self.empty_ids.shape[1:])}
 
     @staticmethod
     def sampling_scheduler(pipeline):
@@ -89,6 +118,11 @@ class StableDiffusion(UNetFamily):
                                                        safety_checker=None, requires_safety_checker=False, **kwargs)
 
     @property
+    def denoiser(self):
+        """The pipeline's UNet (SD3: transformer)."""
+        return getattr(self.pipeline, self.model_key)
+
+    @property
     def resolution(self) -> int:
         return self.pipeline.unet.config.sample_size * vae_scale_factor(self.vae)
 
@@ -114,10 +148,6 @@ class StableDiffusion(UNetFamily):
         n = len(batch["latent_moments"])
         ids = self.empty_ids.expand(n, -1) if self.bank_condition == "empty" else batch["input_ids"]
         return Rows(batch["latent_moments"].to(self.device), {"input_ids": ids.to(self.device)})
-
-    def bank_dataset(self, bank):
-        """The bank as the bank loader reads it: stored moments and each row's prompt tokens."""
-        return PromptBankRows(bank, self.tokenize)
 
     def drop_condition(self, rows, mask) -> Rows:
         ids = torch.where(mask[:, None], self.empty_ids.to(self.device), rows.cond["input_ids"])

@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from ..diffusion.losses import DenoisingBatch, epsilon_mse, min_snr_weights
+from ..diffusion.forward_process import forward_process
+from ..diffusion.losses import DenoisingBatch, compose_batch, epsilon_mse, min_snr_weights
 from ..infra.outputs import write_json_atomically
 
 GLOBAL_SAMPLE_MODES = ("sample", "batch")
@@ -84,11 +85,8 @@ class DeMeLoss:
         """x_0 (flipped with --random_flip), t from the range sampler, the noise and the target."""
         data = family.rows(rows, generator)
         x0 = family.x0(data.x, generator)
-        cond = family.encode(data.cond)
-        timesteps = self.sampler.sample(len(x0), generator, family.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        noisy = family.scheduler.add_noise(x0, noise, timesteps)
-        return DenoisingBatch(x0, cond, timesteps, noise, noisy, family.target(x0, noise, timesteps))
+        index = self.sampler.sample(len(x0), generator, family.device)
+        return compose_batch(forward_process(family.scheduler), family, x0, data.cond, index, generator)
 
     def __call__(self, family, net, frozen, rows: dict, generator) -> tuple[torch.Tensor, dict]:
         b = self.batch(family, rows, generator)
@@ -111,19 +109,17 @@ def range_losses(family, unet, batches, ranges, seed: int = 0) -> list[float]:
     """Held-out denoising loss of `unet` on each timestep range (the merge-weight search's score). The noise and
     timesteps depend only on `seed`, the batch and the range, so two models scored with the same seed see exactly
     the same problems. `family` must not flip (random_flip=False)."""
-    losses = []
+    losses, process = [], forward_process(family.scheduler)
     for r, (lo, hi) in enumerate(ranges):
         total, count = 0.0, 0
         for b, batch in enumerate(batches):
             g = torch.Generator(family.device).manual_seed(hash((seed, r, b)) & (2**63 - 1))
             data = family.rows(batch, g)
             x0 = family.x0(data.x, g)
-            cond = family.encode(data.cond)
             t = torch.randint(lo, hi, (len(x0),), generator=g, device=family.device)
-            noise = torch.randn(x0.shape, generator=g, device=family.device)
-            noisy = family.scheduler.add_noise(x0, noise, t)
-            pred = family.predict(unet, noisy, t, cond)
-            total += (pred.float() - family.target(x0, noise, t).float()).pow(2).mean().item() * len(x0)
+            b = compose_batch(process, family, x0, data.cond, t, g)
+            pred = family.predict(unet, b.noisy, b.timesteps, b.cond)
+            total += (pred.float() - b.target.float()).pow(2).mean().item() * len(x0)
             count += len(x0)
         losses.append(total / count)
     return losses
