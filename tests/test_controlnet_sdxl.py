@@ -71,9 +71,9 @@ def test_rows_carry_the_size_ids_and_both_encoders(tiny_sdxl_dir):
     from utils.families.sdxl import StableDiffusionXL
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    text = StableDiffusionXL(pipe, "cpu")
+    text = StableDiffusionXL(pipe, "cpu", crops_coords_top_left=(2, 3))  # --crops_coords_top_left_h/w 2 3
     family = ControlNetOnSD(text, DDPMScheduler.from_config(pipe.scheduler.config), pipe.unet, "a bank prompt",
-                            torch.autocast, torch.float32, 16, (2, 3))
+                            torch.autocast, torch.float32, 16, "canny")
     batch = {"pixel_values": torch.zeros(2, 3, 16, 16), "conditioning_pixel_values": torch.zeros(2, 3, 16, 16),
              "captions": ["a digit one", ["a digit two", "a two"]]}
     rows = family.rows(batch, torch.Generator().manual_seed(0))

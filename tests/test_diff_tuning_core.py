@@ -150,7 +150,8 @@ def controlnet_family(sd_dir):
                    return_tensors="pt").input_ids
 
     text = StableDiffusion(pipe, "cpu")  # the base's text-to-image family: tokenizer, encoder, VAE
-    family = ControlNetOnSD(text, scheduler, pipe.unet, "a bank prompt", contextlib.nullcontext, torch.float32, 16)
+    family = ControlNetOnSD(text, scheduler, pipe.unet, "a bank prompt", contextlib.nullcontext, torch.float32, 16,
+                            "canny")
     return pipe, scheduler, family, tokenize
 
 

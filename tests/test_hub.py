@@ -64,7 +64,12 @@ def test_card_metadata_for_hub_dataset_and_base_license(tmp_path, tiny_pipeline_
     args = script.parse_args(["--pretrained_model_name_or_path", str(base), "--dataset", "someone/flowers",
                               "--output_dir", str(tmp_path / "out"), "--tuning", "bitfit", "--method", "standard"])
     os.makedirs(args.output_dir)
-    script.write_card(args, ["rose", "tulip"], {}, 10, 1000, {"loss": 0.5}, "no", args.learning_rate, None, 1000)
+    from diffusers import DDPMScheduler
+
+    from utils.methods.diff_tuning import DiffTuning
+
+    standard = DiffTuning(DDPMScheduler(), method="standard")
+    script.write_card(args, ["rose", "tulip"], standard, 10, 1000, {"loss": 0.5}, "no", args.learning_rate, None, 1000)
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.datasets == ["someone/flowers"] and card.data.license == "cc-by-nc-4.0"
     assert set(card.data.tags) >= {"standard-fine-tuning", "bitfit", "diffusers-training"}
