@@ -46,6 +46,7 @@ from utils.families.base import BankSettings, detect_family
 from utils.families.registry import PREMISE
 from utils.infra.data import check_images, load_image_dataset, require_column, to_tensor
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
 from utils.infra.training import HelpFormatter
 from utils.metrics.fid import load_feature_extractor, make_metric
@@ -91,7 +92,8 @@ def parse_args(argv=None):
                         "your images than at home (its own samples, or --source_dataset).")
     p.add_argument("--batch_size", type=int, default=16, help="Images per model call.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the sample choice, samples, timesteps and noise.")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     for name in ("num_images", "num_inference_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -197,6 +199,8 @@ def main(args):
     torch.manual_seed(args.seed)
     family_class = detect_family(args.pretrained_model_name_or_path, PREMISE, SCRIPT,
                                  args.revision, args.cache_dir)
+    resolution = family_class.check_resolution(args.pretrained_model_name_or_path, args.resolution, args.revision,
+                                               args.cache_dir)  # the model's own unless given
     ds = load_image_dataset(args.dataset, args.split, args.dataset_config_name, args.cache_dir)
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     if len(ds) < 4:
@@ -223,7 +227,6 @@ def main(args):
     seeds = list(range(args.seed, args.seed + 2 * n))  # two sets of its own samples
     family = family_class.from_pipeline(pipeline, "cpu")
     net = family.denoiser.eval()
-    resolution = args.resolution or family.resolution
     # its own samples, drawn as a memory bank of the family would be (DiT: random classes; else --prompt)
     sampler = family_class.bank_plan(args.pretrained_model_name_or_path, BankSettings(
         args.guidance_scale, args.num_inference_steps, resolution, [args.prompt], revision=args.revision,

@@ -29,6 +29,7 @@ from utils.families.ddpm import DDPMUNet
 from utils.families.dit import DiT
 from utils.infra.data import check_images, load_image_dataset, require_column
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_file, write_json_atomically
 from utils.infra.training import HelpFormatter, weights_are_finite
 from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections
@@ -70,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--output_file", default=None, help="JSON report (default: <model folder>/fid.json, or ./fid.json).")
     p.add_argument("--plot", default=None, help="PNG of FID against the handoff fraction.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Sampling device.")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     for name in ("num_samples", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

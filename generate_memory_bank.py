@@ -29,6 +29,7 @@ from utils.families.base import BankSettings, detect_family
 from utils.families.controlnet import ControlNetOnSD
 from utils.families.registry import MEMORY_BANKS
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.training import HelpFormatter, precision_dtype
 from utils.methods.memory_bank import bank_prompts_from_file, build_memory_bank, check_memory_bank
 from utils.metrics.annotators import add_annotator_args, annotator_of
@@ -62,7 +63,8 @@ def parse_args(argv=None):
                    help="A text-to-image bank (implies --no_controls): prompts, one a line, sample i from prompt "
                         "i mod P (train_diff_tuning_text_to_image.py --memory_bank_prompts takes the same file).")
     add_annotator_args(p)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     for name in ("size", "num_inference_steps", "resolution"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -34,6 +34,7 @@ from utils.families.registry import DEME
 from utils.infra import hub
 from utils.infra.data import load_image_dataset, require_column
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_finite_model, check_output_dir, finite_tensors, replace_dir, work_dir
 from utils.infra.training import HelpFormatter
 from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections, load_official_projections
@@ -99,7 +100,8 @@ def parse_args(argv=None):
     g.add_argument("--hub_model_id", default=None, help="Repo id (default: the output folder's name).")
     g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     args.models = expand_models(args.models)
     check_args(args)
     return args

@@ -65,6 +65,7 @@ from utils.infra.data import (
     worker_options,
 )
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
 from utils.infra.training import (
     LR_SCHEDULERS,
@@ -207,7 +208,8 @@ def parse_args(argv=None):
     g.add_argument("--with_tracking", action="store_true",
                    help="Accepted for transformers' example commands: here the trackers are on unless --report_to "
                         "none (default: tensorboard), so the flag changes nothing.")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     check_args(args)
     return args
 
@@ -475,7 +477,7 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     # ---- Resume (the key encoder and the queues are part of the state).
-    identity = {**run_identity(args, IDENTITY_FLAGS), "num classes": len(names)}
+    identity = {**run_identity(args, IDENTITY_FLAGS, SCRIPT), "num classes": len(names)}
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, identity=identity)
     micro_step = global_step * args.gradient_accumulation_steps
     train_iter = ResumableLoader(loader, accelerator, micro_step)

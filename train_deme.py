@@ -37,6 +37,7 @@ from utils.infra import hub
 from utils.infra.checkpointing import resume, run_identity, step_generator
 from utils.infra.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
     HelpFormatter,
@@ -133,7 +134,8 @@ def parse_args(argv=None):
     g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
     g.add_argument("--validation_prompts", nargs="+", default=None,
                    help="Stable Diffusion validation prompts (default: the first captions of the data).")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     check_args(args)
     return args
 
@@ -259,7 +261,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         accelerator.init_trackers("deme", config={**tracker_config(args), "range_index": index, "range_lo": lo,
                                                   "range_hi": hi})
 
-    identity = run_identity(args, IDENTITY_FLAGS)
+    identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, family.name)
     global_step = resume(accelerator, out, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.diffusion.latents import vae_scale_factor
-from utils.families.base import BankSettings, check_variant, detect_family, looks_local
+from utils.families.base import BankSettings, check_vae, check_variant, detect_family, looks_local
 from utils.families.controlnet import ControlNetOnSD, fit_control
 from utils.families.registry import CONTROLNET_BASES
 from utils.families.stable_diffusion import StableDiffusion
@@ -55,6 +55,7 @@ from utils.infra.data import (
     worker_options,
 )
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
     HelpFormatter,
@@ -178,7 +179,8 @@ def parse_args(argv=None):
     g.add_argument("--convergence_patience", type=int, default=1,
                    help="Consecutive evaluations past the threshold before it counts.")
     g.add_argument("--stop_at_convergence", action="store_true", help="End training at the convergence step.")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     check_args(args)
     return args
 
@@ -236,8 +238,7 @@ def check_pipeline(args) -> tuple[type[StableDiffusion], dict, int, DDPMSchedule
         raise UserError(f"the pipeline's scheduler predicts {scheduler_config['prediction_type']!r}; ControlNet "
                         "training supports epsilon and v_prediction")
     factor = vae_scale_factor(vae_config)
-    if args.resolution % factor:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's factor {factor}")
+    family.check_resolution(name, args.resolution, args.revision, args.cache_dir)
     if args.controlnet_model_name_or_path:
         try:
             control_config = ControlNetModel.load_config(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
@@ -254,6 +255,7 @@ def check_pipeline(args) -> tuple[type[StableDiffusion], dict, int, DDPMSchedule
     if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
         raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
     check_variant(name, args.variant)
+    check_vae(args.pretrained_vae_model_name_or_path, args.cache_dir)
     return family, options, factor, DDPMScheduler.from_config(scheduler_config)
 
 
@@ -408,7 +410,8 @@ def main(args):
         args.memory_bank_guidance_scale, args.memory_bank_inference_steps, args.resolution, [args.memory_bank_prompt],
         annotator, args.pretrained_vae_model_name_or_path), {"text_family": base_family})
     diff_tuning.check_bank(bank_plan.record, args.memory_bank_size, accelerator.num_processes)
-    check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
+    identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, base_family.name)
+    check_resume(args.output_dir, args.resume_from_checkpoint, identity, logger)
     if accelerator.is_main_process:
         mark(args.output_dir, SCRIPT)  # from here on this script writes into it
     if args.annotate_dataset:
@@ -470,7 +473,6 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     # ---- Resume: the weights, the data order, and the fidelity curve up to the checkpoint.
-    identity = run_identity(args, IDENTITY_FLAGS)
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)

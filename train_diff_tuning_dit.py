@@ -28,7 +28,6 @@ from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-from utils.diffusion.latents import vae_scale_factor
 from utils.families.base import BankSettings, detect_family
 from utils.families.dit import DiT
 from utils.families.tuning import (
@@ -51,6 +50,7 @@ from utils.infra.data import (
     worker_options,
 )
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
     HelpFormatter,
@@ -132,7 +132,8 @@ def parse_args(argv=None):
     g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
     g.add_argument("--validation_guidance_scale", type=float, default=1.5,
                    help="CFG scale of validation/final samples.")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     check_args(args)
     return args
 
@@ -179,6 +180,7 @@ def main(args):
     names = class_names(ds, label_column)
     detect_family(args.pretrained_model_name_or_path, [DiT], "train_diff_tuning_dit.py", args.revision,
                   args.cache_dir)
+    DiT.check_resolution(args.pretrained_model_name_or_path, args.resolution, args.revision, args.cache_dir)
     try:
         config = DiTTransformer2DModel.load_config(args.pretrained_model_name_or_path, subfolder="transformer",
                                                    revision=args.revision, cache_dir=args.cache_dir)
@@ -198,7 +200,8 @@ def main(args):
         args.memory_bank_guidance_scale, args.memory_bank_inference_steps, revision=args.revision,
         cache_dir=args.cache_dir), {})
     diff_tuning.check_bank(bank_plan.record, args.memory_bank_size, accelerator.num_processes)
-    check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
+    identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, DiT.name)
+    check_resume(args.output_dir, args.resume_from_checkpoint, identity, logger)
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
@@ -211,11 +214,6 @@ def main(args):
     pipeline = DiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                            cache_dir=args.cache_dir)
     transformer, vae = pipeline.transformer, pipeline.vae
-    vae_scale = vae_scale_factor(vae)
-    if args.resolution // vae_scale != transformer.config.sample_size or args.resolution % vae_scale:
-        size = transformer.config.sample_size
-        raise UserError(f"--resolution {args.resolution} gives {args.resolution / vae_scale:g}x latents but the model "
-                        f"takes {size}x; use --resolution {size * vae_scale}")
     DiT.switch_off_label_dropout(transformer)  # labels are dropped once per sample, by the method
     # checked now, not after the memory bank is generated
     difffit_blocks = difffit_block_count(transformer, args.difffit_blocks) if args.tuning == "difffit" else None
@@ -263,7 +261,6 @@ def main(args):
         accelerator.init_trackers("diff-tuning-dit", config=tracker_config(args))
 
     # ---- Resume.
-    identity = run_identity(args, IDENTITY_FLAGS)
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)

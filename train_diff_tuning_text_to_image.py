@@ -42,8 +42,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from utils.diffusion.forward_process import add_flow_matching_args
-from utils.diffusion.latents import vae_scale_factor
-from utils.families.base import BankSettings, check_variant, detect_family
+from utils.families.base import BankSettings, check_vae, check_variant, detect_family
 from utils.families.registry import TEXT_TO_IMAGE
 from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
 from utils.infra import hub
@@ -58,6 +57,7 @@ from utils.infra.data import (
     worker_options,
 )
 from utils.infra.errors import UserError
+from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
     HelpFormatter,
@@ -190,7 +190,8 @@ def parse_args(argv=None):
                    help="Forgetting probe: prompts the base model could already draw, sampled with fixed seeds and "
                         "scored against the base model's own samples (default: the first four bank prompts; none "
                         "without a bank).")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
+    check_finite_flags(args)  # nan and inf pass every range check below
     check_args(args)
     return args
 
@@ -279,14 +280,11 @@ def main(args):
     family_class = detect_family(name, TEXT_TO_IMAGE, SCRIPT, args.revision, args.cache_dir)
     family_options = family_class.options(args)  # its own flags (SDXL's crop ids, SD3's T5 length); others refused
     check_variant(name, args.variant)
+    check_vae(args.pretrained_vae_model_name_or_path, args.cache_dir)
+    resolution = family_class.check_resolution(name, args.resolution, args.revision, args.cache_dir)  # default: its own
     try:
         noise_scheduler = family_class.scheduler_class.from_pretrained(name, subfolder="scheduler",
                                                                        revision=args.revision, cache_dir=args.cache_dir)
-        vae_factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=args.revision,
-                                                                cache_dir=args.cache_dir))
-        model_size = family_class.denoiser_class.load_config(name, subfolder=family_class.model_key,
-                                                             revision=args.revision,
-                                                             cache_dir=args.cache_dir)["sample_size"]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {family_class.description} from {name!r}: {str(e).strip().splitlines()[0]}"
                         ) from e
@@ -294,9 +292,6 @@ def main(args):
     if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"the pipeline's scheduler predicts {prediction_type!r}; this script trains epsilon and "
                         "v_prediction models (and SD3's flow matching)")
-    resolution = args.resolution or model_size * vae_factor  # the model's own unless given
-    if resolution % vae_factor:
-        raise UserError(f"--resolution {resolution} is not a multiple of the VAE's factor {vae_factor}")
     ds, caption_column = load_captioned(args)
     diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.proportion_empty_prompts)
     if len(ds) < diff_tuning.n_data * accelerator.num_processes:
@@ -309,7 +304,8 @@ def main(args):
         args.memory_bank_guidance_scale, args.memory_bank_inference_steps, resolution, prompts,
         vae=args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir), family_options)
     diff_tuning.check_bank(bank_plan.record, bank_size, accelerator.num_processes)
-    check_resume(args.output_dir, args.resume_from_checkpoint, run_identity(args, IDENTITY_FLAGS), logger)
+    identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, family_class.name)
+    check_resume(args.output_dir, args.resume_from_checkpoint, identity, logger)
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, args.image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
@@ -388,7 +384,6 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     # ---- Resume: the weights, the data order, and the forgetting curve up to the checkpoint.
-    identity = run_identity(args, IDENTITY_FLAGS)
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
     micro_step = global_step * args.gradient_accumulation_steps
     data_iter = ResumableLoader(loader, accelerator, micro_step)

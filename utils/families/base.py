@@ -95,6 +95,12 @@ class Family:
         return {}
 
     @classmethod
+    def check_resolution(cls, name: str, resolution: int | None, revision=None, cache_dir=None) -> int:
+        """The resolution a run trains or samples at: `resolution`, or the model's own when None; a size the model
+        cannot take is refused in one line, from the configs alone (a pixel-space family takes any)."""
+        return resolution
+
+    @classmethod
     def from_pipeline(cls, pipeline, device, **options) -> "Family":
         """The family of a loaded pipeline (no flips), for commands that evaluate rather than train."""
         return cls(pipeline, device, **options)
@@ -164,6 +170,8 @@ def _all_families() -> list[type[Family]]:
 
 def pipeline_index(name: str, revision=None, cache_dir=None) -> dict:
     """A pipeline's model_index.json (no weights), or one line saying why it cannot be read."""
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise UserError(f"{name} does not exist (no such folder; a Hub id is owner/name)")
     try:
         return DiffusionPipeline.load_config(name, revision=revision, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
@@ -196,6 +204,22 @@ def detect_family(name: str, accepted: list[type[Family]], purpose: str, revisio
 def looks_local(name: str) -> bool:
     """A path rather than a Hub id ("name" or "owner/name")."""
     return name.startswith((".", "/", "~")) or name.rstrip("/").count("/") > 1
+
+
+def check_vae(name: str | None, cache_dir=None, flag: str = "--pretrained_vae_model_name_or_path") -> None:
+    """Another VAE (`name`, None: the pipeline's own) is an AutoencoderKL, from its config alone."""
+    from diffusers import AutoencoderKL
+
+    if name is None:
+        return
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise UserError(f"{flag} {name} does not exist")
+    try:
+        config = AutoencoderKL.load_config(name, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a VAE from {flag} {name}: {str(e).strip().splitlines()[0]}") from e
+    if config.get("_class_name") != "AutoencoderKL":
+        raise UserError(f"{flag} {name} holds a {config.get('_class_name')}, not an AutoencoderKL")
 
 
 def check_variant(name: str, variant: str | None) -> None:

@@ -94,6 +94,9 @@ class ControlNetOnSD(Family):
             raise UserError(f"ControlNet memory banks of {text_class.tag.upper()} pipelines are not supported (the "
                             "ControlNet script trains SD 1.x/2.x and SDXL ControlNets); pass --no_controls or "
                             "--prompts_file for a text-to-image bank")
+        text_class.check_resolution(name, settings.resolution, settings.revision, settings.cache_dir)
+        # one control annotated now: an annotator that fails or returns no image is refused before any sampling
+        annotator(Image.new("RGB", (settings.resolution, settings.resolution), (127, 127, 127)))
         record = {"family": cls.bank_family(text_class), "base_model": name, "resolution": settings.resolution,
                   "annotator": annotator.settings, "prompt": prompt}
         if settings.vae:  # a bank's latents are its VAE's

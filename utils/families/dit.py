@@ -54,6 +54,23 @@ class DiT(Family):
     bank_batch_size = 32  # generation batch of a memory bank
 
     @classmethod
+    def check_resolution(cls, name, resolution, revision=None, cache_dir=None) -> int:
+        """The transformer's sample size x the VAE's factor exactly (a DiT's position embedding has that size)."""
+        from diffusers import AutoencoderKL
+
+        try:
+            size = DiTTransformer2DModel.load_config(name, subfolder="transformer", revision=revision,
+                                                     cache_dir=cache_dir)["sample_size"]
+            factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=revision,
+                                                                cache_dir=cache_dir))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a DiTPipeline from {name!r}: {str(e).strip().splitlines()[0]}") from e
+        if resolution is not None and resolution != size * factor:
+            raise UserError(f"--resolution {resolution} gives {resolution / factor:g}x latents but the model takes "
+                            f"{size}x; use --resolution {size * factor}")
+        return size * factor
+
+    @classmethod
     def from_pipeline(cls, pipeline, device, **options) -> "DiT":
         return cls(pipeline.transformer, pipeline.vae, DDPMScheduler.from_config(pipeline.scheduler.config), device)
 

@@ -24,6 +24,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 
 from ..diffusion.forward_process import FLOW_FLAGS
 from ..diffusion.latents import sample_latents, vae_scale_factor
+from ..infra.errors import UserError
 from ..infra.training import freeze
 from .base import Family
 from .stable_diffusion import StableDiffusion, token_ids
@@ -32,6 +33,7 @@ from .tuning import lora_layers
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py's default
 DEFAULT_MAX_SEQUENCE_LENGTH = 77  # T5 tokens per caption: train_dreambooth_lora_sd3.py's default
+MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses more
 
 
 class StableDiffusion3(StableDiffusion):
@@ -69,7 +71,10 @@ class StableDiffusion3(StableDiffusion):
     def options(cls, args) -> dict:
         """The T5 length (default 77, as diffusers' SD3 LoRA script)."""
         super().options(args)
-        return {"max_sequence_length": getattr(args, "max_sequence_length", None) or DEFAULT_MAX_SEQUENCE_LENGTH}
+        length = getattr(args, "max_sequence_length", None) or DEFAULT_MAX_SEQUENCE_LENGTH
+        if length > MAX_T5_LENGTH:
+            raise UserError(f"--max_sequence_length {length} is more than SD3's T5 takes ({MAX_T5_LENGTH} tokens)")
+        return {"max_sequence_length": length}
 
     @classmethod
     def sampling_kwargs(cls, options: dict) -> dict:

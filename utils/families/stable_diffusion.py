@@ -7,10 +7,11 @@ import functools
 import datasets
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 from ..infra.data import ArrowBatches, as_batch
+from ..infra.errors import UserError
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
 from .base import BankPlan, BankSettings, Rows
@@ -62,6 +63,25 @@ class StableDiffusion(UNetFamily):
                 and not index.get("text_encoder_2") and "XL" not in index.get("_class_name", ""))
 
     @classmethod
+    def check_resolution(cls, name, resolution, revision=None, cache_dir=None) -> int:
+        """A multiple of the VAE's factor (x the transformer's patch size where latents are patched: SD3); default:
+        the UNet's (transformer's) sample size x the VAE factor (512 for SD 1.5, 1024 for SDXL and SD3)."""
+        try:
+            factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=revision,
+                                                                cache_dir=cache_dir))
+            config = cls.denoiser_class.load_config(name, subfolder=cls.model_key, revision=revision,
+                                                    cache_dir=cache_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {cls.description} from {name!r}: {str(e).strip().splitlines()[0]}") from e
+        resolution = resolution or config["sample_size"] * factor
+        patch = config.get("patch_size") or 1  # a UNet takes latents as they are; SD3's transformer 2x2 patches
+        if resolution % (factor * patch):
+            why = f"the VAE's factor {factor}" if patch == 1 else \
+                f"{factor * patch} (the VAE's factor {factor} x the transformer's patch size {patch})"
+            raise UserError(f"--resolution {resolution} is not a multiple of {why}")
+        return resolution
+
+    @classmethod
     def sampling_kwargs(cls, options: dict) -> dict:
         """The pipeline-call arguments its options fix (SD3: the T5 length), recorded by a bank."""
         return {}
@@ -71,6 +91,7 @@ class StableDiffusion(UNetFamily):
         """Sample i from prompt i mod P at CFG 7.5 (default) and the training resolution; a bank records the
         resolution, the prompts, what the pipeline call was given (SD3: the T5 length) and another VAE."""
         kwargs = cls.sampling_kwargs(options)
+        cls.check_resolution(name, settings.resolution, settings.revision, settings.cache_dir)
         record = {"family": cls.name, "base_model": name, "resolution": settings.resolution,
                   "prompts": settings.prompts, **kwargs}
         if settings.vae:  # a bank's latents are its VAE's

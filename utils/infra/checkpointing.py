@@ -12,10 +12,15 @@ from .errors import UserError
 RUN_FILE = "training_run.json"  # what a checkpoint belongs to: the base model and the flags that shape the weights
 
 
-def run_identity(args, flags) -> dict:
-    """The values of `flags` (each script names those that decide which weights a checkpoint holds); a resume with
-    other values is refused. A script may add facts that are no flag under a name of words ("num classes")."""
-    return {k: getattr(args, k) for k in flags}
+WRITER = ("script", "family")  # what wrote a checkpoint: facts of the run record, not flags
+
+
+def run_identity(args, flags, script: str | None = None, family: str | None = None) -> dict:
+    """The values of `flags` (each script names those that decide which weights a checkpoint holds), and the script
+    and model family that write the checkpoint; a resume with other values is refused. A script may add facts that
+    are no flag under a name of words ("num classes")."""
+    writer = {k: v for k, v in (("script", script), ("family", family)) if v is not None}
+    return {**writer, **{k: getattr(args, k) for k in flags}}
 
 
 def step_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
@@ -84,6 +89,11 @@ def check_identity(path: str, identity: dict | None, log) -> None:
         return
     with open(file) as f:
         recorded = json.load(f)
+    if any(k in recorded and recorded[k] != identity.get(k) for k in WRITER if k in identity):
+        def who(record):
+            return f"{record.get('script')}" + (f" ({record['family']})" if record.get("family") else "")
+        raise UserError(f"checkpoint {path} was written by {who(recorded)}; this run is {who(identity)}: resume it "
+                        "with that script and model, or use a new --output_dir")
     for key, value in identity.items():
         if key in recorded and recorded[key] != value:
             what = key if " " in key else f"--{key}"  # a flag, or a fact of the data named in words

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .checkpointing import list_checkpoints, save_checkpoint
 from .errors import UserError
+from .flags import flag_of
 
 # diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules)
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -147,9 +148,9 @@ def check_common_args(args, positive=(), finished: str = "README.md"):
     for name in ("train_batch_size", "max_train_steps", "num_train_epochs", "gradient_accumulation_steps",
                  "checkpointing_steps", "num_validation_images", "validation_inference_steps", *positive):
         if getattr(args, name, None) not in (None, "epoch") and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"{flag_of(args, name)} must be >= 1, got {getattr(args, name)}")
     if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
+        raise UserError(f"{flag_of(args, 'learning_rate')} must be > 0, got {args.learning_rate}")
     if args.validation_steps is not None and args.validation_steps < 0:
         raise UserError(f"--validation_steps must be >= 0 (0: never), got {args.validation_steps}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
