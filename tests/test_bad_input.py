@@ -159,7 +159,7 @@ def test_a_checkpoint_of_another_script_is_refused_before_loading(tiny_sd_dir, c
 
 def test_a_custom_annotator_that_returns_no_image_is_refused_before_the_bank(tiny_sd_dir, control_digits_dir,
                                                                              tmp_path, nothing_loads):
-    module = tmp_path / "my_annotator.py"
+    module = tmp_path / "array_annotator.py"
     module.write_text("import numpy as np\n\ndef edges(image):\n    return np.zeros((16, 16, 3), dtype=np.uint8)\n")
     custom = ["--condition", "custom", "--annotator", f"{module}:edges", "--resolution", "16"]
     threshold = ["--convergence_threshold", "0.5"]

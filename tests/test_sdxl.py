@@ -24,8 +24,8 @@ def sdxl(tiny_sdxl_dir):
 
 def test_the_folder_is_detected_as_sdxl_and_refused_by_a_stable_diffusion_only_entry_point(tiny_sdxl_dir):
     assert detect_family(tiny_sdxl_dir, [StableDiffusion, StableDiffusionXL], "x") is StableDiffusionXL
-    with pytest.raises(UserError, match=r"is a StableDiffusionXLPipeline \(a Stable Diffusion XL pipeline, .*; x "
-                                        "takes a Stable Diffusion 1.x/2.x"):
+    with pytest.raises(UserError, match=r"is a StableDiffusionXLPipeline \(text_encoder_2 "
+                                        r"CLIPTextModelWithProjection, unet .*\); x takes a Stable Diffusion 1.x/2.x"):
         detect_family(tiny_sdxl_dir, [StableDiffusion], "x")
 
 

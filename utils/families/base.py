@@ -182,9 +182,6 @@ def describe(index: dict) -> str:
     """What a pipeline folder holds, in words, for a refusal."""
     parts = [f"{k} {v[1]}" for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[1]
              and k in ("unet", "transformer", "text_encoder_2", "text_encoder_3")]
-    known = next((f.description for f in _all_families() if f.matches(index)), None)
-    if known:  # a family of ours that this command does not take
-        parts.insert(0, known)
     if "Flux" in index.get("_class_name", ""):  # a family of its own: packed latents, guidance embedding, CLIP + T5
         parts.insert(0, "Flux is not supported")
     return f"a {index.get('_class_name', 'pipeline')}" + (f" ({', '.join(parts)})" if parts else "")
