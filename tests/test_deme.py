@@ -10,7 +10,9 @@ from diffusers import DDPMPipeline, StableDiffusionPipeline, UNet2DConditionMode
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+import merge_timestep_models
 import train_deme as script
+from fixtures.in_process import run_script
 from fixtures.small_unet import build_ddpm_pipeline, build_sd_pipeline
 from fixtures.testing import ROOT, cli_error, cli_help, killed_at_first_checkpoint, run_main
 from utils.infra.errors import UserError
@@ -108,10 +110,9 @@ def test_deme_trains_each_range_then_merges_into_a_stock_pipeline(tiny_ddpm_dir,
     assert not torch.equal(unet_weights(out / "range_0")["conv_in.weight"],
                            unet_weights(out / "range_1")["conv_in.weight"])
 
-    proc = subprocess.run([sys.executable, "merge_timestep_models.py", "--base_model", tiny_ddpm_dir,
-                           "--models", str(out), "--weights", "0.3", "0.7", "--output_dir", str(merged)],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the merge in this process (its command line as a user sees it: tests/test_data_safety.py)
+    run_script(merge_timestep_models, ["--base_model", tiny_ddpm_dir, "--models", str(out), "--weights", "0.3", "0.7",
+                                       "--output_dir", str(merged)])
     pipe = DDPMPipeline.from_pretrained(merged)
     images = pipe(num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (1, 8, 8, 3) and torch.isfinite(torch.from_numpy(images)).all()

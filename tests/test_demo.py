@@ -4,8 +4,9 @@ seconds reads real digits, and the recognition rate counts what it reads as the 
 import json
 
 import numpy as np
+import pytest
 
-from fixtures import transfer_figure
+from fixtures import small_dit, transfer_figure
 from fixtures.offline_data import sklearn_digits, write_image_folder
 from fixtures.recognition import as_input, recognition_rate, train_digit_classifier
 
@@ -39,7 +40,7 @@ def test_transfer_figure_measures_both_models(tiny_pipeline_dir, tmp_path, monke
     assert sorted(DiT.load(str(model)).labels) == sorted(names)
     monkeypatch.setattr("sys.argv", ["transfer_figure", "--data", train, "--held_out", held, "--source", str(model),
                                      "--tuned", str(model), "--output", str(tmp_path / "t.png"), "--steps", "2",
-                                     "--per_class", "2"])
+                                     "--per_class", "2", "--classifier_steps", "200"])
     transfer_figure.main()
     report = json.loads((tmp_path / "recognition.json").read_text())
     assert set(report) == {"pre-trained", "fine-tuned"} and (tmp_path / "t.png").exists()
@@ -47,14 +48,15 @@ def test_transfer_figure_measures_both_models(tiny_pipeline_dir, tmp_path, monke
         assert 0 <= r["rate"] <= 1 and r["classifier_held_out_accuracy"] >= 0.8
 
 
-def test_a_cached_source_of_other_settings_is_refused_not_reused(tmp_path):
+def test_a_cached_source_of_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
     """The demo caches its source model; one pre-trained with other settings (an older, shorter demo) is named and
     refused, never silently reused or deleted."""
-    from fixtures.testing import run_module
-
     cached = tmp_path / "source"
     cached.mkdir()
     (cached / "model_index.json").write_text("{}")
-    proc = run_module("fixtures.small_dit", "--output_dir", str(cached), "--dit_steps", "8000", check=False)
-    assert proc.returncode == 1 and "pre-trained with other settings (None)" in proc.stderr
+    # in this process: sys.exit(message) is what `python -m fixtures.small_dit` ends with (exit 1, message on stderr)
+    monkeypatch.setattr("sys.argv", ["small_dit", "--output_dir", str(cached), "--dit_steps", "8000"])
+    with pytest.raises(SystemExit) as refused:
+        small_dit.main()
+    assert isinstance(refused.value.code, str) and "pre-trained with other settings (None)" in refused.value.code
     assert (cached / "model_index.json").exists()
