@@ -12,10 +12,32 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fixtures import testing  # noqa: E402
+from fixtures import beside, testing  # noqa: E402
 from fixtures.in_process import run_script  # noqa: E402
 from fixtures.offline_data import sklearn_digits, write_image_folder  # noqa: E402
 from fixtures.small_dit import build_pipeline  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{beside.MARK}: runs a command line in new processes (a second pytest runs "
+                                       "these beside the others; fixtures/beside.py)")
+    if os.environ.get(beside.REPORT_ENV):
+        config.pluginmanager.register(beside.Recorder(os.environ[beside.REPORT_ENV]))
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(config, items):
+    beside.move_beside(config, items)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if beside.SECOND in config.stash:
+        config.stash[beside.SECOND].summary(terminalreporter, config.option.durations is not None)
+
+
+def pytest_unconfigure(config):
+    if beside.SECOND in config.stash:
+        config.stash[beside.SECOND].stop()
 
 
 @pytest.fixture(scope="session")

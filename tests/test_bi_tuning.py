@@ -325,6 +325,7 @@ def test_subsets_are_per_class_seeded_and_stratified():
 # ---------------------------------------------------------------------------------------------------------------
 # The script.
 
+@pytest.mark.cli
 def test_end_to_end_with_accelerate_gives_a_stock_classifier_and_pipeline(classifier_dirs, digits_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -545,6 +546,7 @@ def test_push_uploads_the_classifier_and_never_the_training_state(classifier_dir
                         "preprocessor_config.json", "train_subset.json"]
 
 
+@pytest.mark.cli
 def test_two_processes_hold_identical_queues(classifier_dirs, digits_dir, tmp_path):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(
@@ -701,6 +703,7 @@ def test_bad_input_is_refused_before_training(case, message, classifier_dirs, di
     assert not started and not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.cli
 def test_a_bad_input_reads_as_one_line_to_the_user(classifier_dirs, tmp_path):
     proc = subprocess.run([sys.executable, "train_bi_tuning.py", "--pretrained_model_name_or_path",
                            classifier_dirs["resnet"], "--dataset", str(tmp_path / "none" / "x"), "--output_dir",
@@ -732,6 +735,7 @@ def test_help_documents_every_flag_with_its_default():
     assert "(default: 0.999)" in text and "(default: 40)" in text and "(default: 10000)" in text
 
 
+@pytest.mark.cli
 def test_divergence_stops_every_process_with_one_line(classifier_dirs, digits_dir, tmp_path):
     """A non-finite loss under torchrun: both processes stop at the same step (no hang in a collective), each
     with the one-line error, and nothing is saved."""

@@ -49,6 +49,7 @@ def bank_dir(tiny_sd_dir, control_digits_dir, tmp_path_factory):
     return bank_of_a_first_run(train, tiny_sd_dir, control_digits_dir, tmp_path_factory.mktemp("cn_bank"))
 
 
+@pytest.mark.cli
 def test_end_to_end_with_accelerate_launch(tiny_sd_dir, control_digits_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -159,6 +160,7 @@ def test_a_resume_between_evaluations_adds_no_evaluation(tiny_sd_dir, control_di
     assert full == json.loads((tmp_path / "resumed" / "convergence.json").read_text())
 
 
+@pytest.mark.cli
 def test_two_processes(tiny_sd_dir, control_digits_dir, bank_dir, tmp_path):
     """Data parallel on two CPU processes: the validation is sharded over both and gathered, only rank 0 writes."""
     out = tmp_path / "out"
@@ -455,6 +457,7 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
     assert not out.exists() or not left & set(os.listdir(out))
 
 
+@pytest.mark.cli
 def test_a_bad_input_ends_with_one_error_line_and_no_traceback(tiny_sd_dir, control_digits_dir, tmp_path):
     proc = subprocess.run([sys.executable, "train_diff_tuning_controlnet.py", "--pretrained_model_name_or_path",
                            tiny_sd_dir, "--dataset", control_digits_dir, "--output_dir", str(tmp_path / "out"), *TINY,

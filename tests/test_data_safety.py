@@ -68,6 +68,7 @@ def test_merge_refuses_an_output_it_did_not_write(target, tiny_ddpm_dir, copies,
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.cli
 def test_merge_with_dot_as_output_refuses_the_current_folder(tiny_ddpm_dir, copies, tmp_path, monkeypatch):
     (tmp_path / "work.py").write_text("print('mine')")
     monkeypatch.chdir(tmp_path)
@@ -148,6 +149,7 @@ def test_dit_divergence_stops_with_one_line_and_saves_nothing(tiny_pipeline_dir,
         assert all(torch.isfinite(t).all() for t in load_file(out / name / "model.safetensors").values())
 
 
+@pytest.mark.cli
 def test_divergence_message_is_the_last_line_of_a_real_run(tiny_pipeline_dir, digits_dir, tmp_path):
     proc = subprocess.run([sys.executable, "train_diff_tuning_dit.py", "--pretrained_model_name_or_path",
                            tiny_pipeline_dir, "--dataset", digits_dir, "--output_dir", str(tmp_path / "out"),

@@ -84,6 +84,7 @@ def test_official_projections_are_saved_beside_and_reattached(tmp_path):
     assert torch.allclose(restored, expected, atol=1e-6)
 
 
+@pytest.mark.cli
 def test_deme_trains_each_range_then_merges_into_a_stock_pipeline(tiny_ddpm_dir, digits_dir, tmp_path):
     out, merged = tmp_path / "deme", tmp_path / "merged"
     proc = subprocess.run(
@@ -177,6 +178,7 @@ def test_resume_matches_uninterrupted_run(tiny_ddpm_dir, digits_dir, tmp_path, m
     assert train(tiny_ddpm_dir, digits_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest") == {}
 
 
+@pytest.mark.cli
 def test_two_processes_every_range_with_scale_lr(tiny_ddpm_dir, digits_dir, tmp_path):
     """All ranges in turn under torchrun (the second range used to crash: accelerate's end_training ended the
     process group), the ranks in step, one writer, and --scale_lr computed once (it used to compound per range)."""
@@ -242,7 +244,8 @@ def test_impossible_hyperparameters(flags, message):
     ("sd_without_captions", "a Stable Diffusion model needs captions: dataset has no caption column"),
     ("captions_for_ddpm", "--caption_column given, but .* is an unconditional UNet2DModel pipeline"),
     ("missing_dataset", "does not exist"),
-    ("not_a_unet_pipeline", "is a DiTPipeline .*; DeMe takes an unconditional UNet2DModel pipeline"),
+    pytest.param("not_a_unet_pipeline", "is a DiTPipeline .*; DeMe takes an unconditional UNet2DModel pipeline",
+                 marks=pytest.mark.cli),  # the case run as a user sees it
     ("wrong_resolution", "--resolution 16 does not match the model, which takes 8x8 images"),
 ])
 def test_bad_input_is_one_line_before_training(case, message, tiny_ddpm_dir, tiny_sd_dir, tiny_pipeline_dir,

@@ -169,6 +169,7 @@ def test_bad_input_is_one_line(argv, message, two_dits, digits_dir, tmp_path):
     assert not os.path.exists(tmp_path / "r.json")
 
 
+@pytest.mark.cli
 def test_an_error_is_one_line_without_traceback_as_a_user_sees_it(two_dits, digits_dir, tmp_path):
     proc = subprocess.run([sys.executable, "evaluate_fid.py", "--model", two_dits[0], "--dataset", digits_dir,
                            "--output_file", str(tmp_path / "r.json"), "--feature_extractor", "nonsense"], cwd=ROOT,

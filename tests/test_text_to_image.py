@@ -61,6 +61,7 @@ def t2i_bank(tiny_sd_dir, captioned_digits_dir, tmp_path_factory):
     return bank_of_a_first_run(train, tiny_sd_dir, captioned_digits_dir, tmp_path_factory.mktemp("t2i_bank"))
 
 
+@pytest.mark.cli
 def test_end_to_end_with_accelerate_launch_lora_loads_in_the_stock_pipeline(tiny_sd_dir, captioned_digits_dir,
                                                                             tmp_path):
     out = tmp_path / "out"
@@ -222,6 +223,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_sd_dir, captioned_digits_dir, 
                                  LORA_FILE)
 
 
+@pytest.mark.cli
 def test_two_processes(tiny_sd_dir, captioned_digits_dir, t2i_bank, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -305,6 +307,7 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
     assert not out.exists() or not {"memory_bank", LORA_FILE, "checkpoint-2"} & set(os.listdir(out))
 
 
+@pytest.mark.cli
 def test_a_bad_input_ends_with_one_error_line_and_no_traceback(tiny_sd_dir, captioned_digits_dir, tmp_path):
     proc = subprocess.run([sys.executable, "train_diff_tuning_text_to_image.py", "--pretrained_model_name_or_path",
                            tiny_sd_dir, "--dataset", captioned_digits_dir, "--output_dir", str(tmp_path / "out"),

@@ -36,6 +36,7 @@ from utils.infra.errors import UserError
 train = train_dit
 
 
+@pytest.mark.cli
 def test_end_to_end_with_accelerate_launch(tiny_pipeline_dir, digits_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -112,6 +113,7 @@ def test_resume_puts_the_ema_back_on_the_training_device(tmp_path, monkeypatch):
     assert moved == [accelerator.device]
 
 
+@pytest.mark.cli
 def test_two_processes(tiny_pipeline_dir, digits_dir, tiny_bank_dir, tmp_path):
     """Data parallel on two CPU processes (gloo): both ranks end with identical weights; only rank 0 writes."""
     wrapper = tmp_path / "wrapper.py"
@@ -331,6 +333,7 @@ def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
         script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--report_to", "wandb"])
 
 
+@pytest.mark.cli
 def test_bank_command_refuses_a_missing_or_wrong_model_and_another_models_bank(
         tiny_ddpm_dir, tiny_pipeline_dir, tiny_bank_dir, tmp_path):
     import generate_memory_bank
@@ -362,6 +365,7 @@ def test_xformers_flag_without_the_package_is_a_clear_error(monkeypatch):
                            "--enable_xformers_memory_efficient_attention"])
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("flags", [["--tau", "-1"], ["--dataset_corrupt"]])
 def test_errors_are_one_line_without_traceback(flags, tiny_pipeline_dir, digits_dir, tmp_path):
     data = digits_dir
