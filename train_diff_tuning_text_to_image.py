@@ -323,7 +323,7 @@ def main(args):
     dtype = weight_dtype(accelerator)
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
                           args.train_text_encoder, **family_options)
-    denoiser, encoders = getattr(pipeline, family.model_key).to(accelerator.device), family.text_encoders
+    denoiser, encoders = family.denoiser.to(accelerator.device), family.text_encoders
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
     with accelerator.autocast():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
+from ..diffusion.latents import vae_scale_factor
 from ..diffusion.losses import epsilon_mse
 from ..infra.errors import UserError
 
@@ -99,6 +100,21 @@ class Family:
         """The resolution a run trains or samples at: `resolution`, or the model's own when None; a size the model
         cannot take is refused in one line, from the configs alone (a pixel-space family takes any)."""
         return resolution
+
+    @classmethod
+    def latent_configs(cls, name: str, revision=None, cache_dir=None) -> tuple[int, dict]:
+        """(the VAE's downsampling factor, the denoiser's config) of a latent family's pipeline folder, from its
+        configs alone (`denoiser_class` at subfolder `model_key`)."""
+        from diffusers import AutoencoderKL
+
+        try:
+            factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=revision,
+                                                                cache_dir=cache_dir))
+            config = cls.denoiser_class.load_config(name, subfolder=cls.model_key, revision=revision,
+                                                    cache_dir=cache_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {cls.description} from {name!r}: {str(e).strip().splitlines()[0]}") from e
+        return factor, config
 
     @classmethod
     def from_pipeline(cls, pipeline, device, **options) -> "Family":

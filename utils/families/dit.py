@@ -36,6 +36,7 @@ class DiT(Family):
     name = "dit"
     description = "a class-conditional DiTPipeline"
     bank_guidance_scale = 1.5  # the official sampler's CFG scale
+    denoiser_class, model_key = DiTTransformer2DModel, "transformer"
 
     def __init__(self, transformer, vae, scheduler, device, random_flip: bool = False):
         super().__init__(scheduler, device, random_flip)
@@ -56,15 +57,8 @@ class DiT(Family):
     @classmethod
     def check_resolution(cls, name, resolution, revision=None, cache_dir=None) -> int:
         """The transformer's sample size x the VAE's factor exactly (a DiT's position embedding has that size)."""
-        from diffusers import AutoencoderKL
-
-        try:
-            size = DiTTransformer2DModel.load_config(name, subfolder="transformer", revision=revision,
-                                                     cache_dir=cache_dir)["sample_size"]
-            factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=revision,
-                                                                cache_dir=cache_dir))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a DiTPipeline from {name!r}: {str(e).strip().splitlines()[0]}") from e
+        factor, config = cls.latent_configs(name, revision, cache_dir)
+        size = config["sample_size"]
         if resolution is not None and resolution != size * factor:
             raise UserError(f"--resolution {resolution} gives {resolution / factor:g}x latents but the model takes "
                             f"{size}x; use --resolution {size * factor}")

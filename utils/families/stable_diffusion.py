@@ -7,7 +7,7 @@ import functools
 import datasets
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 from ..infra.data import ArrowBatches, as_batch
@@ -66,13 +66,7 @@ class StableDiffusion(UNetFamily):
     def check_resolution(cls, name, resolution, revision=None, cache_dir=None) -> int:
         """A multiple of the VAE's factor (x the transformer's patch size where latents are patched: SD3); default:
         the UNet's (transformer's) sample size x the VAE factor (512 for SD 1.5, 1024 for SDXL and SD3)."""
-        try:
-            factor = vae_scale_factor(AutoencoderKL.load_config(name, subfolder="vae", revision=revision,
-                                                                cache_dir=cache_dir))
-            config = cls.denoiser_class.load_config(name, subfolder=cls.model_key, revision=revision,
-                                                    cache_dir=cache_dir)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load {cls.description} from {name!r}: {str(e).strip().splitlines()[0]}") from e
+        factor, config = cls.latent_configs(name, revision, cache_dir)
         resolution = resolution or config["sample_size"] * factor
         patch = config.get("patch_size") or 1  # a UNet takes latents as they are; SD3's transformer 2x2 patches
         if resolution % (factor * patch):
