@@ -169,7 +169,7 @@ def main(args):
                             "FID needs a prompt set)")
         pipeline = family.load(base_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        family = family(pipeline, device)  # no flips: every candidate sees the same held-out images
+        family = family.from_pipeline(pipeline, device)  # no flips: every candidate sees the same held-out images
         if fid:
             metric = fid_reference(args, extractor, family)
         else:
@@ -245,7 +245,7 @@ def validation_batches(args, family):
             raise UserError(f"validation dataset has no caption column (columns: {', '.join(ds.column_names)})")
     n = min(len(ds), args.validation_batches * args.validation_batch_size)
     rows = ds.select(range(n)).with_transform(family.transform(image_column, caption_column, family.resolution))
-    return list(torch.utils.data.DataLoader(rows, batch_size=args.validation_batch_size))
+    return list(torch.utils.data.DataLoader(rows, batch_size=args.validation_batch_size, collate_fn=family.collate))
 
 
 def fid_reference(args, extractor, family):

@@ -251,7 +251,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
 
     rows = ds.with_transform(family.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                         **worker_options(args.dataloader_num_workers))
+                                         collate_fn=family.collate, **worker_options(args.dataloader_num_workers))
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, learning_rate,
                                              length.max_train_steps)

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.diffusion.latents import vae_scale_factor
 from utils.families.base import BankSettings, check_vae, check_variant, detect_family, looks_local
-from utils.families.controlnet import ControlNetOnSD, fit_control
+from utils.families.controlnet import ControlNetOnSD
 from utils.families.registry import CONTROLNET_BASES
 from utils.families.stable_diffusion import StableDiffusion
 from utils.infra import hub
@@ -51,11 +51,11 @@ from utils.infra.data import (
     check_captions,
     check_images,
     load_image_dataset,
-    resize_center_crop,
     worker_options,
 )
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
+from utils.infra.image_transforms import INTERPOLATION_MODES
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
     HelpFormatter,
@@ -133,8 +133,11 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default="diff-tuning-controlnet", help="Where the ControlNet, card, curve, logs "
                    "and checkpoints go.")
     g.add_argument("--resolution", type=int, default=512,
-                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor (1024 "
-                        "for SDXL).")
+                   help="Training resolution (short side resized, centre crop, as diffusers' ControlNet examples); a "
+                        "multiple of the VAE factor (1024 for SDXL).")
+    g.add_argument("--image_interpolation_mode", choices=tuple(INTERPOLATION_MODES), default=None,
+                   help="Resize filter of images and controls (default: bilinear on SD 1.x/2.x as train_controlnet.py, "
+                        "lanczos on SDXL as train_controlnet_sdxl.py; segmentation controls always nearest).")
     g.add_argument("--crops_coords_top_left_h", type=int, default=None,
                    help="SDXL: the crop top every row's size ids record (diffusers' train_controlnet_sdxl.py; "
                         "default: 0).")
@@ -327,12 +330,12 @@ def generate(make_pipeline, controlnet, prompts, controls, seeds, args, device):
     return images
 
 
-def evaluate_fidelity(accelerator, pipeline_parts, controlnet, rows, annotator, args):
+def evaluate_fidelity(accelerator, pipeline_parts, controlnet, rows, annotator, family, args):
     """Mean control fidelity over the held-out rows, sharded over the processes (every process must call it).
     Row i always uses seed + i, so every evaluation sees the same noise. Returns the mean score and, on every
     process, the first rows' (control, sample) pairs for a picture."""
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
-    controls = [fit_control(rows[i]["control"], args.resolution, args.condition) for i in mine]
+    controls = [family.fit_control(rows[i]["control"]) for i in mine]
     images = generate(pipeline_parts, controlnet, [rows[i]["caption"] for i in mine], controls,
                       [args.seed + i for i in mine], args, accelerator.device)
     scores = [(i, fidelity_score(args.condition, rows[i]["reference"], annotator.measure(img),
@@ -356,16 +359,16 @@ def pair_grid(pairs, cols=8, min_tile=128) -> Image.Image:
     return grid
 
 
-def held_out_rows(ds, args, annotator, resolution):
+def held_out_rows(ds, args, annotator, family):
     """The tracker's rows: caption (the first of a list), control, the real image, and the reference map."""
     rows = []
     for row in ds:
         caption = row[args.caption_column]
         caption = caption[0] if isinstance(caption, list) else caption
-        image = resize_center_crop(row[args.image_column].convert("RGB"), resolution)
+        image = family.fit_image(row[args.image_column])
         control = row[args.conditioning_image_column].convert("RGB")
         rows.append({"caption": caption, "control": control, "reference": reference_map(
-            annotator, image, fit_control(control, resolution, args.condition), args.condition)})
+            annotator, image, family.fit_control(control), args.condition)})
     return rows
 
 
@@ -444,7 +447,7 @@ def main(args):
         controlnet.enable_xformers_memory_efficient_attention()
 
     family = ControlNetOnSD(text, noise_scheduler, unet, args.memory_bank_prompt, accelerator.autocast, dtype,
-                            args.resolution, args.condition)
+                            args.resolution, args.condition, args.image_interpolation_mode)
 
     # ---- Memory bank (generated once, by all processes, with the pre-trained weights).
     with accelerator.autocast():
@@ -481,8 +484,8 @@ def main(args):
                                  os.path.join(args.output_dir, CONVERGENCE_FILE) if accelerator.is_main_process
                                  else None)
     tracker.resume(global_step)
-    rows = held_out_rows(val, args, annotator, args.resolution)
-    ddim = DDIMScheduler.from_config(pipeline.scheduler.config)
+    rows = held_out_rows(val, args, annotator, family)
+    ddim = base_family.sampling_scheduler(pipeline)
 
     def parts(model):  # the frozen base pipeline with this ControlNet, for the tracker and grids
         return base_family.controlnet_sampler(pipeline, model, ddim)
@@ -491,8 +494,8 @@ def main(args):
         """Score the control fidelity (EMA weights when --use_ema) and log the curve; returns the pairs."""
         unwrapped = accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False)  # outputs in the model's dtype
         with averaged_weights(unwrapped, ema) as model, accelerator.autocast():
-            score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, args)
-            extra = extra_grids(parts, model, args, accelerator.device) if accelerator.is_main_process else None
+            score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, family, args)
+            extra = extra_grids(parts, model, family, args, accelerator.device) if accelerator.is_main_process else None
         if accelerator.is_main_process:
             tracker.add(step, score)
             accelerator.log({f"fidelity/{tracker.metric}": score}, step=step)
@@ -552,8 +555,8 @@ def main(args):
     check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
     model.eval()
     with accelerator.autocast():
-        score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, args)
-        extra = extra_grids(parts, model, args, accelerator.device) if accelerator.is_main_process else None
+        score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, family, args)
+        extra = extra_grids(parts, model, family, args, accelerator.device) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         if args.validation_steps and not any(p["step"] == global_step for p in tracker.points):
             tracker.add(global_step, score)
@@ -574,7 +577,7 @@ def main(args):
     return model
 
 
-def extra_grids(parts, controlnet, args, device):
+def extra_grids(parts, controlnet, family, args, device):
     """--validation_prompt / --validation_image: --num_validation_images samples per pair, controls above."""
     if not args.validation_prompt:
         return None
@@ -583,7 +586,7 @@ def extra_grids(parts, controlnet, args, device):
     prompts, images = (prompts * n)[:n], (images * n)[:n]
     pairs = []
     for prompt, path in zip(prompts, images):
-        control = fit_control(Image.open(path), args.resolution, args.condition)
+        control = family.fit_control(Image.open(path))
         k = args.num_validation_images
         samples = generate(parts, controlnet, [prompt] * k, [control] * k, [args.seed + i for i in range(k)], args,
                            device)

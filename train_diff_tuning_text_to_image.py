@@ -41,7 +41,7 @@ from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
-from utils.diffusion.forward_process import add_flow_matching_args
+from utils.diffusion.forward_process import add_flow_matching_args, add_objective_args
 from utils.families.base import BankSettings, check_vae, check_variant, detect_family
 from utils.families.registry import TEXT_TO_IMAGE
 from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
@@ -58,6 +58,7 @@ from utils.infra.data import (
 )
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
+from utils.infra.image_transforms import INTERPOLATION_MODES
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
     HelpFormatter,
@@ -129,9 +130,14 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default="diff-tuning-text-to-image",
                    help="Where the LoRA weights or pipeline, card, grids, logs and checkpoints go.")
     g.add_argument("--resolution", type=int, default=None,
-                   help="Training resolution (short side resized, centre crop); a multiple of the VAE factor (default: "
-                        "the model's, its UNet's or transformer's sample size x the VAE factor: 512 for SD 1.5, 768 "
-                        "for SD 2.x, 1024 for SDXL and SD3).")
+                   help="Training resolution (short side resized, then cropped to a square); a multiple of the VAE "
+                        "factor (default: the model's, its UNet's or transformer's sample size x the VAE factor: 512 "
+                        "for SD 1.5, 768 for SD 2.x, 1024 for SDXL and SD3).")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Centre crops; default: a random crop every time an image is drawn (as diffusers' examples).")
+    g.add_argument("--image_interpolation_mode", choices=tuple(INTERPOLATION_MODES), default=None,
+                   help="Resize filter (default: lanczos, as diffusers' text-to-image and DreamBooth examples; SD3: "
+                        "bilinear, as train_dreambooth_lora_sd3.py).")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips of the downstream images.")
     g.add_argument("--crops_coords_top_left_h", type=int, default=None,
                    help="SDXL: the crop top every image's size conditioning records (default: each image's own crop, "
@@ -175,6 +181,7 @@ def parse_args(argv=None):
                    help="What bank rows are conditioned on: empty (the paper's null condition; default for "
                         "diff_tuning) or prompt (their own prompt; DreamBooth's, default for prior_preservation).")
 
+    add_objective_args(p)
     add_flow_matching_args(p)
     g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data rows together (prior "
                               "preservation: data rows; as many class rows are added, as in DreamBooth).",
@@ -207,6 +214,10 @@ def check_args(args):
     if args.method == PRIOR_PRESERVATION and not (args.class_prompt or args.memory_bank_prompts):
         raise UserError("prior preservation needs --class_prompt (the prompt of the class images, e.g. "
                         "'a photo of a dog'), or --memory_bank_prompts for several")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise UserError(f"--snr_gamma must be > 0 (5.0 is the paper's), got {args.snr_gamma}")
+    if args.noise_offset is not None and args.noise_offset < 0:
+        raise UserError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         raise UserError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}")
     if (args.crops_coords_top_left_h is None) != (args.crops_coords_top_left_w is None):
@@ -288,6 +299,8 @@ def main(args):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {family_class.description} from {name!r}: {str(e).strip().splitlines()[0]}"
                         ) from e
+    if args.prediction_type:  # as diffusers' examples: the training target, and the saved pipeline's scheduler
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     prediction_type = noise_scheduler.config.get("prediction_type")  # flow matching has none: noise - x_0
     if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"the pipeline's scheduler predicts {prediction_type!r}; this script trains epsilon and "
@@ -320,9 +333,11 @@ def main(args):
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
     pipeline = family_class.load(name, args.revision, args.cache_dir, variant=args.variant,
                                  **({"vae": vae} if vae is not None else {}))
+    if args.prediction_type:  # the family trains and samples (validation) with the chosen target
+        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
     dtype = weight_dtype(accelerator)
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
-                          args.train_text_encoder, **family_options)
+                          args.train_text_encoder, args.center_crop, args.image_interpolation_mode, **family_options)
     denoiser, encoders = family.denoiser.to(accelerator.device), family.text_encoders
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
@@ -362,7 +377,7 @@ def main(args):
     workers = worker_options(args.dataloader_num_workers)
     loader = torch.utils.data.DataLoader(
         ds.with_transform(family.transform(args.image_column, caption_column, resolution)),
-        batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, **workers)
+        batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, collate_fn=family.collate, **workers)
     bank_loader = diff_tuning.bank_loader(family, workers)
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
@@ -458,6 +473,8 @@ def main(args):
             full = family_class.load(name, args.revision, args.cache_dir, variant=args.variant,
                                      **{family.model_key: model.to(torch.float32)},
                                      **({"vae": vae} if vae is not None else {}))
+            if args.prediction_type:  # the model now predicts this: its scheduler must say so
+                full.scheduler.register_to_config(prediction_type=args.prediction_type)
             full.save_pretrained(args.output_dir)
         images, probed = validated.get(global_step) or validate(global_step, "final")
         image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))
@@ -488,6 +505,10 @@ def write_card(args, family, diff_tuning, bank_condition, trainable, total, last
              "proportion_empty_prompts": args.proportion_empty_prompts, "use_ema": args.use_ema,
              "mixed_precision": mixed_precision, "seed": args.seed,
              "trainable_unet_parameters": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"}
+    hyper.update({"center_crop": args.center_crop, "random_flip": args.random_flip,
+                  "image_interpolation_mode": family.interpolation})
+    hyper.update({k: getattr(args, k) for k in ("prediction_type", "snr_gamma", "noise_offset", "precondition_outputs")
+                  if getattr(args, k) is not None})
     if args.tuning == "lora":
         hyper.update({"rank": args.rank, "train_text_encoder": args.train_text_encoder})
     if diff_tuning.uses_bank:

@@ -2,13 +2,14 @@
 from configs: the same text embeddings, the same added time ids, the same UNet call; and the Diff-Tuning core
 training it."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from utils.families.base import detect_family
-from utils.families.sdxl import StableDiffusionXL, crop_geometry
+from utils.families.sdxl import StableDiffusionXL
 from utils.families.stable_diffusion import StableDiffusion
 from utils.infra.errors import UserError
 from utils.methods.diff_tuning import DiffTuning
@@ -55,24 +56,42 @@ def test_prediction_equals_the_pipelines_unet_call_with_its_time_ids(sdxl):
     torch.testing.assert_close(family.predict(pipe.unet, noisy, t, cond), expected)
 
 
-def test_crop_geometry_and_the_rows_time_ids_follow_diffusers_sdxl_scripts(sdxl):
-    """A 40 x 20 image at 16 px: resized to 32 x 16, centre crop left 8; a flipped row's crop left is 16 - 8."""
-    _, family = sdxl
-    assert crop_geometry((40, 20), 16) == (20, 40, 0, 8)
-    assert crop_geometry((16, 16), 16) == (16, 16, 0, 0)
-    batch = family.transform("image", "text", 16)({"image": [Image.new("RGB", (40, 20))] * 2, "text": PROMPTS})
-    collated = {k: torch.stack(v) for k, v in batch.items()}
-    assert collated["time_ids"].tolist() == [[20, 40, 0, 8, 16, 16]] * 2
-    flipping = StableDiffusionXL(family.pipeline, "cpu", random_flip=True)
-    flips = flipping.flips(2, torch.Generator().manual_seed(0))
-    rows = flipping.rows(collated, torch.Generator().manual_seed(0))
-    assert rows.cond["time_ids"][:, 3].tolist() == [8 if not f else 16 - 8 for f in flips.tolist()]
+def images(n=2, size=16):
+    return list((torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8))
+
+
+def test_the_rows_time_ids_record_the_crop_taken_as_diffusers_sdxl_scripts(sdxl):
+    """A 42 x 20 image at 16 px: resized to 33 x 16 (int(16 x 42 / 20) = 33), so a centre crop starts at left
+    round(8.5) = 8; a random crop's offset is the one cut; a mirrored row is mirrored before the crop
+    (train_text_to_image_lora_sdxl.py) and records the crop in the mirrored image: columns 9..24 of the original."""
+    ramp = Image.fromarray((np.arange(42 * 20 * 3) % 251).astype(np.uint8).reshape(20, 42, 3))
+    resized = np.asarray(ramp.resize((33, 16), Image.LANCZOS))
+    for center in (True, False):
+        family = StableDiffusionXL(sdxl[0], "cpu", random_flip=True, center_crop=center)
+        family.encode_pixels = lambda pixels: pixels  # the cropped pixels themselves
+        batch = StableDiffusionXL.collate([
+            {k: v[0] for k, v in family.transform("image", "text", 16)({"image": [ramp], "text": ["x"]}).items()}])
+        assert batch["pixel_values"][0].shape == (3, 16, 33) and batch["original_size"].tolist() == [[20, 42]]
+        seen = set()
+        for seed in range(12):
+            mirrored = bool(family.flips(1, torch.Generator().manual_seed(seed))[0])  # the rows' first draw
+            rows = family.rows(batch, torch.Generator().manual_seed(seed))
+            left = rows.cond["time_ids"][0, 3].item()
+            assert rows.cond["time_ids"][0].tolist() == [20, 42, 0, left, 16, 16]
+            assert left == 8 if center else 0 <= left <= 17
+            expected = (resized[:, ::-1] if mirrored else resized)[:, left:left + 16]
+            np.testing.assert_array_equal(rows.x[0].permute(1, 2, 0).numpy(),
+                                          (expected.astype(np.float32) / 255 - 0.5) / 0.5)
+            seen.add((mirrored, left))
+        assert {m for m, _ in seen} == {False, True}
+        lefts = {left for _, left in seen}
+        assert len(lefts) == 1 if center else len(lefts) >= 4
 
 
 def test_dropped_captions_and_bank_rows_take_the_empty_prompt_and_keep_their_sizes(sdxl):
     _, family = sdxl
-    rows = family.rows({"pixel_values": torch.zeros(2, 3, 16, 16), "input_ids": family.tokenize(PROMPTS),
-                        "time_ids": family.time_ids(torch.tensor([[20, 40, 0, 8]] * 2), 16)}, None)
+    rows = family.rows({"pixel_values": images(), "input_ids": family.tokenize(PROMPTS),
+                        "original_size": torch.tensor([[20, 40]] * 2)}, None)
     dropped = family.drop_condition(rows, torch.tensor([True, False]))
     assert torch.equal(dropped.cond["input_ids"][0], family.empty_ids[0])
     assert torch.equal(dropped.cond["input_ids"][1], rows.cond["input_ids"][1])
@@ -87,8 +106,8 @@ def test_the_diff_tuning_core_trains_the_sdxl_unet(sdxl):
     pipe, family = sdxl
     core = DiffTuning(DDPMScheduler.from_config(pipe.scheduler.config), retention_ratio=0.5, batch_size=4,
                       condition_dropout=0.1)
-    data = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "input_ids": family.tokenize(PROMPTS),
-            "time_ids": family.time_ids(torch.tensor([[20, 40, 0, 8]] * 2), 16)}
+    data = {"pixel_values": images(), "input_ids": family.tokenize(PROMPTS),
+            "original_size": torch.tensor([[20, 40]] * 2)}
     bank = {"latent_moments": torch.randn(2, 8, 8, 8), "input_ids": family.tokenize(PROMPTS)}
     unet = pipe.unet.train().requires_grad_(True)
     loss, parts = core(family, unet, data, bank, torch.Generator().manual_seed(0))
@@ -104,7 +123,7 @@ def test_fixed_crop_coordinates_replace_each_images_own(sdxl):
     pipe, _ = sdxl
     family = StableDiffusionXL(pipe, "cpu", random_flip=True, crops_coords_top_left=(3, 5))
     batch = family.transform("image", "text", 16)({"image": [Image.new("RGB", (40, 20))] * 2, "text": PROMPTS})
-    collated = {k: torch.stack(v) for k, v in batch.items()}
+    collated = family.collate([{k: v[i] for k, v in batch.items()} for i in range(2)])
     rows = family.rows(collated, torch.Generator().manual_seed(0))
     assert rows.cond["time_ids"].tolist() == [[20, 40, 3, 5, 16, 16]] * 2
 
@@ -117,8 +136,8 @@ def test_a_vae_that_asks_for_upcast_stays_fp32_under_mixed_precision(tiny_sdxl_d
     family = StableDiffusionXL(pipe, "cpu", dtype=torch.bfloat16)
     assert family.vae.dtype == torch.float32 and family.text_encoder.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows = family.rows({"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "input_ids": family.tokenize(PROMPTS),
-                            "time_ids": family.time_ids(torch.tensor([[16, 16, 0, 0]] * 2), 16)}, None)
+        rows = family.rows({"pixel_values": images(), "input_ids": family.tokenize(PROMPTS),
+                            "original_size": torch.tensor([[16, 16]] * 2)}, None)
     assert rows.x.dtype == torch.float32
     fixed = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     fixed.vae.register_to_config(force_upcast=False)

@@ -134,7 +134,7 @@ def sd_family(sd_dir, bank_condition="empty", dropout_ids=False):
 
 
 def rows(family, g, n=2):
-    return ({"pixel_values": torch.rand(n, 3, 16, 16, generator=g) * 2 - 1,
+    return ({"pixel_values": list((torch.rand(n, 3, 16, 16, generator=g) * 255).to(torch.uint8)),
              "input_ids": family.tokenize(["a digit one", "a digit two"][:n])},
             {"latent_moments": torch.randn(n, 8, 8, 8, generator=g),
              "input_ids": family.tokenize(["a bank prompt", "another prompt"][:n])})

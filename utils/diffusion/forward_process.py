@@ -26,11 +26,22 @@ ROLES = ("uniform", "adaptation", "retention")  # uniform: the process's own bas
 
 
 class DDPMProcess:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (`scheduler.add_noise`), t given to the model as it is."""
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (`scheduler.add_noise`), t given to the model as it is.
+    diffusers' example options: `noise_offset` adds offset x N(0, 1) per sample and channel to the noise (Cross
+    Labs' offset noise, `--noise_offset`); `snr_gamma` weights each sample by Min-SNR-gamma (`--snr_gamma`,
+    `utils.diffusion.losses.min_snr_weights`), on top of whatever density drew its timestep."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, snr_gamma: float | None = None, noise_offset: float = 0.0):
+        self.scheduler, self.snr_gamma, self.noise_offset = scheduler, snr_gamma, noise_offset
         self.num_timesteps = scheduler.config.num_train_timesteps
+
+    def draw_noise(self, x0: torch.Tensor, generator) -> torch.Tensor:
+        """The noise of a batch (drawn from `generator`: a resumed run draws the same)."""
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((*x0.shape[:2], *([1] * (x0.ndim - 2))),
+                                                            generator=generator, device=x0.device)
+        return noise
 
     def timestep_weights(self, role: str, tau: float = 1.0, xi_form: str = "paper", weighting: str = "power"):
         """Unnormalised weights of t = 0..T-1: uniform, psi (adaptation) or xi (retention)."""
@@ -47,7 +58,11 @@ class DDPMProcess:
         return index
 
     def loss_weights(self, index: torch.Tensor) -> torch.Tensor | None:
-        return None
+        if not self.snr_gamma:
+            return None
+        from .losses import min_snr_weights
+
+        return min_snr_weights(self.scheduler, index, self.snr_gamma).float()
 
 
 class FlowMatchingProcess:
@@ -76,6 +91,10 @@ class FlowMatchingProcess:
             return self.base.clone()
         return flow_matching_weights(self.sigmas, self.base, tau, role, xi_form)
 
+    @staticmethod
+    def draw_noise(x0: torch.Tensor, generator) -> torch.Tensor:
+        return torch.randn(x0.shape, generator=generator, device=x0.device)
+
     def _sigma(self, index: torch.Tensor, ndim: int, like: torch.Tensor) -> torch.Tensor:
         sigma = self.sigmas.to(like.device)[index.to(like.device)]
         return sigma.reshape(-1, *([1] * (ndim - 1))).to(like.dtype)
@@ -96,14 +115,18 @@ class FlowMatchingProcess:
 
 
 def forward_process(scheduler, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0,
-                    logit_std: float = 1.0, mode_scale: float = 1.29):
+                    logit_std: float = 1.0, mode_scale: float = 1.29, snr_gamma: float | None = None,
+                    noise_offset: float = 0.0):
     """The process a training scheduler defines (the flow-matching settings are diffusers' SD3 flags and apply to
-    flow-matching schedulers only)."""
+    flow-matching schedulers only; `snr_gamma` and `noise_offset`, their epsilon/v examples' flags, to DDPM only)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if snr_gamma or noise_offset:
+            raise UserError("--snr_gamma and --noise_offset apply to epsilon and v-prediction models (as diffusers' "
+                            "examples); a flow-matching model takes --weighting_scheme")
         return FlowMatchingProcess(scheduler, weighting_scheme, logit_mean, logit_std, mode_scale)
-    return DDPMProcess(scheduler)
+    return DDPMProcess(scheduler, snr_gamma, noise_offset)
 
 
 def add_flow_matching_args(p) -> None:
@@ -118,6 +141,29 @@ def add_flow_matching_args(p) -> None:
     g.add_argument("--logit_std", type=float, default=None,
                    help="Standard deviation of the logit_normal scheme (default: 1).")
     g.add_argument("--mode_scale", type=float, default=None, help="Scale of the mode scheme (default: 1.29).")
+    g.add_argument("--precondition_outputs", type=int, choices=(0, 1), default=None,
+                   help="1: the loss compares the x_0 estimate x_sigma - sigma v with x_0 (EDM's preconditioning; "
+                        "the flow loss weighted by sigma^2); 0: v with noise - x_0 (default: 1, as diffusers' SD3 "
+                        "scripts).")
+
+
+def add_objective_args(p) -> None:
+    """diffusers' objective flags of its epsilon/v-prediction examples (train_text_to_image_lora.py), their names,
+    meanings and defaults; None means not given (a flow-matching family refuses a given one)."""
+    g = p.add_argument_group("objective (epsilon/v-prediction models; diffusers' flags and defaults)")
+    g.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+                   help="Train this target instead of the scheduler's prediction_type (the saved pipeline's "
+                        "scheduler then records it; default: the scheduler's).")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weights (Hang et al. 2023; 5.0 recommended), per sample on top of the "
+                        "method's timestep density (default: off).")
+    g.add_argument("--noise_offset", type=float, default=None,
+                   help="Offset noise: adds offset x N(0, 1) per sample and channel to the noise (default: 0).")
+
+
+def objective_options(args) -> dict:
+    """The objective flags given (as keyword arguments of `forward_process`)."""
+    return {k: getattr(args, k) for k in ("snr_gamma", "noise_offset") if getattr(args, k, None) is not None}
 
 
 def given_flow_flags(args) -> dict:

@@ -19,7 +19,7 @@ class DenoisingBatch:
     noisy: torch.Tensor
     target: torch.Tensor
     n_bank: int = 0
-    loss_weights: torch.Tensor | None = None  # per-sample weights of the forward process (flow matching's cosmap)
+    loss_weights: torch.Tensor | None = None  # per-sample weights of the process (flow matching's cosmap, Min-SNR)
 
 
 def compose_batch(process, family, x0: torch.Tensor, cond: dict, index: torch.Tensor, generator=None,
@@ -29,7 +29,7 @@ def compose_batch(process, family, x0: torch.Tensor, cond: dict, index: torch.Te
     model is given as its timesteps, the conditioning as the model takes it (`family.encode`), the target and the
     process's per-sample loss weights. A caller draws x_0 and `index` first, in its own order."""
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        noise = process.draw_noise(x0, generator)
     noisy = process.noisy(x0, noise, index)
     timesteps = process.model_timesteps(index)
     return DenoisingBatch(x0, family.encode(cond), timesteps, noise, noisy, family.target(x0, noise, timesteps),

@@ -5,32 +5,32 @@ fed, and its memory-bank plan, whose sampler annotates each generated image with
 (`utils.families.stable_diffusion`, `utils.families.sdxl`)."""
 
 import datasets
-import numpy as np
 import torch
 from PIL import Image
 
 from ..diffusion.latents import sample_latents
-from ..infra.data import ArrowBatches, as_batch, resize_center_crop
+from ..infra.data import ArrowBatches, as_batch
 from ..infra.errors import UserError
+from ..infra.image_transforms import as_uint8_tensor, normalized, resize_center_crop, unit
 from .base import BankPlan, BankSettings, Family, Rows
 from .stable_diffusion import PromptBankSampler, StableDiffusion
 
 
-def fit_control(image, resolution: int, condition: str):
-    """A control resized and cropped like its image (segmentation maps with nearest neighbour: no new colours)."""
-    resample = Image.NEAREST if condition == "segmentation" else Image.BILINEAR
-    return resize_center_crop(image.convert("RGB"), resolution, resample)
+def fit_control(image, resolution: int, condition: str, interpolation: str = "bilinear"):
+    """A control resized and centre-cropped like its image, as the ControlNet examples do (segmentation maps with
+    nearest neighbour: no new colours)."""
+    return resize_center_crop(image.convert("RGB"), resolution, "nearest" if condition == "segmentation"
+                              else interpolation)
 
 
-def control_tensor(image, resolution: int, condition: str) -> torch.Tensor:
-    """A control image resized and cropped like its image, as (3, H, W) in [0, 1] (diffusers' convention)."""
-    arr = np.asarray(fit_control(image, resolution, condition), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1)
+def control_tensor(image, resolution: int, condition: str, interpolation: str = "bilinear") -> torch.Tensor:
+    """A control image as the examples feed it: resized, centre-cropped, (3, H, W) in [0, 1] (`ToTensor()`)."""
+    return unit(as_uint8_tensor(fit_control(image, resolution, condition, interpolation)))
 
 
-def image_tensor(image, resolution: int) -> torch.Tensor:
-    arr = np.asarray(resize_center_crop(image.convert("RGB"), resolution), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+def image_tensor(image, resolution: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """A training image as the examples feed it: resized, centre-cropped, in [-1, 1] (`ToTensor`, `Normalize`)."""
+    return normalized(as_uint8_tensor(resize_center_crop(image.convert("RGB"), resolution, interpolation)))
 
 
 def collate_rows(rows: list[dict]) -> dict:
@@ -42,16 +42,16 @@ def collate_rows(rows: list[dict]) -> dict:
 class ControlBankRows(ArrowBatches):
     """Bank rows: stored latent moments straight from Arrow, and the decoded control."""
 
-    def __init__(self, bank, resolution: int, condition: str):
+    def __init__(self, bank, resolution: int, condition: str, interpolation: str):
         super().__init__(bank, ["latent_moments"])
         self.controls = bank.select_columns(["conditioning_image"])
-        self.resolution, self.condition = resolution, condition
+        self.resolution, self.condition, self.interpolation = resolution, condition, interpolation
 
     def __getitems__(self, indices):
         batch = super().__getitems__(indices)
         controls = self.controls[list(indices)]["conditioning_image"]
         batch["conditioning_pixel_values"] = torch.stack(
-            [control_tensor(c, self.resolution, self.condition) for c in controls])
+            [control_tensor(c, self.resolution, self.condition, self.interpolation) for c in controls])
         return batch
 
 
@@ -67,11 +67,13 @@ class ControlNetOnSD(Family):
     description = "a Stable Diffusion 1.x/2.x or XL pipeline (ControlNet)"
 
     def __init__(self, text: StableDiffusion, scheduler, unet, bank_prompt: str, autocast, dtype,
-                 resolution: int, condition: str):
+                 resolution: int, condition: str, interpolation: str | None = None):
         super().__init__(scheduler, text.device)
         self.text, self.vae, self.unet = text, text.vae, unet
         self.autocast, self.dtype = autocast, dtype
         self.resolution, self.condition = resolution, condition
+        # the examples' resize filter: bilinear (train_controlnet.py), lanczos (train_controlnet_sdxl.py's default)
+        self.interpolation = interpolation or text.controlnet_interpolation
         self.bank_ids, self.empty_ids = text.tokenize([bank_prompt]), text.empty_ids
         self.time_ids = None
         if hasattr(text, "time_ids"):  # SDXL's added condition: the same for every row (crop 0, 0 by default)
@@ -109,19 +111,28 @@ class ControlNetOnSD(Family):
     # ---- the data and bank views
     def transform(self, image_column: str, control_column: str, caption_column: str):
         """A `Dataset.with_transform` function: `pixel_values` in [-1, 1], the control in [0, 1], the captions."""
-        resolution, condition = self.resolution, self.condition  # not the family: datasets hashes the transform
+        # not the family: datasets hashes the transform
+        resolution, condition, interpolation = self.resolution, self.condition, self.interpolation
 
         def transform(batch):
-            return {"pixel_values": [image_tensor(im, resolution) for im in batch[image_column]],
-                    "conditioning_pixel_values": [control_tensor(c, resolution, condition)
+            return {"pixel_values": [image_tensor(im, resolution, interpolation) for im in batch[image_column]],
+                    "conditioning_pixel_values": [control_tensor(c, resolution, condition, interpolation)
                                                   for c in batch[control_column]],
                     "captions": batch[caption_column]}
         return transform
 
     collate = staticmethod(collate_rows)
 
+    def fit_control(self, control):
+        """A control as training feeds it (resized and centre-cropped; for validation pipelines and references)."""
+        return fit_control(control, self.resolution, self.condition, self.interpolation)
+
+    def fit_image(self, image):
+        """An image resized and centre-cropped as training feeds it."""
+        return resize_center_crop(image.convert("RGB"), self.resolution, self.interpolation)
+
     def bank_view(self, bank) -> tuple:
-        return ControlBankRows(bank, self.resolution, self.condition), as_batch
+        return ControlBankRows(bank, self.resolution, self.condition, self.interpolation), as_batch
 
     def _cond(self, ids, controls) -> dict:
         cond = {"input_ids": ids.to(self.device), "controls": controls.to(self.device)}

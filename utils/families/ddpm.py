@@ -10,6 +10,10 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipel
 from ..infra.data import to_tensor
 from .base import Family, Rows
 
+# diffusers' epsilon/v-prediction examples' objective flags (`add_objective_args`): a flow-matching family refuses them
+EPSILON_V_FLAGS = {flag: "an epsilon/v-prediction model's objective (diffusers' text-to-image examples)"
+                   for flag in ("prediction_type", "snr_gamma", "noise_offset")}
+
 
 def unet_class(index: dict) -> str | None:
     return (index.get("unet") or [None, None])[1]
@@ -21,6 +25,8 @@ class UNetFamily(Family):
     model_class = pipeline_class = tag = ""
     bank_batch_size = 8  # generation batch of a memory bank
     example_call = ""  # how the card's usage calls the pipeline
+    collate = None  # the loader's collate_fn of `transform`'s rows (None: torch's default)
+    own_flags = EPSILON_V_FLAGS
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False):
         super().__init__(DDPMScheduler.from_config(pipeline.scheduler.config), device, random_flip)

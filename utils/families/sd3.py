@@ -24,6 +24,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 
 from ..diffusion.forward_process import FLOW_FLAGS
 from ..diffusion.latents import sample_latents, vae_scale_factor
+from ..diffusion.losses import epsilon_mse
 from ..infra.errors import UserError
 from ..infra.training import freeze
 from .base import Family
@@ -44,13 +45,18 @@ class StableDiffusion3(StableDiffusion):
     denoiser_class, scheduler_class = SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler
     lora_targets = SD3_LORA_TARGETS
     example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
-    own_flags = {flag: "SD3's (T5 tokens, flow matching)" for flag in ("max_sequence_length", *FLOW_FLAGS)}
+    own_flags = {flag: "SD3's (T5 tokens, flow matching)" for flag in ("max_sequence_length", "precondition_outputs",
+                                                                      *FLOW_FLAGS)}
     controlnet_pipeline = None  # SD3ControlNetModel is a family of its own, not written yet
+    image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_sd3.py's preprocessing
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
-                 train_text_encoder: bool = False, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH):
+                 train_text_encoder: bool = False, center_crop: bool = False,
+                 image_interpolation_mode: str | None = None, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+                 precondition_outputs: bool = True):
         Family.__init__(self, FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config), device,
                         random_flip)
+        self.set_preprocessing(center_crop, image_interpolation_mode)
         self.pipeline, self.prediction_type = pipeline, "flow_matching"
         self.vae = freeze(pipeline.vae, device, torch.float32)
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
@@ -61,6 +67,7 @@ class StableDiffusion3(StableDiffusion):
                                           [self.clip_length, self.clip_length, max_sequence_length])
         self.pipeline_kwargs = {"max_sequence_length": max_sequence_length}
         self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
+        self.precondition_outputs = precondition_outputs
         self.empty_ids = self.tokenize([""])
 
     @classmethod
@@ -69,12 +76,14 @@ class StableDiffusion3(StableDiffusion):
 
     @classmethod
     def options(cls, args) -> dict:
-        """The T5 length (default 77, as diffusers' SD3 LoRA script)."""
+        """The T5 length (default 77) and the output preconditioning (default on), as diffusers' SD3 LoRA script."""
         super().options(args)
         length = getattr(args, "max_sequence_length", None) or DEFAULT_MAX_SEQUENCE_LENGTH
         if length > MAX_T5_LENGTH:
             raise UserError(f"--max_sequence_length {length} is more than SD3's T5 takes ({MAX_T5_LENGTH} tokens)")
-        return {"max_sequence_length": length}
+        precondition = getattr(args, "precondition_outputs", None)
+        return {"max_sequence_length": length, "precondition_outputs": True if precondition is None
+                else bool(precondition)}
 
     @classmethod
     def sampling_kwargs(cls, options: dict) -> dict:
@@ -153,5 +162,20 @@ class StableDiffusion3(StableDiffusion):
                    pooled_projections=pooled).sample
 
     def target(self, x0, noise, timesteps):
-        """Rectified flow's velocity: noise - x_0."""
-        return noise - x0
+        """Rectified flow's velocity noise - x_0; x_0 itself under `precondition_outputs` (the prediction is then
+        turned into an x_0 estimate: `loss`)."""
+        return x0 if self.precondition_outputs else noise - x0
+
+    def sigmas(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The noise level of each model timestep, shaped to broadcast over `like` (the example's `get_sigmas`)."""
+        schedule = self.scheduler.timesteps.to(timesteps.device)
+        index = (schedule[None, :] == timesteps[:, None].to(schedule.dtype)).to(torch.int64).argmax(1)
+        return self.scheduler.sigmas.to(like.device, like.dtype)[index].reshape(-1, *([1] * (like.ndim - 1)))
+
+    def loss(self, net, batch) -> torch.Tensor:
+        """Per-sample MSE; with `precondition_outputs` (train_dreambooth_lora_sd3.py's default, after EDM) the
+        velocity v is read as the x_0 estimate x_sigma - sigma v and compared with x_0: the flow loss times sigma^2."""
+        pred = self.predict(net, batch.noisy, batch.timesteps, batch.cond)
+        if self.precondition_outputs:
+            pred = pred * (-self.sigmas(batch.timesteps, batch.noisy)) + batch.noisy
+        return epsilon_mse(pred, batch.target)

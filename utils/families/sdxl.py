@@ -4,8 +4,8 @@ conditioning, fed as diffusers' SDXL training scripts feed them (`train_text_to_
 - Text: each caption is tokenized by both tokenizers; the penultimate hidden states of both encoders are
   concatenated for cross-attention, and the second encoder's projected output is the pooled embedding.
 - "text_time" added condition: the pooled embedding and six ids per image, (original height, width, crop top, crop
-  left, target height, width), the crop taken in the resized image as diffusers' scripts record it (with
-  `--random_flip`, a flipped image's crop left becomes resolution - left, as they compute it).
+  left, target height, width), the crop taken in the resized image as diffusers' SDXL scripts record it (with
+  `--random_flip` they mirror the resized image before cropping it, and record the crop in the mirrored image).
 - The null condition (dropped captions, memory-bank rows with `bank_condition` "empty") is the empty prompt,
   encoded, as diffusers' SDXL training scripts drop captions; `force_zeros_for_empty_prompt` zeroes the negative
   prompt of classifier-free guidance at sampling only, and stays the pipeline's business.
@@ -19,27 +19,14 @@ import functools
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from PIL import Image
 
 from ..diffusion.latents import vae_scale_factor
-from ..infra.data import to_tensor
 from ..infra.errors import UserError
 from ..infra.training import freeze
 from .base import Rows
-from .ddpm import UNetFamily, unet_class
+from .ddpm import EPSILON_V_FLAGS, UNetFamily, unet_class
 from .stable_diffusion import StableDiffusion, token_ids
 from .tuning import lora_layers
-
-
-def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[int, int, int, int]:
-    """(original height, width, crop top, crop left) of an image of PIL `size` (width, height) under the centre
-    crop this project applies (`utils.infra.data.center_crop_arr`): the short side resized to `resolution`."""
-    w, h = size
-    while min(w, h) >= 2 * resolution:
-        w, h = w // 2, h // 2
-    scale = resolution / min(w, h)
-    rw, rh = round(w * scale), round(h * scale)
-    return size[1], size[0], (rh - resolution) // 2, (rw - resolution) // 2
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -48,13 +35,17 @@ class StableDiffusionXL(StableDiffusion):
     name, description, tag = "stable-diffusion-xl", "a Stable Diffusion XL pipeline", "stable-diffusion-xl"
     model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionXLPipeline"
     example_call = 'pipe("a photo of a cat", num_inference_steps=30)'
-    own_flags = {"crops_coords_top_left_h": "SDXL's size conditioning (the crop every row's size ids record)",
-                 "crops_coords_top_left_w": "SDXL's size conditioning (the crop every row's size ids record)"}
+    own_flags = {**EPSILON_V_FLAGS,
+                 **{flag: "SDXL's size conditioning (the crop every row's size ids record)"
+                    for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w")}}
     controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
+    controlnet_interpolation, flip_before_crop = "lanczos", True  # train_controlnet_sdxl.py's default; SDXL examples
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
-                 train_text_encoder: bool = False, crops_coords_top_left: tuple[int, int] | None = None):
+                 train_text_encoder: bool = False, center_crop: bool = False,
+                 image_interpolation_mode: str | None = None, crops_coords_top_left: tuple[int, int] | None = None):
         UNetFamily.__init__(self, pipeline, device, dtype, random_flip)
+        self.set_preprocessing(center_crop, image_interpolation_mode)
         self.upcast_vae = bool(getattr(pipeline.vae.config, "force_upcast", False))
         self.vae = freeze(pipeline.vae, device, torch.float32 if self.upcast_vae else dtype)
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in prepared ones
@@ -127,33 +118,17 @@ class StableDiffusionXL(StableDiffusion):
         target = torch.tensor([resolution, resolution], dtype=geometry.dtype).expand(len(geometry), 2)
         return torch.cat([geometry, target.to(geometry.device)], dim=1)
 
-    def transform(self, image_column, caption_column, resolution):
-        # the tokenizers and settings only, not the family (datasets hashes the transform)
-        tokenize, time_ids, crops = self.tokenize, self.time_ids, self.crops_coords_top_left
-
-        def transform(batch):
-            captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
-            images = [img.convert("RGB") if isinstance(img, Image.Image) else img for img in batch[image_column]]
-            geometry = torch.tensor([crop_geometry(img.size, resolution) for img in images], dtype=torch.long)
-            if crops is not None:
-                geometry[:, 2:] = torch.tensor(crops)
-            return {"pixel_values": [to_tensor(img, resolution) for img in images],
-                    "time_ids": list(time_ids(geometry, resolution)), "input_ids": list(tokenize(captions))}
-
-        return transform
-
     def rows(self, batch, generator) -> Rows:
-        pixels = batch["pixel_values"].to(self.device)
-        time_ids = batch["time_ids"].to(self.device)
-        flip = self.flips(len(pixels), generator)
-        if flip is not None:
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        if flip is not None and self.crops_coords_top_left is None:
-            # diffusers' SDXL scripts: a flipped image's crop left becomes (cropped width - left)
-            left = torch.where(flip, time_ids[:, 5] - time_ids[:, 3], time_ids[:, 3])
-            time_ids = torch.cat([time_ids[:, :3], left[:, None], time_ids[:, 4:]], dim=1)
+        """Each row's size ids: its original (height, width), the crop taken (top, left: in the mirrored image for
+        a mirrored row, as the SDXL examples mirror before they crop) or the fixed --crops_coords_top_left_h/w, and
+        the training resolution."""
+        pixels, offsets = self.pixels(batch, generator)
+        n = len(offsets)
+        crops = torch.tensor(offsets) if self.crops_coords_top_left is None else \
+            torch.tensor([self.crops_coords_top_left]).expand(n, 2)
+        time_ids = self.time_ids(torch.cat([batch["original_size"].long(), crops.long()], dim=1), pixels.shape[-1])
         return Rows(self.encode_pixels(pixels).float(), {"input_ids": batch["input_ids"].to(self.device),
-                                                         "time_ids": time_ids})
+                                                         "time_ids": time_ids.to(self.device)})
 
     def bank_rows(self, batch, generator) -> Rows:
         moments = batch["latent_moments"].to(self.device)

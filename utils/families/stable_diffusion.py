@@ -12,10 +12,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNe
 from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 from ..infra.data import ArrowBatches, as_batch
 from ..infra.errors import UserError
+from ..infra.image_transforms import as_uint8_tensor, crop_batch, normalized, resize_short_side
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
 from .base import BankPlan, BankSettings, Rows
-from .ddpm import UNetFamily, unet_class
+from .ddpm import EPSILON_V_FLAGS, UNetFamily, unet_class
 from .tuning import UNET_LORA_TARGETS, lora_layers
 
 
@@ -43,13 +44,18 @@ class StableDiffusion(UNetFamily):
     example_call = 'pipe("a photo of a cat", num_inference_steps=50)'
     needs_captions = True
     pipeline_kwargs: dict = {}  # more arguments of every pipeline call (SD3: max_sequence_length)
-    own_flags = {"tokenizer_name": "the one tokenizer of a Stable Diffusion 1.x/2.x pipeline"}
+    own_flags = {**EPSILON_V_FLAGS, "tokenizer_name": "the one tokenizer of a Stable Diffusion 1.x/2.x pipeline"}
     bank_guidance_scale = 7.5  # CFG scale of memory-bank samples
     controlnet_pipeline = "StableDiffusionControlNetPipeline"  # None: no ControlNet trains on this family
+    # diffusers' examples' preprocessing (utils.infra.image_transforms): their default --image_interpolation_mode
+    # for text-to-image and DreamBooth, and for ControlNet; whether they mirror before the crop
+    image_interpolation, controlnet_interpolation, flip_before_crop = "lanczos", "bilinear", False
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
-                 train_text_encoder: bool = False):
+                 train_text_encoder: bool = False, center_crop: bool = False,
+                 image_interpolation_mode: str | None = None):
         super().__init__(pipeline, device, dtype, random_flip)
+        self.set_preprocessing(center_crop, image_interpolation_mode)
         self.vae = freeze(pipeline.vae, device, dtype)
         self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in a prepared one
         self.tokenizer = pipeline.tokenizer
@@ -104,8 +110,11 @@ class StableDiffusion(UNetFamily):
 
     @staticmethod
     def sampling_scheduler(pipeline):
-        """The sampler of validation grids and memory banks: DDIM on the pipeline's noise schedule."""
-        return DDIMScheduler.from_config(pipeline.scheduler.config)
+        """The sampler of validation grids and memory banks: DDIM on the pipeline's noise schedule, with
+        clip_sample off where the config does not set it (Stable Diffusion pipelines turn it off anyway, after a
+        22-line deprecation warning that this spares every run)."""
+        config = pipeline.scheduler.config
+        return DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))
 
     @staticmethod
     def sampler_from(pipeline, scheduler, unet=None, encoders: list | None = None):
@@ -141,22 +150,54 @@ class StableDiffusion(UNetFamily):
     def resolution(self) -> int:
         return self.pipeline.unet.config.sample_size * vae_scale_factor(self.vae)
 
+    @classmethod
+    def from_pipeline(cls, pipeline, device, **options) -> "StableDiffusion":
+        """For commands that evaluate rather than train: no flips, centre crops."""
+        return cls(pipeline, device, **{"center_crop": True, **options})
+
+    def set_preprocessing(self, center_crop: bool, image_interpolation_mode: str | None) -> None:
+        """The examples' crop (random, or centre with --center_crop) and resize filter (the family's default)."""
+        self.center_crop = center_crop
+        self.interpolation = image_interpolation_mode or self.image_interpolation
+
     def transform(self, image_column, caption_column, resolution):
-        pixels = UNetFamily.transform(self, image_column, caption_column, resolution)
-        tokenize = self.tokenize  # the tokenizers only, not the family (datasets hashes the transform)
+        """A `Dataset.with_transform` function: each image resized as the examples resize it (short side to
+        `resolution`; uint8, its own aspect), its original (height, width) and the caption's tokens. The crop and the
+        flip happen in `rows`, drawn from the run's generator."""
+        tokenize, interpolation = self.tokenize, self.interpolation  # not the family: datasets hashes the transform
 
         def transform(batch):
+            images = [img.convert("RGB") for img in batch[image_column]]
             captions = [c[0] if isinstance(c, (list, tuple)) else c for c in batch[caption_column]]
-            return {**pixels(batch), "input_ids": tokenize(captions)}
+            return {"pixel_values": [as_uint8_tensor(resize_short_side(img, resolution, interpolation))
+                                     for img in images],
+                    "original_size": [torch.tensor([img.height, img.width]) for img in images],
+                    "input_ids": tokenize(captions)}
 
         return transform
+
+    @staticmethod
+    def collate(rows: list[dict]) -> dict:
+        """The loader's collate_fn: resized images of their own sizes as a list, the rest stacked."""
+        batch = torch.utils.data.default_collate([{k: v for k, v in r.items() if k != "pixel_values"} for r in rows])
+        return {**batch, "pixel_values": [r["pixel_values"] for r in rows]}
+
+    def pixels(self, batch, generator) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The batch's images cropped (centre, or at offsets drawn from `generator` after the flips) and mirrored as
+        the examples do, in [-1, 1] on the device; and each crop's (top, left)."""
+        images = batch["pixel_values"]
+        flips = self.flips(len(images), generator)
+        size = min(images[0].shape[-2:])
+        cropped, offsets = crop_batch(images, size, center=self.center_crop, flips=flips, generator=generator,
+                                      flip_before_crop=self.flip_before_crop)
+        return normalized(cropped).to(self.device), offsets
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """The frozen VAE's posterior moments of pixels in [-1, 1]."""
         return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
 
     def rows(self, batch, generator) -> Rows:
-        pixels = super().rows(batch, generator).x
+        pixels, _ = self.pixels(batch, generator)
         return Rows(self.encode_pixels(pixels), {"input_ids": batch["input_ids"].to(self.device)})
 
     def bank_rows(self, batch, generator) -> Rows:

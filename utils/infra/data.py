@@ -176,16 +176,6 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
 
 
-def resize_center_crop(image: Image.Image, resolution: int, resample=Image.BILINEAR) -> Image.Image:
-    """The short side resized to `resolution`, then a centred square crop (diffusers' ControlNet preprocessing;
-    a control is resized with the same geometry, segmentation maps with `Image.NEAREST`)."""
-    scale = resolution / min(image.size)
-    w, h = (max(resolution, round(x * scale)) for x in image.size)
-    image = image.resize((w, h), resample=resample)
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def to_tensor(pil_image: Image.Image, resolution: int) -> torch.Tensor:
     """RGB image -> float tensor (3, H, W) in [-1, 1]."""
     arr = np.asarray(center_crop_arr(pil_image.convert("RGB"), resolution), dtype=np.float32)

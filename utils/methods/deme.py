@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..diffusion.forward_process import forward_process
-from ..diffusion.losses import DenoisingBatch, compose_batch, epsilon_mse, min_snr_weights
+from ..diffusion.losses import DenoisingBatch, compose_batch, epsilon_mse
 from ..infra.outputs import write_json_atomically
 
 GLOBAL_SAMPLE_MODES = ("sample", "batch")
@@ -86,7 +86,8 @@ class DeMeLoss:
         data = family.rows(rows, generator)
         x0 = family.x0(data.x, generator)
         index = self.sampler.sample(len(x0), generator, family.device)
-        return compose_batch(forward_process(family.scheduler), family, x0, data.cond, index, generator)
+        return compose_batch(forward_process(family.scheduler, snr_gamma=self.snr_gamma), family, x0, data.cond,
+                             index, generator)
 
     def __call__(self, family, net, frozen, rows: dict, generator) -> tuple[torch.Tensor, dict]:
         b = self.batch(family, rows, generator)
@@ -96,8 +97,8 @@ class DeMeLoss:
                 reference = family.predict(frozen, b.noisy.to(self.dtype), b.timesteps, b.cond)
         pred = family.predict(net, b.noisy, b.timesteps, b.cond).float()
         per_sample = epsilon_mse(pred, b.target)  # per-sample MSE, any target
-        if self.snr_gamma:
-            per_sample = per_sample * min_snr_weights(family.scheduler, b.timesteps, self.snr_gamma)
+        if b.loss_weights is not None:  # Min-SNR-gamma (--snr_gamma)
+            per_sample = per_sample * b.loss_weights
         loss_denoise = per_sample.mean()
         loss_consistency = (pred - reference.float()).pow(2).mean() if reference is not None else torch.zeros(())
         loss = loss_denoise + self.consistency_weight * loss_consistency

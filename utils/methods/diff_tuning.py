@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from ..diffusion.forward_process import forward_process, given_flow_flags
+from ..diffusion.forward_process import forward_process, given_flow_flags, objective_options
 from ..diffusion.losses import DenoisingBatch, compose_batch
 from ..diffusion.timesteps import WEIGHTINGS, XI_FORMS, CategoricalTimestepSampler
 from ..infra import hub
@@ -156,13 +156,13 @@ class DiffTuning:
 
     @classmethod
     def from_args(cls, args, scheduler, condition_dropout: float) -> "DiffTuning":
-        """From the "Diff-Tuning" flag group (`add_diff_tuning_args`), --train_batch_size and, for a flow-matching
-        scheduler, the flow-matching group (`add_flow_matching_args`) where the script has it."""
-        flow = given_flow_flags(args)
+        """From the "Diff-Tuning" flag group (`add_diff_tuning_args`), --train_batch_size, and where the script has
+        them the flow-matching group (`add_flow_matching_args`) and the objective group (`add_objective_args`)."""
+        process_options = {**given_flow_flags(args), **objective_options(args)}
         return cls(scheduler, method=args.method, tau=args.tau, xi_form=args.xi_form, weighting=args.weighting,
                    retention_ratio=args.retention_ratio, retention_weight=args.retention_weight,
                    batch_size=args.train_batch_size, condition_dropout=condition_dropout,
-                   process=forward_process(scheduler, **flow),
+                   process=forward_process(scheduler, **process_options),
                    bank_dir=args.memory_bank or os.path.join(args.output_dir, "memory_bank"),
                    bank_source=args.memory_bank_hub_id or args.memory_bank or "generated for this run",
                    push_bank=args.push_memory_bank, bank_hub_id=args.memory_bank_hub_id,
