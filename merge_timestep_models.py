@@ -227,8 +227,8 @@ def main(args):
     replace_dir(tmp, args.output_dir, SCRIPT)
     print(f"saved {'ensemble' if args.ensemble else 'merged model'} to {args.output_dir}")
     if args.push_to_hub:
-        repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
-                               args.hub_token, args.hub_private_repo)
+        repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
+        repo = hub.push_folder(args.output_dir, repo, args.hub_token, args.hub_private_repo)
         print(f"pushed to https://huggingface.co/{repo}")
     return weights, table
 

@@ -539,8 +539,8 @@ def main(args):
                    accelerator.mixed_precision, learning_rate, global_step)
         logger.info("held-out after the last step: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if args.push_to_hub:
-            repo = hub.push_folder(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir),
-                                   args.hub_token, args.hub_private_repo)
+            repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
+            repo = hub.push_folder(args.output_dir, repo, args.hub_token, args.hub_private_repo)
             logger.info(f"pushed to https://huggingface.co/{repo}")
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training), the method's too.
     model = optimizer = lr_scheduler = loader = eval_loader = None  # noqa: F841
@@ -605,7 +605,7 @@ def write_card(args, names, num_train, num_eval, validation, metrics, last_logs,
            + (", averaged over two augmented views of each image)." if args.method == "two_view_ce" else ")."))
         + " Metrics are those of the last training step on held-out images (no best-of-run selection)."
     )
-    repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
+    repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
     usage = f'''from transformers import pipeline
 
 classifier = pipeline("image-classification", model="{repo}")

@@ -326,8 +326,8 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         write_card(args, out, index, time_range, T, family, total, extra, logs, accelerator.mixed_precision,
                    learning_rate, global_step)
         if args.push_to_hub:
-            repo = hub.push_folder(out, f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}",
-                                   args.hub_token, args.hub_private_repo)
+            repo = hub.push_folder(out, f"{hub.hub_repo_id(args.hub_model_id, args.output_dir, True, args.hub_token)}"
+                                   f"-range-{index}", args.hub_token, args.hub_private_repo)
             logger.info(f"pushed range {index} to https://huggingface.co/{repo}")
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group the next range needs
         tracker.finish()
@@ -354,7 +354,9 @@ def write_card(args, out, index, time_range, T, family, total, extra, last_logs,
              "lr_scheduler": args.lr_scheduler, "use_ema": args.use_ema, "mixed_precision": mixed_precision,
              "seed": args.seed}
     model_class, pipe_class, call = family.model_class, family.pipeline_class, family.example_call
-    repo = f"{hub.hub_repo_id(args.hub_model_id, args.output_dir)}-range-{index}"
+    # pushed: <repo>-range-<i>; else the range's folder
+    repo = f"{hub.hub_repo_id(args.hub_model_id, args.output_dir, True, args.hub_token)}-range-{index}" \
+        if args.push_to_hub else out
     usage = f'''from diffusers import {pipe_class}, {model_class}
 unet = {model_class}.from_pretrained("{repo}")
 pipe = {pipe_class}.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet)

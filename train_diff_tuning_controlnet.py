@@ -70,6 +70,7 @@ from utils.infra.training import (
     end_training,
     freeze,
     log_images,
+    log_running_training,
     log_step,
     make_accelerator,
     make_ema,
@@ -506,9 +507,12 @@ def main(args):
                         f"{tracker.direction_word}); converged at {tracker.converged_at}")
         return pairs
 
-    logger.info(f"{len(ds)} training rows, {len(rows)} held-out rows; memory bank: "
-                f"{len(bank) if bank is not None else 0} rows; per micro-batch {diff_tuning.n_bank} bank + "
-                f"{n_data} data rows; steps {global_step} -> {length.max_train_steps}")
+    log_running_training(
+        logger, examples=len(ds), batch_size=diff_tuning.n_bank + n_data, num_processes=accelerator.num_processes,
+        accumulation=args.gradient_accumulation_steps, length=length, first_step=global_step,
+        held_out_rows=len(rows), data_rows_per_micro_batch=n_data,
+        memory_bank_rows_per_micro_batch=diff_tuning.n_bank,
+        memory_bank=f"{len(bank)} rows" if bank is not None else "none")
     if (args.validation_steps and global_step % args.validation_steps == 0
             and not any(p["step"] == global_step for p in tracker.points)):
         track(global_step)  # step 0 (the untrained ControlNet), or a due evaluation a kill interrupted
@@ -566,11 +570,11 @@ def main(args):
             extra.save(os.path.join(args.output_dir, "validation_prompts.png"))
         if tracker.points:
             tracker.plot(os.path.join(args.output_dir, "convergence.png"), f"{args.method}, {args.condition}")
+        repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
         write_card(args, tracker, score, logs, accelerator.mixed_precision, learning_rate, diff_tuning,
-                   annotator.settings, global_step, base_family)
+                   annotator.settings, global_step, base_family, repo)
         if args.push_to_hub:
-            diff_tuning.push(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir), args.hub_token,
-                             args.hub_private_repo, logger)
+            diff_tuning.push(args.output_dir, repo, args.hub_token, args.hub_private_repo, logger)
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     controlnet = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
@@ -596,7 +600,7 @@ def extra_grids(parts, controlnet, family, args, device):
 
 
 def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_rate, diff_tuning,
-               annotator_settings, steps, base_family):
+               annotator_settings, steps, base_family, repo):
     """`diff_tuning`: the method (its card text, fields and tag); `steps`: the optimizer steps trained;
     `base_family`: the base pipeline's text-to-image family."""
     method = "Diff-Tuning" if args.method == "diff_tuning" else "standard ControlNet training"
@@ -616,7 +620,6 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
             f"{converged} (first of {args.convergence_patience} evaluation(s) past {tracker.threshold:g})"
             if converged is not None else f"not reached in {tracker.points[-1]['step']} steps "
                                           f"(threshold {tracker.threshold:g})")
-    repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
     pipeline_class = base_family.controlnet_pipeline
     usage = f'''import torch
 from diffusers import ControlNetModel, {pipeline_class}

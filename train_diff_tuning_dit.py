@@ -66,6 +66,7 @@ from utils.infra.training import (
     freeze,
     image_grid,
     log_images,
+    log_running_training,
     log_step,
     make_accelerator,
     make_ema,
@@ -266,11 +267,13 @@ def main(args):
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
 
-    logger.info(f"{len(ds)} downstream images in {len(names)} classes; memory bank: "
-                f"{len(bank) if bank is not None else 0} samples; per micro-batch {diff_tuning.n_bank} bank + "
-                f"{diff_tuning.n_data} data rows")
-    logger.info(f"{args.tuning} tuning: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
-                f"steps {global_step} -> {length.max_train_steps}")
+    log_running_training(
+        logger, examples=len(ds), batch_size=diff_tuning.n_bank + diff_tuning.n_data,
+        num_processes=accelerator.num_processes, accumulation=args.gradient_accumulation_steps, length=length,
+        first_step=global_step, classes=len(names), data_rows_per_micro_batch=diff_tuning.n_data,
+        memory_bank_rows_per_micro_batch=diff_tuning.n_bank,
+        memory_bank=f"{len(bank)} samples" if bank is not None else "none",
+        trainable_parameters=f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%, {args.tuning} tuning)")
     validation_classes = [i % len(names) for i in range(args.num_validation_images)]
     logs = {}
     transformer.train()
@@ -328,11 +331,11 @@ def main(args):
                                accelerator.device)
         image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
         log_images(accelerator, "final", images, global_step)
+        repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
         write_card(args, names, diff_tuning, trainable, total, logs, accelerator.mixed_precision, learning_rate,
-                   difffit_blocks, global_step)
+                   difffit_blocks, global_step, repo)
         if args.push_to_hub:
-            diff_tuning.push(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir), args.hub_token,
-                             args.hub_private_repo, logger)
+            diff_tuning.push(args.output_dir, repo, args.hub_token, args.hub_private_repo, logger)
     model = accelerator.unwrap_model(transformer)
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     transformer = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
@@ -354,7 +357,7 @@ def save_pipeline(transformer, vae, scheduler, names, output_dir):
 
 
 def write_card(args, names, diff_tuning, trainable, total, last_logs, mixed_precision, learning_rate,
-               difffit_blocks, steps):
+               difffit_blocks, steps, repo):
     """`diff_tuning`: the method (its card text, fields and tag); `mixed_precision`: the effective
     one (also when accelerate's config set it); `learning_rate` after --scale_lr; `difffit_blocks` as resolved;
     `steps`: the optimizer steps trained."""
@@ -376,13 +379,14 @@ def write_card(args, names, diff_tuning, trainable, total, last_logs, mixed_prec
         f"A class-conditional DiT fine-tuned from `{args.pretrained_model_name_or_path}` on `{args.dataset}` "
         f"({len(names)} classes) with {method}, training {tuning}. "
         + diff_tuning.card_text("samples of the pre-trained model (null class)"))
-    repo, example = hub.hub_repo_id(args.hub_model_id, args.output_dir), ", ".join(repr(n) for n in names[:2])
+    example = ", ".join(repr(n) for n in names[:2])
     if args.tuning == "lora" and not args.merge_lora:
+        labels = f'hf_hub_download("{repo}", "id2label.json")' if args.push_to_hub else f'"{repo}/id2label.json"'
         load = f'''import json
 from huggingface_hub import hf_hub_download
 from peft import PeftModel
 
-id2label = json.load(open(hf_hub_download("{repo}", "id2label.json")))
+id2label = json.load(open({labels}))
 pipe = DiTPipeline.from_pretrained("{args.pretrained_model_name_or_path}", id2label=id2label)
 pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{repo}").merge_and_unload()'''
     else:

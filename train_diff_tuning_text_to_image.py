@@ -16,7 +16,8 @@ fine-tuning (diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py w
 
 Diff-Tuning equals prior preservation exactly with `--method diff_tuning --tau 0 --xi_form official
 --bank_condition prompt --retention_weight <prior_loss_weight> --memory_bank_prompts <a file holding the class
-prompt>` and as many bank rows as data rows (`--retention_ratio 0.5` on twice the batch): both parts at uniform t,
+prompt>` and as many bank rows as data rows (`--retention_ratio 0.5`, at the same `--train_batch_size`, which counts
+data rows for every method): both parts at uniform t,
 bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction), Stable Diffusion XL (two text
 encoders, size-and-crop conditioning as diffusers' SDXL scripts: `utils.families.sdxl`; `--train_text_encoder` gives
 both encoders adapters) and Stable Diffusion 3 (three text encoders, rectified flow with diffusers'
@@ -29,6 +30,7 @@ import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stac
 # isort: split
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -39,12 +41,18 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
+from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.diffusion.forward_process import add_flow_matching_args, add_objective_args
 from utils.families.base import BankSettings, check_vae, check_variant, detect_family
 from utils.families.registry import TEXT_TO_IMAGE
-from utils.families.tuning import TEXT_ENCODER_LORA_TARGETS, add_lora_adapter, parameter_counts
+from utils.families.tuning import (
+    TEXT_ENCODER_LORA_TARGETS,
+    add_lora_adapter,
+    check_lora_targets,
+    parameter_counts,
+)
 from utils.infra import hub
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
@@ -57,7 +65,7 @@ from utils.infra.data import (
     worker_options,
 )
 from utils.infra.errors import UserError
-from utils.infra.flags import check_finite_flags, parse_flags
+from utils.infra.flags import check_finite_flags, flag_of, parse_flags
 from utils.infra.image_transforms import INTERPOLATION_MODES
 from utils.infra.outputs import check_output_dir, mark
 from utils.infra.training import (
@@ -73,6 +81,7 @@ from utils.infra.training import (
     end_training,
     image_grid,
     log_images,
+    log_running_training,
     log_step,
     make_accelerator,
     make_ema,
@@ -88,7 +97,7 @@ from utils.methods.diff_tuning import (
     add_diff_tuning_args,
     check_diff_tuning_args,
 )
-from utils.methods.memory_bank import bank_prompts_from_file
+from utils.methods.memory_bank import bank_prompts_from_file, cost_note, image_files, is_memory_bank
 from utils.metrics.forgetting import FORGETTING_FILE, ForgettingProbe
 
 logger = get_logger(__name__)
@@ -97,7 +106,20 @@ SCRIPT = "train_diff_tuning_text_to_image.py"  # marks the output folders it wri
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "method", "tuning",
                   "rank", "train_text_encoder")
 BANK_CONDITIONS = ("empty", "prompt")
+# the defaults that differ between diffusers' two examples this script stands for: DreamBooth's apply to a folder
+# of instance images with --instance_prompt
+TEXT_TO_IMAGE_DEFAULTS = {"learning_rate": 1e-4, "train_batch_size": 16}  # train_text_to_image_lora.py
+DREAMBOOTH_DEFAULTS = {"learning_rate": 5e-4, "train_batch_size": 4}  # train_dreambooth_lora.py
+BANK_STEPS, CLASS_IMAGE_STEPS = 20, 50  # default sampler steps of a Diff-Tuning bank; of DreamBooth's class images
+MAX_WIDGET_IMAGES = 8  # final validation images saved as image_<i>.png for the card's gallery
 TUNINGS = ("lora", "full")
+
+
+def dreambooth_data(argv) -> bool:
+    """Whether the command line is DreamBooth's (an --instance_prompt), which takes DreamBooth's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--instance_prompt", default=None)
+    return pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].instance_prompt is not None
 
 
 def parse_args(argv=None):
@@ -124,6 +146,7 @@ def parse_args(argv=None):
     g.add_argument("--instance_prompt", default=None,
                    help="DreamBooth: one prompt for every image (e.g. 'a photo of sks dog'); replaces any captions.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Train on a seeded subset of this size.")
+    g.add_argument("--repeats", type=int, default=1, help="Repeat the training images this many times per epoch.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Fraction of downstream captions replaced by the empty prompt (classifier-free guidance).")
     g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
@@ -154,12 +177,22 @@ def parse_args(argv=None):
                         "projections), saved in diffusers' LoRA format; full: every UNet (transformer) weight, saved "
                         "as a stock pipeline.")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank).")
+    g.add_argument("--lora_layers", default=None,
+                   help="Comma-separated module names that get LoRA adapters, as diffusers' --lora_layers (e.g. "
+                        "'to_k,to_q,to_v,to_out.0'; default: the family's attention projections).")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout of the LoRA adapters' input.")
+    g.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="Learning rate of the text encoders' adapters with --train_text_encoder (default: "
+                        "--learning_rate).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also LoRA on the text encoder's attention projections (with --tuning lora; SDXL and SD3: "
                         "both CLIP encoders, never SD3's T5).")
 
     g = add_diff_tuning_args(
-        p, bank_guidance_scale=7.5, bank_batch_size=8, methods=(*METHODS, PRIOR_PRESERVATION),
+        p, bank_guidance_scale=7.5, bank_batch_size=8, methods=(*METHODS, PRIOR_PRESERVATION), bank_size=100,
+        bank_steps=None, bank_steps_help=f" Default: {BANK_STEPS} for Diff-Tuning (a bank of the default size then "
+        f"costs at most a fifth of the default run), {CLASS_IMAGE_STEPS} for prior preservation (DreamBooth's class "
+        "images, as diffusers generates them).",
         bank_help="Bank rows: samples of the pre-trained pipeline for the bank prompts (see --memory_bank_prompts).",
         method_help=" prior_preservation: DreamBooth's (class images of --class_prompt at uniform t, as many as "
                     "data rows, on their own prompt; loss = instance + --prior_loss_weight x prior).")
@@ -172,6 +205,8 @@ def parse_args(argv=None):
                         "Diff-Tuning too when no --memory_bank_prompts is given.")
     g.add_argument("--class_data_dir", dest="memory_bank", default=argparse.SUPPRESS,
                    help="DreamBooth's name of --memory_bank: the class images are a memory bank folder.")
+    g.add_argument("--sample_batch_size", dest="memory_bank_batch_size", type=int, default=argparse.SUPPRESS,
+                   help="DreamBooth's name of --memory_bank_batch_size (class images generated per batch).")
     g.add_argument("--num_class_images", type=int, default=100,
                    help="Prior preservation: class images to generate (Diff-Tuning uses --memory_bank_size).")
     g.add_argument("--memory_bank_prompts", default=None,
@@ -183,20 +218,32 @@ def parse_args(argv=None):
 
     add_objective_args(p)
     add_flow_matching_args(p)
-    g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data rows together (prior "
-                              "preservation: data rows; as many class rows are added, as in DreamBooth).",
-                              max_train_steps=1000, learning_rate=1e-4, max_grad_norm=1.0, ema_decay=0.9999,
-                              paper="diffusers' LoRA examples: lr 1e-4")
+    g = add_optimisation_args(
+        p, batch_size=TEXT_TO_IMAGE_DEFAULTS["train_batch_size"],
+        batch_help="Data rows per device and micro-batch, for every method; bank rows are added (prior "
+                   "preservation: as many class rows, as DreamBooth adds them; Diff-Tuning: round(B r / (1 - r)) for "
+                   "--retention_ratio r, B at 0.5). Default 16 as train_text_to_image_lora.py; 4 with "
+                   "--instance_prompt, as train_dreambooth_lora.py.",
+        max_train_steps=1000, learning_rate=TEXT_TO_IMAGE_DEFAULTS["learning_rate"], max_grad_norm=1.0,
+        ema_decay=0.9999, lr_warmup_steps=500, weight_decay=1e-2,
+        paper="1e-4 as train_text_to_image_lora.py; 5e-4 with --instance_prompt, as train_dreambooth_lora.py")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
-    g = add_output_args(p, checkpointing_steps=500, validation_steps=100)
+    g = add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
     g.add_argument("--tracker_project_name", default="diff-tuning-text-to-image", help="Project name of the trackers.")
     g.add_argument("--validation_prompt", nargs="+", default=None,
                    help="Prompts of the validation grids (default: the first two training captions).")
     g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Also validate every N passes over the data, as diffusers' --validation_epochs (default: "
+                        "--validation_steps alone).")
+    g.add_argument("--validation_batch_size", type=int, default=1,
+                   help="Validation images per pipeline call (1, as diffusers' examples draw them; more is faster "
+                        "where memory allows; each image keeps its seed either way).")
     g.add_argument("--retention_prompts", nargs="+", default=None,
                    help="Forgetting probe: prompts the base model could already draw, sampled with fixed seeds and "
                         "scored against the base model's own samples (default: the first four bank prompts; none "
                         "without a bank).")
+    p.set_defaults(**(DREAMBOOTH_DEFAULTS if dreambooth_data(argv) else TEXT_TO_IMAGE_DEFAULTS))
     args = parse_flags(p, argv)
     check_finite_flags(args)  # nan and inf pass every range check below
     check_args(args)
@@ -205,8 +252,15 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Flags that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("resolution", "rank", "num_class_images"))
-    check_diff_tuning_args(args)
+    check_common_args(args, positive=("resolution", "rank", "num_class_images", "validation_batch_size", "repeats",
+                                      "validation_epochs"))
+    if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
+        raise UserError(f"--text_encoder_lr must be > 0, got {args.text_encoder_lr}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_layers is not None and args.tuning != "lora":
+        raise UserError("--lora_layers names where LoRA adapters go: use it with --tuning lora")
+    check_diff_tuning_args(args, bank_rows_added=True)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.max_train_samples is not None and args.max_train_samples < 1:
@@ -243,6 +297,8 @@ def load_captioned(args):
     require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     if args.max_train_samples is not None:
         ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
+    if args.repeats > 1:  # DreamBooth's --repeats: every image that many times per epoch
+        ds = ds.select(np.tile(np.arange(len(ds)), args.repeats))
     if args.instance_prompt is not None:  # DreamBooth: one prompt for every image
         return ds.add_column("instance_prompt", [args.instance_prompt] * len(ds)), "instance_prompt"
     column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
@@ -252,6 +308,20 @@ def load_captioned(args):
                            "for one prompt for every image")
     check_captions(ds, column, args.dataset)
     return ds, column
+
+
+def class_folder_images(args) -> list[str]:
+    """--class_data_dir naming a folder of images that is not a memory bank (what a DreamBooth user has): its first
+    --num_class_images images (Diff-Tuning: --memory_bank_size), which become the bank's first rows (the rest
+    generated, as DreamBooth tops up); the bank is written into the output folder, never into theirs. [] otherwise."""
+    folder = args.memory_bank
+    if flag_of(args, "memory_bank") != "--class_data_dir" or not os.path.isdir(folder) or is_memory_bank(folder):
+        return []
+    files = image_files(folder)
+    if not files:
+        raise UserError(f"--class_data_dir {folder} holds no images (.png, .jpg, .jpeg, .webp, .bmp) and is no "
+                        "memory bank; name a folder of class images, a bank, or a new folder")
+    return files[:args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size]
 
 
 def bank_prompts(args, ds, caption_column) -> list[str]:
@@ -266,14 +336,19 @@ def bank_prompts(args, ds, caption_column) -> list[str]:
 @torch.no_grad()
 def generate(family, denoiser, encoders, prompts, args, resolution, device):
     """NHWC images in [0, 1] of the family's pipeline with `denoiser` and the text `encoders` (DDIM; SD3: its
-    flow-matching Euler sampler; --validation_inference_steps), image i with seed + i, so every evaluation and the
-    base model see the same noise."""
+    flow-matching Euler sampler; --validation_inference_steps), --validation_batch_size at a time, image i with
+    seed + i, so every evaluation and the base model see the same noise."""
     pipe = family.inference_pipeline(denoiser, encoders, family.sampling_scheduler(family.pipeline))
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompts, height=resolution, width=resolution, guidance_scale=args.validation_guidance_scale,
-                num_inference_steps=args.validation_inference_steps, output_type="np",
-                generator=[torch.Generator(device).manual_seed(args.seed + i) for i in range(len(prompts))],
-                **family.pipeline_kwargs).images
+    images = []
+    for i in range(0, len(prompts), args.validation_batch_size):  # each image keeps its own seed in any batch
+        chunk = range(i, min(i + args.validation_batch_size, len(prompts)))
+        images.append(pipe([prompts[k] for k in chunk], height=resolution, width=resolution,
+                           guidance_scale=args.validation_guidance_scale,
+                           num_inference_steps=args.validation_inference_steps, output_type="np",
+                           generator=[torch.Generator(device).manual_seed(args.seed + k) for k in chunk],
+                           **family.pipeline_kwargs).images)
+    return np.concatenate(images)
 
 
 def main(args):
@@ -306,19 +381,33 @@ def main(args):
         raise UserError(f"the pipeline's scheduler predicts {prediction_type!r}; this script trains epsilon and "
                         "v_prediction models (and SD3's flow matching)")
     ds, caption_column = load_captioned(args)
-    diff_tuning = DiffTuning.from_args(args, noise_scheduler, condition_dropout=args.proportion_empty_prompts)
+    class_images = class_folder_images(args)  # DreamBooth's plain folder of class images, read, never written
+    diff_tuning = DiffTuning.from_args(
+        args, noise_scheduler, condition_dropout=args.proportion_empty_prompts,
+        bank_rows_added=True,  # --train_batch_size: data rows, as DreamBooth's
+        **({"bank_dir": os.path.join(args.output_dir, "memory_bank"),
+            "bank_source": f"{len(class_images)} class images of {args.memory_bank}"} if class_images else {}))
     if len(ds) < diff_tuning.n_data * accelerator.num_processes:
         raise DatasetError(f"dataset has {len(ds)} images, fewer than one batch of {diff_tuning.n_data} downstream "
                            f"rows on each of {accelerator.num_processes} process(es); lower --train_batch_size")
     prompts = bank_prompts(args, ds, caption_column)
     bank_condition = args.bank_condition or ("prompt" if args.method == PRIOR_PRESERVATION else "empty")
     bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
+    bank_steps = args.memory_bank_inference_steps or (CLASS_IMAGE_STEPS if args.method == PRIOR_PRESERVATION
+                                                       else BANK_STEPS)
     bank_plan = family_class.bank_plan(name, BankSettings(
-        args.memory_bank_guidance_scale, args.memory_bank_inference_steps, resolution, prompts,
-        vae=args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir), family_options)
+        args.memory_bank_guidance_scale, bank_steps, resolution, prompts,
+        vae=args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
+        class_images=tuple(class_images)), family_options)
     diff_tuning.check_bank(bank_plan.record, bank_size, accelerator.num_processes)
     identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, family_class.name)
     check_resume(args.output_dir, args.resume_from_checkpoint, identity, logger)
+    if diff_tuning.uses_bank and not is_memory_bank(diff_tuning.bank_dir):  # its cost, before it starts
+        steps = args.max_train_steps if args.num_train_epochs is None else args.num_train_epochs * math.ceil(
+            len(ds) / (diff_tuning.n_data * accelerator.num_processes * args.gradient_accumulation_steps))
+        rows = (diff_tuning.n_bank + diff_tuning.n_data) * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info(cost_note(bank_size - len(class_images), bank_steps, args.memory_bank_guidance_scale,
+                              steps * rows * 3))
     if not args.skip_image_check:
         with accelerator.main_process_first():
             check_images(ds, args.image_column, lambda it, total: tqdm(it, total=total, desc="checking images",
@@ -339,6 +428,9 @@ def main(args):
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
                           args.train_text_encoder, args.center_crop, args.image_interpolation_mode, **family_options)
     denoiser, encoders = family.denoiser.to(accelerator.device), family.text_encoders
+    lora_targets = args.lora_layers.split(",") if args.lora_layers else family.lora_targets
+    if args.tuning == "lora":
+        check_lora_targets(denoiser, lora_targets)  # before the bank: a typo costs nothing
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
     with accelerator.autocast():
@@ -353,10 +445,10 @@ def main(args):
     if args.tuning == "lora":
         if dtype != torch.float32:  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
             denoiser.to(dtype)
-        add_lora_adapter(denoiser, args.rank, family.lora_targets)
+        add_lora_adapter(denoiser, args.rank, lora_targets, dropout=args.lora_dropout)
         if args.train_text_encoder:
             for encoder in encoders:
-                add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
+                add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS, dropout=args.lora_dropout)
                 encoder.train()  # frozen models are in eval mode; checkpointing and dropout need train mode
         cast_training_params([denoiser, *encoders], dtype=torch.float32)
     else:
@@ -386,7 +478,12 @@ def main(args):
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
-    optimizer, lr_scheduler = make_optimizer(params, args, accelerator, learning_rate, length.max_train_steps,
+    groups = params
+    if args.train_text_encoder and args.text_encoder_lr is not None:  # the encoders' adapters at their own lr
+        encoder_params = {id(p) for e in encoders for p in e.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in encoder_params]},
+                  {"params": [p for p in params if id(p) in encoder_params], "lr": args.text_encoder_lr}]
+    optimizer, lr_scheduler = make_optimizer(groups, args, accelerator, learning_rate, length.max_train_steps,
                                              optimizer_class)
     ema = make_ema(denoiser, args.ema_decay, accelerator) if args.use_ema else None
     denoiser, optimizer, lr_scheduler, loader = accelerator.prepare(denoiser, optimizer, lr_scheduler, loader)
@@ -425,10 +522,13 @@ def main(args):
             logger.info(f"step {step}: forgetting probe, SSIM to the base model's samples {score:.4f}")
         return images, probed
 
-    logger.info(f"{len(ds)} training images; memory bank: {len(bank) if bank is not None else 0} rows "
-                f"({bank_condition} condition); per micro-batch {diff_tuning.n_bank} bank + {diff_tuning.n_data} "
-                f"data rows; {args.tuning}: {trainable:,} of {total:,} {family.model_class} parameters train; "
-                f"steps {global_step} -> {length.max_train_steps}")
+    log_running_training(
+        logger, examples=len(ds), batch_size=diff_tuning.n_bank + diff_tuning.n_data,
+        num_processes=accelerator.num_processes, accumulation=args.gradient_accumulation_steps, length=length,
+        first_step=global_step, data_rows_per_micro_batch=diff_tuning.n_data,
+        memory_bank_rows_per_micro_batch=diff_tuning.n_bank,
+        memory_bank=f"{len(bank)} rows, {bank_condition} condition" if bank is not None else "none",
+        trainable_parameters=f"{trainable:,} of {total:,} {family.model_class} parameters ({args.tuning})")
     logs, validated = {}, {}
     progress = tqdm(range(length.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
@@ -450,7 +550,9 @@ def main(args):
         if ema is not None:
             ema.step(denoiser.parameters())
         log_step(accelerator, progress, logs, global_step)
-        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+        if accelerator.is_main_process and (
+                (args.validation_steps and global_step % args.validation_steps == 0)
+                or (args.validation_epochs and global_step % (args.validation_epochs * length.steps_per_epoch) == 0)):
             validated = {global_step: validate(global_step)}
         if global_step % length.checkpointing_steps == 0:  # after the step's records: a resume continues them
             checkpoint(accelerator, denoiser, global_step, args.output_dir, args.checkpoints_total_limit, identity,
@@ -478,15 +580,20 @@ def main(args):
             full.save_pretrained(args.output_dir)
         images, probed = validated.get(global_step) or validate(global_step, "final")
         image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))
+        widget = []  # the Hub's gallery, as diffusers' scripts fill it: image_<i>.png with its prompt
+        for i, (image, prompt) in enumerate(list(zip(images, grid_prompts))[:MAX_WIDGET_IMAGES]):
+            Image.fromarray((image * 255).round().astype(np.uint8)).save(os.path.join(args.output_dir,
+                                                                                      f"image_{i}.png"))
+            widget.append({"text": prompt, "output": {"url": f"image_{i}.png"}})
         if probed is not None:
             image_grid(np.concatenate([base_images, probed]), cols=len(retention_prompts)).save(
                 os.path.join(args.output_dir, "before_after.png"))
             probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
+        repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
         write_card(args, family, diff_tuning, bank_condition, trainable, total, logs, accelerator.mixed_precision,
-                   learning_rate, probe, validation_prompts, global_step, resolution)
+                   learning_rate, probe, validation_prompts, global_step, resolution, widget, repo)
         if args.push_to_hub:
-            diff_tuning.push(args.output_dir, hub.hub_repo_id(args.hub_model_id, args.output_dir), args.hub_token,
-                             args.hub_private_repo, logger)
+            diff_tuning.push(args.output_dir, repo, args.hub_token, args.hub_private_repo, logger)
     # The DDP wrappers must go before the process group ends (utils.infra.training.end_training).
     denoiser = encoders = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
     end_training(accelerator)
@@ -494,9 +601,9 @@ def main(args):
 
 
 def write_card(args, family, diff_tuning, bank_condition, trainable, total, last_logs, mixed_precision,
-               learning_rate, probe, validation_prompts, steps, resolution):
-    """`family`: the pipeline's (its pipeline class and tag); `diff_tuning`: the method (its card text, fields and
-    tag); `steps`: the optimizer steps trained; `resolution`: the one trained at."""
+               learning_rate, probe, validation_prompts, steps, resolution, widget, repo):
+    """`family`: the pipeline's (its pipeline class and tags); `diff_tuning`: the method (its card text, fields and
+    tag); `steps`: the optimizer steps trained; `resolution`: the one trained at; `widget`: the gallery."""
     method = {"diff_tuning": "Diff-Tuning", "standard": "standard fine-tuning",
               PRIOR_PRESERVATION: "DreamBooth prior preservation"}[args.method]
     hyper = {"method": args.method, "tuning": args.tuning, "steps": steps,
@@ -519,7 +626,6 @@ def write_card(args, family, diff_tuning, bank_condition, trainable, total, last
     if probe.points:
         metrics["forgetting probe (SSIM to the base model's samples, same seeds; 1 = unchanged), final"] = \
             f"{probe.points[-1]['ssim_to_base']:.4f} on {len(probe.prompts)} retention prompt(s)"
-    repo = hub.hub_repo_id(args.hub_model_id, args.output_dir)
     prompt = validation_prompts[0].replace('"', "'")
     pipeline_class = family.pipeline_class
     if args.tuning == "lora":
@@ -537,13 +643,16 @@ image = pipe("{prompt}", num_inference_steps=50, generator=torch.manual_seed(0))
         + diff_tuning.card_text()
         + (" `before_after.png`: the base model's samples (top) and this model's (bottom) for prompts it could "
            "already draw, same seeds." if probe.points else ""))
-    tags = ["text-to-image", family.tag, args.tuning, diff_tuning.tag]
+    tags = ["text-to-image", "diffusers", family.tag, *family.hub_tags, args.tuning, diff_tuning.tag]
+    if args.tuning == "lora":
+        tags += ["template:sd-lora"]  # the Hub's LoRA page template, as diffusers' LoRA scripts tag
     if args.instance_prompt:
         tags.append("dreambooth")
     hub.save_training_card(
         args.output_dir, title=f"{method} of {args.pretrained_model_name_or_path} ({args.tuning})",
         base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
-        tags=tags, description=description, hyperparameters=hyper, usage=usage, image_heading="Validation samples")
+        tags=tags, description=description, hyperparameters=hyper, usage=usage, image_heading="Validation samples",
+        instance_prompt=args.instance_prompt, widget=widget)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_messages_name_the_alias_the_user_typed(tiny_sd_dir, captioned_digits_di
     not_a_bank = tmp_path / "class_images"
     not_a_bank.mkdir()
     (not_a_bank / "notes.txt").write_text("mine")
-    assert f"error: --class_data_dir {not_a_bank} exists but is not a memory bank" in t2i_error(
+    assert f"error: --class_data_dir {not_a_bank} holds no images" in t2i_error(
         tiny_sd_dir, captioned_digits_dir, tmp_path / "d", *dreambooth, "--class_data_dir", str(not_a_bank))
     assert (not_a_bank / "notes.txt").read_text() == "mine" and os.listdir(not_a_bank) == ["notes.txt"]
 

@@ -69,7 +69,8 @@ def test_card_metadata_for_hub_dataset_and_base_license(tmp_path, tiny_pipeline_
     from utils.methods.diff_tuning import DiffTuning
 
     standard = DiffTuning(DDPMScheduler(), method="standard")
-    script.write_card(args, ["rose", "tulip"], standard, 10, 1000, {"loss": 0.5}, "no", args.learning_rate, None, 1000)
+    script.write_card(args, ["rose", "tulip"], standard, 10, 1000, {"loss": 0.5}, "no", args.learning_rate, None, 1000,
+                      args.output_dir)
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.datasets == ["someone/flowers"] and card.data.license == "cc-by-nc-4.0"
     assert set(card.data.tags) >= {"standard-fine-tuning", "bitfit", "diffusers-training"}
@@ -92,3 +93,38 @@ def test_base_model_metadata_is_a_hub_id_or_left_out(tmp_path):
                         hyperparameters={}, usage="u")
     assert ModelCard.load(out / "README.md").data.base_model == "stabilityai/sd-turbo"
 
+
+
+def test_a_text_to_image_card_is_diffusers_with_trigger_words_gallery_tags_and_the_pushed_repo(
+        hub_calls, tiny_sd_dir, captioned_digits_dir, tmp_path):
+    """As diffusers' save_model_card: instance_prompt in the metadata and a "Trigger words" section, the widget
+    gallery of the final validation images (image_<i>.png, uploaded), the family's Hub tags, `template:sd-lora`
+    and `lora`; the usage line names the repo the push made (the token's user / the folder's name)."""
+    import train_diff_tuning_text_to_image as t2i
+    from fixtures.testing import TEXT_TO_IMAGE_TINY, run_main
+
+    out = tmp_path / "out"
+    run_main(t2i, tiny_sd_dir, captioned_digits_dir, out, *TEXT_TO_IMAGE_TINY, "--method", "standard",
+             "--instance_prompt", "a photo of sks digit", "--push_to_hub", "--hub_token", TOKEN)
+    assert len(hub_calls["whoami"].calls) == 2  # before training, and for the repo's namespace at the end
+    card = ModelCard.load(out / "README.md")
+    assert card.data.instance_prompt == "a photo of sks digit" and "## Trigger words" in card.text
+    assert {"stable-diffusion", "stable-diffusion-diffusers", "template:sd-lora", "lora", "text-to-image",
+            "diffusers", "diffusers-training", "dreambooth"} <= set(card.data.tags)
+    assert [w["output"]["url"] for w in card.data.widget] == [f"image_{i}.png" for i in range(4)]
+    assert {w["text"] for w in card.data.widget} == {"a photo of sks digit"} and "<Gallery />" in card.text
+    assert 'pipe.load_lora_weights("me/out")' in card.text
+    (repo, _), = hub_calls["create_repo"].calls
+    assert repo == ("me/out",)
+    (_, upload), = hub_calls["upload_folder"].calls
+    uploaded = set(filter_repo_objects(files_under(out), ignore_patterns=upload["ignore_patterns"]))
+    assert {f"image_{i}.png" for i in range(4)} <= uploaded
+
+
+def test_a_card_not_pushed_names_the_output_folder(tiny_sd_dir, captioned_digits_dir, tmp_path):
+    import train_diff_tuning_text_to_image as t2i
+    from fixtures.testing import TEXT_TO_IMAGE_TINY, run_main
+
+    out = tmp_path / "runs" / "out"
+    run_main(t2i, tiny_sd_dir, captioned_digits_dir, out, *TEXT_TO_IMAGE_TINY, "--method", "standard")
+    assert f'pipe.load_lora_weights("{out}")' in (out / "README.md").read_text()

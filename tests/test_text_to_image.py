@@ -189,13 +189,15 @@ def test_prior_preservation_loss_is_dreamboths_formula(tiny_sd_dir):
 
 def test_diff_tuning_with_the_documented_flags_is_exactly_prior_preservation(tiny_sd_dir, captioned_digits_dir,
                                                                              tmp_path):
+    """--train_batch_size counts data rows for every method: at 0.5 Diff-Tuning adds as many bank rows as
+    DreamBooth adds class rows."""
     (tmp_path / "prompts.txt").write_text("a digit\n")
     common = ["--memory_bank_size", "8", "--num_class_images", "8", "--retention_weight", "0.5"]
     train(tiny_sd_dir, captioned_digits_dir, tmp_path / "pp", *common, "--with_prior_preservation",
           "--class_prompt", "a digit", "--train_batch_size", "2")
     train(tiny_sd_dir, captioned_digits_dir, tmp_path / "dt", *common, "--method", "diff_tuning", "--tau", "0",
           "--xi_form", "official", "--bank_condition", "prompt", "--retention_ratio", "0.5",
-          "--memory_bank_prompts", str(tmp_path / "prompts.txt"), "--train_batch_size", "4")
+          "--memory_bank_prompts", str(tmp_path / "prompts.txt"), "--train_batch_size", "2")  # the same batch
     pp, dt = load_file(tmp_path / "pp" / LORA_FILE), load_file(tmp_path / "dt" / LORA_FILE)
     assert set(pp) == set(dt) and all(torch.equal(pp[k], dt[k]) for k in pp)
 
@@ -352,10 +354,56 @@ def test_push_uploads_the_lora_weights_and_card_never_the_bank_or_the_token(hub_
     assert hub_calls["whoami"].calls == [((), {"token": TOKEN})]  # checked before training
     (_, upload), = hub_calls["upload_folder"].calls
     uploaded = sorted(filter_repo_objects(files_under(out), ignore_patterns=upload["ignore_patterns"]))
-    assert uploaded == ["README.md", "before_after.png", "forgetting.json", "forgetting.png", LORA_FILE,
-                        "samples.png"]
+    assert uploaded == ["README.md", "before_after.png", "forgetting.json", "forgetting.png",
+                        *[f"image_{i}.png" for i in range(4)], LORA_FILE, "samples.png"]  # images: the card's gallery
     assert 'load_lora_weights("me/sd-lora")' in (out / "README.md").read_text()
     for f in files_under(out):
         with open(out / f, "rb") as fh:
             assert TOKEN.encode() not in fh.read(), f"the token was written to {f}"
 
+
+
+def test_a_plain_folder_of_class_images_is_dreambooths_class_data_dir(tiny_sd_dir, captioned_digits_dir, tmp_path):
+    """DreamBooth's --class_data_dir: its images become the bank's first rows (resized and centre-cropped), the rest
+    up to --num_class_images is generated; the bank goes to the output folder and the user's folder is untouched.
+    With enough images nothing is generated."""
+    import numpy as np
+
+    from utils.infra.image_transforms import resize_center_crop
+
+    folder = tmp_path / "class_images"
+    folder.mkdir()
+    for i, size in enumerate([(23, 16), (16, 30), (20, 20)]):
+        Image.fromarray(np.full((size[1], size[0], 3), 40 * (i + 1), np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    train(tiny_sd_dir, captioned_digits_dir, tmp_path / "pp", "--with_prior_preservation", "--class_prompt",
+          "a digit", "--class_data_dir", str(folder), "--num_class_images", "5", "--train_batch_size", "2")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before and not (tmp_path / "class_images.partial"
+                                                                                        ).exists()
+    bank = datasets.load_from_disk(str(tmp_path / "pp" / "memory_bank"))
+    assert len(bank) == 5 and set(bank["text"]) == {"a digit"}
+    for i in range(3):
+        expected = resize_center_crop(Image.open(folder / f"{i}.png").convert("RGB"), 16, "lanczos")
+        assert np.array_equal(np.asarray(bank[i]["image"]), np.asarray(expected))
+    record = json.loads((tmp_path / "pp" / "memory_bank" / "memory_bank.json").read_text())
+    assert [os.path.basename(f) for f in record["class_images"]] == ["0.png", "1.png", "2.png"]
+    assert "3 class images of" in (tmp_path / "pp" / "README.md").read_text()
+
+    train(tiny_sd_dir, captioned_digits_dir, tmp_path / "enough", "--with_prior_preservation", "--class_prompt",
+          "a digit", "--class_data_dir", str(folder), "--num_class_images", "3", "--train_batch_size", "2")
+    enough = datasets.load_from_disk(str(tmp_path / "enough" / "memory_bank"))
+    assert [np.asarray(row["image"]).tolist() for row in enough] == [np.asarray(row["image"]).tolist()
+                                                                    for row in bank.select(range(3))]
+
+
+def test_a_class_data_dir_without_images_is_refused(tiny_sd_dir, captioned_digits_dir, tmp_path):
+    from fixtures.testing import cli_error
+
+    folder = tmp_path / "empty_of_images"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    message = cli_error(script, ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", captioned_digits_dir,
+                                 "--output_dir", str(tmp_path / "out"), *TINY, "--with_prior_preservation",
+                                 "--class_prompt", "a digit", "--class_data_dir", str(folder)])
+    assert "--class_data_dir" in message and "holds no images" in message

@@ -34,6 +34,7 @@ class BankSettings:
     vae: str | None = None  # another VAE than the pipeline's (its latents are what the bank stores: recorded)
     revision: str | None = None
     cache_dir: str | None = None
+    class_images: tuple[str, ...] = ()  # DreamBooth's class images of a user's folder: rows 0..n-1 (prompted families)
 
 
 @dataclass

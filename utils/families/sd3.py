@@ -44,6 +44,7 @@ class StableDiffusion3(StableDiffusion):
     model_class, pipeline_class, model_key = "SD3Transformer2DModel", "StableDiffusion3Pipeline", "transformer"
     denoiser_class, scheduler_class = SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler
     lora_targets = SD3_LORA_TARGETS
+    hub_tags = ("sd3", "sd3-diffusers")
     example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
     own_flags = {flag: "SD3's (T5 tokens, flow matching)" for flag in ("max_sequence_length", "precondition_outputs",
                                                                       *FLOW_FLAGS)}

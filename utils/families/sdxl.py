@@ -34,6 +34,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name, description, tag = "stable-diffusion-xl", "a Stable Diffusion XL pipeline", "stable-diffusion-xl"
     model_class, pipeline_class = "UNet2DConditionModel", "StableDiffusionXLPipeline"
+    hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
     example_call = 'pipe("a photo of a cat", num_inference_steps=30)'
     own_flags = {**EPSILON_V_FLAGS,
                  **{flag: "SDXL's size conditioning (the crop every row's size ids record)"

@@ -3,16 +3,24 @@ encoder; epsilon or v prediction), the base of the SDXL and SD3 families: how ca
 are fed, its memory-bank sampler (prompted samples of the pre-trained pipeline) and the bank's view for the loader."""
 
 import functools
+import os
 
 import datasets
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageOps
 
 from ..diffusion.latents import as_uint8, encode_moments, sample_latents, vae_scale_factor
 from ..infra.data import ArrowBatches, as_batch
 from ..infra.errors import UserError
-from ..infra.image_transforms import as_uint8_tensor, crop_batch, normalized, resize_short_side
+from ..infra.image_transforms import (
+    as_uint8_tensor,
+    crop_batch,
+    normalized,
+    resize_center_crop,
+    resize_short_side,
+)
 from ..infra.training import freeze
 from ..metrics.sampling import seeded_generators
 from .base import BankPlan, BankSettings, Rows
@@ -41,6 +49,7 @@ class StableDiffusion(UNetFamily):
     model_class, pipeline_class, model_key = "UNet2DConditionModel", "StableDiffusionPipeline", "unet"
     denoiser_class, scheduler_class = UNet2DConditionModel, DDPMScheduler  # the trained model; the training noise
     lora_targets = UNET_LORA_TARGETS
+    hub_tags = ("stable-diffusion", "stable-diffusion-diffusers")  # card tags the Hub filters on (diffusers')
     example_call = 'pipe("a photo of a cat", num_inference_steps=50)'
     needs_captions = True
     pipeline_kwargs: dict = {}  # more arguments of every pipeline call (SD3: max_sequence_length)
@@ -89,17 +98,20 @@ class StableDiffusion(UNetFamily):
     @classmethod
     def bank_plan(cls, name, settings: BankSettings, options: dict) -> BankPlan:
         """Sample i from prompt i mod P at CFG 7.5 (default) and the training resolution; a bank records the
-        resolution, the prompts, what the pipeline call was given (SD3: the T5 length) and another VAE."""
+        resolution, the prompts, what the pipeline call was given (SD3: the T5 length), another VAE and a DreamBooth
+        folder's class images (`settings.class_images`: rows 0..n-1)."""
         kwargs = cls.sampling_kwargs(options)
         cls.check_resolution(name, settings.resolution, settings.revision, settings.cache_dir)
         record = {"family": cls.name, "base_model": name, "resolution": settings.resolution,
                   "prompts": settings.prompts, **kwargs}
         if settings.vae:  # a bank's latents are its VAE's
             record["vae"] = settings.vae
+        if settings.class_images:  # DreamBooth's folder: which images rows 0..n-1 are
+            record["class_images"] = [os.path.abspath(f) for f in settings.class_images]
         guidance = cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
         return BankPlan(record, lambda pipe: PromptBankSampler(pipe, settings.prompts, guidance,
                                                                settings.num_inference_steps, settings.resolution,
-                                                               cls, kwargs))
+                                                               cls, kwargs, settings.class_images))
 
     def bank_view(self, bank) -> tuple:
         """Stored moments and each row's prompt tokens."""
@@ -262,14 +274,17 @@ class PromptBankSampler:
     """Bank rows of a text-to-image pipeline (Stable Diffusion, or SDXL with `family` its family class): sample i is
     generated from prompt i mod P (so a bank does not depend on the batch size) with DDIM and classifier-free
     guidance. `sampler(seeds)` -> the columns of those rows: the generated `image`, its `text` prompt and `seed`,
-    and `latent_moments` (the VAE posterior)."""
+    and `latent_moments` (the VAE posterior). With `class_images` (DreamBooth's folder of class images), rows
+    0..n-1 are those images instead, resized and centre-cropped to the resolution as the family's examples
+    preprocess them, and only the rest is generated (DreamBooth's top-up to --num_class_images)."""
 
     family = StableDiffusion.name
 
     def __init__(self, pipeline, prompts: list[str], guidance_scale: float = 7.5, num_inference_steps: int = 50,
                  resolution: int = 512, family: type[StableDiffusion] = StableDiffusion,
-                 pipeline_kwargs: dict | None = None):
+                 pipeline_kwargs: dict | None = None, class_images: tuple[str, ...] = ()):
         self.pipeline, self.prompts, self.resolution = pipeline, list(prompts), resolution
+        self.class_images, self.interpolation = list(class_images), family.image_interpolation
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.family, self.pipeline_kwargs = family.name, dict(pipeline_kwargs or {})
         self.sampler = family.sampler_from(pipeline, family.sampling_scheduler(pipeline))
@@ -288,13 +303,26 @@ class PromptBankSampler:
         })
 
     def generate(self, seeds: list[int]) -> tuple[list[str], np.ndarray, torch.Tensor]:
-        """(prompts, uint8 images, VAE posterior moments) of these seeds."""
+        """(prompts, uint8 images, VAE posterior moments) of these seeds (a user's class image for seed i < n)."""
         prompts = [self.prompts[s % len(self.prompts)] for s in seeds]
-        images = self.sampler(prompts, height=self.resolution, width=self.resolution,
-                              guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-                              generator=seeded_generators(seeds, self.model.device), output_type="np",
-                              **self.pipeline_kwargs).images
-        images, pixels = as_uint8(images)  # exactly what a PNG of the sample holds
+        drawn = [i for i, s in enumerate(seeds) if s >= len(self.class_images)]
+        if drawn:
+            sampled = self.sampler([prompts[i] for i in drawn], height=self.resolution, width=self.resolution,
+                                   guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                                   generator=seeded_generators([seeds[i] for i in drawn], self.model.device),
+                                   output_type="np", **self.pipeline_kwargs).images
+        if len(drawn) < len(seeds):  # a user's class images in these rows
+            images = np.zeros((len(seeds), self.resolution, self.resolution, 3), dtype=np.float32)
+            if drawn:
+                images[drawn] = sampled
+            for i, s in enumerate(seeds):
+                if s < len(self.class_images):
+                    with Image.open(self.class_images[s]) as image:
+                        fitted = resize_center_crop(ImageOps.exif_transpose(image).convert("RGB"), self.resolution,
+                                                    self.interpolation)
+                    images[i] = np.asarray(fitted, dtype=np.float32) / 255  # as_uint8 gives back these pixels
+            sampled = images
+        images, pixels = as_uint8(sampled)  # exactly what a PNG of the sample holds
         moments, _ = encode_moments(self.pipeline.vae, pixels)
         return prompts, images, moments
 

@@ -122,14 +122,24 @@ UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def add_lora_adapter(model, rank: int, targets: list[str], alpha: float | None = None) -> None:
+def add_lora_adapter(model, rank: int, targets: list[str], alpha: float | None = None, dropout: float = 0.0) -> None:
     """peft LoRA adapters on `targets` of a diffusers or transformers model, as diffusers' LoRA scripts add them
-    (`add_adapter`, Gaussian init of A, zero B: the model starts unchanged); only the adapters train."""
+    (`add_adapter`, Gaussian init of A, zero B: the model starts unchanged; `dropout`: their --lora_dropout); only
+    the adapters train."""
     from peft import LoraConfig
 
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                 target_modules=targets))
+                                 target_modules=targets, lora_dropout=dropout))
+
+
+def check_lora_targets(model, targets: list[str], flag: str = "--lora_layers") -> None:
+    """Every target names modules of `model` (peft matches a target to a module name ending in it)."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise UserError(f"{flag}: no module of the {type(model).__name__} is called {', '.join(missing)} (e.g. "
+                        f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names if n})[:8])})")
 
 
 def lora_layers(model, diffusers_format: bool = True) -> dict:

@@ -3,6 +3,7 @@
 No torchvision: it does not import beside the pinned torch, so transforms are PIL + numpy.
 """
 
+import contextlib
 import io
 import os
 
@@ -24,6 +25,18 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.rstrip("/").count("/") > 1
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """datasets' progress bars off for a while (a local folder is not downloaded, whatever its bar says)."""
+    was_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.utils.logging.enable_progress_bar()
+
+
 def load_image_splits(name: str, config_name=None, cache_dir=None) -> datasets.DatasetDict:
     """Every split of a Hub id, a folder of class sub-folders of images, or a `Dataset(Dict).save_to_disk` folder
     (a single saved `Dataset` is the split "train")."""
@@ -35,8 +48,9 @@ def load_image_splits(name: str, config_name=None, cache_dir=None) -> datasets.D
             ds = datasets.load_from_disk(path)
         else:
             try:  # as datasets.load_dataset(path) does: the builder detected from the files (images, parquet,
-                # json lines or csv beside images, arrow shards)
-                ds = datasets.load_dataset(path, cache_dir=cache_dir)
+                # json lines or csv beside images, arrow shards); without its "Downloading data" bars for local files
+                with no_progress_bars():
+                    ds = datasets.load_dataset(path, cache_dir=cache_dir)
             except datasets.data_files.EmptyDatasetError as e:
                 raise DatasetError(f"--dataset {name} holds no images: give a folder of images (in class "
                                    "sub-folders, or with a metadata.jsonl), a save_to_disk folder or a Hub id") from e

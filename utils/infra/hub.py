@@ -20,9 +20,15 @@ from .outputs import MARKER, check_finite_model
 UPLOAD_IGNORE = ["checkpoint-*", "logs/*", "memory_bank/*", "*.partial/*", "*.tmp/*", ".*.tmp-*", MARKER]
 
 
-def hub_repo_id(hub_model_id: str | None, output_dir: str) -> str:
-    """--hub_model_id, else the output folder's name (the diffusers examples' rule)."""
-    return hub_model_id or os.path.basename(os.path.abspath(output_dir))
+def hub_repo_id(hub_model_id: str | None, output_dir: str, push: bool = False, token: str | None = None) -> str:
+    """Where a user loads the output from, as a card's usage line names it. Pushed (`push`): --hub_model_id, else
+    the output folder's name (the diffusers examples' rule), under the token's user when it has no namespace (what
+    `create_repo` makes of it; one whoami call, only when pushing). Not pushed: --hub_model_id where given, else the
+    output folder as given (it loads from there)."""
+    if not push:
+        return hub_model_id or output_dir
+    name = hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    return name if "/" in name else f"{whoami(token=resolve_token(token))['name']}/{name}"
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -86,10 +92,14 @@ def save_model_card(
     license: str | None = None,
     library_name: str = "diffusers",
     pipeline_tag: str | None = None,
+    instance_prompt: str | None = None,
+    widget: list[dict] | None = None,
 ) -> ModelCard:
     """Write `README.md` with the Hub's metadata (`library_name`: diffusers, transformers...; `pipeline_tag`: the
     Hub task, e.g. image-classification) and a body that says what was trained and how to load it (`image` shown
-    under `image_heading`)."""
+    under `image_heading`). As diffusers' training scripts' `save_model_card`: `instance_prompt` (DreamBooth's
+    trigger words, in the metadata and a "Trigger words" section), `widget` (the Hub's gallery: [{"text": prompt,
+    "output": {"url": file}}], shown by `<Gallery />`) and the tags through diffusers' `populate_model_card`."""
     data = ModelCardData(
         library_name=library_name,
         pipeline_tag=pipeline_tag,
@@ -97,10 +107,14 @@ def save_model_card(
         tags=sorted(set(tags) | ({"diffusers-training"} if library_name == "diffusers" else set())),
         datasets=datasets or None,
         license=license,
+        instance_prompt=instance_prompt,
+        widget=widget or None,
     )
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters.items())
-    body = [f"# {title}", "", description, "", "## Training hyper-parameters", "", "| name | value |", "|---|---|",
-            rows]
+    body = [f"# {title}", ""] + (["<Gallery />", ""] if widget else []) + [description, ""]
+    if instance_prompt:
+        body += ["## Trigger words", "", f"You should use `{instance_prompt}` to trigger the image generation.", ""]
+    body += ["## Training hyper-parameters", "", "| name | value |", "|---|---|", rows]
     if metrics:
         body += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         body += [f"| {k} | {v} |" for k, v in metrics.items()]
@@ -109,6 +123,11 @@ def save_model_card(
     body += ["", "## Usage", "", "```python", usage.strip(), "```", ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
     card = ModelCard(content)
+    if library_name == "diffusers":
+        from diffusers.utils.hub_utils import populate_model_card
+
+        card.data.tags = None  # populate_model_card appends the tags (and library_name) as diffusers' scripts do
+        card = populate_model_card(card, tags=data.tags)
     card.save(os.path.join(output_dir, "README.md"))
     return card
 

@@ -39,8 +39,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_help: str, max_train_steps: int,
-                          learning_rate: float, max_grad_norm: float | None, ema_decay: float, paper: str):
-    """The "optimisation" flag group; defaults are the paper's (`paper` names the setup in the help)."""
+                          learning_rate: float, max_grad_norm: float | None, ema_decay: float, paper: str,
+                          lr_warmup_steps: int = 0, weight_decay: float = 0.0):
+    """The "optimisation" flag group; defaults are the paper's (`paper` names the setup in the help), or diffusers'
+    examples' where a script trains what they train (`lr_warmup_steps` 500, `weight_decay` 1e-2)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=batch_size, help=batch_help)
     add_run_length_args(g, max_train_steps, f"Optimizer steps ({paper}).")
@@ -48,11 +50,11 @@ def add_optimisation_args(p: argparse.ArgumentParser, *, batch_size: int, batch_
     g.add_argument("--learning_rate", type=float, default=learning_rate, help=f"Adam learning rate ({paper}).")
     g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by accumulation x batch x processes.")
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers lr schedule.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
+    g.add_argument("--lr_warmup_steps", type=int, default=lr_warmup_steps, help="Warm-up steps of the lr scheduler.")
     add_lr_shape_args(g)
     g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    g.add_argument("--adam_weight_decay", type=float, default=weight_decay, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     g.add_argument("--max_grad_norm", type=float, default=max_grad_norm, help="Gradient clipping norm (none: off).")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights; it is what gets saved.")
@@ -111,7 +113,8 @@ def add_lr_shape_args(g) -> None:
 
 
 def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, validation_steps: int,
-                    validation_help: str = "Sample a validation grid every N steps (0: never).", sampling: bool = True):
+                    validation_help: str = "Sample a validation grid every N steps (0: never).", sampling: bool = True,
+                    num_validation_images: int = 8):
     """Checkpoints, validation, logging and Hub flags (a script adds its own validation options to the group);
     `sampling`: the validation-grid flags of a generative model."""
     g = p.add_argument_group("checkpoints, validation, logging, Hub")
@@ -124,7 +127,8 @@ def add_output_args(p: argparse.ArgumentParser, *, checkpointing_steps: int, val
                         "(refused otherwise, so that a rerun never silently replaces earlier results).")
     g.add_argument("--validation_steps", type=int, default=validation_steps, help=validation_help)
     if sampling:
-        g.add_argument("--num_validation_images", type=int, default=8, help="Images per validation grid.")
+        g.add_argument("--num_validation_images", type=int, default=num_validation_images,
+                       help="Images per validation grid (per validation prompt where there are prompts).")
         g.add_argument("--validation_inference_steps", type=int, default=50,
                        help="DDIM steps of validation samples.")
     g.add_argument("--report_to", default="tensorboard", choices=sorted(TRACKER_PACKAGES) + ["all", "none"],
@@ -256,10 +260,27 @@ def make_ema(model, decay: float, accelerator) -> EMAModel:
     return ema
 
 
+def log_running_training(log, *, examples: int, batch_size: int, num_processes: int, accumulation: int,
+                         length: RunLength, first_step: int = 0, **more) -> None:
+    """diffusers' examples' "***** Running training *****" block, with what else the run's batch holds (`more`,
+    e.g. the bank and data rows of a micro-batch), before the first step."""
+    epochs = math.ceil(length.max_train_steps / length.steps_per_epoch)
+    lines = ["***** Running training *****", f"  Num examples = {examples}", f"  Num Epochs = {epochs}",
+             f"  Instantaneous batch size per device = {batch_size}",
+             f"  Total train batch size (w. parallel, distributed & accumulation) = "
+             f"{batch_size * num_processes * accumulation}",
+             f"  Gradient Accumulation steps = {accumulation}",
+             f"  Total optimization steps = {length.max_train_steps}"
+             + (f" (resuming at step {first_step})" if first_step else ""),
+             *(f"  {name.replace('_', ' ').capitalize()} = {value}" for name, value in more.items())]
+    log.info("\n".join(lines))
+
+
 def log_step(accelerator, progress, logs: dict, step: int) -> None:
-    """After optimizer step `step`: the progress bar and the trackers."""
+    """After optimizer step `step`: the progress bar (loss and, where logged, lr, as diffusers' examples show) and
+    the trackers."""
     progress.update(1)
-    progress.set_postfix(loss=f"{logs['loss']:.4f}")
+    progress.set_postfix(loss=f"{logs['loss']:.4f}", **({"lr": f"{logs['lr']:.3g}"} if "lr" in logs else {}))
     accelerator.log(logs, step=step)
 
 

@@ -41,8 +41,11 @@ PRIOR_PRESERVATION = "prior_preservation"
 
 
 def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: float, bank_batch_size: int,
-                         bank_help: str, methods=METHODS, method_help: str = "") -> argparse._ArgumentGroup:
-    """The "Diff-Tuning" flag group; defaults are the paper's. `bank_help` says how a bank sample is made."""
+                         bank_help: str, methods=METHODS, method_help: str = "", bank_size: int = 5000,
+                         bank_steps: int | None = 50, bank_steps_help: str = "") -> argparse._ArgumentGroup:
+    """The "Diff-Tuning" flag group; defaults are the paper's (a script may choose a bank's size and sampler steps:
+    `bank_steps` None lets it decide per method, said in `bank_steps_help`). `bank_help` says how a bank sample is
+    made."""
     g = p.add_argument_group("Diff-Tuning")
     g.add_argument("--method", choices=methods, default="diff_tuning",
                    help="diff_tuning: memory bank + psi/xi timesteps; standard: plain fine-tuning (tau = 0, no bank)."
@@ -64,10 +67,11 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
     g.add_argument("--memory_bank", default=None,
                    help="Memory bank folder: used if it exists, generated there otherwise "
                         f"(default: <output_dir>/memory_bank). {bank_help}")
-    g.add_argument("--memory_bank_size", type=int, default=5000, help="Samples to generate for a new bank.")
+    g.add_argument("--memory_bank_size", type=int, default=bank_size, help="Samples to generate for a new bank.")
     g.add_argument("--memory_bank_guidance_scale", type=float, default=bank_guidance_scale,
                    help="CFG scale of bank generation.")
-    g.add_argument("--memory_bank_inference_steps", type=int, default=50, help="DDIM steps of bank generation.")
+    g.add_argument("--memory_bank_inference_steps", type=int, default=bank_steps,
+                   help="Sampler steps of bank generation." + bank_steps_help)
     g.add_argument("--memory_bank_batch_size", type=int, default=bank_batch_size,
                    help="Generation batch size (per process).")
     g.add_argument("--push_memory_bank", action="store_true",
@@ -77,16 +81,22 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
     return g
 
 
-def num_bank_rows(method: str, retention_ratio: float, batch_size: int) -> int:
-    """Memory-bank rows per micro-batch: round(r * B), halves rounded up; 0 for standard fine-tuning; B for prior
-    preservation, which (as DreamBooth) adds B class rows to B data rows."""
+def num_bank_rows(method: str, retention_ratio: float, batch_size: int, bank_rows_added: bool = False) -> int:
+    """Memory-bank rows per micro-batch: round(r * B), halves rounded up, of a batch of B rows; with
+    `bank_rows_added` (B counts the data rows, as DreamBooth counts them) round(B r / (1 - r)), so that r is still
+    the bank's share of the rows; 0 for standard fine-tuning; B for prior preservation, which (as DreamBooth) adds B
+    class rows to B data rows."""
     if method == PRIOR_PRESERVATION:
         return batch_size
-    return int(math.floor(retention_ratio * batch_size + 0.5)) if method == "diff_tuning" else 0
+    if method != "diff_tuning":
+        return 0
+    rows = batch_size * retention_ratio / (1 - retention_ratio) if bank_rows_added else retention_ratio * batch_size
+    return int(math.floor(rows + 0.5))
 
 
-def check_diff_tuning_args(args) -> None:
-    """Hyper-parameters of the group that cannot work, caught before anything is loaded."""
+def check_diff_tuning_args(args, bank_rows_added: bool = False) -> None:
+    """Hyper-parameters of the group that cannot work, caught before anything is loaded (`bank_rows_added`: the
+    script's --train_batch_size counts data rows; `num_bank_rows`)."""
     if args.tau < 0:
         raise UserError(f"{flag_of(args, 'tau')} must be >= 0, got {args.tau}")
     if not 0 <= args.retention_ratio < 1:
@@ -94,15 +104,15 @@ def check_diff_tuning_args(args) -> None:
     if args.retention_weight < 0:
         raise UserError(f"{flag_of(args, 'retention_weight')} must be >= 0, got {args.retention_weight}")
     for name in ("memory_bank_size", "memory_bank_batch_size", "memory_bank_inference_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"{flag_of(args, name)} must be >= 1, got {getattr(args, name)}")
     if args.method != "diff_tuning":
         return
-    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size)
+    n_bank = num_bank_rows(args.method, args.retention_ratio, args.train_batch_size, bank_rows_added)
     if n_bank == 0 and args.retention_ratio > 0:  # an explicit 0 is the adaptation-only ablation: no bank
         raise UserError(f"--retention_ratio {args.retention_ratio} x --train_batch_size {args.train_batch_size} "
                         "rounds to 0 memory-bank samples; raise either, or use --method standard")
-    if n_bank == args.train_batch_size:
+    if n_bank == args.train_batch_size and not bank_rows_added:
         raise UserError("--retention_ratio x --train_batch_size leaves no downstream samples in the batch")
     if args.xi_form == "paper" and args.weighting == "power" and args.tau == 0:
         raise UserError("--tau 0 makes xi = 1 - u^0 zero everywhere (no retention); use --method standard")
@@ -138,13 +148,14 @@ class DiffTuning:
                  weighting: str = "power", retention_ratio: float = 0.5, retention_weight: float = 1.0,
                  batch_size: int = 32, condition_dropout: float = 0.0, process=None, bank_dir: str = "memory_bank",
                  bank_source: str = "generated for this run", push_bank: bool = False, bank_hub_id: str | None = None,
-                 bank_flag: str = "--memory_bank"):
+                 bank_flag: str = "--memory_bank", bank_rows_added: bool = False):
         # the training noise scheduler, and the forward process it defines (DDPM, or flow matching with `process`
         # built from diffusers' --weighting_scheme flags: utils.diffusion.forward_process)
         self.scheduler, self.method = scheduler, method
         self.process = process or forward_process(scheduler)
-        self.n_bank = num_bank_rows(method, retention_ratio, batch_size)
-        self.n_data = batch_size if method == PRIOR_PRESERVATION else batch_size - self.n_bank
+        # `batch_size` rows per micro-batch, bank rows included, or (`bank_rows_added`) data rows, bank rows added
+        self.n_bank = num_bank_rows(method, retention_ratio, batch_size, bank_rows_added)
+        self.n_data = batch_size if method == PRIOR_PRESERVATION or bank_rows_added else batch_size - self.n_bank
         self.retention_weight, self.condition_dropout = retention_weight, condition_dropout
         self.settings = {"tau": tau, "xi_form": xi_form, "weighting": weighting, "retention_ratio": retention_ratio,
                          "retention_weight": retention_weight}
@@ -155,18 +166,20 @@ class DiffTuning:
         self.bank = self.bank_record = self.bank_size = None
 
     @classmethod
-    def from_args(cls, args, scheduler, condition_dropout: float) -> "DiffTuning":
+    def from_args(cls, args, scheduler, condition_dropout: float, bank_rows_added: bool = False,
+                  bank_dir: str | None = None, bank_source: str | None = None) -> "DiffTuning":
         """From the "Diff-Tuning" flag group (`add_diff_tuning_args`), --train_batch_size, and where the script has
-        them the flow-matching group (`add_flow_matching_args`) and the objective group (`add_objective_args`)."""
+        them the flow-matching group (`add_flow_matching_args`) and the objective group (`add_objective_args`);
+        `bank_dir` / `bank_source`: another bank folder than --memory_bank's and what the card calls it."""
         process_options = {**given_flow_flags(args), **objective_options(args)}
         return cls(scheduler, method=args.method, tau=args.tau, xi_form=args.xi_form, weighting=args.weighting,
                    retention_ratio=args.retention_ratio, retention_weight=args.retention_weight,
                    batch_size=args.train_batch_size, condition_dropout=condition_dropout,
                    process=forward_process(scheduler, **process_options),
-                   bank_dir=args.memory_bank or os.path.join(args.output_dir, "memory_bank"),
-                   bank_source=args.memory_bank_hub_id or args.memory_bank or "generated for this run",
+                   bank_dir=bank_dir or args.memory_bank or os.path.join(args.output_dir, "memory_bank"),
+                   bank_source=bank_source or args.memory_bank_hub_id or args.memory_bank or "generated for this run",
                    push_bank=args.push_memory_bank, bank_hub_id=args.memory_bank_hub_id,
-                   bank_flag=flag_of(args, "memory_bank"))
+                   bank_flag=flag_of(args, "memory_bank"), bank_rows_added=bank_rows_added)
 
     @property
     def uses_bank(self) -> bool:

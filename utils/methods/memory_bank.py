@@ -64,6 +64,25 @@ def bank_prompts_from_file(path: str) -> list[str]:
     return prompts
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def cost_note(size: int, steps: int, guidance_scale: float, train_passes: int) -> str:
+    """A new bank's cost against the training run's, in denoiser passes, said before it is generated: size x steps
+    (x 2 under classifier-free guidance) against steps x rows x 3 (a forward and a backward pass counted as 3)."""
+    passes = size * steps * (2 if guidance_scale and guidance_scale > 1 else 1)
+    cfg = " x 2 (guidance)" if guidance_scale and guidance_scale > 1 else ""
+    return (f"memory bank to generate: {size:,} samples x {steps} steps{cfg} = {passes:,} denoiser passes, "
+            f"{passes / max(train_passes, 1):.2g} x the training run's {train_passes:,} (steps x rows x 3 for "
+            "forward and backward); a bank built once ahead with generate_memory_bank.py serves every run")
+
+
+def image_files(folder: str) -> list[str]:
+    """The images directly in `folder`, sorted by name (DreamBooth's class-image folder)."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, f)))
+
+
 def is_memory_bank(path) -> bool:
     return path is not None and os.path.exists(os.path.join(path, CONFIG_NAME))
 
