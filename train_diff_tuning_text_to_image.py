@@ -88,6 +88,7 @@ from utils.infra.training import (
     make_optimizer,
     run_length,
     tracker_config,
+    true_or_false,
     weight_dtype,
 )
 from utils.methods.diff_tuning import (
@@ -162,6 +163,10 @@ def parse_args(argv=None):
                    help="Resize filter (default: lanczos, as diffusers' text-to-image and DreamBooth examples; SD3: "
                         "bilinear, as train_dreambooth_lora_sd3.py).")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips of the downstream images.")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every image with the VAE once before training (cached by datasets), as diffusers' "
+                        "--cache_latents: each image is cropped once (the centre with --center_crop, else an "
+                        "offset drawn once from --seed); --random_flip still flips every step.")
     g.add_argument("--crops_coords_top_left_h", type=int, default=None,
                    help="SDXL: the crop top every image's size conditioning records (default: each image's own crop, "
                         "as diffusers' SDXL text-to-image scripts record it).")
@@ -181,6 +186,11 @@ def parse_args(argv=None):
                    help="Comma-separated module names that get LoRA adapters, as diffusers' --lora_layers (e.g. "
                         "'to_k,to_q,to_v,to_out.0'; default: the family's attention projections).")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout of the LoRA adapters' input.")
+    g.add_argument("--lora_blocks", default=None,
+                   help="SD3: comma-separated transformer block indices whose --lora_layers get adapters, as "
+                        "train_dreambooth_lora_sd3.py's --lora_blocks (default: every block).")
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA (weight-decomposed low-rank adaptation) instead of LoRA, as diffusers' --use_dora.")
     g.add_argument("--text_encoder_lr", type=float, default=None,
                    help="Learning rate of the text encoders' adapters with --train_text_encoder (default: "
                         "--learning_rate).")
@@ -207,6 +217,9 @@ def parse_args(argv=None):
                    help="DreamBooth's name of --memory_bank: the class images are a memory bank folder.")
     g.add_argument("--sample_batch_size", dest="memory_bank_batch_size", type=int, default=argparse.SUPPRESS,
                    help="DreamBooth's name of --memory_bank_batch_size (class images generated per batch).")
+    g.add_argument("--prior_generation_precision", choices=("no", "fp32", "fp16", "bf16"), default=None,
+                   help="Precision of the bank's (class images') generation: fp32, or autocast in fp16/bf16 "
+                        "(default, and 'no': the run's --mixed_precision).")
     g.add_argument("--num_class_images", type=int, default=100,
                    help="Prior preservation: class images to generate (Diff-Tuning uses --memory_bank_size).")
     g.add_argument("--memory_bank_prompts", default=None,
@@ -228,6 +241,15 @@ def parse_args(argv=None):
         ema_decay=0.9999, lr_warmup_steps=500, weight_decay=1e-2,
         paper="1e-4 as train_text_to_image_lora.py; 5e-4 with --instance_prompt, as train_dreambooth_lora.py")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
+    g.add_argument("--optimizer", choices=("adamw", "prodigy"), default="adamw", type=str.lower,
+                   help="AdamW, or Prodigy (pip install prodigyopt; --learning_rate around 1.0, as diffusers advises).")
+    g.add_argument("--prodigy_beta3", type=float, default=None,
+                   help="Prodigy's step-size averaging coefficient (default: sqrt(beta2)).")
+    g.add_argument("--prodigy_decouple", type=true_or_false, default=True, help="Prodigy: decoupled weight decay.")
+    g.add_argument("--prodigy_use_bias_correction", type=true_or_false, default=True,
+                   help="Prodigy: Adam's bias correction.")
+    g.add_argument("--prodigy_safeguard_warmup", type=true_or_false, default=True,
+                   help="Prodigy: lr out of the D estimate's denominator during warm-up.")
     g = add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
     g.add_argument("--tracker_project_name", default="diff-tuning-text-to-image", help="Project name of the trackers.")
     g.add_argument("--validation_prompt", nargs="+", default=None,
@@ -258,8 +280,11 @@ def check_args(args):
         raise UserError(f"--text_encoder_lr must be > 0, got {args.text_encoder_lr}")
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.lora_layers is not None and args.tuning != "lora":
-        raise UserError("--lora_layers names where LoRA adapters go: use it with --tuning lora")
+    if (args.lora_layers is not None or args.lora_blocks is not None) and args.tuning != "lora":
+        raise UserError(f"{'--lora_layers' if args.lora_layers else '--lora_blocks'} names where LoRA adapters go: "
+                        "use it with --tuning lora")
+    if args.lora_blocks is not None and not all(b.strip().isdigit() for b in args.lora_blocks.split(",")):
+        raise UserError(f"--lora_blocks takes block indices such as 0,3, got {args.lora_blocks!r}")
     check_diff_tuning_args(args, bank_rows_added=True)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
@@ -280,11 +305,17 @@ def check_args(args):
         raise UserError("--train_text_encoder trains LoRA adapters on the text encoder: use it with --tuning lora")
     if args.use_ema and args.tuning != "full":
         raise UserError("--use_ema averages full weights: use it with --tuning full")
-    if args.use_8bit_adam:
+    if args.use_8bit_adam or args.optimizer == "prodigy":
         import importlib.util
 
-        if importlib.util.find_spec("bitsandbytes") is None:
+        if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)")
+        if args.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+            raise UserError("--optimizer prodigy needs prodigyopt (pip install prodigyopt)")
+        if args.optimizer == "prodigy" and args.use_8bit_adam:
+            raise UserError("--use_8bit_adam is an AdamW; leave it out with --optimizer prodigy")
+    if args.use_dora and args.tuning != "lora":
+        raise UserError("--use_dora trains DoRA adapters: use it with --tuning lora")
     if args.memory_bank_prompts is not None:
         bank_prompts_from_file(args.memory_bank_prompts)
     check_output_dir(args.output_dir, SCRIPT, [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
@@ -308,6 +339,15 @@ def load_captioned(args):
                            "for one prompt for every image")
     check_captions(ds, column, args.dataset)
     return ds, column
+
+
+def bank_precision(accelerator, precision: str | None):
+    """The context a bank is generated in: --prior_generation_precision fp32 (autocast off), fp16 or bf16 (autocast
+    in that dtype), or the run's mixed precision (None, 'no')."""
+    if precision in (None, "no"):
+        return accelerator.autocast()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(accelerator.device.type, dtype=dtype, enabled=precision != "fp32")
 
 
 def class_folder_images(args) -> list[str]:
@@ -428,12 +468,16 @@ def main(args):
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
                           args.train_text_encoder, args.center_crop, args.image_interpolation_mode, **family_options)
     denoiser, encoders = family.denoiser.to(accelerator.device), family.text_encoders
-    lora_targets = args.lora_layers.split(",") if args.lora_layers else family.lora_targets
+    layers = [t.strip() for t in args.lora_layers.split(",")] if args.lora_layers else None
+    blocks = [int(b) for b in args.lora_blocks.split(",")] if args.lora_blocks else None
     if args.tuning == "lora":
-        check_lora_targets(denoiser, lora_targets)  # before the bank: a typo costs nothing
+        check_lora_targets(denoiser, layers, blocks)  # before the bank: a typo costs nothing
+    lora_targets = layers or family.lora_targets
+    if blocks:  # SD3's: those blocks only (its own flag: other families refuse it)
+        lora_targets = [f"transformer_blocks.{b}.{t}" for b in blocks for t in lora_targets]
 
     # ---- Memory bank, and the base model's samples for the forgetting probe (both with the untouched weights).
-    with accelerator.autocast():
+    with bank_precision(accelerator, args.prior_generation_precision):
         bank = diff_tuning.open_bank(accelerator, bank_plan.sampler(pipeline), args.memory_bank_batch_size, args.seed)
     retention_prompts = args.retention_prompts or (prompts[:4] if bank is not None else [])
     base_images = None
@@ -445,10 +489,11 @@ def main(args):
     if args.tuning == "lora":
         if dtype != torch.float32:  # frozen base weights in the mixed-precision dtype; the adapters train in fp32
             denoiser.to(dtype)
-        add_lora_adapter(denoiser, args.rank, lora_targets, dropout=args.lora_dropout)
+        add_lora_adapter(denoiser, args.rank, lora_targets, dropout=args.lora_dropout, use_dora=args.use_dora)
         if args.train_text_encoder:
             for encoder in encoders:
-                add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS, dropout=args.lora_dropout)
+                add_lora_adapter(encoder, args.rank, TEXT_ENCODER_LORA_TARGETS, dropout=args.lora_dropout,
+                                 use_dora=args.use_dora)
                 encoder.train()  # frozen models are in eval mode; checkpointing and dropout need train mode
         cast_training_params([denoiser, *encoders], dtype=torch.float32)
     else:
@@ -467,24 +512,36 @@ def main(args):
 
     # ---- Data loaders and optimisation.
     workers = worker_options(args.dataloader_num_workers)
-    loader = torch.utils.data.DataLoader(
-        ds.with_transform(family.transform(args.image_column, caption_column, resolution)),
-        batch_size=diff_tuning.n_data, shuffle=True, drop_last=True, collate_fn=family.collate, **workers)
+    if args.cache_latents:  # the VAE's moments of every image, once (cached by datasets)
+        with accelerator.main_process_first(), accelerator.autocast():
+            rows = family.cache_latents(ds, args.image_column, caption_column, resolution, args.seed,
+                                        [name, args.revision, args.pretrained_vae_model_name_or_path])
+    else:
+        rows = ds.with_transform(family.transform(args.image_column, caption_column, resolution))
+    loader = torch.utils.data.DataLoader(rows, batch_size=diff_tuning.n_data, shuffle=True, drop_last=True,
+                                         collate_fn=family.collate, **workers)
     bank_loader = diff_tuning.bank_loader(family, workers)
     length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer_class = None
+    optimizer_class, optimizer_options = None, {}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
+    if args.optimizer == "prodigy":  # as diffusers' DreamBooth LoRA scripts build it
+        import prodigyopt
+
+        optimizer_class = prodigyopt.Prodigy
+        optimizer_options = {"beta3": args.prodigy_beta3, "decouple": args.prodigy_decouple,
+                             "use_bias_correction": args.prodigy_use_bias_correction,
+                             "safeguard_warmup": args.prodigy_safeguard_warmup}
     groups = params
     if args.train_text_encoder and args.text_encoder_lr is not None:  # the encoders' adapters at their own lr
         encoder_params = {id(p) for e in encoders for p in e.parameters()}
         groups = [{"params": [p for p in params if id(p) not in encoder_params]},
                   {"params": [p for p in params if id(p) in encoder_params], "lr": args.text_encoder_lr}]
     optimizer, lr_scheduler = make_optimizer(groups, args, accelerator, learning_rate, length.max_train_steps,
-                                             optimizer_class)
+                                             optimizer_class, **optimizer_options)
     ema = make_ema(denoiser, args.ema_decay, accelerator) if args.use_ema else None
     denoiser, optimizer, lr_scheduler, loader = accelerator.prepare(denoiser, optimizer, lr_scheduler, loader)
     if args.train_text_encoder:

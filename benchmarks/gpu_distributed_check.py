@@ -1,15 +1,19 @@
-"""Do the DiT and ControlNet scripts train, checkpoint, resume and save the same model under accelerate's FSDP and
-DeepSpeed ZeRO-2 as without them? A check for a machine with CUDA GPUs (a few minutes on one), on tiny pipelines
-built from configs (nothing is downloaded).
+"""Do the DiT, ControlNet and text-to-image (SD, SDXL, SD3) scripts train, checkpoint, resume and save the same
+model under accelerate's FSDP and DeepSpeed ZeRO-2 as without them? A check for a machine with CUDA GPUs (a few
+minutes on one), on tiny pipelines built from configs (nothing is downloaded).
 
-    python -m benchmarks.gpu_distributed_check [--output_dir gpu_check] [--num_processes N]
+    python -m benchmarks.gpu_distributed_check [--output_dir gpu_check] [--num_processes N] [--only dit sd3 ...]
+
+`--cpu_wiring` runs the plain engine on CPU with one process (what tests/test_bench_gpu_check.py does, on two
+scripts): it checks this file's fixtures and flags, not the engines.
 
 Why a GPU script: accelerate 1.x turns on its FSDP and DeepSpeed plugins only over accelerators. On CPU with gloo
 an FSDP config either runs plain data parallel (`ACCELERATE_USE_FSDP` beside `ACCELERATE_USE_CPU`) or, with
 `use_cpu: true` in the config file, starts N processes that each set up a world of one; the scripts refuse the
 latter in one line (`utils.infra.training.make_accelerator`). Data parallel on CPU is tested in tests/.
 
-For each script (train_diff_tuning_dit.py, train_diff_tuning_controlnet.py) and engine (none: plain data
+For each script (train_diff_tuning_dit.py, train_diff_tuning_controlnet.py, train_diff_tuning_text_to_image.py with
+LoRA on SD, SDXL and SD3, and full tuning on SD) and engine (none: plain data
 parallel; fsdp: FSDP2, FULL_STATE_DICT; deepspeed: ZeRO-2, when deepspeed imports), three runs of 4 optimizer steps
 with a checkpoint every 2: (1) uninterrupted; (2) stopped after step 2 (`--max_train_steps 2`) and (3) resumed from
 its checkpoint to step 4 (constant lr, so the schedule is the same). Recorded in report.json and printed:
@@ -39,30 +43,38 @@ ENGINES = {
 }
 
 
-def config_file(folder, engine, processes):
+def config_file(folder, engine, processes, cpu=False):
     path = os.path.join(folder, f"{engine}.yaml")
     with open(path, "w") as f:
         f.write("compute_environment: LOCAL_MACHINE\n" + ENGINES[engine].format(
             multi="MULTI_GPU" if processes > 1 else "'NO'")
-                + f"mixed_precision: 'no'\nnum_machines: 1\nnum_processes: {processes}\nuse_cpu: false\n")
+                + f"mixed_precision: 'no'\nnum_machines: 1\nnum_processes: {processes}\n"
+                + f"use_cpu: {'true' if cpu else 'false'}\n")
     return path
 
 
 def fixtures(folder):
-    from fixtures.offline_data import sklearn_digits, write_control_folder, write_image_folder
+    from fixtures.offline_data import sklearn_digits, write_captioned_folder, write_control_folder, write_image_folder
     from fixtures.small_dit import build_pipeline
-    from fixtures.small_unet import build_sd_pipeline
+    from fixtures.small_unet import build_sd3_pipeline, build_sd_pipeline, build_sdxl_pipeline
     from utils.metrics.annotators import make_annotator
 
-    paths = {k: os.path.join(folder, k) for k in ("dit", "sd", "digits", "control")}
-    if not os.path.exists(os.path.join(paths["dit"], "model_index.json")):
+    paths = {k: os.path.join(folder, k) for k in ("dit", "sd", "sdxl", "sd3", "digits", "control", "captioned")}
+    if not os.path.exists(os.path.join(paths["captioned"], "metadata.jsonl")):
         build_pipeline().save_pretrained(paths["dit"])
         build_sd_pipeline(os.path.join(folder, "sd_src")).save_pretrained(paths["sd"])
+        build_sdxl_pipeline(os.path.join(folder, "sdxl_src")).save_pretrained(paths["sdxl"])
+        build_sd3_pipeline(os.path.join(folder, "sd3_src")).save_pretrained(paths["sd3"])
         write_image_folder(*sklearn_digits(), paths["digits"], limit=160)
         write_control_folder(*sklearn_digits(), paths["control"], make_annotator("canny"), limit=48)
+        write_captioned_folder(*sklearn_digits(), paths["captioned"], 64)
     return paths
 
 
+TEXT_TO_IMAGE = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8",
+                 "--memory_bank_batch_size", "4", "--memory_bank_inference_steps", "2", "--validation_inference_steps",
+                 "2", "--num_validation_images", "2", "--validation_steps", "0", "--learning_rate", "1e-3",
+                 "--lr_warmup_steps", "0", "--train_text_encoder"]
 SCRIPTS = {
     "dit": ("train_diff_tuning_dit.py", "dit", "digits",
             ["--resolution", "8", "--train_batch_size", "8", "--memory_bank_size", "16", "--memory_bank_batch_size",
@@ -74,6 +86,11 @@ SCRIPTS = {
                     "--validation_inference_steps", "2", "--num_validation_samples", "4", "--num_validation_images",
                     "4", "--validation_steps", "0", "--learning_rate", "1e-3", "--convergence_threshold", "0.99"],
                    "diffusion_pytorch_model.safetensors"),
+    **{f"t2i_{family}": ("train_diff_tuning_text_to_image.py", family, "captioned",
+                         [*TEXT_TO_IMAGE, *(["--max_sequence_length", "16"] if family == "sd3" else [])],
+                         "pytorch_lora_weights.safetensors") for family in ("sd", "sdxl", "sd3")},
+    "t2i_sd_full": ("train_diff_tuning_text_to_image.py", "sd", "captioned", [*TEXT_TO_IMAGE, "--tuning", "full"],
+                    "unet/diffusion_pytorch_model.safetensors"),
 }
 
 
@@ -98,14 +115,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default=os.environ.get("OUT", "gpu_check"))
     p.add_argument("--num_processes", type=int, default=None, help="Default: every visible GPU.")
+    p.add_argument("--only", nargs="+", choices=tuple(SCRIPTS), default=None, help="Check only these runs.")
+    p.add_argument("--cpu_wiring", action="store_true",
+                   help="The plain engine on CPU, one process: checks the fixtures and flags, not the engines.")
     a = p.parse_args()
     import importlib.util
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not a.cpu_wiring:
         sys.exit("error: no CUDA GPU; this check is for a GPU machine (see the docstring for what CPU allows)")
-    processes = a.num_processes or torch.cuda.device_count()
+    processes = 1 if a.cpu_wiring else a.num_processes or torch.cuda.device_count()
     os.makedirs(a.output_dir, exist_ok=True)
     paths = fixtures(os.path.join(a.output_dir, "fixtures"))
     report = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
@@ -113,9 +133,13 @@ def main():
     engines = [e for e in ENGINES if e != "deepspeed" or importlib.util.find_spec("deepspeed")]
     if "deepspeed" not in engines:
         report["deepspeed"] = "not installed: not checked"
+    if a.cpu_wiring:
+        engines = ["none"]
     for name, (script, model, data, flags, weights) in SCRIPTS.items():
+        if a.only and name not in a.only:
+            continue
         for engine in engines:
-            config = config_file(a.output_dir, engine, processes)
+            config = config_file(a.output_dir, engine, processes, cpu=a.cpu_wiring)
             base = ["--pretrained_model_name_or_path", paths[model], "--dataset", paths[data], *flags]
             out = {kind: os.path.join(a.output_dir, "runs", name, engine, kind) for kind in ("full", "resumed")}
             rc = [launch(config, script, [*base, "--output_dir", out["full"], "--max_train_steps", "4"],

@@ -85,3 +85,117 @@ def test_defaults_follow_the_example_the_command_line_stands_for():
     assert (dreambooth.learning_rate, dreambooth.train_batch_size) == (5e-4, 4)
     assert script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset", "y", "--instance_prompt", "z",
                               "--learning_rate", "1e-3"]).learning_rate == 1e-3
+
+
+def test_dora_adapters_train_and_load_in_the_stock_pipeline(tiny_sd_dir, captioned_digits_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from fixtures.testing import generates
+
+    run_main(script, tiny_sd_dir, captioned_digits_dir, tmp_path / "dora", *STANDARD, "--use_dora")
+    weights = load_file(tmp_path / "dora" / LORA_FILE)
+    assert any("dora_scale" in k or "magnitude" in k for k in weights), sorted(weights)[:6]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(tmp_path / "dora")
+    assert generates(pipe)
+
+
+def test_prodigy_is_built_as_diffusers_builds_it(tiny_sd_dir, captioned_digits_dir, tmp_path, monkeypatch):
+    """prodigyopt is not installed here: a stand-in module records the arguments (AdamW underneath, which takes the
+    same params, lr, betas, weight decay and eps), so the wiring is what is tested, not Prodigy."""
+    import sys
+    import types
+
+    seen = {}
+
+    class Prodigy(torch.optim.AdamW):
+        def __init__(self, params, beta3, decouple, use_bias_correction, safeguard_warmup, **kw):
+            seen.update(beta3=beta3, decouple=decouple, use_bias_correction=use_bias_correction,
+                        safeguard_warmup=safeguard_warmup, **{k: v for k, v in kw.items() if k != "params"})
+            super().__init__(params, **kw)
+
+    module = types.ModuleType("prodigyopt")
+    module.Prodigy = Prodigy
+    module.__spec__ = types.SimpleNamespace(name="prodigyopt")
+    monkeypatch.setitem(sys.modules, "prodigyopt", module)
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "prodigyopt"
+                        else real_find_spec(n, *a))
+    run_main(script, tiny_sd_dir, captioned_digits_dir, tmp_path / "p", *STANDARD, "--optimizer", "Prodigy",
+             "--learning_rate", "1.0", "--prodigy_decouple", "false", "--prodigy_beta3", "0.99")
+    assert seen == {"beta3": 0.99, "decouple": False, "use_bias_correction": True, "safeguard_warmup": True,
+                    "lr": 1.0, "betas": (0.9, 0.999), "weight_decay": 0, "eps": 1e-8}
+
+
+def test_prodigy_without_prodigyopt_and_dora_with_full_tuning_are_refused(tiny_sd_dir, captioned_digits_dir,
+                                                                          tmp_path):
+    argv = ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", captioned_digits_dir, "--output_dir",
+            str(tmp_path / "out"), *TEXT_TO_IMAGE_TINY]
+    assert "--optimizer prodigy needs prodigyopt (pip install prodigyopt)" in cli_error(
+        script, [*argv, "--optimizer", "prodigy"])
+    assert "--use_dora trains DoRA adapters: use it with --tuning lora" in cli_error(
+        script, [*argv, "--use_dora", "--tuning", "full"])
+
+
+def test_prior_generation_precision_sets_the_banks_autocast(tiny_sd_dir, captioned_digits_dir, tmp_path,
+                                                            monkeypatch):
+    seen = []
+    original = script.DiffTuning.open_bank
+
+    def recording(self, *a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(script.DiffTuning, "open_bank", recording)
+    for precision in ("fp32", "bf16"):
+        run_main(script, tiny_sd_dir, captioned_digits_dir, tmp_path / precision, *TEXT_TO_IMAGE_TINY,
+                 "--with_prior_preservation", "--class_prompt", "a digit", "--prior_generation_precision", precision,
+                 "--validation_steps", "0", "--max_train_steps", "1")
+    assert seen == [(False, seen[0][1]), (True, torch.bfloat16)]
+
+
+def test_cached_latents_are_the_moments_training_would_encode_and_train(tiny_sdxl_dir, captioned_digits_dir,
+                                                                       tmp_path):
+    """--cache_latents: each row's cached moments are the VAE's moments of its crop (and of its mirror), the SDXL
+    size ids record that crop (the mirrored one for a mirrored row); a run trains and saves with it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from utils.families.sdxl import StableDiffusionXL
+    from utils.infra.data import load_image_dataset
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    family = StableDiffusionXL(pipe, "cpu", random_flip=True, center_crop=True)
+    ds = load_image_dataset(captioned_digits_dir).select(range(6))
+    cached = family.cache_latents(ds, "image", "text", 16, 0, ["tiny"])
+    batch = family.collate([cached[i] for i in range(6)])
+    live = family.collate([ds.with_transform(family.transform("image", "text", 16))[i] for i in range(6)])
+    with torch.no_grad():
+        for seed in range(4):
+            flips = family.flips(6, torch.Generator().manual_seed(seed))
+            got = family.rows(batch, torch.Generator().manual_seed(seed))
+            want = family.rows(live, torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(got.x, want.x, atol=1e-5, rtol=1e-4)
+            assert torch.equal(got.cond["time_ids"], want.cond["time_ids"]) and torch.equal(
+                got.cond["input_ids"], want.cond["input_ids"])
+            if flips.any() and not flips.all():
+                break
+    run_main(script, tiny_sdxl_dir, captioned_digits_dir, tmp_path / "cached", *STANDARD, "--cache_latents",
+             "--random_flip")
+    assert load_file(tmp_path / "cached" / LORA_FILE)
+
+
+def test_lora_blocks_put_sd3_adapters_on_those_blocks_only(tiny_sd3_dir, tiny_sd_dir, captioned_digits_dir,
+                                                           tmp_path):
+    run_main(script, tiny_sd3_dir, captioned_digits_dir, tmp_path / "b", *STANDARD, "--max_sequence_length", "16",
+             "--lora_blocks", "0", "--lora_layers", "attn.to_q,attn.to_v")
+    keys = load_file(tmp_path / "b" / LORA_FILE)
+    assert keys and all(".transformer_blocks.0.attn.to_q." in k or ".transformer_blocks.0.attn.to_v." in k
+                        for k in keys), sorted(keys)[:4]
+    assert "error: --lora_blocks: the SD3Transformer2DModel has transformer blocks 0..0, not 5" in cli_error(
+        script, [
+            "--pretrained_model_name_or_path", tiny_sd3_dir, "--dataset", captioned_digits_dir, "--output_dir",
+            str(tmp_path / "out5"), *TEXT_TO_IMAGE_TINY, "--max_sequence_length", "16", "--lora_blocks", "5"])
+    assert "--lora_blocks: SD3's" in cli_error(script, [
+        "--pretrained_model_name_or_path", tiny_sd_dir, "--dataset", captioned_digits_dir, "--output_dir",
+        str(tmp_path / "out"), *TEXT_TO_IMAGE_TINY, "--lora_blocks", "0"])

@@ -46,8 +46,8 @@ class StableDiffusion3(StableDiffusion):
     lora_targets = SD3_LORA_TARGETS
     hub_tags = ("sd3", "sd3-diffusers")
     example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
-    own_flags = {flag: "SD3's (T5 tokens, flow matching)" for flag in ("max_sequence_length", "precondition_outputs",
-                                                                      *FLOW_FLAGS)}
+    own_flags = {flag: "SD3's (T5 tokens, flow matching, transformer blocks)"
+                 for flag in ("max_sequence_length", "precondition_outputs", "lora_blocks", *FLOW_FLAGS)}
     controlnet_pipeline = None  # SD3ControlNetModel is a family of its own, not written yet
     image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_sd3.py's preprocessing
 

@@ -123,13 +123,16 @@ class StableDiffusionXL(StableDiffusion):
         """Each row's size ids: its original (height, width), the crop taken (top, left: in the mirrored image for
         a mirrored row, as the SDXL examples mirror before they crop) or the fixed --crops_coords_top_left_h/w, and
         the training resolution."""
-        pixels, offsets = self.pixels(batch, generator)
-        n = len(offsets)
-        crops = torch.tensor(offsets) if self.crops_coords_top_left is None else \
-            torch.tensor([self.crops_coords_top_left]).expand(n, 2)
-        time_ids = self.time_ids(torch.cat([batch["original_size"].long(), crops.long()], dim=1), pixels.shape[-1])
-        return Rows(self.encode_pixels(pixels).float(), {"input_ids": batch["input_ids"].to(self.device),
-                                                         "time_ids": time_ids.to(self.device)})
+        if "latent_moments" in batch:  # --cache_latents: the crop taken at caching, mirrored with the row
+            moments, crops = self.cached_moments(batch, generator)
+            size = moments.shape[-1] * vae_scale_factor(self.vae)
+        else:
+            pixels, offsets = self.pixels(batch, generator)
+            moments, crops, size = self.encode_pixels(pixels).float(), torch.tensor(offsets), pixels.shape[-1]
+        if self.crops_coords_top_left is not None:
+            crops = torch.tensor([self.crops_coords_top_left]).expand(len(moments), 2)
+        time_ids = self.time_ids(torch.cat([batch["original_size"].long(), crops.long()], dim=1), size)
+        return Rows(moments, {"input_ids": batch["input_ids"].to(self.device), "time_ids": time_ids.to(self.device)})
 
     def bank_rows(self, batch, generator) -> Rows:
         moments = batch["latent_moments"].to(self.device)

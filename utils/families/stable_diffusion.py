@@ -8,6 +8,7 @@ import os
 import datasets
 import numpy as np
 import torch
+from datasets.fingerprint import Hasher
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageOps
 
@@ -190,9 +191,66 @@ class StableDiffusion(UNetFamily):
 
     @staticmethod
     def collate(rows: list[dict]) -> dict:
-        """The loader's collate_fn: resized images of their own sizes as a list, the rest stacked."""
+        """The loader's collate_fn: resized images of their own sizes as a list, the rest stacked (cached rows:
+        everything stacked)."""
         batch = torch.utils.data.default_collate([{k: v for k, v in r.items() if k != "pixel_values"} for r in rows])
-        return {**batch, "pixel_values": [r["pixel_values"] for r in rows]}
+        return {**batch, "pixel_values": [r["pixel_values"] for r in rows]} if "pixel_values" in rows[0] else batch
+
+    def cache_latents(self, ds, image_column: str, caption_column: str, resolution: int, seed: int, key: list):
+        """--cache_latents (diffusers' flag): `ds` as rows of VAE posterior moments, computed once before training
+        and cached by `datasets`. Each image is resized as `transform` resizes it and cropped once, as the examples'
+        DreamBooth datasets crop once: the centre with --center_crop, else an offset drawn from (`seed`, row). Its
+        mirror is encoded too, so --random_flip still draws a flip every step. SDXL's size ids record the crop
+        (`crop`, and `crop_mirrored` for the mirrored row)."""
+        transform, center, flip_first = self.transform(image_column, caption_column, resolution), self.center_crop, \
+            self.flip_before_crop
+        encode = self.encode_pixels
+
+        def encode_batch(batch, indices):
+            rows = transform(batch)
+            crops, tops, lefts, mirrored = [], [], [], []
+            for image, i in zip(rows["pixel_values"], indices):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                cropped, [(top, left)] = crop_batch([image], resolution, center=center, flips=None, generator=g,
+                                                    flip_before_crop=flip_first)
+                crops.append(cropped[0])
+                tops.append(top)
+                lefts.append(left)
+                # the mirrored row: SD 1.x mirrors the crop; SDXL/SD3 crop the mirrored image, at the mirrored offset
+                mirrored.append(image.shape[-1] - resolution - left if flip_first else left)
+            pixels = normalized(torch.stack(crops)).to(self.device)
+            with torch.no_grad():
+                moments, flipped = encode(pixels).float(), encode(pixels.flip(-1)).float()
+            return {"latent_moments": moments.cpu().numpy(), "latent_moments_flipped": flipped.cpu().numpy(),
+                    "input_ids": rows["input_ids"].numpy(), "original_size": torch.stack(rows["original_size"]).numpy(),
+                    "crop": np.array([tops, lefts]).T, "crop_mirrored": np.array([tops, mirrored]).T}
+
+        shape = (2 * self.vae.config.latent_channels, resolution // vae_scale_factor(self.vae),
+                 resolution // vae_scale_factor(self.vae))
+        ids = self.empty_ids.shape[1:]
+        cached = ds.map(
+            encode_batch, with_indices=True, batched=True, batch_size=16, remove_columns=ds.column_names,
+            features=datasets.Features({
+                "latent_moments": datasets.Array3D(shape, "float32"),
+                "latent_moments_flipped": datasets.Array3D(shape, "float32"),
+                "input_ids": (datasets.Array2D(tuple(ids), "int64") if len(ids) == 2
+                              else datasets.Sequence(datasets.Value("int64"), length=ids[0])),
+                "original_size": datasets.Sequence(datasets.Value("int64"), length=2),
+                "crop": datasets.Sequence(datasets.Value("int64"), length=2),
+                "crop_mirrored": datasets.Sequence(datasets.Value("int64"), length=2)}),
+            new_fingerprint=Hasher.hash([ds._fingerprint, *key, dict(self.vae.config), resolution, center, seed,
+                                         self.interpolation, str(self.vae.dtype), type(self).__name__]),
+            desc="caching latents")
+        return cached.with_format("torch")
+
+    def cached_moments(self, batch, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached rows: each row's moments (its mirror's where a flip is drawn) and the crop they record."""
+        flips = self.flips(len(batch["latent_moments"]), generator)
+        if flips is None:
+            return batch["latent_moments"].to(self.device), batch["crop"]
+        flips = flips.to(batch["latent_moments"].device)
+        return (torch.where(flips[:, None, None, None], batch["latent_moments_flipped"], batch["latent_moments"])
+                .to(self.device), torch.where(flips[:, None], batch["crop_mirrored"], batch["crop"]))
 
     def pixels(self, batch, generator) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The batch's images cropped (centre, or at offsets drawn from `generator` after the flips) and mirrored as
@@ -209,6 +267,8 @@ class StableDiffusion(UNetFamily):
         return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
 
     def rows(self, batch, generator) -> Rows:
+        if "latent_moments" in batch:  # --cache_latents
+            return Rows(self.cached_moments(batch, generator)[0], {"input_ids": batch["input_ids"].to(self.device)})
         pixels, _ = self.pixels(batch, generator)
         return Rows(self.encode_pixels(pixels), {"input_ids": batch["input_ids"].to(self.device)})
 

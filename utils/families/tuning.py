@@ -122,24 +122,33 @@ UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def add_lora_adapter(model, rank: int, targets: list[str], alpha: float | None = None, dropout: float = 0.0) -> None:
+def add_lora_adapter(model, rank: int, targets: list[str], alpha: float | None = None, dropout: float = 0.0,
+                     use_dora: bool = False) -> None:
     """peft LoRA adapters on `targets` of a diffusers or transformers model, as diffusers' LoRA scripts add them
-    (`add_adapter`, Gaussian init of A, zero B: the model starts unchanged; `dropout`: their --lora_dropout); only
-    the adapters train."""
+    (`add_adapter`, Gaussian init of A, zero B: the model starts unchanged; `dropout`: their --lora_dropout;
+    `use_dora`: DoRA's weight-decomposed adapters, their --use_dora); only the adapters train."""
     from peft import LoraConfig
 
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                 target_modules=targets, lora_dropout=dropout))
+                                 target_modules=targets, lora_dropout=dropout, **({"use_dora": True} if use_dora
+                                                                                  else {})))
 
 
-def check_lora_targets(model, targets: list[str], flag: str = "--lora_layers") -> None:
-    """Every target names modules of `model` (peft matches a target to a module name ending in it)."""
+def check_lora_targets(model, layers: list[str] | None = None, blocks: list[int] | None = None) -> None:
+    """A user's --lora_layers each name modules of `model` (peft matches a name ending in it; it skips a target no
+    module has, and fails only when none matches, so a typo would otherwise pass) and --lora_blocks each name one
+    of its `transformer_blocks`."""
     names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    missing = [t for t in layers or [] if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
-        raise UserError(f"{flag}: no module of the {type(model).__name__} is called {', '.join(missing)} (e.g. "
-                        f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names if n})[:8])})")
+        raise UserError(f"--lora_layers: no module of the {type(model).__name__} is called {', '.join(missing)} "
+                        f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names if n})[:8])})")
+    count = sum(1 for n in names if n.count(".") == 1 and n.startswith("transformer_blocks."))
+    wrong = [b for b in blocks or [] if not 0 <= b < count]
+    if wrong:
+        raise UserError(f"--lora_blocks: the {type(model).__name__} has transformer blocks 0..{count - 1}, not "
+                        f"{', '.join(map(str, wrong))}")
 
 
 def lora_layers(model, diffusers_format: bool = True) -> dict:

@@ -221,11 +221,13 @@ def weight_dtype(accelerator) -> torch.dtype:
     return precision_dtype(accelerator.mixed_precision)
 
 
-def make_optimizer(params, args, accelerator, lr: float, max_train_steps: int, optimizer_class=None):
-    """AdamW (or `optimizer_class`, e.g. bitsandbytes' 8-bit AdamW) and the lr schedule over the run's
-    `max_train_steps` (scheduler steps count every process, as accelerate does)."""
+def make_optimizer(params, args, accelerator, lr: float, max_train_steps: int, optimizer_class=None,
+                   **optimizer_options):
+    """AdamW (or `optimizer_class`, e.g. bitsandbytes' 8-bit AdamW or Prodigy, with its `optimizer_options`) and the
+    lr schedule over the run's `max_train_steps` (scheduler steps count every process, as accelerate does)."""
     optimizer = (optimizer_class or torch.optim.AdamW)(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                                       **optimizer_options)
     return optimizer, lr_schedule(optimizer, args, accelerator.num_processes, max_train_steps)
 
 
@@ -258,6 +260,15 @@ def make_ema(model, decay: float, accelerator) -> EMAModel:
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
+
+
+def true_or_false(text: str) -> bool:
+    """argparse type of diffusers' boolean flags (theirs is `type=bool`, which reads "False" as true)."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def log_running_training(log, *, examples: int, batch_size: int, num_processes: int, accumulation: int,

@@ -1,0 +1,137 @@
+"""Does `train_diff_tuning_text_to_image.py --method standard` train what diffusers' `train_text_to_image_lora.py`
+trains, at the same flags and seed? Side by side on a tiny Stable Diffusion built from configs.
+
+    python -m benchmarks.diffusers_parity --examples_dir <diffusers checkout>/examples [--seeds 3 --steps 200]
+
+Design, written before the first run:
+- Both scripts train LoRA (rank 4, the UNet's to_q/k/v/out.0) on the same 64 captioned digits at 16 px, batch 4,
+  lr 1e-3 constant, no warm-up, weight decay 1e-2, `--center_crop`, no flips, `--steps` steps, seed s. The example
+  runs as it is (read from `--examples_dir`, never copied here) through `benchmarks/run_diffusers_example.py`,
+  which puts `benchmarks/torchvision_stand_in` on its path,
+  since torchvision does not import beside our pinned torch; the stand-in applies torchvision's rules
+  (utils.infra.image_transforms, tested against them) and torch's global generator, as torchvision does.
+- The two scripts draw their random numbers in different orders (the example: torch's global generator, ours: one
+  generator per step), so their weights cannot be compared bit for bit. What is compared is what a user cares
+  about: the held-out denoising loss of each final LoRA, loaded with `load_lora_weights` into the stock pipeline,
+  on 64 other digits with fixed noise and timesteps (the same for every model), beside the base model's.
+- Premise: both runs improve on the base model by more than the seed-to-seed spread (else the comparison says
+  nothing).
+- Seeds: 0..S-1 (S = 3 by default, the budget of one CPU session), paired by seed.
+- Rule: "same training" if the paired difference (ours - example) has a 95% t-interval that contains 0 and whose
+  half-width plus |mean| is under 10% of the example's mean improvement over the base; "differs" if the interval
+  excludes 0; "inconclusive" otherwise.
+Results: benchmarks/RESULTS.md ("diffusers parity").
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+COMMON = ["--resolution", "16", "--train_batch_size", "4", "--learning_rate", "1e-3", "--lr_scheduler", "constant",
+          "--lr_warmup_steps", "0", "--adam_weight_decay", "1e-2", "--center_crop", "--rank", "4",
+          "--checkpointing_steps", "100000", "--report_to", "tensorboard", "--dataloader_num_workers", "0"]
+
+
+def fixtures(folder):
+    from fixtures.offline_data import sklearn_digits, write_captioned_folder
+    from fixtures.small_unet import build_sd_pipeline
+
+    paths = {"sd": os.path.join(folder, "sd"), "train": os.path.join(folder, "train"),
+             "held_out": os.path.join(folder, "held_out")}
+    if not os.path.exists(os.path.join(paths["held_out"], "metadata.jsonl")):
+        build_sd_pipeline(os.path.join(folder, "sd_src")).save_pretrained(paths["sd"])
+        images, labels, names = sklearn_digits()
+        write_captioned_folder(images, labels, names, paths["train"], 64)
+        write_captioned_folder(images[64:], labels[64:], names, paths["held_out"], 64)
+    return paths
+
+
+def run(cmd, log, env=None):
+    with open(log, "w") as f:
+        subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
+
+
+def held_out_loss(sd_dir, lora_dir, data_dir, seed=1234) -> float:
+    """Mean epsilon MSE of the pipeline (with the LoRA, if any) on the held-out digits, fixed noise and t."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from utils.families.stable_diffusion import StableDiffusion
+    from utils.infra.data import load_image_dataset
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    if lora_dir:
+        pipe.load_lora_weights(lora_dir)
+    family = StableDiffusion.from_pipeline(pipe, "cpu")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ds = load_image_dataset(data_dir).with_transform(family.transform("image", "text", 16))
+    batch = StableDiffusion.collate([ds[i] for i in range(len(ds))])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        rows = family.rows(batch, g)
+        x0 = family.x0(rows.x, g)
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = family.predict(pipe.unet, noisy, t, family.encode(rows.cond))
+    return float((pred - noise).pow(2).mean())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples_dir", required=True, help="diffusers' examples/ folder (a checkout of diffusers).")
+    p.add_argument("--output_dir", default="parity_out")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=200)
+    a = p.parse_args()
+    example = os.path.join(a.examples_dir, "text_to_image", "train_text_to_image_lora.py")
+    if not os.path.isfile(example):
+        sys.exit(f"error: {example} not found; --examples_dir is diffusers' examples/ folder")
+    paths = fixtures(os.path.join(a.output_dir, "fixtures"))
+    results = {"base": held_out_loss(paths["sd"], None, paths["held_out"]), "seeds": {}}
+    for seed in range(a.seeds):
+        outs = {k: os.path.join(a.output_dir, f"{k}_{seed}") for k in ("example", "ours")}
+        flags = [*COMMON, "--max_train_steps", str(a.steps), "--seed", str(seed),
+                 "--pretrained_model_name_or_path", paths["sd"]]
+        if not os.path.exists(os.path.join(outs["example"], "pytorch_lora_weights.safetensors")):
+            runner = os.path.join(ROOT, "benchmarks", "run_diffusers_example.py")
+            run([sys.executable, runner, example, *flags, "--train_data_dir", paths["train"], "--caption_column",
+                 "text", "--output_dir", outs["example"]], outs["example"] + ".log")
+        if not os.path.exists(os.path.join(outs["ours"], "pytorch_lora_weights.safetensors")):
+            run([sys.executable, "train_diff_tuning_text_to_image.py", *flags, "--dataset", paths["train"],
+                 "--method", "standard", "--validation_steps", "0", "--num_validation_images", "1",
+                 "--validation_inference_steps", "2", "--output_dir", outs["ours"]], outs["ours"] + ".log")
+        results["seeds"][seed] = {k: held_out_loss(paths["sd"], v, paths["held_out"]) for k, v in outs.items()}
+        print(seed, results["seeds"][seed], flush=True)
+    diffs = np.array([r["ours"] - r["example"] for r in results["seeds"].values()])
+    improvement = np.mean([results["base"] - r["example"] for r in results["seeds"].values()])
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else np.inf
+    mean = float(diffs.mean())
+    premise = all(results["base"] - r[k] > 0 for r in results["seeds"].values() for k in ("ours", "example"))
+    if not premise:
+        verdict = "premise failed: a run did not improve on the base model"
+    elif abs(mean) > half:
+        verdict = "differs"
+    elif abs(mean) + half < 0.1 * improvement:
+        verdict = "same training"
+    else:
+        verdict = "inconclusive"
+    results.update({"mean difference (ours - example)": mean, "95% half-width": float(half),
+                    "example's mean improvement over base": float(improvement), "verdict": verdict})
+    print(json.dumps(results, indent=2))
+    with open(os.path.join(a.output_dir, "parity.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
