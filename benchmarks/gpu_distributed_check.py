@@ -89,7 +89,8 @@ SCRIPTS = {
     **{f"t2i_{family}": ("train_diff_tuning_text_to_image.py", family, "captioned",
                          [*TEXT_TO_IMAGE, *(["--max_sequence_length", "16"] if family == "sd3" else [])],
                          "pytorch_lora_weights.safetensors") for family in ("sd", "sdxl", "sd3")},
-    "t2i_sd_full": ("train_diff_tuning_text_to_image.py", "sd", "captioned", [*TEXT_TO_IMAGE, "--tuning", "full"],
+    "t2i_sd_full": ("train_diff_tuning_text_to_image.py", "sd", "captioned",
+                    [*(f for f in TEXT_TO_IMAGE if f != "--train_text_encoder"), "--tuning", "full"],
                     "unet/diffusion_pytorch_model.safetensors"),
 }
 
@@ -97,6 +98,7 @@ SCRIPTS = {
 def launch(config, script, argv, log):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, script, *argv,
            "--report_to", "none", "--checkpointing_steps", "2"]
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "w") as f:
         return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}).returncode
