@@ -156,11 +156,12 @@ def parse_args(argv=None):
 
     g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data together (the paper: "
                               "4 = 2 bank + 2 data rows).", max_train_steps=15000, learning_rate=1e-5,
-                              max_grad_norm=1.0, ema_decay=0.9999, paper="paper: 15K steps, lr 1e-5")
+                              max_grad_norm=1.0, ema_decay=0.9999, lr_warmup_steps=500, weight_decay=1e-2,
+                              paper="paper: 15K steps, lr 1e-5; diffusers' train_controlnet.py: 5e-6")
     g.add_argument("--set_grads_to_none", action="store_true",
                    help="Free gradients after each step instead of zeroing them (less memory).")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
-    g = add_output_args(p, checkpointing_steps=500, validation_steps=100)
+    g = add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
     g.add_argument("--tracker_project_name", default="diff-tuning-controlnet", help="Project name of the trackers.")
     g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
     g.add_argument("--validation_prompt", nargs="+", default=None,

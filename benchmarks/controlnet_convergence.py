@@ -123,7 +123,8 @@ def run_arm(work, source, folders, arm, seed, steps, bank):
         "--num_validation_samples", "32", "--validation_batch_size", "32", "--validation_steps", "50",
         "--validation_inference_steps", "20", "--validation_guidance_scale", "3", "--num_validation_images", "8",
         "--fidelity_blur_sigma", "1", "--convergence_threshold", "0.99", "--checkpointing_steps", "500",
-        "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", "--report_to", "none"])
+        "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", "--report_to", "none",
+        "--lr_warmup_steps", "0", "--adam_weight_decay", "0"])  # the defaults the recorded runs had
     with open(curve) as f:
         return json.load(f)
 
