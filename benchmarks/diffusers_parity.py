@@ -1,7 +1,16 @@
 """Does `train_diff_tuning_text_to_image.py --method standard` train what diffusers' `train_text_to_image_lora.py`
-trains, at the same flags and seed? Side by side on a tiny Stable Diffusion built from configs.
+trains, and `--with_prior_preservation` what `train_dreambooth_lora.py` trains, at the same flags and seed? Side
+by side on a tiny Stable Diffusion built from configs.
 
     python -m benchmarks.diffusers_parity --examples_dir <diffusers checkout>/examples [--seeds 3 --steps 200]
+        [--which text_to_image dreambooth]
+
+DreamBooth (added 2026-12-03, design committed before its run): 8 images of the digit 3 with the instance prompt
+"a photo of sks digit", prior preservation with class prompt "a photo of a digit", 8 class images that the example
+generates into its class folder, which ours then reads as DreamBooth's plain `--class_data_dir` (so both train on the
+same class images), batch 2 (+ 2 class rows), lr 1e-3, `--center_crop`, `--steps` steps. Read by two held-out
+losses: on 8 other 3s with the instance prompt (the subject learned) and on the class images with the class prompt
+(the prior kept); the rule below applied to each, with the improvement measured on the first.
 
 Design, written before the first run:
 - Both scripts train LoRA (rank 4, the UNet's to_q/k/v/out.0) on the same 64 captioned digits at 16 px, batch 4,
@@ -39,17 +48,27 @@ COMMON = ["--resolution", "16", "--train_batch_size", "4", "--learning_rate", "1
           "--checkpointing_steps", "100000", "--report_to", "tensorboard", "--dataloader_num_workers", "0"]
 
 
+INSTANCE, CLASS = "a photo of sks digit", "a photo of a digit"
+
+
 def fixtures(folder):
+    from PIL import Image
+
     from fixtures.offline_data import sklearn_digits, write_captioned_folder
     from fixtures.small_unet import build_sd_pipeline
 
-    paths = {"sd": os.path.join(folder, "sd"), "train": os.path.join(folder, "train"),
-             "held_out": os.path.join(folder, "held_out")}
-    if not os.path.exists(os.path.join(paths["held_out"], "metadata.jsonl")):
+    paths = {k: os.path.join(folder, k) for k in ("sd", "train", "held_out", "instance", "instance_held_out")}
+    if not os.path.exists(os.path.join(paths["instance_held_out"], "7.png")):
         build_sd_pipeline(os.path.join(folder, "sd_src")).save_pretrained(paths["sd"])
         images, labels, names = sklearn_digits()
         write_captioned_folder(images, labels, names, paths["train"], 64)
         write_captioned_folder(images[64:], labels[64:], names, paths["held_out"], 64)
+        threes = [img for img, label in zip(images, labels) if label == 3]
+        for key, chunk in (("instance", threes[:8]), ("instance_held_out", threes[8:16])):
+            os.makedirs(paths[key])
+            for i, img in enumerate(chunk):  # a plain folder of images, as DreamBooth takes
+                Image.fromarray(img).convert("RGB").resize((16, 16), Image.NEAREST).save(
+                    os.path.join(paths[key], f"{i}.png"))
     return paths
 
 
@@ -59,8 +78,9 @@ def run(cmd, log, env=None):
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
 
 
-def held_out_loss(sd_dir, lora_dir, data_dir, seed=1234) -> float:
-    """Mean epsilon MSE of the pipeline (with the LoRA, if any) on the held-out digits, fixed noise and t."""
+def held_out_loss(sd_dir, lora_dir, data_dir, seed=1234, prompt: str | None = None) -> float:
+    """Mean epsilon MSE of the pipeline (with the LoRA, if any) on the held-out images (their captions, or one
+    `prompt` for all), fixed noise and t."""
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -72,7 +92,10 @@ def held_out_loss(sd_dir, lora_dir, data_dir, seed=1234) -> float:
         pipe.load_lora_weights(lora_dir)
     family = StableDiffusion.from_pipeline(pipe, "cpu")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    ds = load_image_dataset(data_dir).with_transform(family.transform("image", "text", 16))
+    ds = load_image_dataset(data_dir)
+    if prompt is not None:
+        ds = ds.add_column("prompt", [prompt] * len(ds))
+    ds = ds.with_transform(family.transform("image", "prompt" if prompt is not None else "text", 16))
     batch = StableDiffusion.collate([ds[i] for i in range(len(ds))])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -91,46 +114,74 @@ def main():
     p.add_argument("--output_dir", default="parity_out")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--which", nargs="+", choices=("text_to_image", "dreambooth"), default=["text_to_image"])
     a = p.parse_args()
-    example = os.path.join(a.examples_dir, "text_to_image", "train_text_to_image_lora.py")
-    if not os.path.isfile(example):
-        sys.exit(f"error: {example} not found; --examples_dir is diffusers' examples/ folder")
+    if not os.path.isfile(os.path.join(a.examples_dir, "text_to_image", "train_text_to_image_lora.py")):
+        sys.exit(f"error: {a.examples_dir} has no text_to_image/train_text_to_image_lora.py; --examples_dir is "
+                 "diffusers' examples/ folder")
     paths = fixtures(os.path.join(a.output_dir, "fixtures"))
-    results = {"base": held_out_loss(paths["sd"], None, paths["held_out"]), "seeds": {}}
-    for seed in range(a.seeds):
-        outs = {k: os.path.join(a.output_dir, f"{k}_{seed}") for k in ("example", "ours")}
-        flags = [*COMMON, "--max_train_steps", str(a.steps), "--seed", str(seed),
-                 "--pretrained_model_name_or_path", paths["sd"]]
-        if not os.path.exists(os.path.join(outs["example"], "pytorch_lora_weights.safetensors")):
-            runner = os.path.join(ROOT, "benchmarks", "run_diffusers_example.py")
-            run([sys.executable, runner, example, *flags, "--train_data_dir", paths["train"], "--caption_column",
-                 "text", "--output_dir", outs["example"]], outs["example"] + ".log")
-        if not os.path.exists(os.path.join(outs["ours"], "pytorch_lora_weights.safetensors")):
-            run([sys.executable, "train_diff_tuning_text_to_image.py", *flags, "--dataset", paths["train"],
-                 "--method", "standard", "--validation_steps", "0", "--num_validation_images", "1",
-                 "--validation_inference_steps", "2", "--output_dir", outs["ours"]], outs["ours"] + ".log")
-        results["seeds"][seed] = {k: held_out_loss(paths["sd"], v, paths["held_out"]) for k, v in outs.items()}
-        print(seed, results["seeds"][seed], flush=True)
-    diffs = np.array([r["ours"] - r["example"] for r in results["seeds"].values()])
-    improvement = np.mean([results["base"] - r["example"] for r in results["seeds"].values()])
+    report = {}
+    runner = os.path.join(ROOT, "benchmarks", "run_diffusers_example.py")
+    for which in a.which:
+        seeds = {}
+        for seed in range(a.seeds):
+            outs = {k: os.path.join(a.output_dir, which, f"{k}_{seed}") for k in ("example", "ours")}
+            flags = [*COMMON, "--max_train_steps", str(a.steps), "--seed", str(seed),
+                     "--pretrained_model_name_or_path", paths["sd"]]
+            if which == "text_to_image":
+                example_argv = [os.path.join(a.examples_dir, "text_to_image", "train_text_to_image_lora.py"),
+                                *flags, "--train_data_dir", paths["train"], "--caption_column", "text"]
+                ours_argv = [*flags, "--dataset", paths["train"], "--method", "standard"]
+            else:
+                class_dir = os.path.join(a.output_dir, which, f"class_images_{seed}")  # the example writes it
+                dreambooth = [*flags[:flags.index("--train_batch_size") + 1], "2",
+                              *flags[flags.index("--train_batch_size") + 2:], "--instance_data_dir", paths["instance"],
+                              "--instance_prompt", INSTANCE, "--with_prior_preservation", "--class_prompt", CLASS,
+                              "--num_class_images", "8", "--class_data_dir", class_dir]
+                example_argv = [os.path.join(a.examples_dir, "dreambooth", "train_dreambooth_lora.py"), *dreambooth]
+                ours_argv = dreambooth
+            if not os.path.exists(os.path.join(outs["example"], "pytorch_lora_weights.safetensors")):
+                run([sys.executable, runner, *example_argv, "--output_dir", outs["example"]], outs["example"] + ".log")
+            if not os.path.exists(os.path.join(outs["ours"], "pytorch_lora_weights.safetensors")):
+                run([sys.executable, "train_diff_tuning_text_to_image.py", *ours_argv, "--validation_steps", "0",
+                     "--num_validation_images", "1", "--validation_inference_steps", "2", "--output_dir",
+                     outs["ours"]], outs["ours"] + ".log")
+            if which == "text_to_image":
+                reads = {"held-out MSE": (paths["held_out"], None)}
+            else:
+                reads = {"instance MSE": (paths["instance_held_out"], INSTANCE), "prior MSE": (class_dir, CLASS)}
+            seeds[seed] = {read: {k: held_out_loss(paths["sd"], v, data, prompt=prompt)
+                                  for k, v in {"base": None, **outs}.items()}
+                           for read, (data, prompt) in reads.items()}
+            print(which, seed, seeds[seed], flush=True)
+        first = next(iter(reads))  # the read whose improvement scales the rule (the prior is meant to stay)
+        gain = float(np.mean([s[first]["base"] - s[first]["example"] for s in seeds.values()]))
+        report[which] = {"seeds": seeds, **{read: verdict([s[read] for s in seeds.values()], gain, read == first)
+                                            for read in reads}}
+    print(json.dumps(report, indent=2))
+    with open(os.path.join(a.output_dir, "parity.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def verdict(rows: list[dict], improvement: float, premise: bool = True) -> dict:
+    """The rule of the docstring on paired (ours, example) losses (`improvement`: the example's mean gain over the
+    base that scales it; `premise`: whether both runs must improve on the base in this read)."""
     from scipy import stats
 
-    half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else np.inf
+    diffs = np.array([r["ours"] - r["example"] for r in rows])
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))) \
+        if len(diffs) > 1 else float("inf")
     mean = float(diffs.mean())
-    premise = all(results["base"] - r[k] > 0 for r in results["seeds"].values() for k in ("ours", "example"))
-    if not premise:
-        verdict = "premise failed: a run did not improve on the base model"
+    if premise and not all(r["base"] - r[k] > 0 for r in rows for k in ("ours", "example")):
+        rule = "premise failed: a run did not improve on the base model"
     elif abs(mean) > half:
-        verdict = "differs"
+        rule = "differs"
     elif abs(mean) + half < 0.1 * improvement:
-        verdict = "same training"
+        rule = "same training"
     else:
-        verdict = "inconclusive"
-    results.update({"mean difference (ours - example)": mean, "95% half-width": float(half),
-                    "example's mean improvement over base": float(improvement), "verdict": verdict})
-    print(json.dumps(results, indent=2))
-    with open(os.path.join(a.output_dir, "parity.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        rule = "inconclusive"
+    return {"mean difference (ours - example)": mean, "95% half-width": half,
+            "example's mean improvement over base": improvement, "verdict": rule}
 
 
 if __name__ == "__main__":
