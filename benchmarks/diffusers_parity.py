@@ -73,6 +73,7 @@ def fixtures(folder):
 
 
 def run(cmd, log, env=None):
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "w") as f:
         subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
