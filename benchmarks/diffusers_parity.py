@@ -3,7 +3,10 @@ trains, and `--with_prior_preservation` what `train_dreambooth_lora.py` trains, 
 by side on a tiny Stable Diffusion built from configs.
 
     python -m benchmarks.diffusers_parity --examples_dir <diffusers checkout>/examples [--seeds 3 --steps 200]
-        [--which text_to_image dreambooth]
+        [--which text_to_image dreambooth sdxl]
+
+SDXL (added 2026-12-03, design committed before its run): `train_text_to_image_lora_sdxl.py` beside ours on a tiny
+SDXL, the text-to-image design and rule above otherwise unchanged (its size ids from the crop taken).
 
 DreamBooth (added 2026-12-03, design committed before its run): 8 images of the digit 3 with the instance prompt
 "a photo of sks digit", prior preservation with class prompt "a photo of a digit", 8 class images that the example
@@ -55,9 +58,11 @@ def fixtures(folder):
     from PIL import Image
 
     from fixtures.offline_data import sklearn_digits, write_captioned_folder
-    from fixtures.small_unet import build_sd_pipeline
+    from fixtures.small_unet import build_sd_pipeline, build_sdxl_pipeline
 
-    paths = {k: os.path.join(folder, k) for k in ("sd", "train", "held_out", "instance", "instance_held_out")}
+    paths = {k: os.path.join(folder, k) for k in ("sd", "sdxl", "train", "held_out", "instance", "instance_held_out")}
+    if not os.path.exists(os.path.join(paths["sdxl"], "model_index.json")):
+        build_sdxl_pipeline(os.path.join(folder, "sdxl_src")).save_pretrained(paths["sdxl"])
     if not os.path.exists(os.path.join(paths["instance_held_out"], "7.png")):
         build_sd_pipeline(os.path.join(folder, "sd_src")).save_pretrained(paths["sd"])
         images, labels, names = sklearn_digits()
@@ -83,21 +88,23 @@ def held_out_loss(sd_dir, lora_dir, data_dir, seed=1234, prompt: str | None = No
     """Mean epsilon MSE of the pipeline (with the LoRA, if any) on the held-out images (their captions, or one
     `prompt` for all), fixed noise and t."""
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
-    from utils.families.stable_diffusion import StableDiffusion
+    from utils.families.base import detect_family
+    from utils.families.registry import TEXT_TO_IMAGE
     from utils.infra.data import load_image_dataset
 
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    family_class = detect_family(sd_dir, TEXT_TO_IMAGE, "the parity check")
+    pipe = family_class.load(sd_dir)
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
-    family = StableDiffusion.from_pipeline(pipe, "cpu")
+    family = family_class.from_pipeline(pipe, "cpu")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ds = load_image_dataset(data_dir)
     if prompt is not None:
         ds = ds.add_column("prompt", [prompt] * len(ds))
     ds = ds.with_transform(family.transform("image", "prompt" if prompt is not None else "text", 16))
-    batch = StableDiffusion.collate([ds[i] for i in range(len(ds))])
+    batch = family.collate([ds[i] for i in range(len(ds))])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         rows = family.rows(batch, g)
@@ -115,7 +122,7 @@ def main():
     p.add_argument("--output_dir", default="parity_out")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--which", nargs="+", choices=("text_to_image", "dreambooth"), default=["text_to_image"])
+    p.add_argument("--which", nargs="+", choices=("text_to_image", "dreambooth", "sdxl"), default=["text_to_image"])
     a = p.parse_args()
     if not os.path.isfile(os.path.join(a.examples_dir, "text_to_image", "train_text_to_image_lora.py")):
         sys.exit(f"error: {a.examples_dir} has no text_to_image/train_text_to_image_lora.py; --examples_dir is "
@@ -129,9 +136,12 @@ def main():
             outs = {k: os.path.join(a.output_dir, which, f"{k}_{seed}") for k in ("example", "ours")}
             flags = [*COMMON, "--max_train_steps", str(a.steps), "--seed", str(seed),
                      "--pretrained_model_name_or_path", paths["sd"]]
-            if which == "text_to_image":
-                example_argv = [os.path.join(a.examples_dir, "text_to_image", "train_text_to_image_lora.py"),
-                                *flags, "--train_data_dir", paths["train"], "--caption_column", "text"]
+            if which in ("text_to_image", "sdxl"):
+                model = paths["sdxl" if which == "sdxl" else "sd"]
+                flags[flags.index("--pretrained_model_name_or_path") + 1] = model
+                name = "train_text_to_image_lora_sdxl.py" if which == "sdxl" else "train_text_to_image_lora.py"
+                example_argv = [os.path.join(a.examples_dir, "text_to_image", name), *flags, "--train_data_dir",
+                                paths["train"], "--caption_column", "text"]
                 ours_argv = [*flags, "--dataset", paths["train"], "--method", "standard"]
             else:
                 class_dir = os.path.join(a.output_dir, which, f"class_images_{seed}")  # the example writes it
@@ -147,11 +157,12 @@ def main():
                 run([sys.executable, "train_diff_tuning_text_to_image.py", *ours_argv, "--validation_steps", "0",
                      "--num_validation_images", "1", "--validation_inference_steps", "2", "--output_dir",
                      outs["ours"]], outs["ours"] + ".log")
-            if which == "text_to_image":
+            if which in ("text_to_image", "sdxl"):
                 reads = {"held-out MSE": (paths["held_out"], None)}
             else:
                 reads = {"instance MSE": (paths["instance_held_out"], INSTANCE), "prior MSE": (class_dir, CLASS)}
-            seeds[seed] = {read: {k: held_out_loss(paths["sd"], v, data, prompt=prompt)
+            model = paths["sdxl" if which == "sdxl" else "sd"]
+            seeds[seed] = {read: {k: held_out_loss(model, v, data, prompt=prompt)
                                   for k, v in {"base": None, **outs}.items()}
                            for read, (data, prompt) in reads.items()}
             print(which, seed, seeds[seed], flush=True)
