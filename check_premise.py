@@ -42,8 +42,8 @@ from diffusers import DDIMScheduler
 
 from utils.diffusion.forward_process import forward_process
 from utils.diffusion.losses import compose_batch
-from utils.families.base import BankSettings, detect_family
-from utils.families.registry import PREMISE
+from utils.families.base import BankSettings
+from utils.families.registry import PREMISE, detect_family
 from utils.infra.data import check_images, load_image_dataset, require_column, to_tensor
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags

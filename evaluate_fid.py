@@ -249,6 +249,9 @@ def main(args):
         for images in generate(family.evaluation_pipeline(denoiser, parts), args.num_samples, args.batch_size,
                                args.num_inference_steps, args.seed, device, parts.get("classes"), args.guidance_scale,
                                f"sampling (k = {100 * fraction:g}%)"):
+            if not torch.isfinite(images).all():  # torchmetrics' FID would hand NaN to LAPACK, which aborts (MKL)
+                raise UserError(f"FID is nan at k = {100 * fraction:g}%: the samples are not finite (a diverged "
+                                "model?); no report was written")
             metric.update(images.to(device), real=False)
         fid = float(metric.compute())
         if not math.isfinite(fid):

@@ -25,9 +25,9 @@ import sys
 
 import torch
 
-from utils.families.base import BankSettings, detect_family
+from utils.families.base import BankSettings
 from utils.families.controlnet import ControlNetOnSD
-from utils.families.registry import MEMORY_BANKS
+from utils.families.registry import MEMORY_BANKS, detect_family
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.training import HelpFormatter, precision_dtype

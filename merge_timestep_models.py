@@ -28,9 +28,8 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
-from utils.families.base import detect_family
 from utils.families.ddpm import unet_weights_folder
-from utils.families.registry import DEME
+from utils.families.registry import DEME, detect_family
 from utils.infra import hub
 from utils.infra.data import load_image_dataset, require_column
 from utils.infra.errors import UserError

@@ -47,7 +47,7 @@ from utils.families.image_classifiers import (
     replace_head,
     set_resolution,
 )
-from utils.infra import hub
+from utils.infra import hub, training
 from utils.infra.augmentation import as_uint8_tensor, normalise, random_resized_views
 from utils.infra.checkpointing import resume, run_identity, step_generator
 from utils.infra.data import (
@@ -67,24 +67,6 @@ from utils.infra.data import (
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark, write_json_atomically
-from utils.infra.training import (
-    LR_SCHEDULERS,
-    HelpFormatter,
-    add_lr_shape_args,
-    add_output_args,
-    add_run_length_args,
-    apply_gradients,
-    check_common_args,
-    check_finite_weights,
-    checkpoint,
-    effective_learning_rate,
-    end_training,
-    log_step,
-    lr_schedule,
-    make_accelerator,
-    run_length,
-    tracker_config,
-)
 from utils.methods.bi_tuning import METHODS, ClassQueues, TwoHeadClassifier, make_method
 
 logger = get_logger(__name__)
@@ -102,7 +84,7 @@ IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "queue_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", "--model_name_or_path", dest="pretrained_model_name_or_path",
@@ -172,7 +154,7 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd: the reference's (Nesterov, --sgd_momentum, --weight_decay); adamw: what ViT and Swin are "
                         "usually fine-tuned with (torch AdamW, --weight_decay; the same learning-rate groups).")
-    add_run_length_args(g, 10000, "Optimizer steps (the reference: 10,000).")
+    training.add_run_length_args(g, 10000, "Optimizer steps (the reference: 10,000).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="Micro-batches per optimizer step (each micro-batch's keys are enqueued).")
     g.add_argument("--learning_rate", type=float, default=0.01, help="Learning rate of the new classifier head.")
@@ -184,10 +166,10 @@ def parse_args(argv=None):
     g.add_argument("--sgd_momentum", type=float, default=0.9, help="SGD momentum.")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum.")
     g.add_argument("--weight_decay", type=float, default=5e-4, help="Weight decay (every parameter, as the reference).")
-    g.add_argument("--lr_scheduler", default="step", choices=["step", *LR_SCHEDULERS],
+    g.add_argument("--lr_scheduler", default="step", choices=["step", *training.LR_SCHEDULERS],
                    help="step: multiply the lr by --lr_decay_factor at each of --lr_decay_steps (the reference); "
                         "or a diffusers schedule.")
-    add_lr_shape_args(g)
+    training.add_lr_shape_args(g)
     g.add_argument("--lr_decay_steps", type=int, nargs="+", default=None,
                    help="Steps of the 'step' schedule (default: 60%% of the run, the reference's 6,000 of 10,000).")
     g.add_argument("--lr_decay_factor", type=float, default=0.1, help="Factor of each decay of the 'step' schedule.")
@@ -202,8 +184,9 @@ def parse_args(argv=None):
     g.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Batch per device when evaluating.")
     g.add_argument("--seed", type=int, default=0, help="Seed of every random choice; runs are reproducible.")
 
-    g = add_output_args(p, checkpointing_steps=1000, validation_steps=1000, sampling=False,
-                        validation_help="Evaluate on the held-out split every N steps (0: only after the last step).")
+    g = training.add_output_args(
+        p, checkpointing_steps=1000, validation_steps=1000, sampling=False,
+        validation_help="Evaluate on the held-out split every N steps (0: only after the last step).")
     g.add_argument("--tracker_project_name", default="bi-tuning", help="Project name of the trackers.")
     g.add_argument("--with_tracking", action="store_true",
                    help="Accepted for transformers' example commands: here the trackers are on unless --report_to "
@@ -216,8 +199,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("queue_size", "projection_dim", "per_device_eval_batch_size", "resolution",
-                                      "max_train_samples", "max_eval_samples"))
+    training.check_common_args(
+        args, positive=("queue_size", "projection_dim", "per_device_eval_batch_size", "resolution",
+        "max_train_samples", "max_eval_samples"))
     if args.validation_dir and args.validation_split:
         raise UserError("--validation_dir and --validation_split both name the held-out data; give one")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
@@ -278,7 +262,7 @@ def make_lr_scheduler(optimizer, args, num_processes: int, max_train_steps: int)
         rules = "".join(f"{args.lr_decay_factor ** i:g}:{step * num_processes}," for i, step in enumerate(steps))
         rules += f"{args.lr_decay_factor ** len(steps):g}"
         return get_scheduler("piecewise_constant", optimizer=optimizer, step_rules=rules)
-    return lr_schedule(optimizer, args, num_processes, max_train_steps)
+    return training.lr_schedule(optimizer, args, num_processes, max_train_steps)
 
 
 def split_data(splits, args):
@@ -363,7 +347,7 @@ def evaluate(model, loader, accelerator, num_classes: int) -> tuple[dict, torch.
 
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = make_accelerator(args, args.output_dir, logging_dir)
+    accelerator = training.make_accelerator(args, args.output_dir, logging_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -380,7 +364,7 @@ def main(args):
         raise UserError(f"{len(train_ds)} training images, fewer than one batch of {args.train_batch_size} on each of "
                         f"{accelerator.num_processes} process(es); lower --train_batch_size")
     # --max_train_steps or --num_train_epochs (the loader drops the last partial batch)
-    length = run_length(args, len(train_ds) // args.train_batch_size, accelerator.num_processes)
+    length = training.run_length(args, len(train_ds) // args.train_batch_size, accelerator.num_processes)
     check_decay_steps(args, length.max_train_steps)
     config = load_classifier_config(args.pretrained_model_name_or_path, args.revision, args.cache_dir,
                                     args.trust_remote_code)
@@ -456,7 +440,7 @@ def main(args):
         batch_size=args.per_device_eval_batch_size, **workers)
 
     # ---- Optimisation: SGD with three learning-rate groups (head, backbone, projector) over what trains.
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    learning_rate = training.effective_learning_rate(args, accelerator.num_processes)
     query = method.query
     head_params = list(query.head.parameters())
     backbone_params = [p for p in query.classifier.parameters() if all(p is not h for h in head_params)]
@@ -474,7 +458,7 @@ def main(args):
                                                                               eval_loader)
     method.run_query_through(model)  # under DDP the wrapper, which synchronises the gradients
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=training.tracker_config(args))
 
     # ---- Resume (the key encoder and the queues are part of the state).
     identity = {**run_identity(args, IDENTITY_FLAGS, SCRIPT), "num classes": len(names)}
@@ -503,8 +487,8 @@ def main(args):
         with accelerator.accumulate(model):
             # Bi-tuning moves its key encoder on a step's first micro-batch and enqueues every micro-batch's keys
             loss, parts, logits = method(views, labels)
-            apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            step=global_step + 1, output_dir=args.output_dir)
+            training.apply_gradients(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                                     step=global_step + 1, output_dir=args.output_dir)
 
         if not accelerator.sync_gradients:
             continue
@@ -512,9 +496,10 @@ def main(args):
         logs = {"loss": loss.detach().item(), **{k: v.detach().item() for k, v in parts.items()},
                 "train_batch_accuracy": (logits.argmax(1) == labels).float().mean().item(),
                 "lr": lr_scheduler.get_last_lr()[0]}
-        log_step(accelerator, progress, logs, global_step)
+        training.log_step(accelerator, progress, logs, global_step)
         if global_step % length.checkpointing_steps == 0:
-            checkpoint(accelerator, model, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
+            training.checkpoint(
+                accelerator, model, global_step, args.output_dir, args.checkpoints_total_limit, identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < length.max_train_steps:
             metrics, _ = evaluate(model, eval_loader, accelerator, len(names))
             accelerator.log(metrics, step=global_step)
@@ -526,7 +511,7 @@ def main(args):
     metrics, confusion = evaluate(model, eval_loader, accelerator, len(names))
     accelerator.log(metrics, step=global_step)
     unwrapped = accelerator.unwrap_model(model)
-    check_finite_weights(accelerator, unwrapped, global_step, args.output_dir)  # nothing non-finite is saved
+    training.check_finite_weights(accelerator, unwrapped, global_step, args.output_dir)  # nothing non-finite is saved
     if accelerator.is_main_process:
         classifier = unwrapped.classifier.eval()
         classifier.save_pretrained(args.output_dir)  # config.json (class names) + model.safetensors: no projector
@@ -545,7 +530,7 @@ def main(args):
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training), the method's too.
     model = optimizer = lr_scheduler = loader = eval_loader = None  # noqa: F841
     method.run_query_through(method.query)
-    end_training(accelerator)
+    training.end_training(accelerator)
     return Result(unwrapped, metrics, method.queues)
 
 

@@ -31,35 +31,13 @@ from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
-from utils.families.base import detect_family
-from utils.families.registry import DEME
-from utils.infra import hub
+from utils.families.registry import DEME, detect_family
+from utils.infra import hub, training
 from utils.infra.checkpointing import resume, run_identity, step_generator
 from utils.infra.data import ResumableLoader, check_images, load_image_dataset, require_column, worker_options
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark
-from utils.infra.training import (
-    HelpFormatter,
-    add_optimisation_args,
-    add_output_args,
-    apply_gradients,
-    averaged_weights,
-    check_common_args,
-    check_finite_weights,
-    checkpoint,
-    effective_learning_rate,
-    freeze,
-    image_grid,
-    log_images,
-    log_step,
-    make_accelerator,
-    make_ema,
-    make_optimizer,
-    run_length,
-    tracker_config,
-    weight_dtype,
-)
 from utils.methods.channel_projection import (
     PLACEMENTS,
     add_projections,
@@ -86,7 +64,7 @@ IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "num_ranges", "ch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", required=True,
@@ -128,10 +106,11 @@ def parse_args(argv=None):
                         "restores them). "
                         "none: no maps.")
 
-    add_optimisation_args(p, batch_size=64, batch_help="Batch per device (CIFAR-10: 64; LSUN/SD: 16 x 4 accumulation).",
-                          max_train_steps=20000, learning_rate=2e-4, max_grad_norm=1.0, ema_decay=0.9999,
-                          paper="paper, per range: 20K; lr CIFAR-10 2e-4, LSUN/SD 5e-5")
-    g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
+    training.add_optimisation_args(
+        p, batch_size=64, batch_help="Batch per device (CIFAR-10: 64; LSUN/SD: 16 x 4 accumulation).",
+        max_train_steps=20000, learning_rate=2e-4, max_grad_norm=1.0, ema_decay=0.9999,
+        paper="paper, per range: 20K; lr CIFAR-10 2e-4, LSUN/SD 5e-5")
+    g = training.add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
     g.add_argument("--validation_prompts", nargs="+", default=None,
                    help="Stable Diffusion validation prompts (default: the first captions of the data).")
     args = parse_flags(p, argv)
@@ -144,7 +123,7 @@ def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
     # finished: the range this job trains (N jobs with --range_index share one output folder), else any range
     ranges = f"range_{args.range_index}" if args.range_index is not None else "range_*"
-    check_common_args(args, positive=("num_ranges",), finished=os.path.join(ranges, "README.md"))
+    training.check_common_args(args, positive=("num_ranges",), finished=os.path.join(ranges, "README.md"))
     if args.range_index is not None and not 0 <= args.range_index < args.num_ranges:
         raise UserError(f"--range_index must be in 0..{args.num_ranges - 1} for --num_ranges {args.num_ranges}, "
                         f"got {args.range_index}")
@@ -201,7 +180,7 @@ def main(args):
     if args.num_ranges > T:
         raise UserError(f"--num_ranges {args.num_ranges} is more than the model's {T} timesteps")
     ranges = timestep_ranges(T, args.num_ranges)
-    learning_rate = effective_learning_rate(args, state.num_processes)  # every range, resumed or not, the same
+    learning_rate = training.effective_learning_rate(args, state.num_processes)  # every range, resumed or not, the same
     if state.is_main_process:
         mark(args.output_dir, SCRIPT)
         write_manifest(args.output_dir, args.pretrained_model_name_or_path, type(pipeline.unet).__name__, T,
@@ -224,15 +203,15 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
                 learning_rate):
     """Fine-tune one copy on one timestep range and save it as a stock UNet in range_{index}/."""
     out = range_dir(args.output_dir, index)
-    accelerator = make_accelerator(args, out, os.path.join(out, args.logging_dir))
+    accelerator = training.make_accelerator(args, out, os.path.join(out, args.logging_dir))
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
-    dtype = weight_dtype(accelerator)
+    dtype = training.weight_dtype(accelerator)
     family = family(pipeline, accelerator.device, dtype, args.random_flip)
 
     # pipeline.unet stays the untouched fp32 pre-trained model for every range. A frozen copy in the mixed-precision
     # dtype gives the consistency targets; the trained copy is fp32 (autocast does the mixed precision).
-    frozen = freeze(copy.deepcopy(pipeline.unet), accelerator.device, dtype)
+    frozen = training.freeze(copy.deepcopy(pipeline.unet), accelerator.device, dtype)
     unet = copy.deepcopy(pipeline.unet).requires_grad_(True).train()
     projections = add_projections(unet, args.channel_projection)
     unet.to(accelerator.device)
@@ -252,13 +231,13 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
     rows = ds.with_transform(family.transform(image_column, caption_column, resolution))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                          collate_fn=family.collate, **worker_options(args.dataloader_num_workers))
-    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
-    optimizer, lr_scheduler = make_optimizer(unet.parameters(), args, accelerator, learning_rate,
-                                             length.max_train_steps)
-    ema = make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
+    length = training.run_length(args, len(loader), accelerator.num_processes)  # max steps or epochs
+    optimizer, lr_scheduler = training.make_optimizer(unet.parameters(), args, accelerator, learning_rate,
+                                                      length.max_train_steps)
+    ema = training.make_ema(unet, args.ema_decay, accelerator) if args.use_ema else None
     unet, optimizer, lr_scheduler, loader = accelerator.prepare(unet, optimizer, lr_scheduler, loader)
     if accelerator.is_main_process:
-        accelerator.init_trackers("deme", config={**tracker_config(args), "range_index": index, "range_lo": lo,
+        accelerator.init_trackers("deme", config={**training.tracker_config(args), "range_index": index, "range_lo": lo,
                                                   "range_hi": hi})
 
     identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, family.name)
@@ -281,8 +260,8 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         micro_step += 1
         with accelerator.accumulate(unet), accelerator.autocast():
             loss, parts = deme_loss(family, unet, frozen, next(data_iter), generator)
-            apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            step=global_step + 1, output_dir=out)
+            training.apply_gradients(accelerator, unet, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                                     step=global_step + 1, output_dir=out)
 
         if not accelerator.sync_gradients:
             continue
@@ -291,14 +270,14 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
                 "lr": lr_scheduler.get_last_lr()[0]}
         if ema is not None:
             ema.step(unet.parameters())
-        log_step(accelerator, progress, logs, global_step)
+        training.log_step(accelerator, progress, logs, global_step)
         if global_step % length.checkpointing_steps == 0:
-            checkpoint(accelerator, unet, global_step, out, args.checkpoints_total_limit, identity, logger)
+            training.checkpoint(accelerator, unet, global_step, out, args.checkpoints_total_limit, identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            with averaged_weights(accelerator.unwrap_model(unet), ema) as model, accelerator.autocast():
+            with training.averaged_weights(accelerator.unwrap_model(unet), ema) as model, accelerator.autocast():
                 images = family.sample(model, args.num_validation_images, args.validation_inference_steps,
                                        args.seed, prompts)
-            log_images(accelerator, "validation", images, global_step)
+            training.log_images(accelerator, "validation", images, global_step)
     progress.close()
 
     # ---- Save a stock UNet (projections folded in, or beside it for the official placement) and a card.
@@ -306,13 +285,13 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
     model = accelerator.unwrap_model(unet)  # every process returns the same final model; the main one writes it
     if ema is not None:
         ema.copy_to(model.parameters())
-    check_finite_weights(accelerator, model, global_step, out)  # nothing non-finite is saved or pushed
+    training.check_finite_weights(accelerator, model, global_step, out)  # nothing non-finite is saved or pushed
     model.eval()
     if accelerator.is_main_process:
         with accelerator.autocast():
             images = family.sample(model, args.num_validation_images, args.validation_inference_steps, args.seed,
                                    prompts)
-        log_images(accelerator, "final", images, global_step)
+        training.log_images(accelerator, "final", images, global_step)
     if args.channel_projection == "foldable":
         fold_projections(model)
     official_maps = split_official_projections(model) if args.channel_projection == "official" else None
@@ -320,7 +299,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         model.save_pretrained(out)
         if official_maps:
             save_official_projections(official_maps, out)
-        image_grid(images).save(os.path.join(out, "samples.png"))
+        training.image_grid(images).save(os.path.join(out, "samples.png"))
         write_range_record(out, index, args.num_ranges, time_range, T, args.pretrained_model_name_or_path,
                            args.channel_projection)
         write_card(args, out, index, time_range, T, family, total, extra, logs, accelerator.mixed_precision,

@@ -39,11 +39,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.diffusion.latents import vae_scale_factor
-from utils.families.base import BankSettings, check_vae, check_variant, detect_family, looks_local
+from utils.families.base import BankSettings, check_vae, check_variant, looks_local
 from utils.families.controlnet import ControlNetOnSD
-from utils.families.registry import CONTROLNET_BASES
+from utils.families.registry import CONTROLNET_BASES, detect_family
 from utils.families.stable_diffusion import StableDiffusion
-from utils.infra import hub
+from utils.infra import hub, training
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     DatasetError,
@@ -57,28 +57,6 @@ from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.image_transforms import INTERPOLATION_MODES
 from utils.infra.outputs import check_output_dir, mark
-from utils.infra.training import (
-    HelpFormatter,
-    add_optimisation_args,
-    add_output_args,
-    apply_gradients,
-    averaged_weights,
-    check_common_args,
-    check_finite_weights,
-    checkpoint,
-    effective_learning_rate,
-    end_training,
-    freeze,
-    log_images,
-    log_running_training,
-    log_step,
-    make_accelerator,
-    make_ema,
-    make_optimizer,
-    run_length,
-    tracker_config,
-    weight_dtype,
-)
 from utils.methods.diff_tuning import DiffTuning, add_diff_tuning_args, check_diff_tuning_args
 from utils.metrics.annotators import add_annotator_args, annotator_of
 from utils.metrics.fidelity import (
@@ -104,7 +82,7 @@ CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+                                formatter_class=training.HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' train_controlnet.py)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="Stable Diffusion 1.x/2.x or XL pipeline (UNet2DConditionModel): Hub id or folder.")
@@ -154,14 +132,15 @@ def parse_args(argv=None):
     g.add_argument("--memory_bank_prompt", default=DEFAULT_BANK_PROMPT,
                    help="Prompt of the bank samples; bank rows train with it, never dropped.")
 
-    g = add_optimisation_args(p, batch_size=4, batch_help="Batch per device, bank and data together (the paper: "
-                              "4 = 2 bank + 2 data rows).", max_train_steps=15000, learning_rate=1e-5,
-                              max_grad_norm=1.0, ema_decay=0.9999, lr_warmup_steps=500, weight_decay=1e-2,
-                              paper="paper: 15K steps, lr 1e-5; diffusers' train_controlnet.py: 5e-6")
+    g = training.add_optimisation_args(
+        p, batch_size=4, batch_help="Batch per device, bank and data together (the paper: "
+        "4 = 2 bank + 2 data rows).", max_train_steps=15000, learning_rate=1e-5,
+        max_grad_norm=1.0, ema_decay=0.9999, lr_warmup_steps=500, weight_decay=1e-2,
+        paper="paper: 15K steps, lr 1e-5; diffusers' train_controlnet.py: 5e-6")
     g.add_argument("--set_grads_to_none", action="store_true",
                    help="Free gradients after each step instead of zeroing them (less memory).")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
-    g = add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
+    g = training.add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
     g.add_argument("--tracker_project_name", default="diff-tuning-controlnet", help="Project name of the trackers.")
     g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
     g.add_argument("--validation_prompt", nargs="+", default=None,
@@ -192,8 +171,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Flags that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("resolution", "num_validation_samples", "convergence_patience",
-                                      "validation_batch_size"))
+    training.check_common_args(args, positive=("resolution", "num_validation_samples", "convergence_patience",
+                                               "validation_batch_size"))
     check_diff_tuning_args(args)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise UserError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
@@ -376,7 +355,7 @@ def held_out_rows(ds, args, annotator, family):
 
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = make_accelerator(args, args.output_dir, logging_dir)
+    accelerator = training.make_accelerator(args, args.output_dir, logging_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -438,9 +417,9 @@ def main(args):
     else:
         channels = CONDITIONING_CHANNELS[: int(np.log2(vae_factor)) + 1]
         controlnet = ControlNetModel.from_unet(pipeline.unet, conditioning_embedding_out_channels=channels)
-    dtype = weight_dtype(accelerator)
+    dtype = training.weight_dtype(accelerator)
     text = base_family(pipeline, accelerator.device, dtype, **family_options)  # freezes the VAE and text encoders
-    unet = freeze(pipeline.unet, accelerator.device, dtype)
+    unet = training.freeze(pipeline.unet, accelerator.device, dtype)
     controlnet.to(accelerator.device).train()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -461,21 +440,21 @@ def main(args):
     loader = torch.utils.data.DataLoader(rows, batch_size=n_data, shuffle=True, drop_last=True,
                                          collate_fn=family.collate, **workers)
     bank_loader = diff_tuning.bank_loader(family, workers)
-    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    length = training.run_length(args, len(loader), accelerator.num_processes)  # max steps or epochs
+    learning_rate = training.effective_learning_rate(args, accelerator.num_processes)
     optimizer_class = None
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
-    optimizer, lr_scheduler = make_optimizer(controlnet.parameters(), args, accelerator, learning_rate,
-                                             length.max_train_steps, optimizer_class)
-    ema = make_ema(controlnet, args.ema_decay, accelerator) if args.use_ema else None
+    optimizer, lr_scheduler = training.make_optimizer(controlnet.parameters(), args, accelerator, learning_rate,
+                                                      length.max_train_steps, optimizer_class)
+    ema = training.make_ema(controlnet, args.ema_decay, accelerator) if args.use_ema else None
     controlnet, optimizer, lr_scheduler, loader = accelerator.prepare(controlnet, optimizer, lr_scheduler, loader)
     if bank_loader is not None:
         bank_loader = accelerator.prepare(bank_loader)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=training.tracker_config(args))
 
     # ---- Resume: the weights, the data order, and the fidelity curve up to the checkpoint.
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
@@ -495,20 +474,20 @@ def main(args):
     def track(step):
         """Score the control fidelity (EMA weights when --use_ema) and log the curve; returns the pairs."""
         unwrapped = accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False)  # outputs in the model's dtype
-        with averaged_weights(unwrapped, ema) as model, accelerator.autocast():
+        with training.averaged_weights(unwrapped, ema) as model, accelerator.autocast():
             score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, family, args)
             extra = extra_grids(parts, model, family, args, accelerator.device) if accelerator.is_main_process else None
         if accelerator.is_main_process:
             tracker.add(step, score)
             accelerator.log({f"fidelity/{tracker.metric}": score}, step=step)
-            log_images(accelerator, "validation", np.asarray(pair_grid(pairs))[None] / 255.0, step)
+            training.log_images(accelerator, "validation", np.asarray(pair_grid(pairs))[None] / 255.0, step)
             if extra is not None:  # --validation_prompt / --validation_image grids, during training too
-                log_images(accelerator, "validation_prompts", np.asarray(extra)[None] / 255.0, step)
+                training.log_images(accelerator, "validation_prompts", np.asarray(extra)[None] / 255.0, step)
             logger.info(f"step {step}: {tracker.metric} {score:.4f} (threshold {threshold:g}, "
                         f"{tracker.direction_word}); converged at {tracker.converged_at}")
         return pairs
 
-    log_running_training(
+    training.log_running_training(
         logger, examples=len(ds), batch_size=diff_tuning.n_bank + n_data, num_processes=accelerator.num_processes,
         accumulation=args.gradient_accumulation_steps, length=length, first_step=global_step,
         held_out_rows=len(rows), data_rows_per_micro_batch=n_data,
@@ -530,8 +509,9 @@ def main(args):
         with accelerator.accumulate(controlnet):
             loss, loss_parts = diff_tuning(family, controlnet, next(data_iter), next(bank_iter) if bank_iter else None,
                                            generator)
-            apply_gradients(accelerator, controlnet, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            step=global_step + 1, output_dir=args.output_dir, set_to_none=args.set_grads_to_none)
+            training.apply_gradients(
+                accelerator, controlnet, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                step=global_step + 1, output_dir=args.output_dir, set_to_none=args.set_grads_to_none)
 
         if not accelerator.sync_gradients:
             continue
@@ -540,11 +520,12 @@ def main(args):
                 "lr": lr_scheduler.get_last_lr()[0]}
         if ema is not None:
             ema.step(controlnet.parameters())
-        log_step(accelerator, progress, logs, global_step)
+        training.log_step(accelerator, progress, logs, global_step)
         if global_step % length.checkpointing_steps == 0:  # each checkpoint also holds a loadable controlnet/ folder
-            checkpoint(accelerator, controlnet, global_step, args.output_dir, args.checkpoints_total_limit,
-                       identity, logger, save_extra=lambda folder: accelerator.unwrap_model(
-                           controlnet, keep_fp32_wrapper=False).save_pretrained(os.path.join(folder, "controlnet")))
+            training.checkpoint(
+                accelerator, controlnet, global_step, args.output_dir, args.checkpoints_total_limit,
+                identity, logger, save_extra=lambda folder: accelerator.unwrap_model(
+                controlnet, keep_fp32_wrapper=False).save_pretrained(os.path.join(folder, "controlnet")))
         if args.validation_steps and global_step % args.validation_steps == 0:
             track(global_step)
             if args.stop_at_convergence and tracker.converged_at is not None:
@@ -557,7 +538,8 @@ def main(args):
     model = accelerator.unwrap_model(controlnet, keep_fp32_wrapper=False)
     if ema is not None:
         ema.copy_to(model.parameters())
-    check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
+    # nothing non-finite is saved or pushed
+    training.check_finite_weights(accelerator, model, global_step, args.output_dir)
     model.eval()
     with accelerator.autocast():
         score, pairs = evaluate_fidelity(accelerator, parts, model, rows, annotator, family, args)
@@ -578,7 +560,7 @@ def main(args):
             diff_tuning.push(args.output_dir, repo, args.hub_token, args.hub_private_repo, logger)
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     controlnet = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
-    end_training(accelerator)
+    training.end_training(accelerator)
     return model
 
 

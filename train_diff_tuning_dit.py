@@ -28,8 +28,9 @@ from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-from utils.families.base import BankSettings, detect_family
+from utils.families.base import BankSettings
 from utils.families.dit import DiT
+from utils.families.registry import detect_family
 from utils.families.tuning import (
     DEFAULT_LORA_TARGETS,
     TUNING_MODES,
@@ -39,7 +40,7 @@ from utils.families.tuning import (
     parameter_counts,
     stock_model,
 )
-from utils.infra import hub
+from utils.infra import hub, training
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     ResumableLoader,
@@ -52,29 +53,6 @@ from utils.infra.data import (
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_dir, mark
-from utils.infra.training import (
-    HelpFormatter,
-    add_optimisation_args,
-    add_output_args,
-    apply_gradients,
-    averaged_weights,
-    check_common_args,
-    check_finite_weights,
-    checkpoint,
-    effective_learning_rate,
-    end_training,
-    freeze,
-    image_grid,
-    log_images,
-    log_running_training,
-    log_step,
-    make_accelerator,
-    make_ema,
-    make_optimizer,
-    run_length,
-    tracker_config,
-    weight_dtype,
-)
 from utils.methods.diff_tuning import DiffTuning, add_diff_tuning_args, check_diff_tuning_args
 
 logger = get_logger(__name__)
@@ -85,7 +63,7 @@ IDENTITY_FLAGS = ("pretrained_model_name_or_path", "revision", "method", "tuning
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=training.HelpFormatter
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="DiTPipeline Hub id or folder.")
@@ -127,10 +105,11 @@ def parse_args(argv=None):
     g.add_argument("--merge_lora", action="store_true",
                    help="Save a merged full DiTPipeline instead of the peft adapter.")
 
-    add_optimisation_args(p, batch_size=32, batch_help="Batch per device, bank and data together (the paper: 32 on "
-                          "one device).", max_train_steps=24000, learning_rate=1e-4, max_grad_norm=None,
-                          ema_decay=0.9999, paper="DiT: 24K steps, lr 1e-4")
-    g = add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
+    training.add_optimisation_args(
+        p, batch_size=32, batch_help="Batch per device, bank and data together (the paper: 32 on "
+        "one device).", max_train_steps=24000, learning_rate=1e-4, max_grad_norm=None,
+        ema_decay=0.9999, paper="DiT: 24K steps, lr 1e-4")
+    g = training.add_output_args(p, checkpointing_steps=2000, validation_steps=2000)
     g.add_argument("--validation_guidance_scale", type=float, default=1.5,
                    help="CFG scale of validation/final samples.")
     args = parse_flags(p, argv)
@@ -141,7 +120,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Hyper-parameters that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("resolution",))
+    training.check_common_args(args, positive=("resolution",))
     check_diff_tuning_args(args)
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label_dropout must be in [0, 1), got {args.label_dropout}")
@@ -166,7 +145,7 @@ def sample_images(transformer, vae, scheduler_config, class_ids, args, device):
 
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = make_accelerator(args, args.output_dir, logging_dir)
+    accelerator = training.make_accelerator(args, args.output_dir, logging_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -218,7 +197,7 @@ def main(args):
     DiT.switch_off_label_dropout(transformer)  # labels are dropped once per sample, by the method
     # checked now, not after the memory bank is generated
     difffit_blocks = difffit_block_count(transformer, args.difffit_blocks) if args.tuning == "difffit" else None
-    vae = freeze(vae, accelerator.device, weight_dtype(accelerator))
+    vae = training.freeze(vae, accelerator.device, training.weight_dtype(accelerator))
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -246,20 +225,20 @@ def main(args):
     loader = torch.utils.data.DataLoader(rows, batch_size=diff_tuning.n_data, shuffle=True, drop_last=True,
                                          collate_fn=collate, **workers)
     bank_loader = diff_tuning.bank_loader(family, workers)
-    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
+    length = training.run_length(args, len(loader), accelerator.num_processes)  # max steps or epochs
 
     # ---- Optimisation.
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    learning_rate = training.effective_learning_rate(args, accelerator.num_processes)
     lr = learning_rate * (args.difffit_lr_scale if args.tuning == "difffit" else 1.0)
-    optimizer, lr_scheduler = make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
-                                             accelerator, lr, length.max_train_steps)
-    ema = make_ema(transformer, args.ema_decay, accelerator) if args.use_ema else None
+    optimizer, lr_scheduler = training.make_optimizer([p for p in transformer.parameters() if p.requires_grad], args,
+                                                      accelerator, lr, length.max_train_steps)
+    ema = training.make_ema(transformer, args.ema_decay, accelerator) if args.use_ema else None
     transformer, optimizer, lr_scheduler, loader = accelerator.prepare(transformer, optimizer, lr_scheduler, loader)
     if bank_loader is not None:
         bank_loader = accelerator.prepare(bank_loader)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("diff-tuning-dit", config=tracker_config(args))
+        accelerator.init_trackers("diff-tuning-dit", config=training.tracker_config(args))
 
     # ---- Resume.
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
@@ -267,7 +246,7 @@ def main(args):
     data_iter = ResumableLoader(loader, accelerator, micro_step)
     bank_iter = ResumableLoader(bank_loader, accelerator, micro_step) if bank_loader is not None else None
 
-    log_running_training(
+    training.log_running_training(
         logger, examples=len(ds), batch_size=diff_tuning.n_bank + diff_tuning.n_data,
         num_processes=accelerator.num_processes, accumulation=args.gradient_accumulation_steps, length=length,
         first_step=global_step, classes=len(names), data_rows_per_micro_batch=diff_tuning.n_data,
@@ -286,8 +265,8 @@ def main(args):
         with accelerator.accumulate(transformer):
             loss, parts = diff_tuning(family, transformer, next(data_iter), next(bank_iter) if bank_iter else None,
                                       generator)
-            apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            step=global_step + 1, output_dir=args.output_dir)
+            training.apply_gradients(accelerator, transformer, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                                     step=global_step + 1, output_dir=args.output_dir)
 
         if not accelerator.sync_gradients:
             continue
@@ -296,16 +275,16 @@ def main(args):
                 "lr": lr_scheduler.get_last_lr()[0]}
         if ema is not None:
             ema.step(transformer.parameters())
-        log_step(accelerator, progress, logs, global_step)
+        training.log_step(accelerator, progress, logs, global_step)
         if global_step % length.checkpointing_steps == 0:
-            checkpoint(accelerator, transformer, global_step, args.output_dir, args.checkpoints_total_limit,
-                       identity, logger)
+            training.checkpoint(accelerator, transformer, global_step, args.output_dir, args.checkpoints_total_limit,
+                                identity, logger)
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             # autocast: the frozen VAE is in the mixed-precision dtype
-            with averaged_weights(accelerator.unwrap_model(transformer), ema) as model, accelerator.autocast():
+            with training.averaged_weights(accelerator.unwrap_model(transformer), ema) as model, accelerator.autocast():
                 images = sample_images(stock_model(model), vae, pipeline.scheduler.config, validation_classes,
                                        args, accelerator.device)
-            log_images(accelerator, "validation", images, global_step)
+            training.log_images(accelerator, "validation", images, global_step)
     progress.close()
 
     # ---- Save a stock DiTPipeline, the class names and a model card.
@@ -313,7 +292,8 @@ def main(args):
     model = accelerator.unwrap_model(transformer)
     if ema is not None:
         ema.copy_to(model.parameters())
-    check_finite_weights(accelerator, model, global_step, args.output_dir)  # nothing non-finite is saved or pushed
+    # nothing non-finite is saved or pushed
+    training.check_finite_weights(accelerator, model, global_step, args.output_dir)
     if accelerator.is_main_process:
         model.eval()
         if vae.dtype != torch.float32:
@@ -329,8 +309,8 @@ def main(args):
             save_pipeline(model, vae, pipeline.scheduler, names, args.output_dir)
         images = sample_images(stock_model(model), vae, pipeline.scheduler.config, validation_classes, args,
                                accelerator.device)
-        image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
-        log_images(accelerator, "final", images, global_step)
+        training.image_grid(images).save(os.path.join(args.output_dir, "samples.png"))
+        training.log_images(accelerator, "final", images, global_step)
         repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
         write_card(args, names, diff_tuning, trainable, total, logs, accelerator.mixed_precision, learning_rate,
                    difffit_blocks, global_step, repo)
@@ -339,7 +319,7 @@ def main(args):
     model = accelerator.unwrap_model(transformer)
     # The DDP wrapper must go before the process group ends (utils.infra.training.end_training).
     transformer = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
-    end_training(accelerator)
+    training.end_training(accelerator)
     return model
 
 

@@ -22,7 +22,9 @@ bank rows on their own prompt. Stable Diffusion 1.x/2.x (epsilon or v-prediction
 encoders, size-and-crop conditioning as diffusers' SDXL scripts: `utils.families.sdxl`; `--train_text_encoder` gives
 both encoders adapters) and Stable Diffusion 3 (three text encoders, rectified flow with diffusers'
 `--weighting_scheme`: `utils.families.sd3`; Diff-Tuning's psi and xi multiply the scheme's timestep density, see
-docs/methods.md); Flux and other pipelines are refused in one line.
+docs/methods.md) and Flux.1 (CLIP pooled + T5 text, 2x2-packed latents, the guidance embedding of guidance-distilled
+models: `utils.families.flux`; flow matching as SD3's, `--weighting_scheme none` by default as diffusers' Flux
+script); other pipelines are refused in one line.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -45,15 +47,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.diffusion.forward_process import add_flow_matching_args, add_objective_args
-from utils.families.base import BankSettings, check_vae, check_variant, detect_family
-from utils.families.registry import TEXT_TO_IMAGE
+from utils.families.base import BankSettings, check_vae, check_variant
+from utils.families.registry import TEXT_TO_IMAGE, detect_family
 from utils.families.tuning import (
     TEXT_ENCODER_LORA_TARGETS,
     add_lora_adapter,
     check_lora_targets,
     parameter_counts,
 )
-from utils.infra import hub
+from utils.infra import hub, training
 from utils.infra.checkpointing import check_resume, resume, run_identity, step_generator
 from utils.infra.data import (
     DatasetError,
@@ -68,29 +70,6 @@ from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, flag_of, parse_flags
 from utils.infra.image_transforms import INTERPOLATION_MODES
 from utils.infra.outputs import check_output_dir, mark
-from utils.infra.training import (
-    HelpFormatter,
-    add_optimisation_args,
-    add_output_args,
-    apply_gradients,
-    averaged_weights,
-    check_common_args,
-    check_finite_weights,
-    checkpoint,
-    effective_learning_rate,
-    end_training,
-    image_grid,
-    log_images,
-    log_running_training,
-    log_step,
-    make_accelerator,
-    make_ema,
-    make_optimizer,
-    run_length,
-    tracker_config,
-    true_or_false,
-    weight_dtype,
-)
 from utils.methods.diff_tuning import (
     METHODS,
     PRIOR_PRESERVATION,
@@ -125,7 +104,7 @@ def dreambooth_data(argv) -> bool:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+                                formatter_class=training.HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' text-to-image and DreamBooth examples)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
                    help="Stable Diffusion 1.x/2.x (epsilon or v-prediction), Stable Diffusion XL or Stable Diffusion "
@@ -173,7 +152,11 @@ def parse_args(argv=None):
     g.add_argument("--crops_coords_top_left_w", type=int, default=None,
                    help="SDXL: the crop left every image's size conditioning records (default: each image's own).")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="SD3: T5 tokens per caption (default: 77, as diffusers' SD3 LoRA script).")
+                   help="SD3 and Flux: T5 tokens per caption (default: 77 for SD3, 512 for Flux, as diffusers' LoRA "
+                        "scripts).")
+    g.add_argument("--guidance_scale", dest="flux_guidance_scale", type=float, default=None,
+                   help="Flux: the guidance embedding's value in training, for guidance-distilled models such as "
+                        "FLUX.1-dev (default: 3.5, as train_dreambooth_lora_flux.py; schnell has none and ignores it).")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image before training.")
 
     g = p.add_argument_group("which weights train")
@@ -199,7 +182,7 @@ def parse_args(argv=None):
                         "both CLIP encoders, never SD3's T5).")
 
     g = add_diff_tuning_args(
-        p, bank_guidance_scale=7.5, bank_batch_size=8, methods=(*METHODS, PRIOR_PRESERVATION), bank_size=100,
+        p, bank_guidance_scale=None, bank_batch_size=8, methods=(*METHODS, PRIOR_PRESERVATION), bank_size=100,
         bank_steps=None, bank_steps_help=f" Default: {BANK_STEPS} for Diff-Tuning (a bank of the default size then "
         f"costs at most a fifth of the default run), {CLASS_IMAGE_STEPS} for prior preservation (DreamBooth's class "
         "images, as diffusers generates them).",
@@ -231,7 +214,7 @@ def parse_args(argv=None):
 
     add_objective_args(p)
     add_flow_matching_args(p)
-    g = add_optimisation_args(
+    g = training.add_optimisation_args(
         p, batch_size=TEXT_TO_IMAGE_DEFAULTS["train_batch_size"],
         batch_help="Data rows per device and micro-batch, for every method; bank rows are added (prior "
                    "preservation: as many class rows, as DreamBooth adds them; Diff-Tuning: round(B r / (1 - r)) for "
@@ -245,16 +228,19 @@ def parse_args(argv=None):
                    help="AdamW, or Prodigy (pip install prodigyopt; --learning_rate around 1.0, as diffusers advises).")
     g.add_argument("--prodigy_beta3", type=float, default=None,
                    help="Prodigy's step-size averaging coefficient (default: sqrt(beta2)).")
-    g.add_argument("--prodigy_decouple", type=true_or_false, default=True, help="Prodigy: decoupled weight decay.")
-    g.add_argument("--prodigy_use_bias_correction", type=true_or_false, default=True,
+    g.add_argument("--prodigy_decouple", type=training.true_or_false, default=True,
+                   help="Prodigy: decoupled weight decay.")
+    g.add_argument("--prodigy_use_bias_correction", type=training.true_or_false, default=True,
                    help="Prodigy: Adam's bias correction.")
-    g.add_argument("--prodigy_safeguard_warmup", type=true_or_false, default=True,
+    g.add_argument("--prodigy_safeguard_warmup", type=training.true_or_false, default=True,
                    help="Prodigy: lr out of the D estimate's denominator during warm-up.")
-    g = add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
+    g = training.add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
     g.add_argument("--tracker_project_name", default="diff-tuning-text-to-image", help="Project name of the trackers.")
     g.add_argument("--validation_prompt", nargs="+", default=None,
                    help="Prompts of the validation grids (default: the first two training captions).")
-    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="Guidance scale of validation samples (default: the family's: 7.5 CFG; Flux 3.5, its "
+                        "guidance embedding).")
     g.add_argument("--validation_epochs", type=int, default=None,
                    help="Also validate every N passes over the data, as diffusers' --validation_epochs (default: "
                         "--validation_steps alone).")
@@ -274,8 +260,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Flags that cannot work, caught before anything is loaded."""
-    check_common_args(args, positive=("resolution", "rank", "num_class_images", "validation_batch_size", "repeats",
-                                      "validation_epochs"))
+    training.check_common_args(
+        args, positive=("resolution", "rank", "num_class_images", "validation_batch_size", "repeats",
+        "validation_epochs"))
     if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
         raise UserError(f"--text_encoder_lr must be > 0, got {args.text_encoder_lr}")
     if not 0 <= args.lora_dropout < 1:
@@ -380,11 +367,13 @@ def generate(family, denoiser, encoders, prompts, args, resolution, device):
     seed + i, so every evaluation and the base model see the same noise."""
     pipe = family.inference_pipeline(denoiser, encoders, family.sampling_scheduler(family.pipeline))
     pipe.set_progress_bar_config(disable=True)
+    guidance_scale = family.validation_guidance_scale if args.validation_guidance_scale is None \
+        else args.validation_guidance_scale
     images = []
     for i in range(0, len(prompts), args.validation_batch_size):  # each image keeps its own seed in any batch
         chunk = range(i, min(i + args.validation_batch_size, len(prompts)))
         images.append(pipe([prompts[k] for k in chunk], height=resolution, width=resolution,
-                           guidance_scale=args.validation_guidance_scale,
+                           guidance_scale=guidance_scale,
                            num_inference_steps=args.validation_inference_steps, output_type="np",
                            generator=[torch.Generator(device).manual_seed(args.seed + k) for k in chunk],
                            **family.pipeline_kwargs).images)
@@ -393,7 +382,7 @@ def generate(family, denoiser, encoders, prompts, args, resolution, device):
 
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = make_accelerator(args, args.output_dir, logging_dir)
+    accelerator = training.make_accelerator(args, args.output_dir, logging_dir)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -424,6 +413,7 @@ def main(args):
     class_images = class_folder_images(args)  # DreamBooth's plain folder of class images, read, never written
     diff_tuning = DiffTuning.from_args(
         args, noise_scheduler, condition_dropout=args.proportion_empty_prompts,
+        flow_defaults=family_class.flow_defaults,  # Flux: --weighting_scheme none, as diffusers' Flux script
         bank_rows_added=True,  # --train_batch_size: data rows, as DreamBooth's
         **({"bank_dir": os.path.join(args.output_dir, "memory_bank"),
             "bank_source": f"{len(class_images)} class images of {args.memory_bank}"} if class_images else {}))
@@ -435,10 +425,11 @@ def main(args):
     bank_size = args.num_class_images if args.method == PRIOR_PRESERVATION else args.memory_bank_size
     bank_steps = args.memory_bank_inference_steps or (CLASS_IMAGE_STEPS if args.method == PRIOR_PRESERVATION
                                                        else BANK_STEPS)
-    bank_plan = family_class.bank_plan(name, BankSettings(
+    bank_settings = BankSettings(
         args.memory_bank_guidance_scale, bank_steps, resolution, prompts,
         vae=args.pretrained_vae_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
-        class_images=tuple(class_images)), family_options)
+        class_images=tuple(class_images))
+    bank_plan = family_class.bank_plan(name, bank_settings, family_options)
     diff_tuning.check_bank(bank_plan.record, bank_size, accelerator.num_processes)
     identity = run_identity(args, IDENTITY_FLAGS, SCRIPT, family_class.name)
     check_resume(args.output_dir, args.resume_from_checkpoint, identity, logger)
@@ -446,7 +437,8 @@ def main(args):
         steps = args.max_train_steps if args.num_train_epochs is None else args.num_train_epochs * math.ceil(
             len(ds) / (diff_tuning.n_data * accelerator.num_processes * args.gradient_accumulation_steps))
         rows = (diff_tuning.n_bank + diff_tuning.n_data) * accelerator.num_processes * args.gradient_accumulation_steps
-        logger.info(cost_note(bank_size - len(class_images), bank_steps, args.memory_bank_guidance_scale,
+        guided = family_class.guided_passes(family_class.bank_guidance(bank_settings))
+        logger.info(cost_note(bank_size - len(class_images), bank_steps, guided,
                               steps * rows * 3))
     if not args.skip_image_check:
         with accelerator.main_process_first():
@@ -464,7 +456,7 @@ def main(args):
                                  **({"vae": vae} if vae is not None else {}))
     if args.prediction_type:  # the family trains and samples (validation) with the chosen target
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
-    dtype = weight_dtype(accelerator)
+    dtype = training.weight_dtype(accelerator)
     family = family_class(pipeline, accelerator.device, dtype, args.random_flip, bank_condition,
                           args.train_text_encoder, args.center_crop, args.image_interpolation_mode, **family_options)
     denoiser, encoders = family.denoiser.to(accelerator.device), family.text_encoders
@@ -521,8 +513,8 @@ def main(args):
     loader = torch.utils.data.DataLoader(rows, batch_size=diff_tuning.n_data, shuffle=True, drop_last=True,
                                          collate_fn=family.collate, **workers)
     bank_loader = diff_tuning.bank_loader(family, workers)
-    length = run_length(args, len(loader), accelerator.num_processes)  # --max_train_steps or --num_train_epochs
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    length = training.run_length(args, len(loader), accelerator.num_processes)  # max steps or epochs
+    learning_rate = training.effective_learning_rate(args, accelerator.num_processes)
     optimizer_class, optimizer_options = None, {}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
@@ -540,9 +532,9 @@ def main(args):
         encoder_params = {id(p) for e in encoders for p in e.parameters()}
         groups = [{"params": [p for p in params if id(p) not in encoder_params]},
                   {"params": [p for p in params if id(p) in encoder_params], "lr": args.text_encoder_lr}]
-    optimizer, lr_scheduler = make_optimizer(groups, args, accelerator, learning_rate, length.max_train_steps,
-                                             optimizer_class, **optimizer_options)
-    ema = make_ema(denoiser, args.ema_decay, accelerator) if args.use_ema else None
+    optimizer, lr_scheduler = training.make_optimizer(groups, args, accelerator, learning_rate, length.max_train_steps,
+                                                      optimizer_class, **optimizer_options)
+    ema = training.make_ema(denoiser, args.ema_decay, accelerator) if args.use_ema else None
     denoiser, optimizer, lr_scheduler, loader = accelerator.prepare(denoiser, optimizer, lr_scheduler, loader)
     if args.train_text_encoder:
         encoders = [accelerator.prepare(encoder) for encoder in encoders]
@@ -550,7 +542,7 @@ def main(args):
     if bank_loader is not None:
         bank_loader = accelerator.prepare(bank_loader)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=training.tracker_config(args))
 
     # ---- Resume: the weights, the data order, and the forgetting curve up to the checkpoint.
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint, logger, ema, identity)
@@ -568,18 +560,18 @@ def main(args):
         """The validation grid (EMA weights under --use_ema) and the forgetting probe, to every tracker."""
         model = accelerator.unwrap_model(denoiser, keep_fp32_wrapper=False)
         plain = [accelerator.unwrap_model(encoder, keep_fp32_wrapper=False) for encoder in encoders]
-        with averaged_weights(model, ema), accelerator.autocast():
+        with training.averaged_weights(model, ema), accelerator.autocast():
             images = generate(family, model, plain, grid_prompts, args, resolution, accelerator.device)
             probed = generate(family, model, plain, retention_prompts, args, resolution, accelerator.device) \
                 if retention_prompts else None
-        log_images(accelerator, tag, images, step, grid_prompts)
+        training.log_images(accelerator, tag, images, step, grid_prompts)
         if probed is not None:
             score = probe.add(step, probed)
             accelerator.log({"forgetting/ssim_to_base": score}, step=step)
             logger.info(f"step {step}: forgetting probe, SSIM to the base model's samples {score:.4f}")
         return images, probed
 
-    log_running_training(
+    training.log_running_training(
         logger, examples=len(ds), batch_size=diff_tuning.n_bank + diff_tuning.n_data,
         num_processes=accelerator.num_processes, accumulation=args.gradient_accumulation_steps, length=length,
         first_step=global_step, data_rows_per_micro_batch=diff_tuning.n_data,
@@ -596,8 +588,8 @@ def main(args):
                 accelerator.autocast():  # the frozen parts run in the mixed-precision dtype
             loss, parts_of_loss = diff_tuning(family, denoiser, next(data_iter), next(bank_iter) if bank_iter else None,
                                               generator)
-            apply_gradients(accelerator, params, loss, optimizer, lr_scheduler, args.max_grad_norm,
-                            step=global_step + 1, output_dir=args.output_dir)  # UNet and text-encoder adapters
+            training.apply_gradients(accelerator, params, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                                     step=global_step + 1, output_dir=args.output_dir)  # UNet and text-encoder adapters
 
         if not accelerator.sync_gradients:
             continue
@@ -606,14 +598,15 @@ def main(args):
                 "lr": lr_scheduler.get_last_lr()[0]}
         if ema is not None:
             ema.step(denoiser.parameters())
-        log_step(accelerator, progress, logs, global_step)
+        training.log_step(accelerator, progress, logs, global_step)
         if accelerator.is_main_process and (
                 (args.validation_steps and global_step % args.validation_steps == 0)
                 or (args.validation_epochs and global_step % (args.validation_epochs * length.steps_per_epoch) == 0)):
             validated = {global_step: validate(global_step)}
         if global_step % length.checkpointing_steps == 0:  # after the step's records: a resume continues them
-            checkpoint(accelerator, denoiser, global_step, args.output_dir, args.checkpoints_total_limit, identity,
-                       logger)
+            training.checkpoint(
+                accelerator, denoiser, global_step, args.output_dir, args.checkpoints_total_limit, identity,
+                logger)
     progress.close()
 
     # ---- Save the LoRA weights (diffusers' format) or a stock pipeline, the grids and a model card.
@@ -623,7 +616,7 @@ def main(args):
     if ema is not None:
         ema.copy_to(model.parameters())
     for trained in [model, *(plain if args.train_text_encoder else [])]:  # nothing non-finite is saved or pushed
-        check_finite_weights(accelerator, trained, global_step, args.output_dir)
+        training.check_finite_weights(accelerator, trained, global_step, args.output_dir)
     if accelerator.is_main_process:
         model.eval()
         if args.tuning == "lora":
@@ -636,14 +629,14 @@ def main(args):
                 full.scheduler.register_to_config(prediction_type=args.prediction_type)
             full.save_pretrained(args.output_dir)
         images, probed = validated.get(global_step) or validate(global_step, "final")
-        image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))
+        training.image_grid(images, cols=args.num_validation_images).save(os.path.join(args.output_dir, "samples.png"))
         widget = []  # the Hub's gallery, as diffusers' scripts fill it: image_<i>.png with its prompt
         for i, (image, prompt) in enumerate(list(zip(images, grid_prompts))[:MAX_WIDGET_IMAGES]):
             Image.fromarray((image * 255).round().astype(np.uint8)).save(os.path.join(args.output_dir,
                                                                                       f"image_{i}.png"))
             widget.append({"text": prompt, "output": {"url": f"image_{i}.png"}})
         if probed is not None:
-            image_grid(np.concatenate([base_images, probed]), cols=len(retention_prompts)).save(
+            training.image_grid(np.concatenate([base_images, probed]), cols=len(retention_prompts)).save(
                 os.path.join(args.output_dir, "before_after.png"))
             probe.plot(os.path.join(args.output_dir, "forgetting.png"), f"{args.method}, {args.tuning}")
         repo = hub.hub_repo_id(args.hub_model_id, args.output_dir, args.push_to_hub, args.hub_token)
@@ -653,7 +646,7 @@ def main(args):
             diff_tuning.push(args.output_dir, repo, args.hub_token, args.hub_private_repo, logger)
     # The DDP wrappers must go before the process group ends (utils.infra.training.end_training).
     denoiser = encoders = optimizer = lr_scheduler = loader = bank_loader = None  # noqa: F841
-    end_training(accelerator)
+    training.end_training(accelerator)
     return model
 
 

@@ -147,7 +147,7 @@ def step_time_ratio(work, backbone, target, repeats=5, steps=120, warmup=10):
 
     import train_bi_tuning
 
-    real = train_bi_tuning.log_step
+    real = train_bi_tuning.training.log_step
     ratios = []
     for r in range(repeats):
         per_step = {}
@@ -160,13 +160,13 @@ def step_time_ratio(work, backbone, target, repeats=5, steps=120, warmup=10):
 
             out = os.path.join(work, "timing", f"{arm}-{r}")
             shutil.rmtree(out, ignore_errors=True)
-            train_bi_tuning.log_step = timed_log_step
+            train_bi_tuning.training.log_step = timed_log_step
             try:
                 run(out, backbone, target, *ARMS[arm], "--train_batch_size", "16", "--max_train_steps", str(steps),
                     "--validation_steps", "0", "--checkpointing_steps", str(steps), "--seed", "1",
                     "--train_val_split", "0.3")
             finally:
-                train_bi_tuning.log_step = real
+                train_bi_tuning.training.log_step = real
             per_step[arm] = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
         ratios.append(per_step["bi_tuning"] / per_step["standard"])
         print(f"timing repeat {r}: standard {per_step['standard'] * 1e3:.1f} ms/step, bi_tuning "

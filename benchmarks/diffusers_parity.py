@@ -90,8 +90,7 @@ def held_out_loss(sd_dir, lora_dir, data_dir, seed=1234, prompt: str | None = No
     import torch
     from diffusers import DDPMScheduler
 
-    from utils.families.base import detect_family
-    from utils.families.registry import TEXT_TO_IMAGE
+    from utils.families.registry import TEXT_TO_IMAGE, detect_family
     from utils.infra.data import load_image_dataset
 
     family_class = detect_family(sd_dir, TEXT_TO_IMAGE, "the parity check")

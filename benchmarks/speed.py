@@ -55,7 +55,7 @@ def timed_run(argv, steps, script=script):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    stamps, real_log_step = [], script.log_step
+    stamps, real_log_step = [], script.training.log_step
 
     def log_step(*a, **kw):
         if cuda:
@@ -63,11 +63,11 @@ def timed_run(argv, steps, script=script):
         stamps.append(time.perf_counter())
         return real_log_step(*a, **kw)
 
-    script.log_step = log_step
+    script.training.log_step = log_step
     try:
         run_script(script, [*argv, "--max_train_steps", str(WARMUP + 1 + steps)])
     finally:
-        script.log_step = real_log_step
+        script.training.log_step = real_log_step
     # The median interval: on a shared virtual machine a few steps stall for tens of ms, which a mean would carry.
     intervals = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:])]
     return statistics.median(intervals), torch.cuda.max_memory_allocated() if cuda else None

@@ -112,7 +112,7 @@ def test_only_the_controlnet_trains_and_the_embedding_follows_the_vae(tiny_sd_di
 def test_frozen_models_receive_no_gradient(tiny_sd_dir, control_digits_dir, tmp_path, monkeypatch):
     """Inside the loop: after a step, only ControlNet parameters hold gradients or require them."""
     frozen_seen = []
-    real_apply = script.apply_gradients
+    real_apply = script.training.apply_gradients
 
     def spy(accelerator, model, loss, *a, **kw):
         import gc
@@ -122,7 +122,7 @@ def test_frozen_models_receive_no_gradient(tiny_sd_dir, control_digits_dir, tmp_
             if isinstance(obj, UNet2DConditionModel):
                 frozen_seen.append(any(p.requires_grad or p.grad is not None for p in obj.parameters()))
 
-    monkeypatch.setattr(script, "apply_gradients", spy)
+    monkeypatch.setattr(script.training, "apply_gradients", spy)
     train(tiny_sd_dir, control_digits_dir, tmp_path, "--method", "standard", "--max_train_steps", "1",
           "--validation_steps", "0")
     assert frozen_seen and not any(frozen_seen)

@@ -27,13 +27,13 @@ def test_lora_layers_and_dropout_choose_and_regularise_the_adapters(tiny_sd_dir,
 def test_text_encoder_lr_gives_the_encoders_adapters_their_own_rate(tiny_sd_dir, captioned_digits_dir, tmp_path,
                                                                   monkeypatch):
     seen = {}
-    original = script.make_optimizer
+    original = script.training.make_optimizer
 
     def recording(groups, *a, **k):
         seen["groups"] = groups
         return original(groups, *a, **k)
 
-    monkeypatch.setattr(script, "make_optimizer", recording)
+    monkeypatch.setattr(script.training, "make_optimizer", recording)
     run_main(script, tiny_sd_dir, captioned_digits_dir, tmp_path / "te", *STANDARD, "--train_text_encoder",
              "--text_encoder_lr", "5e-5")
     unet_group, encoder_group = seen["groups"]

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
-from utils.families.base import detect_family
+from utils.families.registry import detect_family
 from utils.families.sdxl import StableDiffusionXL
 from utils.families.stable_diffusion import StableDiffusion
 from utils.infra.errors import UserError

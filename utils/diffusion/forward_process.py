@@ -130,13 +130,14 @@ def forward_process(scheduler, weighting_scheme: str = "logit_normal", logit_mea
 
 
 def add_flow_matching_args(p) -> None:
-    """diffusers' flags of its flow-matching scripts (train_dreambooth_lora_sd3.py). Their defaults (logit_normal,
-    0, 1, 1.29) apply where left out, so a script can refuse them given to a DDPM model (`given_flow_flags`)."""
-    g = p.add_argument_group("flow matching (SD3 only; diffusers' flags and defaults)")
+    """diffusers' flags of its flow-matching scripts (train_dreambooth_lora_sd3.py, _flux.py). Their defaults
+    (logit_normal, or a family's `flow_defaults`; 0, 1, 1.29) apply where left out, so a script can refuse them
+    given to a DDPM model (`given_flow_flags`)."""
+    g = p.add_argument_group("flow matching (SD3 and Flux; diffusers' flags and defaults)")
     g.add_argument("--weighting_scheme", choices=FLOW_WEIGHTING_SCHEMES, default=None,
                    help="Base timestep density (logit_normal, mode) or loss weighting (cosmap, sigma_sqrt) of "
                         "flow-matching training; Diff-Tuning multiplies the base density by psi(sigma) or xi(sigma) "
-                        "(default: logit_normal).")
+                        "(default: logit_normal for SD3, none for Flux, as diffusers' scripts for each).")
     g.add_argument("--logit_mean", type=float, default=None, help="Mean of the logit_normal scheme (default: 0).")
     g.add_argument("--logit_std", type=float, default=None,
                    help="Standard deviation of the logit_normal scheme (default: 1).")

@@ -7,8 +7,8 @@ and its per-sample loss.
 A method (`utils.methods.diff_tuning.DiffTuning`, `utils.methods.deme.DeMeLoss`) decides which rows, timesteps and
 noise a step uses; a family only says how its model is fed. Adding a model family is writing one subclass (and
 naming it in `utils.families.registry` for the commands that take it). Reading the pipeline folder
-(`pipeline_index`, `detect_family`) needs its `model_index.json` alone, so a wrong model is refused before any
-weights load."""
+(`pipeline_index`, `utils.families.registry.detect_family`) needs its `model_index.json` alone, so a wrong model is
+refused before any weights load."""
 
 import os
 from collections.abc import Callable
@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline
 from ..diffusion.latents import vae_scale_factor
 from ..diffusion.losses import epsilon_mse
 from ..infra.errors import UserError
+from ..infra.flags import flag_of
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Family:
     needs_captions = False  # its rows carry a caption (text-to-image)
     # a script's flags that only this family takes, with what they are: given for another family, refused
     own_flags: dict[str, str] = {}
+    flow_defaults: dict = {}  # a flow-matching family's own defaults of diffusers' --weighting_scheme flags
 
     def __init__(self, scheduler, device, random_flip: bool = False):
         self.scheduler, self.device, self.random_flip = scheduler, device, random_flip
@@ -88,9 +90,10 @@ class Family:
         foreign: dict[str, list[str]] = {}
         for family in _all_families():
             for flag, meaning in family.own_flags.items():
+                typed = flag_of(args, flag)  # as the user typed it (Flux's --guidance_scale: its dest differs)
                 if flag not in cls.own_flags and getattr(args, flag, None) is not None \
-                        and f"--{flag}" not in foreign.get(meaning, []):
-                    foreign.setdefault(meaning, []).append(f"--{flag}")
+                        and typed not in foreign.get(meaning, []):
+                    foreign.setdefault(meaning, []).append(typed)
         for meaning, flags in foreign.items():
             raise UserError(f"{' and '.join(flags)}: {meaning}; this pipeline is {cls.description}: leave "
                             f"{'it' if len(flags) == 1 else 'them'} out")
@@ -199,20 +202,7 @@ def describe(index: dict) -> str:
     """What a pipeline folder holds, in words, for a refusal."""
     parts = [f"{k} {v[1]}" for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[1]
              and k in ("unet", "transformer", "text_encoder_2", "text_encoder_3")]
-    if "Flux" in index.get("_class_name", ""):  # a family of its own: packed latents, guidance embedding, CLIP + T5
-        parts.insert(0, "Flux is not supported")
     return f"a {index.get('_class_name', 'pipeline')}" + (f" ({', '.join(parts)})" if parts else "")
-
-
-def detect_family(name: str, accepted: list[type[Family]], purpose: str, revision=None, cache_dir=None) -> type[Family]:
-    """The one of `accepted` families the pipeline folder holds; anything else is refused in one line naming what
-    was found and what `purpose` takes."""
-    index = pipeline_index(name, revision, cache_dir)
-    for family in accepted:
-        if family.matches(index):
-            return family
-    wanted = " or ".join(f.description for f in accepted)
-    raise UserError(f"{name} is {describe(index)}; {purpose} takes {wanted}")
 
 
 def looks_local(name: str) -> bool:

@@ -34,7 +34,8 @@ from .tuning import lora_layers
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py's default
 DEFAULT_MAX_SEQUENCE_LENGTH = 77  # T5 tokens per caption: train_dreambooth_lora_sd3.py's default
-MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline refuses more
+MAX_T5_LENGTH = 512  # StableDiffusion3Pipeline and FluxPipeline refuse more
+T5_FLOW_FLAGS_MEANING = "SD3's and Flux's (T5 tokens, flow matching)"  # the flags both families take
 
 
 class StableDiffusion3(StableDiffusion):
@@ -46,8 +47,9 @@ class StableDiffusion3(StableDiffusion):
     lora_targets = SD3_LORA_TARGETS
     hub_tags = ("sd3", "sd3-diffusers")
     example_call = 'pipe("a photo of a cat", num_inference_steps=28)'
-    own_flags = {flag: "SD3's (T5 tokens, flow matching, transformer blocks)"
-                 for flag in ("max_sequence_length", "precondition_outputs", "lora_blocks", *FLOW_FLAGS)}
+    own_flags = {**{flag: T5_FLOW_FLAGS_MEANING for flag in ("max_sequence_length", *FLOW_FLAGS)},
+                 **{flag: "SD3's (output preconditioning, transformer blocks)"
+                    for flag in ("precondition_outputs", "lora_blocks")}}
     controlnet_pipeline = None  # SD3ControlNetModel is a family of its own, not written yet
     image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_sd3.py's preprocessing
 

@@ -55,7 +55,7 @@ class StableDiffusion(UNetFamily):
     needs_captions = True
     pipeline_kwargs: dict = {}  # more arguments of every pipeline call (SD3: max_sequence_length)
     own_flags = {**EPSILON_V_FLAGS, "tokenizer_name": "the one tokenizer of a Stable Diffusion 1.x/2.x pipeline"}
-    bank_guidance_scale = 7.5  # CFG scale of memory-bank samples
+    bank_guidance_scale = validation_guidance_scale = 7.5  # CFG scale of memory-bank and validation samples
     controlnet_pipeline = "StableDiffusionControlNetPipeline"  # None: no ControlNet trains on this family
     # diffusers' examples' preprocessing (utils.infra.image_transforms): their default --image_interpolation_mode
     # for text-to-image and DreamBooth, and for ControlNet; whether they mirror before the crop
@@ -97,6 +97,17 @@ class StableDiffusion(UNetFamily):
         return {}
 
     @classmethod
+    def bank_guidance(cls, settings: BankSettings) -> float:
+        """The guidance scale of its bank samples: the settings', else the family's default."""
+        return cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+
+    @classmethod
+    def guided_passes(cls, guidance_scale: float) -> bool:
+        """Whether sampling at `guidance_scale` runs the denoiser twice a step (classifier-free guidance above 1;
+        Flux's guidance is an embedding: `Flux`)."""
+        return guidance_scale > 1
+
+    @classmethod
     def bank_plan(cls, name, settings: BankSettings, options: dict) -> BankPlan:
         """Sample i from prompt i mod P at CFG 7.5 (default) and the training resolution; a bank records the
         resolution, the prompts, what the pipeline call was given (SD3: the T5 length), another VAE and a DreamBooth
@@ -109,7 +120,7 @@ class StableDiffusion(UNetFamily):
             record["vae"] = settings.vae
         if settings.class_images:  # DreamBooth's folder: which images rows 0..n-1 are
             record["class_images"] = [os.path.abspath(f) for f in settings.class_images]
-        guidance = cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        guidance = cls.bank_guidance(settings)
         return BankPlan(record, lambda pipe: PromptBankSampler(pipe, settings.prompts, guidance,
                                                                settings.num_inference_steps, settings.resolution,
                                                                cls, kwargs, settings.class_images))

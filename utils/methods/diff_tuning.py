@@ -40,7 +40,7 @@ METHODS = ("diff_tuning", "standard")
 PRIOR_PRESERVATION = "prior_preservation"
 
 
-def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: float, bank_batch_size: int,
+def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: float | None, bank_batch_size: int,
                          bank_help: str, methods=METHODS, method_help: str = "", bank_size: int = 5000,
                          bank_steps: int | None = 50, bank_steps_help: str = "") -> argparse._ArgumentGroup:
     """The "Diff-Tuning" flag group; defaults are the paper's (a script may choose a bank's size and sampler steps:
@@ -69,7 +69,9 @@ def add_diff_tuning_args(p: argparse.ArgumentParser, *, bank_guidance_scale: flo
                         f"(default: <output_dir>/memory_bank). {bank_help}")
     g.add_argument("--memory_bank_size", type=int, default=bank_size, help="Samples to generate for a new bank.")
     g.add_argument("--memory_bank_guidance_scale", type=float, default=bank_guidance_scale,
-                   help="CFG scale of bank generation.")
+                   help="CFG scale of bank generation." if bank_guidance_scale is not None else
+                        "Guidance scale of bank generation (default: the family's: 7.5 CFG; Flux 3.5, its guidance "
+                        "embedding).")
     g.add_argument("--memory_bank_inference_steps", type=int, default=bank_steps,
                    help="Sampler steps of bank generation." + bank_steps_help)
     g.add_argument("--memory_bank_batch_size", type=int, default=bank_batch_size,
@@ -167,11 +169,13 @@ class DiffTuning:
 
     @classmethod
     def from_args(cls, args, scheduler, condition_dropout: float, bank_rows_added: bool = False,
-                  bank_dir: str | None = None, bank_source: str | None = None) -> "DiffTuning":
+                  bank_dir: str | None = None, bank_source: str | None = None,
+                  flow_defaults: dict | None = None) -> "DiffTuning":
         """From the "Diff-Tuning" flag group (`add_diff_tuning_args`), --train_batch_size, and where the script has
         them the flow-matching group (`add_flow_matching_args`) and the objective group (`add_objective_args`);
-        `bank_dir` / `bank_source`: another bank folder than --memory_bank's and what the card calls it."""
-        process_options = {**given_flow_flags(args), **objective_options(args)}
+        `bank_dir` / `bank_source`: another bank folder than --memory_bank's and what the card calls it;
+        `flow_defaults`: the family's defaults of the flow-matching flags left out (Flux: weighting_scheme none)."""
+        process_options = {**(flow_defaults or {}), **given_flow_flags(args), **objective_options(args)}
         return cls(scheduler, method=args.method, tau=args.tau, xi_form=args.xi_form, weighting=args.weighting,
                    retention_ratio=args.retention_ratio, retention_weight=args.retention_weight,
                    batch_size=args.train_batch_size, condition_dropout=condition_dropout,

@@ -67,11 +67,12 @@ def bank_prompts_from_file(path: str) -> list[str]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def cost_note(size: int, steps: int, guidance_scale: float, train_passes: int) -> str:
+def cost_note(size: int, steps: int, guided: bool, train_passes: int) -> str:
     """A new bank's cost against the training run's, in denoiser passes, said before it is generated: size x steps
-    (x 2 under classifier-free guidance) against steps x rows x 3 (a forward and a backward pass counted as 3)."""
-    passes = size * steps * (2 if guidance_scale and guidance_scale > 1 else 1)
-    cfg = " x 2 (guidance)" if guidance_scale and guidance_scale > 1 else ""
+    (x 2 when `guided`: classifier-free guidance) against steps x rows x 3 (a forward and a backward pass counted as
+    3)."""
+    passes = size * steps * (2 if guided else 1)
+    cfg = " x 2 (guidance)" if guided else ""
     return (f"memory bank to generate: {size:,} samples x {steps} steps{cfg} = {passes:,} denoiser passes, "
             f"{passes / max(train_passes, 1):.2g} x the training run's {train_passes:,} (steps x rows x 3 for "
             "forward and backward); a bank built once ahead with generate_memory_bank.py serves every run")

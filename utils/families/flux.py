@@ -1,0 +1,168 @@
+"""Flux.1 (`FluxPipeline`: `FluxTransformer2DModel` on 2x2-packed VAE latents, trained by rectified flow with
+`FlowMatchEulerDiscreteScheduler`), fed as diffusers' `train_dreambooth_lora_flux.py` feeds it.
+
+- Text: the CLIP encoder's pooled output (`pooler_output`) is the pooled projection; the T5 encoder's last hidden
+  states (at `--max_sequence_length`, default 512 as the example) are the joint-attention states; the text ids are
+  zeros. Each caption's CLIP and T5 tokens are stored side by side in one id tensor, as SD3's three are.
+- Latents: (z - shift_factor) x scaling_factor, packed into 2x2 patches (`FluxPipeline._pack_latents`) with their
+  image ids, and the prediction unpacked again, so a method sees (N, C, H, W) latents as for every family. The VAE
+  runs in the run's weight dtype, as the example keeps it.
+- Guidance-distilled models (dev: `guidance_embeds`) are given `--guidance_scale` (default 3.5, the example's) in
+  training; schnell has no guidance embedding and is given none. Validation and banks sample with the pipeline's
+  own scheduler (with its resolution-dependent shift), the embedded guidance at the CFG scale flag.
+- The forward process is flow matching as SD3's, with the example's default `--weighting_scheme none` (uniform
+  sigmas); the target is noise - x_0 (the Flux example has no output preconditioning). The transformer is given
+  sigma (the scheduler's timestep / 1000).
+- LoRA: the example's default targets (attention and feed-forward of the double blocks, attention of the single
+  blocks); `--train_text_encoder` gives the CLIP encoder adapters, never T5; saved with
+  `FluxPipeline.save_lora_weights` in peft's format, as the example saves.
+"""
+
+import functools
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from ..diffusion.forward_process import FLOW_FLAGS
+from ..diffusion.latents import vae_scale_factor
+from ..infra.errors import UserError
+from ..infra.training import freeze
+from .base import Family
+from .sd3 import MAX_T5_LENGTH, T5_FLOW_FLAGS_MEANING, StableDiffusion3
+from .stable_diffusion import token_ids
+from .tuning import lora_layers
+
+FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"]  # train_dreambooth_lora_flux.py's default
+FLUX_MAX_SEQUENCE_LENGTH = 512  # T5 tokens per caption: train_dreambooth_lora_flux.py's default
+FLUX_GUIDANCE_SCALE = 3.5  # the guidance embedding's value in training (the example's; dev's usual sampling value)
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's default latent size (1024 px with the 8x VAE)
+
+
+class Flux(StableDiffusion3):
+    """Rows hold `input_ids` (N, L_CLIP + L_T5): the caption's CLIP tokens and its T5 tokens."""
+
+    name, description, tag = "flux", "a Flux pipeline", "flux"
+    model_class, pipeline_class, model_key = "FluxTransformer2DModel", "FluxPipeline", "transformer"
+    denoiser_class, scheduler_class = FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    lora_targets = FLUX_LORA_TARGETS
+    hub_tags = ("flux", "flux-diffusers")
+    example_call = 'pipe("a photo of a cat", num_inference_steps=28, guidance_scale=3.5)'
+    own_flags = {**{flag: T5_FLOW_FLAGS_MEANING for flag in ("max_sequence_length", *FLOW_FLAGS)},
+                 "flux_guidance_scale": "Flux's guidance embedding in training"}  # the dest of --guidance_scale
+    flow_defaults = {"weighting_scheme": "none"}  # train_dreambooth_lora_flux.py's (SD3's: logit_normal)
+    bank_guidance_scale = validation_guidance_scale = FLUX_GUIDANCE_SCALE  # embedded guidance, not CFG
+    image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_flux.py's preprocessing
+
+    def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
+                 train_text_encoder: bool = False, center_crop: bool = False,
+                 image_interpolation_mode: str | None = None, max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH,
+                 guidance_scale: float = FLUX_GUIDANCE_SCALE):
+        Family.__init__(self, FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config), device,
+                        random_flip)
+        self.set_preprocessing(center_crop, image_interpolation_mode)
+        self.pipeline, self.prediction_type, self.precondition_outputs = pipeline, "flow_matching", False
+        self.vae = freeze(pipeline.vae, device, dtype)
+        self.text_encoder = freeze(pipeline.text_encoder, device, dtype)  # a script may swap in a prepared one
+        self.text_encoder_2 = freeze(pipeline.text_encoder_2, device, dtype)
+        self.clip_length = pipeline.tokenizer.model_max_length  # FluxPipeline's tokenizer_max_length
+        self.tokenize = functools.partial(token_ids, [pipeline.tokenizer, pipeline.tokenizer_2],
+                                          [self.clip_length, max_sequence_length])
+        self.pipeline_kwargs = {"max_sequence_length": max_sequence_length}
+        self.bank_condition, self.train_text_encoder = bank_condition, train_text_encoder
+        # dev is guidance-distilled: its transformer is given the guidance value; schnell takes none
+        self.guidance = guidance_scale if pipeline.transformer.config.guidance_embeds else None
+        self.packing = 2 * vae_scale_factor(self.vae)  # pixels per packed latent patch side
+        self.empty_ids = self.tokenize([""])
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return (index.get("transformer") or [None, None])[1] == "FluxTransformer2DModel"
+
+    @classmethod
+    def options(cls, args) -> dict:
+        """The T5 length (default 512) and the training guidance (default 3.5), as diffusers' Flux LoRA script."""
+        super(StableDiffusion3, cls).options(args)  # the foreign-flag check, without SD3's own options
+        length = getattr(args, "max_sequence_length", None) or FLUX_MAX_SEQUENCE_LENGTH
+        if length > MAX_T5_LENGTH:
+            raise UserError(f"--max_sequence_length {length} is more than Flux's T5 takes ({MAX_T5_LENGTH} tokens)")
+        guidance = getattr(args, "flux_guidance_scale", None)
+        return {"max_sequence_length": length,
+                "guidance_scale": FLUX_GUIDANCE_SCALE if guidance is None else guidance}
+
+    @classmethod
+    def sampling_kwargs(cls, options: dict) -> dict:
+        return {"max_sequence_length": options.get("max_sequence_length", FLUX_MAX_SEQUENCE_LENGTH)}
+
+    @classmethod
+    def check_resolution(cls, name, resolution, revision=None, cache_dir=None) -> int:
+        """A multiple of twice the VAE's factor (latents are packed 2x2); default FluxPipeline's (128 latents: 1024
+        px with the 8x VAE)."""
+        factor, _ = cls.latent_configs(name, revision, cache_dir)
+        resolution = resolution or DEFAULT_SAMPLE_SIZE * factor
+        if resolution % (2 * factor):
+            raise UserError(f"--resolution {resolution} is not a multiple of {2 * factor} (the VAE's factor {factor} "
+                            "x 2: Flux packs latents in 2x2 patches)")
+        return resolution
+
+    @classmethod
+    def guided_passes(cls, guidance_scale: float) -> bool:
+        """One pass a step: the guidance is the transformer's input, not classifier-free guidance."""
+        return False
+
+    @staticmethod
+    def load(name: str, revision=None, cache_dir=None, **kwargs):
+        return FluxPipeline.from_pretrained(name, revision=revision, cache_dir=cache_dir, **kwargs)
+
+    @staticmethod
+    def sampler_from(pipeline, scheduler, unet=None, encoders: list | None = None):
+        (clip,) = encoders or [pipeline.text_encoder]
+        return FluxPipeline(**{**pipeline.components, "scheduler": scheduler, "text_encoder": clip,
+                               "transformer": pipeline.transformer if unet is None else unet})
+
+    @staticmethod
+    def save_lora(folder: str, transformer, encoders: list | None) -> None:
+        """peft-format state dicts, as diffusers' Flux script saves them (`load_lora_weights` reads them)."""
+        FluxPipeline.save_lora_weights(
+            folder, transformer_lora_layers=lora_layers(transformer, diffusers_format=False),
+            text_encoder_lora_layers=lora_layers(encoders[0], diffusers_format=False) if encoders else None)
+
+    @property
+    def resolution(self) -> int:
+        return DEFAULT_SAMPLE_SIZE * vae_scale_factor(self.vae)
+
+    @property
+    def text_encoders(self) -> list:
+        """The CLIP encoder (T5 never gets adapters)."""
+        return [self.text_encoder]
+
+    def set_text_encoders(self, encoders: list) -> None:
+        (self.text_encoder,) = encoders
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 states, CLIP pooled output), as `FluxPipeline.encode_prompt` computes them."""
+        n = self.clip_length
+        pooled = self.text_encoder(input_ids[:, :n], output_hidden_states=False).pooler_output
+        t5 = self.text_encoder_2(input_ids[:, n:])[0]
+        return t5.to(pooled.dtype), pooled
+
+    def predict(self, net, noisy, timesteps, cond):
+        """The velocity of (N, C, H, W) latents: packed, with image and text ids and the guidance value, then
+        unpacked."""
+        if "encoder_hidden_states" in cond:
+            hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+        else:
+            hidden, pooled = self.embed(cond["input_ids"])
+        n, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
+        text_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=noisy.device)
+        out = net(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
+                  encoder_hidden_states=hidden, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        factor = self.packing // 2
+        return FluxPipeline._unpack_latents(out, h * factor, w * factor, factor)
