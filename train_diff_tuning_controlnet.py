@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Diff-Tuning (and standard training) of a ControlNet on Stable Diffusion (1.x/2.x or XL), with a sudden-convergence
-tracker.
+"""Diff-Tuning (and standard training) of a ControlNet on Stable Diffusion (1.x/2.x, XL, 3) or Flux, with a
+sudden-convergence tracker.
 
 Diff-Tuning ("Diffusion Tuning: Transferring Diffusion Models via Chain of Forgetting", Zhong et al. 2024, its
 ControlNet experiment): each micro-batch mixes memory-bank rows (samples of the pre-trained Stable Diffusion for
@@ -16,8 +16,11 @@ Defaults reproduce the paper: 512 px, batch 4 (2 bank + 2 data rows), lr 1e-5 co
 5,000-sample bank, control fidelity every 100 steps with 50 sampling steps. On a Stable Diffusion XL base (pass
 `--resolution 1024`) the ControlNet is copied from the SDXL UNet and fed as diffusers' train_controlnet_sdxl.py feeds
 it: both text encoders, the pooled embedding and the size ids (resolution, resolution, --crops_coords_top_left_h/w,
-resolution, resolution); it loads in `StableDiffusionXLControlNetPipeline`. SD3 ControlNets (`SD3ControlNetModel`)
-and Flux are refused in one line.
+resolution, resolution); it loads in `StableDiffusionXLControlNetPipeline`. On SD3 an `SD3ControlNetModel` (12 blocks
+copied from the transformer) and on Flux a `FluxControlNetModel` (--num_double_layers, --num_single_layers) are fed as
+diffusers' train_controlnet_sd3.py and train_controlnet_flux.py feed them: the control VAE-encoded (packed for Flux),
+flow matching with diffusers' --weighting_scheme flags (Diff-Tuning's psi and xi on top, as in the text-to-image
+script); they load in `StableDiffusion3ControlNetPipeline` / `FluxControlNetPipeline`.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -34,11 +37,11 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
-from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.diffusion.latents import vae_scale_factor
+from utils.diffusion.forward_process import add_flow_matching_args
 from utils.families.base import BankSettings, check_vae, check_variant, looks_local
 from utils.families.controlnet import ControlNetOnSD
 from utils.families.registry import CONTROLNET_BASES, detect_family
@@ -75,9 +78,6 @@ SCRIPT = "train_diff_tuning_controlnet.py"  # marks the output folders it writes
 IDENTITY_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision",
                   "controlnet_model_name_or_path", "method", "condition")
 DEFAULT_BANK_PROMPT = "a high-quality, detailed, and professional image"  # the paper's
-# ControlNetModel.from_unet's conditioning embedding assumes a VAE that downsamples 8x (3 stride-2 convs between
-# these 4 widths); a VAE of factor f takes the first log2(f) + 1 of them.
-CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 def parse_args(argv=None):
@@ -85,12 +85,13 @@ def parse_args(argv=None):
                                 formatter_class=training.HelpFormatter)
     g = p.add_argument_group("model and data (flag names as in diffusers' train_controlnet.py)")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Stable Diffusion 1.x/2.x or XL pipeline (UNet2DConditionModel): Hub id or folder.")
+                   help="Stable Diffusion 1.x/2.x, XL or 3, or Flux pipeline: Hub id or folder.")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="Another VAE (a diffusers AutoencoderKL), as diffusers' SDXL scripts take "
                         "madebyollin/sdxl-vae-fp16-fix; default: the pipeline's own.")
     g.add_argument("--controlnet_model_name_or_path", default=None,
-                   help="ControlNet to start from (default: a new one copied from the UNet's encoder).")
+                   help="ControlNet to start from (default: a new one copied from the UNet's encoder; SD3, Flux: from "
+                        "the transformer's first blocks).")
     g.add_argument("--revision", default=None, help="Revision of the pre-trained pipeline on the Hub.")
     g.add_argument("--variant", default=None, help="Variant of the pipeline's weight files, e.g. fp16.")
     g.add_argument("--tokenizer_name", default=None, help="Tokenizer, if not the pipeline's (SD 1.x/2.x).")
@@ -113,20 +114,29 @@ def parse_args(argv=None):
                    "and checkpoints go.")
     g.add_argument("--resolution", type=int, default=512,
                    help="Training resolution (short side resized, centre crop, as diffusers' ControlNet examples); a "
-                        "multiple of the VAE factor (1024 for SDXL).")
+                        "multiple of the VAE factor (x 2 for SD3 and Flux; 1024 for SDXL, SD3 and Flux).")
     g.add_argument("--image_interpolation_mode", choices=tuple(INTERPOLATION_MODES), default=None,
-                   help="Resize filter of images and controls (default: bilinear on SD 1.x/2.x as train_controlnet.py, "
-                        "lanczos on SDXL as train_controlnet_sdxl.py; segmentation controls always nearest).")
+                   help="Resize filter of images and controls (default: the family's example's: bilinear on SD "
+                        "1.x/2.x and SD3, lanczos on SDXL and Flux; segmentation controls always nearest).")
     g.add_argument("--crops_coords_top_left_h", type=int, default=None,
                    help="SDXL: the crop top every row's size ids record (diffusers' train_controlnet_sdxl.py; "
                         "default: 0).")
     g.add_argument("--crops_coords_top_left_w", type=int, default=None,
                    help="SDXL: the crop left every row's size ids record (default: 0).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3 and Flux: T5 tokens per caption (default: 77 for SD3, 512 for Flux).")
+    g.add_argument("--guidance_scale", dest="flux_guidance_scale", type=float, default=None,
+                   help="Flux: the guidance embedding's value in training (default: 3.5, as train_controlnet_flux.py).")
+    g.add_argument("--num_double_layers", type=int, default=None,
+                   help="Flux: double blocks of a new ControlNet (default: 4, as train_controlnet_flux.py).")
+    g.add_argument("--num_single_layers", type=int, default=None,
+                   help="Flux: single blocks of a new ControlNet (default: 4).")
     g.add_argument("--skip_image_check", action="store_true", help="Do not decode every image and control first.")
 
     add_annotator_args(p)
 
-    g = add_diff_tuning_args(p, bank_guidance_scale=7.5, bank_batch_size=8,
+    add_flow_matching_args(p)
+    g = add_diff_tuning_args(p, bank_guidance_scale=None, bank_batch_size=8,
                              bank_help="Bank rows: samples of --memory_bank_prompt, each with its control annotated "
                                        "by the run's annotator.")
     g.add_argument("--memory_bank_prompt", default=DEFAULT_BANK_PROMPT,
@@ -142,7 +152,9 @@ def parse_args(argv=None):
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA).")
     g = training.add_output_args(p, checkpointing_steps=500, validation_steps=100, num_validation_images=4)
     g.add_argument("--tracker_project_name", default="diff-tuning-controlnet", help="Project name of the trackers.")
-    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="CFG scale of validation samples.")
+    g.add_argument("--validation_guidance_scale", type=float, default=None,
+                   help="Guidance scale of validation samples (default: the family's: 7.5 CFG; Flux 3.5, its "
+                        "guidance embedding).")
     g.add_argument("--validation_prompt", nargs="+", default=None,
                    help="Extra qualitative grids: prompts (one, or one per --validation_image).")
     g.add_argument("--validation_image", nargs="+", default=None,
@@ -201,46 +213,45 @@ def check_args(args):
                                                ("--validation_dataset", args.validation_dataset)])
 
 
-def check_pipeline(args) -> tuple[type[StableDiffusion], dict, int, DDPMScheduler]:
-    """From the configs alone (no weights): a Stable Diffusion 1.x/2.x or XL pipeline whose UNet a ControlNet can
-    follow, trained to predict epsilon or v. Returns its text-to-image family, the family's options, the VAE's
-    downsampling factor and the training noise scheduler."""
+def check_pipeline(args) -> tuple[type[StableDiffusion], dict, object]:
+    """From the configs alone (no weights): a pipeline whose denoiser a ControlNet can follow (SD 1.x/2.x and XL
+    trained to predict epsilon or v, SD3 and Flux by flow matching), and a --controlnet_model_name_or_path of the
+    family's ControlNet class that fits it. Returns its text-to-image family, the family's options and the training
+    noise scheduler."""
     name = args.pretrained_model_name_or_path
-    family = detect_family(name, CONTROLNET_BASES, "train_diff_tuning_controlnet.py (ControlNetModel)", args.revision,
-                           args.cache_dir)
-    options = family.options(args)  # the family's own flags (SDXL's crop ids); another family's refused
+    family = detect_family(name, CONTROLNET_BASES, SCRIPT, args.revision, args.cache_dir)
+    options = family.options(args)  # the family's own flags (SDXL's crop ids, SD3's T5 length); another's refused
+    _, denoiser_config = family.latent_configs(name, args.revision, args.cache_dir)
     try:
-        unet_config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=args.revision,
-                                                       cache_dir=args.cache_dir)
-        vae_config = AutoencoderKL.load_config(name, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
-        scheduler_config = DDPMScheduler.load_config(name, subfolder="scheduler", revision=args.revision,
-                                                     cache_dir=args.cache_dir)
+        scheduler = family.scheduler_class.from_pretrained(name, subfolder="scheduler", revision=args.revision,
+                                                           cache_dir=args.cache_dir)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a Stable Diffusion pipeline from {name!r}: "
-                        f"{str(e).strip().splitlines()[0]}") from e
-    if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
-        raise UserError(f"the pipeline's scheduler predicts {scheduler_config['prediction_type']!r}; ControlNet "
-                        "training supports epsilon and v_prediction")
-    factor = vae_scale_factor(vae_config)
+        raise UserError(f"cannot load {family.description} from {name!r}: {str(e).strip().splitlines()[0]}") from e
+    if scheduler.config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise UserError(f"the pipeline's scheduler predicts {scheduler.config['prediction_type']!r}; ControlNet "
+                        "training supports epsilon and v_prediction (and flow matching)")
     family.check_resolution(name, args.resolution, args.revision, args.cache_dir)
     if args.controlnet_model_name_or_path:
+        wanted = family.controlnet_class_name
         try:
-            control_config = ControlNetModel.load_config(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+            control_config = family.controlnet_class().load_config(args.controlnet_model_name_or_path,
+                                                                   cache_dir=args.cache_dir)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a ControlNet from {args.controlnet_model_name_or_path!r}: "
+            raise UserError(f"cannot load a {wanted} from {args.controlnet_model_name_or_path!r}: "
                             f"{str(e).strip().splitlines()[0]}") from e
-        if control_config.get("_class_name") != "ControlNetModel":
+        if control_config.get("_class_name") != wanted:
             raise UserError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} holds a "
-                            f"{control_config.get('_class_name')}, not a ControlNetModel")
-        for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
-            if list(np.atleast_1d(control_config.get(key))) != list(np.atleast_1d(unet_config.get(key))):
-                raise UserError(f"--controlnet_model_name_or_path does not match the UNet: {key} "
-                                f"{control_config.get(key)} vs {unet_config.get(key)}")
+                            f"{control_config.get('_class_name')}, not a {wanted} ({family.description}'s)")
+        mismatch = family.check_controlnet_config(control_config, denoiser_config)
+        if mismatch:
+            raise UserError(f"--controlnet_model_name_or_path does not match the {family.model_class}: {mismatch}")
+    elif family.controlnet_refusal(denoiser_config):
+        raise UserError(f"cannot make a new ControlNet for {name}: {family.controlnet_refusal(denoiser_config)}")
     if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
         raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
     check_variant(name, args.variant)
     check_vae(args.pretrained_vae_model_name_or_path, args.cache_dir)
-    return family, options, factor, DDPMScheduler.from_config(scheduler_config)
+    return family, options, scheduler
 
 
 def load_rows(args, name, split, config_name=None):
@@ -293,21 +304,28 @@ def annotate(ds, args, annotator):
 
 
 @torch.no_grad()
-def generate(make_pipeline, controlnet, prompts, controls, seeds, args, device):
-    """Images of a ControlNet pipeline (`make_pipeline(controlnet)`: DDIM, --validation_inference_steps), one seed
-    per image."""
+def generate(make_pipeline, controlnet, prompts, controls, seeds, args, device, text):
+    """Images of a ControlNet pipeline (`make_pipeline(controlnet)`: DDIM, SD3 and Flux their flow-matching Euler
+    sampler; --validation_inference_steps), one seed per image; `text`: the base's text-to-image family (how its
+    pipeline takes the control, its guidance default, its pipeline arguments)."""
     pipe = make_pipeline(controlnet)
-    if controlnet.dtype != pipe.unet.dtype:  # mixed precision: the frozen UNet is in bf16/fp16, and the pipeline
-        pipe = make_pipeline(copy.deepcopy(controlnet).to(pipe.unet.dtype))  # adds their outputs
+    denoiser = getattr(pipe, text.model_key)
+    if controlnet.dtype != denoiser.dtype:  # mixed precision: the frozen denoiser is in bf16/fp16, and the pipeline
+        pipe = make_pipeline(copy.deepcopy(controlnet).to(denoiser.dtype))  # adds their outputs
     pipe.set_progress_bar_config(disable=True)
+    guidance = text.validation_guidance_scale if args.validation_guidance_scale is None \
+        else args.validation_guidance_scale
     images = []
-    for i in range(0, len(prompts), args.validation_batch_size):  # each image keeps its own seed in any batch
-        chunk = slice(i, i + args.validation_batch_size)
-        images += pipe(prompts[chunk], image=controls[chunk], height=args.resolution, width=args.resolution,
-                       num_inference_steps=args.validation_inference_steps,
-                       guidance_scale=args.validation_guidance_scale,
-                       generator=seeded_generators(seeds[chunk], device),
-                       output_type="pil").images
+    # SD3's and Flux's ControlNet pipelines draw the control's VAE latents from torch's global generator: fixed
+    # here, so an evaluation does not depend on what ran before it (a resumed run scores as an uninterrupted one)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seeds[0] if seeds else 0)
+        for i in range(0, len(prompts), args.validation_batch_size):  # each image keeps its own seed in any batch
+            chunk = slice(i, i + args.validation_batch_size)
+            images += pipe(prompts[chunk], height=args.resolution, width=args.resolution,
+                           num_inference_steps=args.validation_inference_steps, guidance_scale=guidance,
+                           generator=seeded_generators(seeds[chunk], device), output_type="pil",
+                           **{text.controlnet_image_arg: controls[chunk]}, **text.pipeline_kwargs).images
     return images
 
 
@@ -318,7 +336,7 @@ def evaluate_fidelity(accelerator, pipeline_parts, controlnet, rows, annotator, 
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     controls = [family.fit_control(rows[i]["control"]) for i in mine]
     images = generate(pipeline_parts, controlnet, [rows[i]["caption"] for i in mine], controls,
-                      [args.seed + i for i in mine], args, accelerator.device)
+                      [args.seed + i for i in mine], args, accelerator.device, family.text)
     scores = [(i, fidelity_score(args.condition, rows[i]["reference"], annotator.measure(img),
                                  args.fidelity_blur_sigma), controls[k], img)
               for k, (i, img) in enumerate(zip(mine, images))]
@@ -366,7 +384,7 @@ def main(args):
     threshold = check_threshold(args.condition, args.convergence_threshold)
 
     # ---- Configs and data: everything cheap is checked before any weights load.
-    base_family, family_options, vae_factor, noise_scheduler = check_pipeline(args)
+    base_family, family_options, noise_scheduler = check_pipeline(args)
     ds = load_rows(args, args.dataset, args.train_split, args.dataset_config_name)
     if args.max_train_samples is not None:
         ds = ds.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(ds))))
@@ -412,14 +430,14 @@ def main(args):
         from transformers import AutoTokenizer
 
         pipeline.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
-    if args.controlnet_model_name_or_path:
-        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
-    else:
-        channels = CONDITIONING_CHANNELS[: int(np.log2(vae_factor)) + 1]
-        controlnet = ControlNetModel.from_unet(pipeline.unet, conditioning_embedding_out_channels=channels)
     dtype = training.weight_dtype(accelerator)
     text = base_family(pipeline, accelerator.device, dtype, **family_options)  # freezes the VAE and text encoders
-    unet = training.freeze(pipeline.unet, accelerator.device, dtype)
+    if args.controlnet_model_name_or_path:
+        controlnet = base_family.controlnet_class().from_pretrained(args.controlnet_model_name_or_path,
+                                                                    cache_dir=args.cache_dir)
+    else:  # copied from the base's weights, as the family's diffusers example copies them
+        controlnet = text.new_controlnet()
+    unet = training.freeze(text.denoiser, accelerator.device, dtype)  # the frozen UNet (SD3, Flux: transformer)
     controlnet.to(accelerator.device).train()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -576,7 +594,7 @@ def extra_grids(parts, controlnet, family, args, device):
         control = family.fit_control(Image.open(path))
         k = args.num_validation_images
         samples = generate(parts, controlnet, [prompt] * k, [control] * k, [args.seed + i for i in range(k)], args,
-                           device)
+                           device, family.text)
         pairs += [(control, s) for s in samples]
     return pair_grid(pairs, cols=args.num_validation_images)
 
@@ -603,15 +621,16 @@ def write_card(args, tracker, final_score, last_logs, mixed_precision, learning_
             f"{converged} (first of {args.convergence_patience} evaluation(s) past {tracker.threshold:g})"
             if converged is not None else f"not reached in {tracker.points[-1]['step']} steps "
                                           f"(threshold {tracker.threshold:g})")
-    pipeline_class = base_family.controlnet_pipeline
+    pipeline_class, controlnet_class = base_family.controlnet_pipeline, base_family.controlnet_class_name
     usage = f'''import torch
-from diffusers import ControlNetModel, {pipeline_class}
+from diffusers import {controlnet_class}, {pipeline_class}
 from diffusers.utils import load_image
 
-controlnet = ControlNetModel.from_pretrained("{repo}")
+controlnet = {controlnet_class}.from_pretrained("{repo}")
 pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)
 control = load_image("<a {args.condition} control image>")
-image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.manual_seed(0)).images[0]'''
+image = pipe("a prompt", {base_family.controlnet_image_arg}=control, num_inference_steps=50,
+             generator=torch.manual_seed(0)).images[0]'''
     description = (
         f"A ControlNet for `{args.condition}` controls on `{args.pretrained_model_name_or_path}`, trained on "
         f"`{args.dataset}` with {method}. "
@@ -621,8 +640,7 @@ image = pipe("a prompt", image=control, num_inference_steps=50, generator=torch.
     hub.save_training_card(
         args.output_dir, title=f"ControlNet ({args.condition}) for {args.pretrained_model_name_or_path}: {method}",
         base_model=args.pretrained_model_name_or_path, dataset=args.dataset, last_logs=last_logs, metrics=metrics,
-        tags=["controlnet", base_family.tag, args.condition,
-              diff_tuning.tag],
+        tags=["controlnet", base_family.tag, *base_family.hub_tags, args.condition, diff_tuning.tag],
         description=description, hyperparameters=hyper, usage=usage)
 
 

@@ -1,5 +1,5 @@
-"""Speed ratios of train_diff_tuning_dit.py and train_diff_tuning_text_to_image.py, all measured in one process on
-one machine (CPU or GPU).
+"""Speed ratios of train_diff_tuning_dit.py, train_diff_tuning_text_to_image.py and train_diff_tuning_controlnet.py,
+all measured in one process on one machine (CPU or GPU).
 
     python -m benchmarks.speed --pipeline demo_out/source --dataset demo_out/digits --resolution 16
     python -m benchmarks.speed --small --dataset demo_out/digits          # the demo's architecture, random weights
@@ -7,6 +7,8 @@ one machine (CPU or GPU).
     python -m benchmarks.speed --text_to_image       # a small Stable Diffusion with LoRA on captioned digits
     python -m benchmarks.speed --text_to_image --sdxl   # the same with a small SDXL
     python -m benchmarks.speed --text_to_image --sd3    # the same with a small SD3 (flow matching)
+    python -m benchmarks.speed --text_to_image --flux   # the same with a small Flux (packed latents, guidance)
+    python -m benchmarks.speed --controlnet [--sdxl | --sd3 | --flux]   # train_diff_tuning_controlnet.py
 
 A step's time is the median interval between optimisation steps inside one run (CUDA synchronised), after
 `WARMUP` steps, so start-up, data caching, memory-bank loading and the final save do not count. Each run is a
@@ -19,6 +21,8 @@ Measured:
 - standard step encoding with the VAE every step / standard step on cached latents;
 - text-to-image (`--text_to_image`): Diff-Tuning step / standard step with LoRA, same model and batch (target
   <= 1.03; bank rows come as stored latents, data rows through the VAE, so a Diff-Tuning step encodes fewer images);
+- ControlNet (`--controlnet`): the same ratio for the ControlNet script (target <= 1.03; bank controls are decoded
+  from the bank's PNGs and, on SD3 and Flux, VAE-encoded every step, as data controls are);
 - memory-bank generation (`utils.methods.memory_bank.generate_shards`) / calling the stock DiTPipeline for the same
   samples, and against the floor of what a bank must add: the stock pipeline plus the VAE encoding of every sample
   and its mirror image (the stored latent moments). Target: at most 1.03 over that floor.
@@ -78,45 +82,80 @@ def fmt(values, digits=3):
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def text_to_image(a, tmp):
-    """Diff-Tuning / standard step of train_diff_tuning_text_to_image.py (LoRA) on a small Stable Diffusion (or, with
-    --sdxl, a small Stable Diffusion XL; with --sd3, a small Stable Diffusion 3: 4 joint-attention blocks of width
-    64, flow matching with the logit-normal density)."""
-    import train_diff_tuning_text_to_image as t2i
-    from fixtures.offline_data import sklearn_digits, write_captioned_folder
-    from fixtures.small_unet import build_sd3_pipeline, build_sd_pipeline, build_sdxl_pipeline
+def small_text_to_image(a, tmp) -> tuple[str, list[str], str]:
+    """A small text-to-image pipeline built from configs in tmp/sd: Stable Diffusion (UNet widths 32, 64), or with
+    --sdxl SDXL, with --sd3 SD3 (4 joint-attention blocks of width 64), with --flux Flux (2 double and 2 single blocks
+    of width 32). Returns (folder, the flags its runs need, its name)."""
+    from fixtures.small_unet import build_flux_pipeline, build_sd3_pipeline, build_sd_pipeline, build_sdxl_pipeline
 
-    extra = []
     if a.sd3:
         build_sd3_pipeline(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, num_layers=4,
                            attention_head_dim=16, num_attention_heads=4).save_pretrained(f"{tmp}/sd")
-        extra = ["--max_sequence_length", "16"]
-    else:
-        build = build_sdxl_pipeline if a.sdxl else build_sd_pipeline
-        build(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, unet_channels=(32, 64)).save_pretrained(
-            f"{tmp}/sd")
+        return f"{tmp}/sd", ["--max_sequence_length", "16"], "SD3"
+    if a.flux:
+        build_flux_pipeline(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, num_layers=2,
+                            num_single_layers=2).save_pretrained(f"{tmp}/sd")
+        return f"{tmp}/sd", ["--max_sequence_length", "16"], "Flux"
+    build = build_sdxl_pipeline if a.sdxl else build_sd_pipeline
+    build(f"{tmp}/tokenizer", resolution=a.resolution, max_length=32, unet_channels=(32, 64)).save_pretrained(
+        f"{tmp}/sd")
+    return f"{tmp}/sd", [], "SDXL" if a.sdxl else "Stable Diffusion"
+
+
+def interleaved_ratio(a, base, tmp, script, label, extra=()) -> None:
+    """Diff-Tuning / standard step of `script` with the flags `base`, --repeats interleaved pairs, as a table."""
+    timed_run([*base, "--output_dir", f"{tmp}/warm"], 1, script)  # builds the bank once
+    times = {"standard": [], "diff_tuning": []}
+    for r in range(a.repeats):
+        for kind in ("standard", "diff_tuning") if r % 2 == 0 else ("diff_tuning", "standard"):
+            times[kind].append(timed_run([*base, "--method", kind, "--output_dir", f"{tmp}/{kind}-{r}"],
+                                         a.steps, script)[0])
+    ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
+    print(f"\n{label}, batch {a.batch_size}, resolution {a.resolution}, {a.steps} timed steps per run, mixed "
+          f"precision {a.mixed_precision}; {a.repeats} interleaved repeats; median (range)\n")
+    print("| measurement | value |\n|---|---|")
+    print(f"| standard step | {fmt([1000 * t for t in times['standard']], 1)} ms |")
+    print(f"| Diff-Tuning step | {fmt([1000 * t for t in times['diff_tuning']], 1)} ms |")
+    print(f"| **Diff-Tuning / standard** (target <= 1.03) | **{fmt(ratio)}** |")
+
+
+def text_to_image(a, tmp):
+    """Diff-Tuning / standard step of train_diff_tuning_text_to_image.py (LoRA) on a small pipeline
+    (`small_text_to_image`; SD3 and Flux by flow matching at their scripts' default densities)."""
+    import train_diff_tuning_text_to_image as t2i
+    from fixtures.offline_data import sklearn_digits, write_captioned_folder
+
+    model, extra, name = small_text_to_image(a, tmp)
     data = write_captioned_folder(*sklearn_digits(), f"{tmp}/captioned", limit=256, size=a.resolution)
-    base = ["--pretrained_model_name_or_path", f"{tmp}/sd", "--dataset", data, "--resolution", str(a.resolution),
+    base = ["--pretrained_model_name_or_path", model, "--dataset", data, "--resolution", str(a.resolution),
             "--train_batch_size", str(a.batch_size), "--validation_steps", "0", "--num_validation_images", "1",
             "--validation_inference_steps", "1", "--checkpointing_steps", "100000", "--report_to", "none",
             "--skip_image_check", "--mixed_precision", a.mixed_precision, "--memory_bank", f"{tmp}/t2i-bank",
             "--memory_bank_size", "64", "--memory_bank_inference_steps", "5", "--dataloader_num_workers",
             str(a.num_workers), *extra]
-    timed_run([*base, "--output_dir", f"{tmp}/t2i-warm"], 1, t2i)  # builds the bank once
-    times = {"standard": [], "diff_tuning": []}
-    for r in range(a.repeats):
-        for kind in ("standard", "diff_tuning") if r % 2 == 0 else ("diff_tuning", "standard"):
-            times[kind].append(timed_run([*base, "--method", kind, "--output_dir", f"{tmp}/t2i-{kind}-{r}"],
-                                         a.steps, t2i)[0])
-    ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
-    name = "SD3" if a.sd3 else "SDXL" if a.sdxl else "Stable Diffusion"
-    print(f"\ntext-to-image ({name}), LoRA rank 4, batch {a.batch_size}, "
-          f"resolution {a.resolution}, {a.steps} timed steps "
-          f"per run, mixed precision {a.mixed_precision}; {a.repeats} interleaved repeats; median (range)\n")
-    print("| measurement | value |\n|---|---|")
-    print(f"| standard step | {fmt([1000 * t for t in times['standard']], 1)} ms |")
-    print(f"| Diff-Tuning step | {fmt([1000 * t for t in times['diff_tuning']], 1)} ms |")
-    print(f"| **Diff-Tuning / standard** (target <= 1.03) | **{fmt(ratio)}** |")
+    interleaved_ratio(a, base, f"{tmp}/t2i", t2i, f"text-to-image ({name}), LoRA rank 4")
+
+
+def controlnet(a, tmp):
+    """Diff-Tuning / standard step of train_diff_tuning_controlnet.py on a small pipeline (`small_text_to_image`;
+    Flux's ControlNet with one double and one single block), Canny controls of the digits, the tracker off during
+    the timed steps (--validation_steps 0); --batch_size counts bank and data rows together, as the script does."""
+    import train_diff_tuning_controlnet as cn
+    from fixtures.offline_data import sklearn_digits, write_control_folder
+    from utils.metrics.annotators import make_annotator
+
+    model, extra, name = small_text_to_image(a, tmp)
+    if a.flux:
+        extra += ["--num_double_layers", "1", "--num_single_layers", "1"]
+    data = write_control_folder(*sklearn_digits(), f"{tmp}/control", make_annotator("canny"), size=a.resolution,
+                                limit=256)
+    base = ["--pretrained_model_name_or_path", model, "--dataset", data, "--condition", "canny", "--resolution",
+            str(a.resolution), "--train_batch_size", str(a.batch_size), "--validation_steps", "0",
+            "--num_validation_samples", "2", "--num_validation_images", "1", "--validation_inference_steps", "1",
+            "--checkpointing_steps", "100000", "--report_to", "none", "--skip_image_check", "--mixed_precision",
+            a.mixed_precision, "--memory_bank", f"{tmp}/cn-bank", "--memory_bank_size", "64",
+            "--memory_bank_inference_steps", "5", "--dataloader_num_workers", str(a.num_workers), *extra]
+    interleaved_ratio(a, base, f"{tmp}/cn", cn, f"ControlNet ({name}), Canny")
 
 
 def main():
@@ -128,6 +167,8 @@ def main():
                           "weight values).")
     src.add_argument("--text_to_image", action="store_true",
                      help="Only the text-to-image ratio, on a small Stable Diffusion built here (no --dataset needed).")
+    src.add_argument("--controlnet", action="store_true",
+                     help="Only the ControlNet script's ratio, on a small pipeline built here (--sdxl, --sd3, --flux).")
     src.add_argument("--dit_xl", action="store_true",
                      help="Build DiT-XL/2 (28 blocks of width 1152) and an SD-sized VAE with random weights: "
                           "the compute of facebook/DiT-XL-2-256 without a download (step times do not depend on "
@@ -135,7 +176,10 @@ def main():
     p.add_argument("--sdxl", action="store_true",
                    help="With --text_to_image: a small SDXL instead of Stable Diffusion.")
     p.add_argument("--sd3", action="store_true",
-                   help="With --text_to_image: a small SD3 (flow matching) instead of Stable Diffusion.")
+                   help="With --text_to_image or --controlnet: a small SD3 (flow matching) instead of Stable "
+                        "Diffusion.")
+    p.add_argument("--flux", action="store_true",
+                   help="With --text_to_image or --controlnet: a small Flux (flow matching, packed latents).")
     p.add_argument("--dataset", default=None, help="Image-folder data set (the DiT measurements).")
     p.add_argument("--resolution", type=int, default=16, help="Training resolution.")
     p.add_argument("--batch_size", type=int, default=32, help="Training batch.")
@@ -153,6 +197,8 @@ def main():
     tmp = tempfile.mkdtemp(prefix="speed-")
     if a.text_to_image:
         return text_to_image(a, tmp)
+    if a.controlnet:
+        return controlnet(a, tmp)
     if a.dataset is None:
         p.error("--dataset is needed for the DiT measurements")
     if a.small:

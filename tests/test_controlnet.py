@@ -327,10 +327,11 @@ def write_folder(path, rows, size=(16, 16), control_size=None):
     ("aspect_ratio", "is 16x16 but its control is 16x32: different aspect ratios"),
     ("too_few_rows", "too few to hold out|fewer than one batch"),
     ("not_sd", "is a DDPMPipeline .*takes a Stable Diffusion 1.x/2.x pipeline"),
-    ("sd3", "is a StableDiffusion3Pipeline .*takes a Stable Diffusion 1.x/2.x pipeline or a Stable Diffusion XL"),
+    ("pixart", "is a PixArtAlphaPipeline .*takes a Stable Diffusion 1.x/2.x pipeline or a Stable Diffusion XL "
+               "pipeline or a Stable Diffusion 3 pipeline or a Flux pipeline"),
     ("crops_on_sd", "--crops_coords_top_left_h: SDXL's size conditioning .*; this pipeline is a Stable Diffusion "
                     "1.x/2.x pipeline: leave it out"),
-    ("controlnet_mismatch", "does not match the UNet: block_out_channels"),
+    ("controlnet_mismatch", "does not match the UNet2DConditionModel: block_out_channels"),
     ("resolution", "--resolution 15 is not a multiple of the VAE's factor 2"),
     ("sample_prediction", "predicts 'sample'"),
     ("depth_without_model", "--condition depth needs --annotator_model"),
@@ -383,12 +384,12 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         data = write_folder(tmp_path / "d", [{"text": "x"}] * 5)
     elif case == "not_sd":
         model = tiny_ddpm_dir
-    elif case == "sd3":  # an SD3 pipeline's index (no weights needed)
-        model = str(tmp_path / "sd3")
+    elif case == "pixart":  # a pipeline of no family here: its index (no weights needed)
+        model = str(tmp_path / "pixart")
         os.makedirs(model)
-        (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"]}))
+        (tmp_path / "pixart" / "model_index.json").write_text(json.dumps({
+            "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+            "text_encoder": ["transformers", "T5EncoderModel"]}))
     elif case == "crops_on_sd":
         extra = ["--crops_coords_top_left_h", "4"]
     elif case == "controlnet_mismatch":

@@ -120,7 +120,6 @@ def test_refusals(tiny_sdxl_dir, tiny_sd3_dir, control_digits_dir, tmp_path):
 
     assert ("--tokenizer_name: the one tokenizer of a Stable Diffusion 1.x/2.x pipeline; this pipeline is a Stable "
             "Diffusion XL") in error(tiny_sdxl_dir, "--tokenizer_name", tiny_sdxl_dir)
-    assert "is a StableDiffusion3Pipeline" in error(tiny_sd3_dir)
-    assert "ControlNet memory banks of SD3 pipelines are not supported" in cli_error(generate_memory_bank, [
-        "--pretrained_model_name_or_path", tiny_sd3_dir, "--output_dir", str(tmp_path / "b"), "--condition", "canny"])
+    assert "its transformer has 1 block(s)" in error(tiny_sd3_dir, "--max_sequence_length", "16")  # nothing to copy
+    assert "--crops_coords_top_left_h: SDXL's" in error(tiny_sd3_dir, "--crops_coords_top_left_h", "2")
     assert not (tmp_path / "out").exists()

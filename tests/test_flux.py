@@ -211,4 +211,5 @@ def test_commands_that_do_not_take_flux_say_which_do(tiny_flux_dir, captioned_di
     message = cli_error(train_deme, ["--pretrained_model_name_or_path", tiny_flux_dir, "--dataset",
                                      captioned_digits_dir, "--output_dir", str(tmp_path / "deme")])
     assert "is a FluxPipeline" in message
-    assert "(train_diff_tuning_text_to_image.py and generate_memory_bank.py take this pipeline)" in message
+    assert ("(train_diff_tuning_text_to_image.py, train_diff_tuning_controlnet.py and generate_memory_bank.py take "
+            "this pipeline)") in message

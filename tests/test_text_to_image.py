@@ -242,8 +242,8 @@ def test_two_processes(tiny_sd_dir, captioned_digits_dir, t2i_bank, tmp_path):
 @pytest.mark.parametrize("case,message", [
     ("no_captions", "has no captions .* pass --caption_column, or --instance_prompt"),
     ("prior_without_class_prompt", "prior preservation needs --class_prompt"),
-    ("flux", "is a FluxPipeline \\(Flux is not supported.*takes a Stable Diffusion 1.x/2.x pipeline or a Stable "
-             "Diffusion XL pipeline or a Stable Diffusion 3 pipeline"),
+    ("pixart", "is a PixArtAlphaPipeline .*takes a Stable Diffusion 1.x/2.x pipeline or a Stable Diffusion XL "
+               "pipeline or a Stable Diffusion 3 pipeline or a Flux pipeline"),
     ("dit", "is a DiTPipeline .*takes a Stable Diffusion 1.x/2.x pipeline"),
     ("rank_zero", "--rank must be >= 1"),
     ("bank_of_another_model", "was made with base_model"),
@@ -265,14 +265,13 @@ def test_bad_input_is_refused_before_weights_load(case, message, tiny_sd_dir, ti
         extra = ["--train_batch_size", "2", "--method", "standard"]
     elif case == "prior_without_class_prompt":
         extra = ["--with_prior_preservation"]
-    elif case == "flux":  # a Flux pipeline's index: a transformer, CLIP and T5 text encoders (no weights needed)
-        model = str(tmp_path / "flux")
+    elif case == "pixart":  # a pipeline of no family here: its index (no weights needed)
+        model = str(tmp_path / "pixart")
         os.makedirs(model)
         with open(os.path.join(model, "model_index.json"), "w") as f:
-            json.dump({"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-                       "transformer": ["diffusers", "FluxTransformer2DModel"],
-                       "text_encoder": ["transformers", "CLIPTextModel"],
-                       "text_encoder_2": ["transformers", "T5EncoderModel"]}, f)
+            json.dump({"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
+                       "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                       "text_encoder": ["transformers", "T5EncoderModel"]}, f)
     elif case == "dit":
         model = tiny_pipeline_dir
     elif case == "rank_zero":

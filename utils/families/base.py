@@ -176,7 +176,11 @@ class Family:
 
     def loss(self, net, batch) -> torch.Tensor:
         """Per-sample loss of a composed batch (`x0`, `noise`, `noisy`, `timesteps`, `cond`, `target`)."""
-        return epsilon_mse(self.predict(net, batch.noisy, batch.timesteps, batch.cond), batch.target)
+        return self.prediction_loss(self.predict(net, batch.noisy, batch.timesteps, batch.cond), batch)
+
+    def prediction_loss(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        """Per-sample loss of the model's prediction on a composed batch (SD3: after its output preconditioning)."""
+        return epsilon_mse(pred, batch.target)
 
 
 def _all_families() -> list[type[Family]]:

@@ -1,14 +1,15 @@
-"""A ControlNet on a frozen Stable Diffusion 1.x/2.x or XL UNet (`StableDiffusionControlNetPipeline`,
-`StableDiffusionXLControlNetPipeline`): its views of the data (image, control, caption) and of a bank, how rows are
-fed, and its memory-bank plan, whose sampler annotates each generated image with the run's annotator. The text side
-(tokenizers, encoders, VAE, SDXL's pooled embedding and size ids) is the text-to-image family's
-(`utils.families.stable_diffusion`, `utils.families.sdxl`)."""
+"""A ControlNet on a frozen Stable Diffusion 1.x/2.x or XL UNet, or an SD3 or Flux transformer
+(`StableDiffusionControlNetPipeline`, `StableDiffusionXLControlNetPipeline`, `StableDiffusion3ControlNetPipeline`,
+`FluxControlNetPipeline`): its views of the data (image, control, caption) and of a bank, and its memory-bank plan,
+whose sampler annotates each generated image with the run's annotator. Everything model-specific is the base
+text-to-image family's (`utils.families.stable_diffusion`, `sdxl`, `sd3`, `flux`): tokenizers, encoders, VAE, the
+ControlNet's class and how a new one is made, what it is given for a control (pixels, or VAE latents), how it and
+the base denoiser predict, the target and the loss."""
 
 import datasets
 import torch
 from PIL import Image
 
-from ..diffusion.latents import sample_latents
 from ..infra.data import ArrowBatches, as_batch
 from ..infra.errors import UserError
 from ..infra.image_transforms import as_uint8_tensor, normalized, resize_center_crop, unit
@@ -64,12 +65,13 @@ class ControlNetOnSD(Family):
     resolution, crop top, crop left, resolution, resolution), as diffusers' train_controlnet_sdxl.py sets them."""
 
     name = "controlnet"
-    description = "a Stable Diffusion 1.x/2.x or XL pipeline (ControlNet)"
+    description = "a Stable Diffusion 1.x/2.x, XL, SD3 or Flux pipeline (ControlNet)"
 
     def __init__(self, text: StableDiffusion, scheduler, unet, bank_prompt: str, autocast, dtype,
                  resolution: int, condition: str, interpolation: str | None = None):
         super().__init__(scheduler, text.device)
-        self.text, self.vae, self.unet = text, text.vae, unet
+        self.text, self.vae, self.unet = text, text.vae, unet  # `unet`: the frozen denoiser (SD3, Flux: transformer)
+        self.prediction_type = text.prediction_type  # its target is the base's (noise - x_0 under flow matching)
         self.autocast, self.dtype = autocast, dtype
         self.resolution, self.condition = resolution, condition
         # the examples' resize filter: bilinear (train_controlnet.py), lanczos (train_controlnet_sdxl.py's default)
@@ -93,9 +95,9 @@ class ControlNetOnSD(Family):
         another VAE."""
         text_class, annotator, prompt = options["text_family"], settings.annotator, settings.prompts[0]
         if text_class.controlnet_pipeline is None:
-            raise UserError(f"ControlNet memory banks of {text_class.tag.upper()} pipelines are not supported (the "
-                            "ControlNet script trains SD 1.x/2.x and SDXL ControlNets); pass --no_controls or "
-                            "--prompts_file for a text-to-image bank")
+            raise UserError(f"ControlNet memory banks of {text_class.description}s are not supported (the "
+                            "ControlNet script trains SD 1.x/2.x, SDXL, SD3 and Flux ControlNets); pass --no_controls "
+                            "or --prompts_file for a text-to-image bank")
         text_class.check_resolution(name, settings.resolution, settings.revision, settings.cache_dir)
         # one control annotated now: an annotator that fails or returns no image is refused before any sampling
         annotator(Image.new("RGB", (settings.resolution, settings.resolution), (127, 127, 127)))
@@ -134,8 +136,11 @@ class ControlNetOnSD(Family):
     def bank_view(self, bank) -> tuple:
         return ControlBankRows(bank, self.resolution, self.condition, self.interpolation), as_batch
 
-    def _cond(self, ids, controls) -> dict:
-        cond = {"input_ids": ids.to(self.device), "controls": controls.to(self.device)}
+    def _cond(self, ids, controls, generator) -> dict:
+        """The rows' conditioning: tokens, the ControlNet's input for the controls (the base family's: pixels for
+        SD/SDXL, VAE latents for SD3 and Flux, drawn from `generator`) and SDXL's size ids."""
+        cond = {"input_ids": ids.to(self.device),
+                "controls": self.text.control_input(controls.to(self.device), generator)}
         if self.time_ids is not None:
             cond["time_ids"] = self.time_ids.to(self.device).expand(len(ids), -1)
         return cond
@@ -146,35 +151,35 @@ class ControlNetOnSD(Family):
         captions = [c[min(int(u * len(c)), len(c) - 1)] if isinstance(c, list) else c
                     for c, u in zip(batch["captions"], picks)]
         moments = self.text.encode_pixels(batch["pixel_values"].to(self.device))
-        return Rows(moments.float(), self._cond(self.text.tokenize(captions), batch["conditioning_pixel_values"]))
+        return Rows(moments.float(), self._cond(self.text.tokenize(captions), batch["conditioning_pixel_values"],
+                                                generator))
 
     def bank_rows(self, batch, generator) -> Rows:
         n = len(batch["latent_moments"])
         ids = self.bank_ids.expand(n, *self.bank_ids.shape[1:])
-        return Rows(batch["latent_moments"].to(self.device), self._cond(ids, batch["conditioning_pixel_values"]))
+        return Rows(batch["latent_moments"].to(self.device), self._cond(ids, batch["conditioning_pixel_values"],
+                                                                        generator))
 
     def drop_condition(self, rows, mask) -> Rows:
         return self.text.drop_condition(rows, mask)
 
     def x0(self, x, generator):
-        return sample_latents(x, generator, self.vae.config.scaling_factor)
+        return self.text.x0(x, generator)
 
     def encode(self, cond):
         text = {k: v for k, v in cond.items() if k != "controls"}
         return {**self.text.encode(text), "controls": cond["controls"]}
 
     def predict(self, net, noisy, timesteps, cond):
+        """The frozen base denoiser with the ControlNet `net`, as the base family feeds them (under autocast)."""
         with self.autocast():
-            hidden = cond["encoder_hidden_states"]
-            added = {}
-            if "text_embeds" in cond:  # SDXL: pooled embedding and size ids, to the ControlNet and the UNet
-                added = {"added_cond_kwargs": {"text_embeds": cond["text_embeds"],
-                                               "time_ids": cond["time_ids"].to(hidden.dtype)}}
-            down, mid = net(noisy, timesteps, encoder_hidden_states=hidden,
-                            controlnet_cond=cond["controls"].to(self.dtype), return_dict=False, **added)
-            return self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=hidden,
-                             down_block_additional_residuals=[d.to(self.dtype) for d in down],
-                             mid_block_additional_residual=mid.to(self.dtype), return_dict=False, **added)[0]
+            return self.text.controlnet_predict(net, self.unet, noisy, timesteps, cond, self.dtype)
+
+    def target(self, x0, noise, timesteps):
+        return self.text.target(x0, noise, timesteps)
+
+    def prediction_loss(self, pred, batch):
+        return self.text.prediction_loss(pred, batch)
 
 
 class ControlBankSampler(PromptBankSampler):

@@ -20,6 +20,7 @@
 
 import functools
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -38,6 +39,7 @@ FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "at
 FLUX_MAX_SEQUENCE_LENGTH = 512  # T5 tokens per caption: train_dreambooth_lora_flux.py's default
 FLUX_GUIDANCE_SCALE = 3.5  # the guidance embedding's value in training (the example's; dev's usual sampling value)
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline's default latent size (1024 px with the 8x VAE)
+CONTROLNET_LAYERS = 4  # double and single blocks of a new ControlNet: train_controlnet_flux.py's defaults
 
 
 class Flux(StableDiffusion3):
@@ -50,15 +52,21 @@ class Flux(StableDiffusion3):
     hub_tags = ("flux", "flux-diffusers")
     example_call = 'pipe("a photo of a cat", num_inference_steps=28, guidance_scale=3.5)'
     own_flags = {**{flag: T5_FLOW_FLAGS_MEANING for flag in ("max_sequence_length", *FLOW_FLAGS)},
-                 "flux_guidance_scale": "Flux's guidance embedding in training"}  # the dest of --guidance_scale
+                 "flux_guidance_scale": "Flux's guidance embedding in training",  # the dest of --guidance_scale
+                 **{flag: "Flux ControlNets' (blocks a new one copies)"
+                    for flag in ("num_double_layers", "num_single_layers")}}
     flow_defaults = {"weighting_scheme": "none"}  # train_dreambooth_lora_flux.py's (SD3's: logit_normal)
     bank_guidance_scale = validation_guidance_scale = FLUX_GUIDANCE_SCALE  # embedded guidance, not CFG
     image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_flux.py's preprocessing
+    # ControlNets as diffusers' train_controlnet_flux.py: VAE latents of the [-1, 1] control, packed; lanczos
+    controlnet_pipeline, controlnet_class_name = "FluxControlNetPipeline", "FluxControlNetModel"
+    controlnet_image_arg, controlnet_interpolation = "control_image", "lanczos"
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
                  train_text_encoder: bool = False, center_crop: bool = False,
                  image_interpolation_mode: str | None = None, max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH,
-                 guidance_scale: float = FLUX_GUIDANCE_SCALE):
+                 guidance_scale: float = FLUX_GUIDANCE_SCALE,
+                 controlnet_layers: tuple[int, int] = (CONTROLNET_LAYERS, CONTROLNET_LAYERS)):
         Family.__init__(self, FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config), device,
                         random_flip)
         self.set_preprocessing(center_crop, image_interpolation_mode)
@@ -74,6 +82,7 @@ class Flux(StableDiffusion3):
         # dev is guidance-distilled: its transformer is given the guidance value; schnell takes none
         self.guidance = guidance_scale if pipeline.transformer.config.guidance_embeds else None
         self.packing = 2 * vae_scale_factor(self.vae)  # pixels per packed latent patch side
+        self.controlnet_layers = controlnet_layers  # a new ControlNet's double and single blocks
         self.empty_ids = self.tokenize([""])
 
     @classmethod
@@ -82,14 +91,21 @@ class Flux(StableDiffusion3):
 
     @classmethod
     def options(cls, args) -> dict:
-        """The T5 length (default 512) and the training guidance (default 3.5), as diffusers' Flux LoRA script."""
+        """The T5 length (default 512) and the training guidance (default 3.5), as diffusers' Flux scripts; a new
+        ControlNet's blocks (--num_double_layers, --num_single_layers: 4 and 4, as train_controlnet_flux.py)."""
         super(StableDiffusion3, cls).options(args)  # the foreign-flag check, without SD3's own options
         length = getattr(args, "max_sequence_length", None) or FLUX_MAX_SEQUENCE_LENGTH
         if length > MAX_T5_LENGTH:
             raise UserError(f"--max_sequence_length {length} is more than Flux's T5 takes ({MAX_T5_LENGTH} tokens)")
         guidance = getattr(args, "flux_guidance_scale", None)
-        return {"max_sequence_length": length,
-                "guidance_scale": FLUX_GUIDANCE_SCALE if guidance is None else guidance}
+        options = {"max_sequence_length": length,
+                   "guidance_scale": FLUX_GUIDANCE_SCALE if guidance is None else guidance}
+        layers = [getattr(args, f"num_{kind}_layers", None) for kind in ("double", "single")]
+        if any(n is not None and n < 0 for n in layers):
+            raise UserError(f"--num_double_layers and --num_single_layers must be >= 0, got {layers}")
+        if any(n is not None for n in layers):  # the ControlNet script's flags
+            options["controlnet_layers"] = tuple(CONTROLNET_LAYERS if n is None else n for n in layers)
+        return options
 
     @classmethod
     def sampling_kwargs(cls, options: dict) -> dict:
@@ -150,6 +166,66 @@ class Flux(StableDiffusion3):
         t5 = self.text_encoder_2(input_ids[:, n:])[0]
         return t5.to(pooled.dtype), pooled
 
+    # ---- ControlNets
+    @classmethod
+    def check_controlnet_config(cls, control: dict, denoiser: dict) -> str | None:
+        for key in ("in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                    "pooled_projection_dim", "guidance_embeds", "axes_dims_rope"):
+            if list(np.atleast_1d(control.get(key))) != list(np.atleast_1d(denoiser.get(key))):
+                return f"{key} {control.get(key)} vs {denoiser.get(key)}"
+        return None
+
+    @classmethod
+    def controlnet_refusal(cls, denoiser: dict) -> str | None:
+        return None  # from_transformer copies what blocks there are (the rest start from scratch)
+
+    def new_controlnet(self):
+        """FluxControlNetModel.from_transformer as train_controlnet_flux.py calls it: --num_double_layers double and
+        --num_single_layers single blocks (default 4 and 4) copied from the transformer, its head sizes."""
+        config = self.denoiser.config
+        double, single = self.controlnet_layers
+        return self.controlnet_class().from_transformer(
+            self.denoiser, num_layers=double, num_single_layers=single, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+
+    def control_input(self, controls, generator):
+        """The control's VAE latents, (z - shift) x scale with z drawn from the posterior of the control in
+        [-1, 1], as train_controlnet_flux.py encodes it (packed in `controlnet_predict`)."""
+        return self.x0(self.encode_pixels(controls * 2 - 1), generator)
+
+    def controlnet_predict(self, controlnet, denoiser, noisy, timesteps, cond, dtype):
+        n, c, h, w = noisy.shape
+        inputs = self.transformer_inputs(noisy, timesteps, cond["encoder_hidden_states"], cond["pooled_projections"])
+        blocks, singles = controlnet(**inputs, controlnet_cond=FluxPipeline._pack_latents(
+            cond["controls"].to(noisy.dtype), n, c, h, w), return_dict=False)
+        inputs["hidden_states"] = inputs["hidden_states"].to(dtype)
+        out = denoiser(**inputs, controlnet_block_samples=None if blocks is None else [b.to(dtype) for b in blocks],
+                       controlnet_single_block_samples=None if singles is None else [s.to(dtype) for s in singles],
+                       return_dict=False)[0]
+        return self.unpack(out, h, w)
+
+    @staticmethod
+    def controlnet_sampler(pipeline, controlnet, scheduler):
+        from diffusers import FluxControlNetPipeline
+
+        parts = {k: v for k, v in pipeline.components.items() if k not in ("image_encoder", "feature_extractor")}
+        return FluxControlNetPipeline(**{**parts, "controlnet": controlnet, "scheduler": scheduler})
+
+    def transformer_inputs(self, noisy, timesteps, hidden, pooled) -> dict:
+        """The transformer's inputs for (N, C, H, W) latents: packed, with image and text ids, sigma and the
+        guidance value, as train_dreambooth_lora_flux.py gives them."""
+        n, c, h, w = noisy.shape
+        guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=noisy.device)
+        return {"hidden_states": FluxPipeline._pack_latents(noisy, n, c, h, w), "timestep": timesteps / 1000,
+                "guidance": guidance, "pooled_projections": pooled, "encoder_hidden_states": hidden,
+                "txt_ids": torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                "img_ids": FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)}
+
+    def unpack(self, packed, h: int, w: int) -> torch.Tensor:
+        """(N, C, h, w) latents back from the transformer's packed output."""
+        factor = self.packing // 2
+        return FluxPipeline._unpack_latents(packed, h * factor, w * factor, factor)
+
     def predict(self, net, noisy, timesteps, cond):
         """The velocity of (N, C, H, W) latents: packed, with image and text ids and the guidance value, then
         unpacked."""
@@ -157,12 +233,5 @@ class Flux(StableDiffusion3):
             hidden, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
         else:
             hidden, pooled = self.embed(cond["input_ids"])
-        n, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
-        image_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
-        text_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
-        guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=noisy.device)
-        out = net(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
-                  encoder_hidden_states=hidden, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-        factor = self.packing // 2
-        return FluxPipeline._unpack_latents(out, h * factor, w * factor, factor)
+        out = net(**self.transformer_inputs(noisy, timesteps, hidden, pooled), return_dict=False)[0]
+        return self.unpack(out, *noisy.shape[-2:])

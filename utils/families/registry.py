@@ -12,7 +12,7 @@ from .sdxl import StableDiffusionXL
 from .stable_diffusion import StableDiffusion
 
 TEXT_TO_IMAGE = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux]  # train_diff_tuning_text_to_image.py
-CONTROLNET_BASES = [StableDiffusion, StableDiffusionXL]  # the pipelines a ControlNetModel can follow
+CONTROLNET_BASES = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux]  # a ControlNet can follow them
 DEME = [DDPMUNet, StableDiffusion]  # train_deme.py, merge_timestep_models.py
 MEMORY_BANKS = [DiT, *TEXT_TO_IMAGE]  # generate_memory_bank.py
 PREMISE = [DiT, StableDiffusion]  # check_premise.py
@@ -36,5 +36,6 @@ def detect_family(name: str, accepted: list[type[Family]], purpose: str, revisio
             return family
     wanted = " or ".join(f.description for f in accepted)
     others = commands_taking(index)
-    elsewhere = f" ({' and '.join(others)} {'takes' if len(others) == 1 else 'take'} this pipeline)" if others else ""
+    names = ", ".join(others[:-1]) + f" and {others[-1]}" if len(others) > 1 else "".join(others)
+    elsewhere = f" ({names} {'takes' if len(others) == 1 else 'take'} this pipeline)" if others else ""
     raise UserError(f"{name} is {describe(index)}; {purpose} takes {wanted}{elsewhere}")

@@ -50,7 +50,10 @@ class StableDiffusion3(StableDiffusion):
     own_flags = {**{flag: T5_FLOW_FLAGS_MEANING for flag in ("max_sequence_length", *FLOW_FLAGS)},
                  **{flag: "SD3's (output preconditioning, transformer blocks)"
                     for flag in ("precondition_outputs", "lora_blocks")}}
-    controlnet_pipeline = None  # SD3ControlNetModel is a family of its own, not written yet
+    # ControlNets as diffusers' train_controlnet_sd3.py: VAE latents of the [0, 1] control, bilinear resize
+    controlnet_pipeline, controlnet_class_name = "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel"
+    controlnet_image_arg, controlnet_interpolation = "control_image", "bilinear"
+    controlnet_layers = 12  # SD3ControlNetModel.from_transformer's default, as the example calls it
     image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_sd3.py's preprocessing
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
@@ -164,6 +167,48 @@ class StableDiffusion3(StableDiffusion):
         return net(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden,
                    pooled_projections=pooled).sample
 
+    @classmethod
+    def check_controlnet_config(cls, control: dict, denoiser: dict) -> str | None:
+        for key in ("in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                    "pooled_projection_dim"):
+            if control.get(key) != denoiser.get(key):
+                return f"{key} {control.get(key)} vs {denoiser.get(key)}"
+        return None
+
+    @classmethod
+    def controlnet_refusal(cls, denoiser: dict) -> str | None:
+        if denoiser.get("num_layers", 0) < 2:
+            return (f"its transformer has {denoiser.get('num_layers')} block(s); a new SD3ControlNetModel copies "
+                    "blocks before the last (whose context stream ends there): pass --controlnet_model_name_or_path")
+        return None
+
+    def new_controlnet(self):
+        """SD3ControlNetModel.from_transformer as train_controlnet_sd3.py calls it: the first 12 transformer blocks
+        (of a shallower transformer, all but the last, whose context stream ends there), no extra conditioning
+        channels."""
+        layers = min(self.controlnet_layers, self.denoiser.config.num_layers - 1)
+        return self.controlnet_class().from_transformer(self.denoiser, num_layers=layers,
+                                                        num_extra_conditioning_channels=0)
+
+    def control_input(self, controls, generator):
+        """The control's VAE latents, (z - shift) x scale with z drawn from the posterior of the [0, 1] control, as
+        train_controlnet_sd3.py encodes it (drawn from the run's generator)."""
+        return self.x0(self.encode_pixels(controls), generator)
+
+    def controlnet_predict(self, controlnet, denoiser, noisy, timesteps, cond, dtype):
+        text = {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
+        blocks = controlnet(hidden_states=noisy, timestep=timesteps, controlnet_cond=cond["controls"].to(dtype),
+                            return_dict=False, **text)[0]
+        return denoiser(hidden_states=noisy.to(dtype), timestep=timesteps,
+                        block_controlnet_hidden_states=[b.to(dtype) for b in blocks], return_dict=False, **text)[0]
+
+    @staticmethod
+    def controlnet_sampler(pipeline, controlnet, scheduler):
+        from diffusers import StableDiffusion3ControlNetPipeline
+
+        parts = {k: v for k, v in pipeline.components.items() if k not in ("image_encoder", "feature_extractor")}
+        return StableDiffusion3ControlNetPipeline(**{**parts, "controlnet": controlnet, "scheduler": scheduler})
+
     def target(self, x0, noise, timesteps):
         """Rectified flow's velocity noise - x_0; x_0 itself under `precondition_outputs` (the prediction is then
         turned into an x_0 estimate: `loss`)."""
@@ -175,10 +220,9 @@ class StableDiffusion3(StableDiffusion):
         index = (schedule[None, :] == timesteps[:, None].to(schedule.dtype)).to(torch.int64).argmax(1)
         return self.scheduler.sigmas.to(like.device, like.dtype)[index].reshape(-1, *([1] * (like.ndim - 1)))
 
-    def loss(self, net, batch) -> torch.Tensor:
+    def prediction_loss(self, pred, batch) -> torch.Tensor:
         """Per-sample MSE; with `precondition_outputs` (train_dreambooth_lora_sd3.py's default, after EDM) the
         velocity v is read as the x_0 estimate x_sigma - sigma v and compared with x_0: the flow loss times sigma^2."""
-        pred = self.predict(net, batch.noisy, batch.timesteps, batch.cond)
         if self.precondition_outputs:
             pred = pred * (-self.sigmas(batch.timesteps, batch.noisy)) + batch.noisy
         return epsilon_mse(pred, batch.target)

@@ -28,6 +28,8 @@ from .base import BankPlan, BankSettings, Rows
 from .ddpm import EPSILON_V_FLAGS, UNetFamily, unet_class
 from .tuning import UNET_LORA_TARGETS, lora_layers
 
+CONDITIONING_CHANNELS = (16, 32, 96, 256)  # ControlNetModel.from_unet's conditioning embedding (an 8x VAE's)
+
 
 def token_ids(tokenizers, lengths, captions: list[str], stack: bool = False) -> torch.Tensor:
     """Each tokenizer's ids of `captions`, padded or cut to its length, side by side (N, sum of lengths) or, with
@@ -148,6 +150,54 @@ class StableDiffusion(UNetFamily):
                                        tokenizer=pipeline.tokenizer, unet=pipeline.unet if unet is None else unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+
+    # ---- ControlNets on this family (utils.families.controlnet feeds them; train_diff_tuning_controlnet.py trains)
+    controlnet_class_name = "ControlNetModel"
+    controlnet_image_arg = "image"  # the ControlNet pipeline's argument for the control
+
+    @classmethod
+    def controlnet_class(cls):
+        import diffusers
+
+        return getattr(diffusers, cls.controlnet_class_name)
+
+    @classmethod
+    def check_controlnet_config(cls, control: dict, denoiser: dict) -> str | None:
+        """Why a ControlNet's config cannot follow this denoiser's (None: it can)."""
+        for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
+            if list(np.atleast_1d(control.get(key))) != list(np.atleast_1d(denoiser.get(key))):
+                return f"{key} {control.get(key)} vs {denoiser.get(key)}"
+        return None
+
+    @classmethod
+    def controlnet_refusal(cls, denoiser: dict) -> str | None:
+        """Why no new ControlNet can be copied from this denoiser's config (None: one can)."""
+        return None
+
+    def new_controlnet(self):
+        """A ControlNet copied from the UNet's encoder, as diffusers' train_controlnet.py makes one; its conditioning
+        embedding takes the first log2(f) + 1 of (16, 32, 96, 256), the widths of an 8x VAE's three stride-2 convs,
+        for a VAE of factor f."""
+        channels = CONDITIONING_CHANNELS[: int(np.log2(vae_scale_factor(self.vae))) + 1]
+        return self.controlnet_class().from_unet(self.denoiser, conditioning_embedding_out_channels=channels)
+
+    def control_input(self, controls: torch.Tensor, generator) -> torch.Tensor:
+        """What the ControlNet is given for controls in [0, 1]: the pixels themselves (train_controlnet.py)."""
+        return controls
+
+    def controlnet_predict(self, controlnet, denoiser, noisy, timesteps, cond, dtype):
+        """The frozen UNet's prediction with the ControlNet's residuals added (the ControlNet runs in its own
+        precision, the UNet in `dtype`)."""
+        hidden = cond["encoder_hidden_states"]
+        added = {}
+        if "text_embeds" in cond:  # SDXL: pooled embedding and size ids, to the ControlNet and the UNet
+            added = {"added_cond_kwargs": {"text_embeds": cond["text_embeds"],
+                                           "time_ids": cond["time_ids"].to(hidden.dtype)}}
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden,
+                               controlnet_cond=cond["controls"].to(dtype), return_dict=False, **added)
+        return denoiser(noisy.to(dtype), timesteps, encoder_hidden_states=hidden,
+                        down_block_additional_residuals=[d.to(dtype) for d in down],
+                        mid_block_additional_residual=mid.to(dtype), return_dict=False, **added)[0]
 
     @staticmethod
     def controlnet_sampler(pipeline, controlnet, scheduler):
