@@ -25,7 +25,9 @@ the small-t bucket's error ratio is at most `--small_t_ratio` (1.25) AND handing
 your images at most `--max_handoff_cost` (0.05: 5 points of relative FID) more than at home; otherwise
 it does not, and the message says which part failed. With a small sample FID is biased upwards; the FIDs of a cost
 share the bias, so read the relative costs, not the values.
-DiT and Stable Diffusion 1.x/2.x pipelines.
+DiT, Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines (prompted families: their own samples of `--prompt`,
+the empty prompt as the null condition; SD3 and Flux: noise-level buckets over their discrete sigmas, the velocity's
+error, and the hand-off over their own flow-matching Euler schedule).
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -38,7 +40,6 @@ import sys
 import datasets
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
 from utils.diffusion.forward_process import forward_process
 from utils.diffusion.losses import compose_batch
@@ -115,18 +116,20 @@ def batches(n, size):
 
 @torch.no_grad()
 def denoising_errors(family, net, latents, cond, seed, batch_size):
-    """Epsilon MSE (or the family's target) of `net` on `latents` per t bucket under `cond`; the timesteps and noise
-    depend on `seed`, the bucket and the row alone, so two sets of latents of the same size see the same problems."""
-    T = family.scheduler.config.num_train_timesteps
+    """Epsilon MSE (or the family's target: the velocity under flow matching) of `net` on `latents` per noise-level
+    bucket under `cond`; the timesteps and noise depend on `seed`, the bucket and the row alone, so two sets of
+    latents of the same size see the same problems."""
     process = forward_process(family.scheduler)
+    T = process.num_timesteps
     errors = []
     for b, (lo, hi) in enumerate(BUCKETS):
         g = torch.Generator().manual_seed(seed * 1000 + b)
         t = torch.randint(int(lo * T), max(int(lo * T) + 1, int(hi * T)), (len(latents),), generator=g)
         noise = torch.randn(latents.shape, generator=g)
+        index = process.index_from_data_side(t)  # the bucket counts from the data (DDPM's t; flow's smallest sigma)
         total = 0.0
         for idx in batches(len(latents), batch_size):
-            batch = compose_batch(process, family, latents[idx], {k: v[idx] for k, v in cond.items()}, t[idx],
+            batch = compose_batch(process, family, latents[idx], {k: v[idx] for k, v in cond.items()}, index[idx],
                                   noise=noise[idx])
             pred = family.predict(net, batch.noisy, batch.timesteps, batch.cond)[:, : batch.x0.shape[1]]
             total += float((pred.float() - batch.target.float()).pow(2).mean(dim=(1, 2, 3)).sum())
@@ -136,16 +139,16 @@ def denoising_errors(family, net, latents, cond, seed, batch_size):
 
 @torch.no_grad()
 def hand_off(family, net, latents, cond, fraction, num_steps, seed, batch_size):
-    """`latents` noised to where the last `fraction` of a `num_steps` DDIM schedule begins, then denoised by `net`
-    over those steps (DDIM, eta 0, no guidance): the latents it hands back."""
-    scheduler = DDIMScheduler.from_config(family.scheduler.config)
-    scheduler.set_timesteps(num_steps)
+    """`latents` noised to where the last `fraction` of the family's `num_steps`-step schedule begins (DDIM; SD3
+    and Flux: their flow-matching Euler schedule), then denoised by `net` over those steps (eta 0, no guidance):
+    the latents it hands back."""
+    scheduler = family.handoff_scheduler(num_steps, latents.shape)
     steps = scheduler.timesteps[-max(1, round(fraction * num_steps)):]
     g = torch.Generator().manual_seed(seed * 1000 + 999)
-    x = family.scheduler.add_noise(latents, torch.randn(latents.shape, generator=g),
-                                   steps[0].expand(len(latents)))
+    x = family.noised_to(scheduler, latents, torch.randn(latents.shape, generator=g), steps[0])
     out = []
     for idx in batches(len(latents), batch_size):
+        scheduler = family.handoff_scheduler(num_steps, latents.shape)  # a fresh one: the Euler sampler counts steps
         xb, cb = x[idx], family.encode({k: v[idx] for k, v in cond.items()})
         for t in steps:
             pred = family.predict(net, xb, t.expand(len(xb)), cb)[:, : xb.shape[1]]
@@ -155,11 +158,9 @@ def hand_off(family, net, latents, cond, fraction, num_steps, seed, batch_size):
 
 
 @torch.no_grad()
-def decode(vae, latents, batch_size):
-    """Latents (scaled) -> float NCHW images in [0, 1]."""
-    scale = vae.config.scaling_factor
-    return torch.cat([(vae.decode(latents[idx] / scale).sample / 2 + 0.5).clamp(0, 1)
-                      for idx in batches(len(latents), batch_size)])
+def decode(family, latents, batch_size):
+    """Latents (the model's x_0) -> float NCHW images in [0, 1]."""
+    return torch.cat([family.decode_latents(latents[idx]) for idx in batches(len(latents), batch_size)])
 
 
 def fid(metric, images, batch_size):
@@ -223,7 +224,6 @@ def main(args):
 
     pipeline = family_class.load(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     pipeline.set_progress_bar_config(disable=True)
-    vae = pipeline.vae.eval()
     seeds = list(range(args.seed, args.seed + 2 * n))  # two sets of its own samples
     family = family_class.from_pipeline(pipeline, "cpu")
     net = family.denoiser.eval()
@@ -231,21 +231,21 @@ def main(args):
     sampler = family_class.bank_plan(args.pretrained_model_name_or_path, BankSettings(
         args.guidance_scale, args.num_inference_steps, resolution, [args.prompt], revision=args.revision,
         cache_dir=args.cache_dir), {}).sampler(pipeline)
-    null = family.null_condition(n)  # the condition memory-bank rows train on, encoded per batch
-    scale = vae.config.scaling_factor
+    null = family.null_condition(n, resolution)  # the condition memory-bank rows train on, encoded per batch
     with torch.no_grad():
         drawn = [sampler([seeds[i] for i in idx]) for idx in batches(2 * n, args.batch_size)]
-        own_all = torch.cat([torch.from_numpy(np.asarray(d["latent_moments"])).chunk(2, dim=1)[0] for d in drawn])
-        own = own_all[:n] * scale
+        own_all = family.mean_latents(torch.cat([torch.from_numpy(np.asarray(d["latent_moments"])) for d in drawn]))
+        own = own_all[:n]
         own_images = torch.cat([torch.from_numpy(np.stack([np.asarray(i) for i in d["image"]])) for d in drawn])
         own_reference = own_images[n:].permute(0, 3, 1, 2).float() / 255
         if home is not None:  # real images of its domain: set A' encoded, set B' the reference
             home_pixels = torch.stack([to_tensor(img, resolution) for img in home[home_column]])
-            home_a = torch.cat([vae.encode(home_pixels[idx]).latent_dist.mean
-                                for idx in batches(n, args.batch_size)]) * scale
+            home_a = torch.cat([family.mean_latents(family.encode_pixels(home_pixels[idx]))
+                                for idx in batches(n, args.batch_size)])
             home_reference = home_pixels[n:] / 2 + 0.5
         pixels = torch.stack([to_tensor(img, resolution) for img in ds[image_column]])
-        set_a = torch.cat([vae.encode(pixels[idx]).latent_dist.mean for idx in batches(n, args.batch_size)]) * scale
+        set_a = torch.cat([family.mean_latents(family.encode_pixels(pixels[idx]))
+                           for idx in batches(n, args.batch_size)])
     own_errors = denoising_errors(family, net, own, null, args.seed, args.batch_size)
     your_errors = denoising_errors(family, net, set_a, null, args.seed, args.batch_size)
     ratios = [y / o for y, o in zip(your_errors, own_errors)]
@@ -254,8 +254,8 @@ def main(args):
     reference = pixels[n:] / 2 + 0.5
     for idx in batches(n, args.batch_size):
         metric.update(reference[idx], real=True)
-    floor = fid(metric, decode(vae, set_a, args.batch_size), args.batch_size)  # A through the VAE, against B
-    handoff = {k: fid(metric, decode(vae, hand_off(family, net, set_a, null, k, args.num_inference_steps, args.seed,
+    floor = fid(metric, decode(family, set_a, args.batch_size), args.batch_size)  # A through the VAE, against B
+    handoff = {k: fid(metric, decode(family, hand_off(family, net, set_a, null, k, args.num_inference_steps, args.seed,
                                                    args.batch_size), args.batch_size), args.batch_size)
                for k in sorted(args.handoff_fractions)}
     costs = {k: v / floor - 1 for k, v in handoff.items()}
@@ -264,13 +264,13 @@ def main(args):
     own_metric = make_metric(extractor)
     for idx in batches(n, args.batch_size):
         own_metric.update(home_ref[idx], real=True)
-    own_floor = fid(own_metric, decode(vae, at_home, args.batch_size), args.batch_size)
-    own_handoff = {k: fid(own_metric, decode(vae, hand_off(family, net, at_home, null, k, args.num_inference_steps,
+    own_floor = fid(own_metric, decode(family, at_home, args.batch_size), args.batch_size)
+    own_handoff = {k: fid(own_metric, decode(family, hand_off(family, net, at_home, null, k, args.num_inference_steps,
                                                            args.seed, args.batch_size), args.batch_size),
                           args.batch_size) for k in sorted(args.handoff_fractions)}
     own_costs = {k: v / own_floor - 1 for k, v in own_handoff.items()}
     holds, text = verdict(ratios, costs, own_costs, args)
-    T = family.scheduler.config.num_train_timesteps
+    T = forward_process(family.scheduler).num_timesteps
     report = {"model": args.pretrained_model_name_or_path, "family": family_class.name, "dataset": args.dataset,
               "images_per_set": n, "feature_extractor": extractor.name,
               "buckets": [[int(lo * T), int(hi * T)] for lo, hi in BUCKETS],

@@ -28,7 +28,7 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 
-from utils.families.ddpm import unet_weights_folder
+from utils.families.ddpm import denoiser_weights_folder
 from utils.families.registry import DEME, detect_family
 from utils.infra import hub
 from utils.infra.data import load_image_dataset, require_column
@@ -146,11 +146,14 @@ def main(args):
         hub.check_hub_access(args.hub_token)
     base_dir = local_folder(args.base_model)
     is_pipeline = os.path.exists(os.path.join(base_dir, "model_index.json"))
-    base = SafetensorsWeights(unet_weights_folder(base_dir))
-    models = [SafetensorsWeights(unet_weights_folder(m)) for m in args.models]
+    base = SafetensorsWeights(denoiser_weights_folder(base_dir))
+    models = [SafetensorsWeights(denoiser_weights_folder(m)) for m in args.models]
     check_compatible(base, models, args.models)
-    configs = [json.load(open(os.path.join(unet_weights_folder(m), "config.json"))) for m in args.models]
+    configs = [json.load(open(os.path.join(denoiser_weights_folder(m), "config.json"))) for m in args.models]
     model_class = configs[0]["_class_name"]
+    if args.ensemble and "Transformer" in model_class:
+        raise UserError(f"--ensemble routes each timestep to its range's model; {model_class}'s pipelines give the "
+                        "transformer sigma, not a range's timestep index: merge them instead (leave --ensemble out)")
     projected = [os.path.exists(os.path.join(m, PROJECTION_FILE)) for m in args.models]
     if any(projected) and not all(projected):
         raise UserError("some models carry official-placement channel projections and some do not")
@@ -181,10 +184,10 @@ def main(args):
     tmp = work_dir(args.output_dir, SCRIPT)
     # A merged UNet goes into a copy of the base pipeline; an ensemble is no stock UNet, so it stands alone.
     as_pipeline = is_pipeline and not args.ensemble
+    key = os.path.basename(denoiser_weights_folder(base_dir)) if is_pipeline else None  # unet, or transformer
     if as_pipeline:
-        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("unet", "README.md", ".cache"),
-                        dirs_exist_ok=True)
-    unet_dir = os.path.join(tmp, "unet") if as_pipeline else tmp
+        shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns(key, "README.md", ".cache"), dirs_exist_ok=True)
+    unet_dir = os.path.join(tmp, key) if as_pipeline else tmp
     os.makedirs(unet_dir, exist_ok=True)
 
     maps = [SafetensorsWeights(os.path.join(m, PROJECTION_FILE)) for m in args.models] if all(projected) else None
@@ -192,7 +195,7 @@ def main(args):
     if args.ensemble:
         # each model with its official-placement channel projections, if it has them (saved beside it again)
         ensemble = TimestepEnsemble([attach_saved_projections(getattr(diffusers, model_class).from_pretrained(
-            unet_weights_folder(m)), m) for m in args.models], ranges)
+            denoiser_weights_folder(m)), m) for m in args.models], ranges)
         ensemble.save_pretrained(unet_dir)
         weights = None
     else:
@@ -262,7 +265,7 @@ def search_weights(args, base, models, maps, pipeline, family, batches, metric, 
     """Score candidate weights by held-out loss per range (same noise for every candidate) or by FID (same seeds);
     returns the best weights and the table of every candidate tried, best first. `maps`: the models' official-
     placement channel projections (or None); each candidate is scored with its merged maps attached, as it is saved."""
-    unet = pipeline.unet.to(family.device).eval()
+    unet = getattr(pipeline, family.model_key).to(family.device).eval()  # UNet, or transformer (SD3, Flux)
     scored = {}
 
     def score(weights):

@@ -9,9 +9,12 @@ stays close to the pre-trained model through a consistency loss, and gets identi
     accelerate launch train_deme.py --pretrained_model_name_or_path google/ddpm-cifar10-32 --dataset <...> \\
         --output_dir out --num_ranges 4 [--range_index 2]
 
-Models: DDPM/DDIM pipelines (`UNet2DModel`) and Stable Diffusion (`UNet2DConditionModel`; frozen VAE and text
-encoder, `--caption_column`). Output: `out/range_{i}/`, a stock diffusers UNet folder with a model card per range,
-and `out/deme_manifest.json`. Defaults are the paper's DDPM CIFAR-10 setup.
+Models: DDPM/DDIM pipelines (`UNet2DModel`), Stable Diffusion 1.x/2.x and XL (`UNet2DConditionModel`), SD3 and Flux
+(their transformers; frozen VAE and text encoders, `--caption_column`). Under flow matching (SD3, Flux) the ranges cut
+the scheduler's discrete sigmas, counted from the data side as DDPM's t is: range 0 holds the smallest sigmas
+(docs/deme.md); SD3 trains its example's preconditioned objective, Flux the flow target. Output: `out/range_{i}/`, a
+stock diffusers UNet (transformer) folder with a model card per range, and `out/deme_manifest.json`. Defaults are the
+paper's DDPM CIFAR-10 setup.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -98,13 +101,13 @@ def parse_args(argv=None):
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Weight the denoising loss with Min-SNR-gamma (Hang et al., 2023; gamma = 5 there), as "
                         "diffusers' examples do: a baseline, not part of DeMe (default: unweighted, as the paper).")
-    g.add_argument("--channel_projection", choices=PLACEMENTS, default="foldable",
+    g.add_argument("--channel_projection", choices=PLACEMENTS, default=None,
                    help="foldable: identity-initialised C x C maps on conv outputs, folded into the convs on save "
                         "(a stock UNet, zero cost). official: maps after each down/mid/up block as the official "
                         "code; they cannot be folded, are saved in channel_projection.safetensors, which stock "
                         "from_pretrained ignores (utils.methods.channel_projection.attach_saved_projections "
                         "restores them). "
-                        "none: no maps.")
+                        "none: no maps (default: foldable on UNets, none on SD3 and Flux transformers).")
 
     training.add_optimisation_args(
         p, batch_size=64, batch_help="Batch per device (CIFAR-10: 64; LSUN/SD: 16 x 4 accumulation).",
@@ -160,15 +163,18 @@ def main(args):
     elif args.caption_column:
         raise UserError(f"--caption_column given, but {args.pretrained_model_name_or_path} is an unconditional "
                         "UNet2DModel pipeline")
+    # the model's own size for a pixel UNet; a latent model takes a multiple of its VAE factor (x 2: SD3, Flux)
+    resolution = family.check_resolution(args.pretrained_model_name_or_path, args.resolution, args.revision,
+                                         args.cache_dir)
+    placement = args.channel_projection or ("foldable" if family.channel_projections else "none")
+    if placement != "none" and not family.channel_projections:
+        raise UserError(f"--channel_projection {placement}: DeMe's channel maps go on UNet blocks; "
+                        f"{family.description} has a transformer: leave it out (none)")
+    family.options(args)  # another family's flags are refused (this script has none of SD3's and Flux's own)
     pipeline = family.load(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
-    if getattr(pipeline.unet.config, "num_class_embeds", None):
+    if getattr(getattr(pipeline, family.model_key).config, "num_class_embeds", None):
         raise UserError("class-conditional UNet2DModel pipelines are not supported; DeMe here trains unconditional "
-                        "DDPM and text-conditional Stable Diffusion UNets")
-    model_resolution = family(pipeline, "cpu").resolution
-    resolution = args.resolution or model_resolution
-    if resolution != model_resolution:
-        raise UserError(f"--resolution {resolution} does not match the model, which takes {model_resolution}x"
-                        f"{model_resolution} images")
+                        "DDPM and text-conditional UNets and transformers")
     if len(ds) < args.train_batch_size:
         raise UserError(f"dataset has {len(ds)} images, fewer than one batch of {args.train_batch_size}; "
                         "lower --train_batch_size")
@@ -183,8 +189,7 @@ def main(args):
     learning_rate = training.effective_learning_rate(args, state.num_processes)  # every range, resumed or not, the same
     if state.is_main_process:
         mark(args.output_dir, SCRIPT)
-        write_manifest(args.output_dir, args.pretrained_model_name_or_path, type(pipeline.unet).__name__, T,
-                       args.channel_projection, ranges)
+        write_manifest(args.output_dir, args.pretrained_model_name_or_path, family.model_class, T, placement, ranges)
 
     models = {}
     for index in [args.range_index] if args.range_index is not None else range(args.num_ranges):
@@ -193,15 +198,16 @@ def main(args):
             logger.info(f"range {index} {ranges[index]} is finished; skipping it", main_process_only=True)
             continue
         models[index] = train_range(args, index, ranges[index], pipeline, family, ds, image_column,
-                                    caption_column, resolution, learning_rate)
+                                    caption_column, resolution, learning_rate, placement)
     gc.collect()  # every range's DDP wrapper is gone before the group ends (see utils.infra.training.end_training)
     state.destroy_process_group()  # once, after the last range (each range's Accelerator shares the processes)
     return models
 
 
 def train_range(args, index, time_range, pipeline, family, ds, image_column, caption_column, resolution,
-                learning_rate):
-    """Fine-tune one copy on one timestep range and save it as a stock UNet in range_{index}/."""
+                learning_rate, placement):
+    """Fine-tune one copy on one timestep range and save it as a stock UNet (SD3, Flux: transformer) in
+    range_{index}/; `placement`: of the channel projections (--channel_projection, or the family's default)."""
     out = range_dir(args.output_dir, index)
     accelerator = training.make_accelerator(args, out, os.path.join(out, args.logging_dir))
     if not accelerator.is_local_main_process:
@@ -209,11 +215,12 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
     dtype = training.weight_dtype(accelerator)
     family = family(pipeline, accelerator.device, dtype, args.random_flip)
 
-    # pipeline.unet stays the untouched fp32 pre-trained model for every range. A frozen copy in the mixed-precision
-    # dtype gives the consistency targets; the trained copy is fp32 (autocast does the mixed precision).
-    frozen = training.freeze(copy.deepcopy(pipeline.unet), accelerator.device, dtype)
-    unet = copy.deepcopy(pipeline.unet).requires_grad_(True).train()
-    projections = add_projections(unet, args.channel_projection)
+    # the pipeline's denoiser stays the untouched fp32 pre-trained model for every range. A frozen copy in the
+    # mixed-precision dtype gives the consistency targets; the trained copy is fp32 (autocast does the mixed precision).
+    base = getattr(pipeline, family.model_key)
+    frozen = training.freeze(copy.deepcopy(base), accelerator.device, dtype)
+    unet = copy.deepcopy(base).requires_grad_(True).train()
+    projections = add_projections(unet, placement)
     unet.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -249,7 +256,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         first = ds.select_columns([caption_column])[: args.num_validation_images][caption_column]
         prompts = args.validation_prompts or [c[0] if isinstance(c, list) else c for c in first]
     logger.info(f"range {index}: t in [{lo}, {hi}) with probability {1 - args.global_sample_prob:g}, else [0, {T}); "
-                f"{total:,} parameters, {extra:,} in channel projections ({args.channel_projection}); "
+                f"{total:,} parameters, {extra:,} in channel projections ({placement}); "
                 f"steps {global_step} -> {length.max_train_steps}")
     logs = {}
     progress = tqdm(range(length.max_train_steps), initial=global_step, desc=f"range {index}",
@@ -276,7 +283,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             with training.averaged_weights(accelerator.unwrap_model(unet), ema) as model, accelerator.autocast():
                 images = family.sample(model, args.num_validation_images, args.validation_inference_steps,
-                                       args.seed, prompts)
+                                       args.seed, prompts, resolution)
             training.log_images(accelerator, "validation", images, global_step)
     progress.close()
 
@@ -290,20 +297,20 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
     if accelerator.is_main_process:
         with accelerator.autocast():
             images = family.sample(model, args.num_validation_images, args.validation_inference_steps, args.seed,
-                                   prompts)
+                                   prompts, resolution)
         training.log_images(accelerator, "final", images, global_step)
-    if args.channel_projection == "foldable":
+    if placement == "foldable":
         fold_projections(model)
-    official_maps = split_official_projections(model) if args.channel_projection == "official" else None
+    official_maps = split_official_projections(model) if placement == "official" else None
     if accelerator.is_main_process:
         model.save_pretrained(out)
         if official_maps:
             save_official_projections(official_maps, out)
         training.image_grid(images).save(os.path.join(out, "samples.png"))
         write_range_record(out, index, args.num_ranges, time_range, T, args.pretrained_model_name_or_path,
-                           args.channel_projection)
+                           placement)
         write_card(args, out, index, time_range, T, family, total, extra, logs, accelerator.mixed_precision,
-                   learning_rate, global_step)
+                   learning_rate, global_step, placement)
         if args.push_to_hub:
             repo = hub.push_folder(out, f"{hub.hub_repo_id(args.hub_model_id, args.output_dir, True, args.hub_token)}"
                                    f"-range-{index}", args.hub_token, args.hub_private_repo)
@@ -317,16 +324,16 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
 
 
 def write_card(args, out, index, time_range, T, family, total, extra, last_logs, mixed_precision, learning_rate,
-               steps):
+               steps, placement):
     """`mixed_precision`: the effective one (also when accelerate's config set it); `learning_rate` after
     --scale_lr; `steps`: the optimizer steps trained."""
     lo, hi = time_range
     hyper = {"range_index": f"{index} of {args.num_ranges}", "timesteps": f"[{lo}, {hi}) of [0, {T})",
              "global_sample_prob": args.global_sample_prob, "global_sample_mode": args.global_sample_mode,
              "consistency_weight": args.consistency_weight, "snr_gamma": args.snr_gamma,
-             "channel_projection": args.channel_projection,
+             "channel_projection": placement,
              "channel_projection_parameters": f"{extra:,} ({100 * extra / total:.2f}% of {total:,}; "
-                                              + ("folded into the convs" if args.channel_projection == "foldable"
+                                              + ("folded into the convs" if placement == "foldable"
                                                  else "not folded") + ")",
              "steps": steps, "train_batch_size": args.train_batch_size,
              "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": learning_rate,
@@ -336,11 +343,12 @@ def write_card(args, out, index, time_range, T, family, total, extra, last_logs,
     # pushed: <repo>-range-<i>; else the range's folder
     repo = f"{hub.hub_repo_id(args.hub_model_id, args.output_dir, True, args.hub_token)}-range-{index}" \
         if args.push_to_hub else out
+    key = family.model_key  # the pipeline argument: unet, or transformer (SD3, Flux)
     usage = f'''from diffusers import {pipe_class}, {model_class}
-unet = {model_class}.from_pretrained("{repo}")
-pipe = {pipe_class}.from_pretrained("{args.pretrained_model_name_or_path}", unet=unet)
+{key} = {model_class}.from_pretrained("{repo}")
+pipe = {pipe_class}.from_pretrained("{args.pretrained_model_name_or_path}", {key}={key})
 image = {call}.images[0]'''
-    if args.channel_projection == "official":
+    if placement == "official":
         usage += ('\n# official placement: re-attach the channel maps (stock loading leaves them out)\n'
                   'from utils.methods.channel_projection import attach_saved_projections  # this project\'s code\n'
                   f'attach_saved_projections(unet, "<local folder of {repo}>")')

@@ -19,8 +19,10 @@ Measured:
 - Diff-Tuning step / standard fine-tuning step, same model and batch, both on cached latents (target <= 1.03:
   the split adds no FLOPs);
 - standard step encoding with the VAE every step / standard step on cached latents;
-- text-to-image (`--text_to_image`): Diff-Tuning step / standard step with LoRA, same model and batch (target
-  <= 1.03; bank rows come as stored latents, data rows through the VAE, so a Diff-Tuning step encodes fewer images);
+- text-to-image (`--text_to_image`): Diff-Tuning step / standard step with LoRA, same model and the same rows per
+  step (--batch_size: standard's data rows, Diff-Tuning's half data and half bank, since the script's
+  --train_batch_size counts data rows and adds the bank's; target <= 1.03; bank rows come as stored latents, data
+  rows through the VAE, so a Diff-Tuning step encodes fewer images);
 - ControlNet (`--controlnet`): the same ratio for the ControlNet script (target <= 1.03; bank controls are decoded
   from the bank's PNGs and, on SD3 and Flux, VAE-encoded every step, as data controls are);
 - memory-bank generation (`utils.methods.memory_bank.generate_shards`) / calling the stock DiTPipeline for the same
@@ -102,14 +104,16 @@ def small_text_to_image(a, tmp) -> tuple[str, list[str], str]:
     return f"{tmp}/sd", [], "SDXL" if a.sdxl else "Stable Diffusion"
 
 
-def interleaved_ratio(a, base, tmp, script, label, extra=()) -> None:
-    """Diff-Tuning / standard step of `script` with the flags `base`, --repeats interleaved pairs, as a table."""
-    timed_run([*base, "--output_dir", f"{tmp}/warm"], 1, script)  # builds the bank once
+def interleaved_ratio(a, base, tmp, script, label, batch_flags: dict | None = None) -> None:
+    """Diff-Tuning / standard step of `script` with the flags `base` (and each kind's `batch_flags`, so that both
+    steps see the same number of rows), --repeats interleaved pairs, as a table."""
+    batch_flags = batch_flags or {}
+    timed_run([*base, *batch_flags.get("diff_tuning", []), "--output_dir", f"{tmp}/warm"], 1, script)  # the bank
     times = {"standard": [], "diff_tuning": []}
     for r in range(a.repeats):
         for kind in ("standard", "diff_tuning") if r % 2 == 0 else ("diff_tuning", "standard"):
-            times[kind].append(timed_run([*base, "--method", kind, "--output_dir", f"{tmp}/{kind}-{r}"],
-                                         a.steps, script)[0])
+            times[kind].append(timed_run([*base, *batch_flags.get(kind, []), "--method", kind, "--output_dir",
+                                          f"{tmp}/{kind}-{r}"], a.steps, script)[0])
     ratio = [d / s for d, s in zip(times["diff_tuning"], times["standard"])]
     print(f"\n{label}, batch {a.batch_size}, resolution {a.resolution}, {a.steps} timed steps per run, mixed "
           f"precision {a.mixed_precision}; {a.repeats} interleaved repeats; median (range)\n")
@@ -128,12 +132,16 @@ def text_to_image(a, tmp):
     model, extra, name = small_text_to_image(a, tmp)
     data = write_captioned_folder(*sklearn_digits(), f"{tmp}/captioned", limit=256, size=a.resolution)
     base = ["--pretrained_model_name_or_path", model, "--dataset", data, "--resolution", str(a.resolution),
-            "--train_batch_size", str(a.batch_size), "--validation_steps", "0", "--num_validation_images", "1",
+            "--validation_steps", "0", "--num_validation_images", "1",
             "--validation_inference_steps", "1", "--checkpointing_steps", "100000", "--report_to", "none",
             "--skip_image_check", "--mixed_precision", a.mixed_precision, "--memory_bank", f"{tmp}/t2i-bank",
             "--memory_bank_size", "64", "--memory_bank_inference_steps", "5", "--dataloader_num_workers",
             str(a.num_workers), *extra]
-    interleaved_ratio(a, base, f"{tmp}/t2i", t2i, f"text-to-image ({name}), LoRA rank 4")
+    # the script's --train_batch_size counts data rows and Diff-Tuning adds as many bank rows (ratio 0.5): both
+    # steps see --batch_size rows only if Diff-Tuning gets half of them as data
+    rows = {"standard": ["--train_batch_size", str(a.batch_size)],
+            "diff_tuning": ["--train_batch_size", str(a.batch_size // 2)]}
+    interleaved_ratio(a, base, f"{tmp}/t2i", t2i, f"text-to-image ({name}), LoRA rank 4", rows)
 
 
 def controlnet(a, tmp):

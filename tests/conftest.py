@@ -21,6 +21,8 @@ from fixtures.small_dit import build_pipeline  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{beside.MARK}: runs a command line in new processes (a second pytest runs "
                                        "these beside the others; fixtures/beside.py)")
+    config.addinivalue_line("markers", f"{beside.BALANCE}: in-process tests the second pytest runs too, so that both "
+                                       "sessions take about as long (fixtures/beside.py)")
     if os.environ.get(beside.REPORT_ENV):
         config.pluginmanager.register(beside.Recorder(os.environ[beside.REPORT_ENV]))
 

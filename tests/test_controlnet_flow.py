@@ -36,6 +36,8 @@ from utils.families.flux import Flux
 from utils.families.sd3 import StableDiffusion3
 from utils.methods.diff_tuning import DiffTuning
 
+pytestmark = pytest.mark.beside  # run in the second pytest: balances the two cores (fixtures/beside.py)
+
 TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--memory_bank_batch_size", "4",
         "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2", "--num_validation_samples", "4",
         "--num_validation_images", "4", "--validation_steps", "2", "--checkpointing_steps", "2",

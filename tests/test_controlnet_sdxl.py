@@ -17,6 +17,8 @@ import train_diff_tuning_controlnet as script
 from fixtures.in_process import run_script
 from fixtures.testing import bank_of_a_first_run, cli_error, resume_matches_uninterrupted, run_main
 
+pytestmark = pytest.mark.beside  # run in the second pytest: balances the two cores (fixtures/beside.py)
+
 TINY = ["--resolution", "16", "--train_batch_size", "4", "--memory_bank_size", "8", "--memory_bank_batch_size", "4",
         "--memory_bank_inference_steps", "2", "--validation_inference_steps", "2", "--num_validation_samples", "4",
         "--num_validation_images", "4", "--validation_steps", "2", "--checkpointing_steps", "2",

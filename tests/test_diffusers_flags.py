@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 import train_diff_tuning_text_to_image as script
 from fixtures.testing import LORA_FILE, TEXT_TO_IMAGE_TINY, cli_error, run_main
 
+pytestmark = pytest.mark.beside  # run in the second pytest: balances the two cores (fixtures/beside.py)
+
 STANDARD = [*TEXT_TO_IMAGE_TINY, "--method", "standard", "--validation_steps", "0"]
 
 

@@ -35,6 +35,8 @@ from utils.families.base import Rows
 from utils.families.flux import FLUX_LORA_TARGETS, Flux
 from utils.methods.diff_tuning import DiffTuning
 
+pytestmark = pytest.mark.beside  # run in the second pytest: balances the two cores (fixtures/beside.py)
+
 TINY = [*TEXT_TO_IMAGE_TINY, "--max_sequence_length", "16"]
 
 

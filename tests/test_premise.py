@@ -116,6 +116,7 @@ def test_a_pipeline_of_another_family_is_refused(tiny_ddpm_dir, digits_dir, tmp_
     message = cli_error(script, ["--pretrained_model_name_or_path", tiny_ddpm_dir, "--dataset", digits_dir,
                                  "--output_dir", str(tmp_path / "out")])
     assert "check_premise.py takes a class-conditional DiTPipeline or a Stable Diffusion" in message
+    assert "or a Flux pipeline" in message
 
 
 def test_help_documents_every_flag():
@@ -139,3 +140,56 @@ def test_the_home_cost_can_come_from_real_images_of_the_source_domain(small_sour
     assert "--source_dataset has 3 image(s); the check needs 64" in cli_error(script, [
         "--pretrained_model_name_or_path", model, "--dataset", mnist, "--output_dir", str(tmp_path / "n"),
         "--num_images", "32", "--source_dataset", str(few.parent)])
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory):
+    from fixtures.small_unet import build_flux_pipeline
+
+    path = tmp_path_factory.mktemp("premise_flux")
+    build_flux_pipeline(str(path / "src")).save_pretrained(path / "pipe")
+    return str(path / "pipe")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_text_to_image_families_are_checked_with_their_own_samples_and_sampler(kind, tiny_sdxl_dir, tiny_sd3_dir,
+                                                                              tiny_flux_dir, digits_dir, tmp_path):
+    """A tiny SDXL, SD3 or Flux (random weights): its own prompted samples, the error per noise-level bucket and
+    the hand-off on its own schedule, all finite, the report naming the family."""
+    model = {"sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "flux": tiny_flux_dir}[kind]
+    report = run_script(script, ["--pretrained_model_name_or_path", model, "--dataset", digits_dir, "--output_dir",
+                                 str(tmp_path / "out"), "--num_images", "4", "--num_inference_steps", "4",
+                                 "--resolution", "16", "--batch_size", "4", "--feature_extractor", TEST_EXTRACTOR,
+                                 "--handoff_fractions", "0.5"])
+    assert report["family"] == {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3", "flux": "flux"}[kind]
+    values = [*report["error_on_your_images"], *report["error_on_its_own_samples"], report["fid_your_images"],
+              *report["fid_after_handoff"].values()]
+    assert len(report["error_ratio"]) == 4 and all(np.isfinite(values))
+    assert json.loads((tmp_path / "out" / "premise.json").read_text())["family"] == report["family"]
+
+
+def test_flow_buckets_count_from_the_data_and_the_hand_off_uses_the_pipelines_schedule(tiny_flux_dir):
+    """Under flow matching bucket k is the k-th smallest sigma (scheduler index 0 is the noisiest), and the hand-off
+    schedule is FluxPipeline's own (sigmas 1 .. 1/N shifted by mu of the packed sequence length)."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    from utils.diffusion.forward_process import forward_process
+    from utils.families.flux import Flux
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    family = Flux.from_pipeline(pipe, "cpu")
+    process = forward_process(family.scheduler)
+    sigma = process.sigmas[process.index_from_data_side(torch.tensor([0, 999]))]
+    assert sigma[0] == process.sigmas.min() and sigma[1] == process.sigmas.max()
+    scheduler = family.handoff_scheduler(4, (1, 4, 8, 8))
+    config = pipe.scheduler.config
+    want, _ = retrieve_timesteps(type(pipe.scheduler).from_config(config), 4, "cpu", sigmas=np.linspace(1, 1 / 4, 4),
+                                 mu=calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len,
+                                                    config.base_shift, config.max_shift))
+    torch.testing.assert_close(scheduler.timesteps, want)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    null = family.null_condition(2)
+    small = script.hand_off(family, pipe.transformer, latents, null, 0.25, 4, 0, 2)
+    large = script.hand_off(family, pipe.transformer, latents, null, 1.0, 4, 0, 2)
+    assert small.shape == latents.shape and (small - latents).abs().mean() < (large - latents).abs().mean()

@@ -54,6 +54,11 @@ class DDPMProcess:
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(x0, noise, index)
 
+    @staticmethod
+    def index_from_data_side(k: torch.Tensor) -> torch.Tensor:
+        """The index of the k-th least noisy timestep (DDPM: t = k)."""
+        return k
+
     def model_timesteps(self, index: torch.Tensor) -> torch.Tensor:
         return index
 
@@ -98,6 +103,10 @@ class FlowMatchingProcess:
     def _sigma(self, index: torch.Tensor, ndim: int, like: torch.Tensor) -> torch.Tensor:
         sigma = self.sigmas.to(like.device)[index.to(like.device)]
         return sigma.reshape(-1, *([1] * (ndim - 1))).to(like.dtype)
+
+    def index_from_data_side(self, k: torch.Tensor) -> torch.Tensor:
+        """The index of the k-th smallest sigma (index 0 is the noisiest)."""
+        return self.num_timesteps - 1 - k
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         sigma = self._sigma(index, x0.ndim, x0)

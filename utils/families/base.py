@@ -143,13 +143,44 @@ class Family:
         """(dataset, collate_fn): the bank as its loader reads it, a batch of rows at a time."""
         raise NotImplementedError(f"{self.description} has no memory bank")
 
-    def null_condition(self, n: int) -> dict:
-        """The null condition of n rows, before `encode` (the class-free branch of guidance)."""
+    def null_condition(self, n: int, resolution: int | None = None) -> dict:
+        """The null condition of n rows, before `encode` (the class-free branch of guidance); `resolution`: the
+        images' size, for a family whose condition records it (SDXL's size ids; default: the model's own)."""
         raise NotImplementedError
 
     def drop_condition(self, rows: Rows, mask: torch.Tensor) -> Rows:
         """The null condition where `mask` holds (classifier-free guidance dropout)."""
         return rows
+
+    # ---- latents for the evaluation commands (latent families: `self.vae`)
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen VAE's posterior moments of pixels in [-1, 1]."""
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+
+    def mean_latents(self, moments: torch.Tensor) -> torch.Tensor:
+        """The model's x_0 of the posterior mean (no draw): (mean - shift_factor) x scaling_factor, as `x0` scales a
+        draw (the shift is SD3's and Flux's)."""
+        config = self.vae.config
+        return (moments.chunk(2, dim=1)[0] - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """x_0 latents back to NCHW images in [0, 1] through the frozen VAE."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        return (self.vae.decode(latents.to(self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def handoff_scheduler(self, num_steps: int, latent_shape: tuple):
+        """The family's sampler set to `num_steps` steps, for finishing noised latents (DDIM on DDPM families; SD3
+        and Flux: their flow-matching Euler sampler, as their pipelines set it)."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler
+
+    def noised_to(self, scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 noised to sampling timestep `t` of `scheduler` (from `handoff_scheduler`)."""
+        return self.scheduler.add_noise(x0, noise, t.expand(len(x0)))
 
     def x0(self, x: torch.Tensor, generator) -> torch.Tensor:
         """x_0 from the rows' `x`: pixels as they are (latent families sample from the stored posterior)."""

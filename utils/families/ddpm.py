@@ -5,9 +5,10 @@ samples for validation, so training and the merge-weight search compute the same
 import os
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
 from ..infra.data import to_tensor
+from ..infra.errors import UserError
 from .base import Family, Rows
 
 # diffusers' epsilon/v-prediction examples' objective flags (`add_objective_args`): a flow-matching family refuses them
@@ -23,6 +24,8 @@ class UNetFamily(Family):
     """Shared by the two UNet families: rows of `pixel_values` in [-1, 1] (flipped with the run's generator)."""
 
     model_class = pipeline_class = tag = ""
+    model_key = "unet"  # the pipeline's attribute (and subfolder) of the denoiser
+    channel_projections = True  # DeMe's channel maps go on its UNet blocks (utils.methods.channel_projection)
     bank_batch_size = 8  # generation batch of a memory bank
     example_call = ""  # how the card's usage calls the pipeline
     collate = None  # the loader's collate_fn of `transform`'s rows (None: torch's default)
@@ -75,7 +78,7 @@ class UNetFamily(Family):
         return unet.config.sample_size
 
     @torch.no_grad()
-    def sample(self, unet, num_images: int, num_inference_steps: int, seed: int, prompts=None):
+    def sample(self, unet, num_images: int, num_inference_steps: int, seed: int, prompts=None, resolution=None):
         """NHWC images in [0, 1]."""
         generator = torch.Generator(self.device).manual_seed(seed)
         return self.sampling_pipeline(unet)(batch_size=num_images, num_inference_steps=num_inference_steps,
@@ -91,9 +94,24 @@ class DDPMUNet(UNetFamily):
     def matches(cls, index: dict) -> bool:
         return unet_class(index) == "UNet2DModel"
 
+    @classmethod
+    def check_resolution(cls, name, resolution, revision=None, cache_dir=None) -> int:
+        """A pixel-space UNet takes its own size only (the default)."""
+        try:
+            config = UNet2DModel.load_config(name, subfolder="unet", revision=revision, cache_dir=cache_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {cls.description} from {name!r}: {str(e).strip().splitlines()[0]}") from e
+        size = config["sample_size"]
+        if resolution is not None and resolution != size:
+            raise UserError(f"--resolution {resolution} does not match the model, which takes {size}x{size} images")
+        return size
 
 
 
-def unet_weights_folder(path: str) -> str:
-    """The folder holding a UNet's config and weights: `path/unet` for a pipeline folder, else `path`."""
-    return os.path.join(path, "unet") if os.path.exists(os.path.join(path, "model_index.json")) else path
+
+def denoiser_weights_folder(path: str) -> str:
+    """The folder holding a denoiser's config and weights: `path/unet` (or `path/transformer`: SD3, Flux) for a
+    pipeline folder, else `path`."""
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        return path
+    return os.path.join(path, "unet" if os.path.isdir(os.path.join(path, "unet")) else "transformer")

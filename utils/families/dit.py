@@ -127,7 +127,7 @@ class DiT(Family):
             return ArrowBatches(ds, ["labels", "latent_moments", "latent_moments_flipped"]), as_batch
         return ds.with_transform(image_transform(image_column, "labels", resolution)), None
 
-    def null_condition(self, n: int) -> dict:
+    def null_condition(self, n: int, resolution: int | None = None) -> dict:
         return {"class_labels": torch.full((n,), self.null_class)}
 
     def _moments(self, batch, n, generator):

@@ -108,6 +108,22 @@ class Flux(StableDiffusion3):
         return options
 
     @classmethod
+    def from_pipeline(cls, pipeline, device, **options) -> "Flux":
+        return cls(pipeline, device, **{"center_crop": True, **options})
+
+    def handoff_scheduler(self, num_steps, latent_shape):
+        """FluxPipeline's schedule: sigmas 1 .. 1/N shifted by mu of the image's packed sequence length."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        config = scheduler.config
+        mu = calculate_shift((latent_shape[-2] // 2) * (latent_shape[-1] // 2), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        return scheduler
+
+    @classmethod
     def sampling_kwargs(cls, options: dict) -> dict:
         return {"max_sequence_length": options.get("max_sequence_length", FLUX_MAX_SEQUENCE_LENGTH)}
 

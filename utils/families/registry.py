@@ -13,9 +13,9 @@ from .stable_diffusion import StableDiffusion
 
 TEXT_TO_IMAGE = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux]  # train_diff_tuning_text_to_image.py
 CONTROLNET_BASES = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux]  # a ControlNet can follow them
-DEME = [DDPMUNet, StableDiffusion]  # train_deme.py, merge_timestep_models.py
+DEME = [DDPMUNet, *TEXT_TO_IMAGE]  # train_deme.py, merge_timestep_models.py
 MEMORY_BANKS = [DiT, *TEXT_TO_IMAGE]  # generate_memory_bank.py
-PREMISE = [DiT, StableDiffusion]  # check_premise.py
+PREMISE = [DiT, *TEXT_TO_IMAGE]  # check_premise.py
 
 COMMANDS = {"train_diff_tuning_dit.py": [DiT], "train_diff_tuning_text_to_image.py": TEXT_TO_IMAGE,
             "train_diff_tuning_controlnet.py": CONTROLNET_BASES, "train_deme.py": DEME, "check_premise.py": PREMISE,

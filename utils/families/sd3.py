@@ -54,6 +54,7 @@ class StableDiffusion3(StableDiffusion):
     controlnet_pipeline, controlnet_class_name = "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel"
     controlnet_image_arg, controlnet_interpolation = "control_image", "bilinear"
     controlnet_layers = 12  # SD3ControlNetModel.from_transformer's default, as the example calls it
+    channel_projections = False  # DeMe's channel maps are defined on UNet blocks; a transformer has none
     image_interpolation, flip_before_crop = "bilinear", True  # train_dreambooth_lora_sd3.py's preprocessing
 
     def __init__(self, pipeline, device, dtype=torch.float32, random_flip: bool = False, bank_condition: str = "empty",
@@ -90,6 +91,20 @@ class StableDiffusion3(StableDiffusion):
         precondition = getattr(args, "precondition_outputs", None)
         return {"max_sequence_length": length, "precondition_outputs": True if precondition is None
                 else bool(precondition)}
+
+    @classmethod
+    def from_pipeline(cls, pipeline, device, **options) -> "StableDiffusion3":
+        """For commands that evaluate rather than train: centre crops, and the model's own output (the velocity)
+        scored against its own target, noise - x_0 (no preconditioning)."""
+        return cls(pipeline, device, **{"center_crop": True, "precondition_outputs": False, **options})
+
+    def handoff_scheduler(self, num_steps, latent_shape):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler
+
+    def noised_to(self, scheduler, x0, noise, t):
+        return scheduler.scale_noise(x0, t.expand(len(x0)), noise)
 
     @classmethod
     def sampling_kwargs(cls, options: dict) -> dict:

@@ -142,6 +142,12 @@ class StableDiffusionXL(StableDiffusion):
         return Rows(moments, {"input_ids": ids.to(self.device), "time_ids": self.time_ids(square, resolution)
                               .to(self.device)})
 
+    def null_condition(self, n: int, resolution: int | None = None) -> dict:
+        """The empty prompt with the size ids of a square image at `resolution` (default: the UNet's), uncropped."""
+        resolution = resolution or self.resolution
+        square = torch.tensor([[resolution, resolution, 0, 0]]).expand(n, 4)
+        return {**super().null_condition(n), "time_ids": self.time_ids(square, resolution).to(self.device)}
+
     def drop_condition(self, rows, mask) -> Rows:
         ids = torch.where(mask[:, None, None], self.empty_ids.to(self.device), rows.cond["input_ids"])
         return Rows(rows.x, {**rows.cond, "input_ids": ids})

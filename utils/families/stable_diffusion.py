@@ -131,7 +131,7 @@ class StableDiffusion(UNetFamily):
         """Stored moments and each row's prompt tokens."""
         return PromptBankRows(bank, self.tokenize), as_batch
 
-    def null_condition(self, n: int) -> dict:
+    def null_condition(self, n: int, resolution: int | None = None) -> dict:
         return {"input_ids": self.empty_ids.expand(n, *self.empty_ids.shape[1:])}
 
     @staticmethod
@@ -383,11 +383,13 @@ class StableDiffusion(UNetFamily):
         return pipe
 
     @torch.no_grad()
-    def sample(self, unet, num_images, num_inference_steps, seed, prompts=None):
+    def sample(self, unet, num_images, num_inference_steps, seed, prompts=None, resolution=None):
+        """NHWC images in [0, 1] of prompt i mod P, at `resolution` (default: the model's own)."""
         generator = torch.Generator(self.device).manual_seed(seed)
         prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        size = resolution or self.resolution
         return self.sampling_pipeline(unet)(prompts, num_inference_steps=num_inference_steps, generator=generator,
-                                            output_type="np", height=self.resolution, width=self.resolution,
+                                            output_type="np", height=size, width=size,
                                             **self.pipeline_kwargs).images
 
 

@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..diffusion.forward_process import forward_process
-from ..diffusion.losses import DenoisingBatch, compose_batch, epsilon_mse
+from ..diffusion.losses import DenoisingBatch, compose_batch
 from ..infra.outputs import write_json_atomically
 
 GLOBAL_SAMPLE_MODES = ("sample", "batch")
@@ -85,9 +85,10 @@ class DeMeLoss:
         """x_0 (flipped with --random_flip), t from the range sampler, the noise and the target."""
         data = family.rows(rows, generator)
         x0 = family.x0(data.x, generator)
-        index = self.sampler.sample(len(x0), generator, family.device)
-        return compose_batch(forward_process(family.scheduler, snr_gamma=self.snr_gamma), family, x0, data.cond,
-                             index, generator)
+        process = forward_process(family.scheduler, snr_gamma=self.snr_gamma)
+        # ranges count from the data side: DDPM's t, flow matching's smallest sigma first
+        index = process.index_from_data_side(self.sampler.sample(len(x0), generator, family.device))
+        return compose_batch(process, family, x0, data.cond, index, generator)
 
     def __call__(self, family, net, frozen, rows: dict, generator) -> tuple[torch.Tensor, dict]:
         b = self.batch(family, rows, generator)
@@ -96,7 +97,7 @@ class DeMeLoss:
             with torch.no_grad():
                 reference = family.predict(frozen, b.noisy.to(self.dtype), b.timesteps, b.cond)
         pred = family.predict(net, b.noisy, b.timesteps, b.cond).float()
-        per_sample = epsilon_mse(pred, b.target)  # per-sample MSE, any target
+        per_sample = family.prediction_loss(pred, b)  # per-sample MSE on the family's target (SD3: preconditioned)
         if b.loss_weights is not None:  # Min-SNR-gamma (--snr_gamma)
             per_sample = per_sample * b.loss_weights
         loss_denoise = per_sample.mean()
@@ -118,7 +119,7 @@ def range_losses(family, unet, batches, ranges, seed: int = 0) -> list[float]:
             data = family.rows(batch, g)
             x0 = family.x0(data.x, g)
             t = torch.randint(lo, hi, (len(x0),), generator=g, device=family.device)
-            b = compose_batch(process, family, x0, data.cond, t, g)
+            b = compose_batch(process, family, x0, data.cond, process.index_from_data_side(t), g)
             pred = family.predict(unet, b.noisy, b.timesteps, b.cond)
             total += (pred.float() - b.target.float()).pow(2).mean().item() * len(x0)
             count += len(x0)
