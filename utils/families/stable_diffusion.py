@@ -225,6 +225,17 @@ class StableDiffusion(UNetFamily):
         return self.pipeline.unet.config.sample_size * vae_scale_factor(self.vae)
 
     @classmethod
+    def evaluation_pipeline(cls, unet, parts: dict):
+        """evaluate_fid.py's sampler: the pipeline (`parts["pipeline"]`) with `unet` and its validation sampler
+        (DDIM; SD3 and Flux their flow-matching Euler scheduler)."""
+        pipeline = parts["pipeline"]
+        return cls.sampler_from(pipeline, cls.sampling_scheduler(pipeline), unet)
+
+    @staticmethod
+    def image_size(unet, parts: dict) -> int:
+        return parts["resolution"]
+
+    @classmethod
     def from_pipeline(cls, pipeline, device, **options) -> "StableDiffusion":
         """For commands that evaluate rather than train: no flips, centre crops."""
         return cls(pipeline, device, **{"center_crop": True, **options})

@@ -19,16 +19,22 @@ def balanced_classes(classes, start: int, count: int):
 
 @torch.no_grad()
 def generate(pipe, num_samples: int, batch_size: int, num_inference_steps: int, seed: int, device, classes=None,
-             guidance_scale: float = 1.0, desc: str = "sampling"):
-    """Yield NCHW float images in [0, 1], batch by batch (batch b seeded with seed + b), from a DDIM pipeline (a
-    family's `evaluation_pipeline`). With `classes` (a class-conditional pipeline) images cycle through them, with
-    classifier-free guidance `guidance_scale`."""
+             guidance_scale: float = 1.0, desc: str = "sampling", prompts=None, resolution: int | None = None,
+             pipeline_kwargs: dict | None = None):
+    """Yield NCHW float images in [0, 1], batch by batch (batch b seeded with seed + b), from a family's
+    `evaluation_pipeline` (DDIM; text-to-image families their own sampler). With `classes` (a class-conditional
+    pipeline) images cycle through them, with classifier-free guidance `guidance_scale`; with `prompts` (a
+    text-to-image pipeline) image i is of prompt i mod P at `resolution`, with the pipeline's guidance."""
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for b, start in enumerate(tqdm(range(0, num_samples, batch_size), desc=desc)):
         n = min(batch_size, num_samples - start)
         generator = torch.Generator(device).manual_seed(seed + b)
-        inputs = ({"class_labels": balanced_classes(classes, start, n), "guidance_scale": guidance_scale}
-                  if classes is not None else {"batch_size": n})
+        if prompts is not None:
+            inputs = {"prompt": balanced_classes(prompts, start, n), "guidance_scale": guidance_scale,
+                      "height": resolution, "width": resolution, **(pipeline_kwargs or {})}
+        else:
+            inputs = ({"class_labels": balanced_classes(classes, start, n), "guidance_scale": guidance_scale}
+                      if classes is not None else {"batch_size": n})
         images = pipe(**inputs, num_inference_steps=num_inference_steps, generator=generator, output_type="np").images
         yield torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
