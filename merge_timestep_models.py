@@ -84,7 +84,10 @@ def parse_args(argv=None):
     g.add_argument("--validation_dataset", default=None, help="Held-out images (same forms as --dataset elsewhere).")
     g.add_argument("--validation_split", default="train", help="Split of the validation dataset.")
     g.add_argument("--image_column", default=None, help="Image column of the validation dataset.")
-    g.add_argument("--caption_column", default=None, help="Caption column (Stable Diffusion).")
+    g.add_argument("--caption_column", default=None, help="Caption column (text-to-image pipelines).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3 and Flux: T5 tokens per caption of the search's held-out rows (default: 77 for SD3, 512 "
+                        "for Flux).")
     g.add_argument("--validation_batches", type=int, default=4, help="Batches scored per range and candidate.")
     g.add_argument("--validation_batch_size", type=int, default=32, help="Images per validation batch.")
     g.add_argument("--feature_extractor", default="inception",
@@ -171,7 +174,8 @@ def main(args):
                             "FID needs a prompt set)")
         pipeline = family.load(base_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        family = family.from_pipeline(pipeline, device)  # no flips: every candidate sees the same held-out images
+        # no flips: every candidate sees the same held-out images
+        family = family.from_pipeline(pipeline, device, **family.options(args))
         if fid:
             metric = fid_reference(args, extractor, family)
         else:

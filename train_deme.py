@@ -78,6 +78,9 @@ def parse_args(argv=None):
     g.add_argument("--dataset_config_name", default=None, help="Config of a Hub dataset.")
     g.add_argument("--train_split", default="train", help="Split to train on.")
     g.add_argument("--image_column", default=None, help="Image column (default: the only Image column, or 'image').")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3 and Flux: T5 tokens per caption (default: 77 for SD3, 512 for Flux, as diffusers' "
+                        "scripts).")
     g.add_argument("--caption_column", default=None,
                    help="Caption column, Stable Diffusion only (default: 'text' or 'caption').")
     g.add_argument("--cache_dir", default=None, help="Where downloaded datasets and models are cached.")
@@ -170,7 +173,7 @@ def main(args):
     if placement != "none" and not family.channel_projections:
         raise UserError(f"--channel_projection {placement}: DeMe's channel maps go on UNet blocks; "
                         f"{family.description} has a transformer: leave it out (none)")
-    family.options(args)  # another family's flags are refused (this script has none of SD3's and Flux's own)
+    options = family.options(args)  # its own flags (SD3's and Flux's T5 length); another family's are refused
     pipeline = family.load(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     if getattr(getattr(pipeline, family.model_key).config, "num_class_embeds", None):
         raise UserError("class-conditional UNet2DModel pipelines are not supported; DeMe here trains unconditional "
@@ -198,14 +201,14 @@ def main(args):
             logger.info(f"range {index} {ranges[index]} is finished; skipping it", main_process_only=True)
             continue
         models[index] = train_range(args, index, ranges[index], pipeline, family, ds, image_column,
-                                    caption_column, resolution, learning_rate, placement)
+                                    caption_column, resolution, learning_rate, placement, options)
     gc.collect()  # every range's DDP wrapper is gone before the group ends (see utils.infra.training.end_training)
     state.destroy_process_group()  # once, after the last range (each range's Accelerator shares the processes)
     return models
 
 
 def train_range(args, index, time_range, pipeline, family, ds, image_column, caption_column, resolution,
-                learning_rate, placement):
+                learning_rate, placement, options):
     """Fine-tune one copy on one timestep range and save it as a stock UNet (SD3, Flux: transformer) in
     range_{index}/; `placement`: of the channel projections (--channel_projection, or the family's default)."""
     out = range_dir(args.output_dir, index)
@@ -213,7 +216,7 @@ def train_range(args, index, time_range, pipeline, family, ds, image_column, cap
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
     dtype = training.weight_dtype(accelerator)
-    family = family(pipeline, accelerator.device, dtype, args.random_flip)
+    family = family(pipeline, accelerator.device, dtype, args.random_flip, **options)
 
     # the pipeline's denoiser stays the untouched fp32 pre-trained model for every range. A frozen copy in the
     # mixed-precision dtype gives the consistency targets; the trained copy is fp32 (autocast does the mixed precision).

@@ -103,6 +103,15 @@ def tiny_sd3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    from fixtures.small_unet import build_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_flux")
+    build_flux_pipeline(str(path / "src")).save_pretrained(path / "pipe")
+    return str(path / "pipe")
+
+
+@pytest.fixture(scope="session")
 def captioned_digits_dir(tmp_path_factory):
     """64 sklearn digits as an image folder with a metadata.jsonl `text` caption each ("a digit seven")."""
     import json

@@ -70,6 +70,20 @@ def banks(bases, control_digits_dir, tmp_path_factory):
                                       tmp_path_factory.mktemp(f"{kind}_cn_bank")) for kind in ("sd3", "flux")}
 
 
+def one_standard_batch(text, pipe):
+    """(family, core, controls, batch): the ControlNet family on `text`, standard training at the examples'
+    logit-normal density, and one composed batch of two fixed rows (random images and controls)."""
+    family = ControlNetOnSD(text, text.scheduler, pipe.transformer, "a bank prompt", contextlib.nullcontext,
+                            torch.float32, 16, "canny")
+    controls = torch.rand(2, 3, 16, 16)
+    rows = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "conditioning_pixel_values": controls,
+            "captions": ["a digit one", "a digit two"]}
+    core = DiffTuning(text.scheduler, method="standard", batch_size=2,
+                      process=FlowMatchingProcess(text.scheduler, "logit_normal"))
+    family.rows = (lambda real: lambda data, generator: real(rows, generator))(family.rows)
+    return family, core, controls, core.batch(family, {}, None, torch.Generator().manual_seed(0))
+
+
 def test_the_sd3_controlnet_loss_is_the_examples(bases):
     """train_controlnet_sd3.py's step written out: the control's latents (z - shift) x scale from the [0, 1] control,
     the ControlNet's block samples into the transformer, the output preconditioned (x - sigma v against x_0)."""
@@ -77,15 +91,7 @@ def test_the_sd3_controlnet_loss_is_the_examples(bases):
     text = StableDiffusion3(pipe, "cpu", max_sequence_length=16)
     controlnet = text.new_controlnet()
     assert controlnet.config.num_layers == 1 and controlnet.config.extra_conditioning_channels == 0
-    family = ControlNetOnSD(text, text.scheduler, pipe.transformer, "a bank prompt", contextlib.nullcontext,
-                            torch.float32, 16, "canny")
-    controls = torch.rand(2, 3, 16, 16)
-    batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "conditioning_pixel_values": controls,
-             "captions": ["a digit one", "a digit two"]}
-    core = DiffTuning(text.scheduler, method="standard", batch_size=2,
-                      process=FlowMatchingProcess(text.scheduler, "logit_normal"))
-    family.rows = (lambda real: lambda data, generator: real(batch, generator))(family.rows)
-    b = core.batch(family, {}, None, torch.Generator().manual_seed(0))
+    family, core, controls, b = one_standard_batch(text, pipe)
     config = pipe.vae.config  # the control's latents: (latent_dist.sample() - shift) x scale of the [0, 1] control
     posterior = DiagonalGaussianDistribution(pipe.vae.encode(controls).latent_dist.parameters)
     torch.testing.assert_close(text.control_input(controls, torch.Generator().manual_seed(5)), (posterior.sample(
@@ -112,16 +118,8 @@ def test_the_flux_controlnet_loss_is_the_examples(bases):
     text = Flux(pipe, "cpu", max_sequence_length=16, controlnet_layers=(1, 1))
     controlnet = text.new_controlnet()
     assert (controlnet.config.num_layers, controlnet.config.num_single_layers) == (1, 1)
-    family = ControlNetOnSD(text, text.scheduler, pipe.transformer, "a bank prompt", contextlib.nullcontext,
-                            torch.float32, 16, "canny")
+    family, core, controls, b = one_standard_batch(text, pipe)
     assert family.interpolation == "lanczos"  # train_controlnet_flux.py's default
-    controls = torch.rand(2, 3, 16, 16)
-    batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "conditioning_pixel_values": controls,
-             "captions": ["a digit one", "a digit two"]}
-    core = DiffTuning(text.scheduler, method="standard", batch_size=2,
-                      process=FlowMatchingProcess(text.scheduler, "logit_normal"))
-    family.rows = (lambda real: lambda data, generator: real(batch, generator))(family.rows)
-    b = core.batch(family, {}, None, torch.Generator().manual_seed(0))
     config = pipe.vae.config  # the control in [-1, 1] (the example normalises it), VAE-encoded and drawn
     posterior = DiagonalGaussianDistribution(pipe.vae.encode(controls * 2 - 1).latent_dist.parameters)
     torch.testing.assert_close(text.control_input(controls, torch.Generator().manual_seed(5)), (posterior.sample(

@@ -215,13 +215,9 @@ def test_a_truncated_reference_or_a_nan_model_is_refused_before_sampling(case, t
     assert not os.path.exists(tmp_path / "r.json")
 
 
-@pytest.fixture(scope="module")
-def text_models(tiny_sd_dir, tiny_sdxl_dir, tiny_sd3_dir, tmp_path_factory):
-    from fixtures.small_unet import build_flux_pipeline
-
-    flux = tmp_path_factory.mktemp("eval_flux")
-    build_flux_pipeline(str(flux / "src")).save_pretrained(flux / "pipe")
-    return {"sd": tiny_sd_dir, "sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "flux": str(flux / "pipe")}
+@pytest.fixture
+def text_models(tiny_sd_dir, tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir):
+    return {"sd": tiny_sd_dir, "sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "flux": tiny_flux_dir}
 
 
 @pytest.mark.parametrize("kind, sampler, guidance", [("sd", "DDIMScheduler", 7.5), ("sdxl", "DDIMScheduler", 7.5),

@@ -45,13 +45,6 @@ def train(model_dir, data_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def tiny_flux_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_flux")
-    build_flux_pipeline(str(path / "src")).save_pretrained(path / "pipe")
-    return str(path / "pipe")
-
-
-@pytest.fixture(scope="module")
 def flux_bank(tiny_flux_dir, captioned_digits_dir, tmp_path_factory):
     return bank_of_a_first_run(train, tiny_flux_dir, captioned_digits_dir, tmp_path_factory.mktemp("flux_bank"))
 
@@ -207,11 +200,12 @@ def test_a_bank_built_ahead_by_generate_memory_bank_is_used(tiny_flux_dir, capti
     assert not os.path.exists(tmp_path / "out" / "memory_bank")  # the given bank was used, none generated
 
 
-def test_commands_that_do_not_take_flux_say_which_do(tiny_flux_dir, captioned_digits_dir, tmp_path):
-    import train_deme
+def test_commands_that_do_not_take_flux_say_which_do(tiny_flux_dir, digits_dir, tmp_path):
+    import train_diff_tuning_dit
 
-    message = cli_error(train_deme, ["--pretrained_model_name_or_path", tiny_flux_dir, "--dataset",
-                                     captioned_digits_dir, "--output_dir", str(tmp_path / "deme")])
+    message = cli_error(train_diff_tuning_dit, ["--pretrained_model_name_or_path", tiny_flux_dir, "--dataset",
+                                                digits_dir, "--output_dir", str(tmp_path / "dit"),
+                                                "--max_train_steps", "1"])
     assert "is a FluxPipeline" in message
-    assert ("(train_diff_tuning_text_to_image.py, train_diff_tuning_controlnet.py and generate_memory_bank.py take "
-            "this pipeline)") in message
+    assert ("(train_diff_tuning_text_to_image.py, train_diff_tuning_controlnet.py, train_deme.py, check_premise.py "
+            "and generate_memory_bank.py take this pipeline)") in message

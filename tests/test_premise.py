@@ -142,15 +142,6 @@ def test_the_home_cost_can_come_from_real_images_of_the_source_domain(small_sour
         "--num_images", "32", "--source_dataset", str(few.parent)])
 
 
-@pytest.fixture(scope="module")
-def tiny_flux_dir(tmp_path_factory):
-    from fixtures.small_unet import build_flux_pipeline
-
-    path = tmp_path_factory.mktemp("premise_flux")
-    build_flux_pipeline(str(path / "src")).save_pretrained(path / "pipe")
-    return str(path / "pipe")
-
-
 @pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
 def test_text_to_image_families_are_checked_with_their_own_samples_and_sampler(kind, tiny_sdxl_dir, tiny_sd3_dir,
                                                                               tiny_flux_dir, digits_dir, tmp_path):
