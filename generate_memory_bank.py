@@ -12,9 +12,10 @@ before their first step when `--memory_bank` names no finished bank; for a large
 
 then `train_diff_tuning_dit.py --memory_bank banks/dit-xl-5k ...` (or the ControlNet script with the same
 `--resolution`, `--condition`, annotator flags and `--memory_bank_prompt`). The family comes from the pipeline folder:
-a DiTPipeline samples classes; a Stable Diffusion pipeline samples `--prompt` (with `--condition`, each sample gets
-its control annotated, as the ControlNet script trains on). Generation is sharded and resumable: run the same
-command again after an interruption.
+a DiTPipeline samples classes; a text-to-image pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux) samples
+`--prompt` (with `--condition`, each sample gets its control annotated, as the ControlNet script trains on; SD3 and
+Flux take `--max_sequence_length`, and Flux's `--guidance_scale` is its guidance embedding). Generation is sharded
+and resumable: run the same command again after an interruption.
 """
 
 import utils.infra.quiet  # noqa: F401  (first: leaves out notes our pinned stack causes on purpose)
