@@ -245,8 +245,8 @@ def check_pipeline(args) -> tuple[type[StableDiffusion], dict, object]:
         mismatch = family.check_controlnet_config(control_config, denoiser_config)
         if mismatch:
             raise UserError(f"--controlnet_model_name_or_path does not match the {family.model_class}: {mismatch}")
-    elif family.controlnet_refusal(denoiser_config):
-        raise UserError(f"cannot make a new ControlNet for {name}: {family.controlnet_refusal(denoiser_config)}")
+    elif (refusal := family.controlnet_refusal(denoiser_config)) is not None:
+        raise UserError(f"cannot make a new ControlNet for {name}: {refusal}")
     if args.tokenizer_name and looks_local(args.tokenizer_name) and not os.path.isdir(args.tokenizer_name):
         raise UserError(f"--tokenizer_name {args.tokenizer_name} does not exist")
     check_variant(name, args.variant)

@@ -125,6 +125,13 @@ class Family:
         """The family of a loaded pipeline (no flips), for commands that evaluate rather than train."""
         return cls(pipeline, device, **options)
 
+    bank_guidance_scale = 1.0  # guidance of its bank samples when the settings give none (1: unguided)
+
+    @classmethod
+    def bank_guidance(cls, settings: BankSettings) -> float:
+        """The guidance scale of its bank samples: the settings', else the family's default."""
+        return cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+
     @classmethod
     def bank_plan(cls, name: str, settings: BankSettings, options: dict) -> BankPlan:
         """The memory bank of a run on pipeline `name` (from its configs alone, before any weights load)."""

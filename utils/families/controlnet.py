@@ -105,7 +105,7 @@ class ControlNetOnSD(Family):
                   "annotator": annotator.settings, "prompt": prompt}
         if settings.vae:  # a bank's latents are its VAE's
             record["vae"] = settings.vae
-        guidance = text_class.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        guidance = text_class.bank_guidance(settings)
         return BankPlan(record, lambda pipe: ControlBankSampler(pipe, annotator, prompt, guidance,
                                                                 settings.num_inference_steps, settings.resolution,
                                                                 text_class))

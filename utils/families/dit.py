@@ -89,7 +89,7 @@ class DiT(Family):
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a DiTPipeline transformer from {name!r}: "
                             f"{str(e).strip().splitlines()[0]}") from e
-        guidance = cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+        guidance = cls.bank_guidance(settings)
         record = {"family": cls.name, "base_model": name, "latent_shape": list(latent_shape(config))}
         return BankPlan(record, lambda pipe: DiTBankSampler(pipe, guidance, settings.num_inference_steps))
 
@@ -139,7 +139,7 @@ class DiT(Family):
         pixels = batch["pixel_values"]
         if flip is not None:
             pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+        return self.encode_pixels(pixels)
 
     def rows(self, batch, generator) -> Rows:
         labels = batch["labels"].to(self.device)

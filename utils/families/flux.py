@@ -115,7 +115,7 @@ class Flux(StableDiffusion3):
         """FluxPipeline's schedule: sigmas 1 .. 1/N shifted by mu of the image's packed sequence length."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler = self.sampling_scheduler(self.pipeline)
         config = scheduler.config
         mu = calculate_shift((latent_shape[-2] // 2) * (latent_shape[-1] // 2), config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
@@ -172,8 +172,7 @@ class Flux(StableDiffusion3):
     def set_text_encoders(self, encoders: list) -> None:
         (self.text_encoder,) = encoders
 
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+    encode_pixels = Family.encode_pixels  # the VAE in the run's dtype, as the Flux example keeps it (not SD3's fp32)
 
     def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 states, CLIP pooled output), as `FluxPipeline.encode_prompt` computes them."""

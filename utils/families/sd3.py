@@ -99,7 +99,7 @@ class StableDiffusion3(StableDiffusion):
         return cls(pipeline, device, **{"center_crop": True, "precondition_outputs": False, **options})
 
     def handoff_scheduler(self, num_steps, latent_shape):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler = self.sampling_scheduler(self.pipeline)
         scheduler.set_timesteps(num_steps)
         return scheduler
 

@@ -99,11 +99,6 @@ class StableDiffusion(UNetFamily):
         return {}
 
     @classmethod
-    def bank_guidance(cls, settings: BankSettings) -> float:
-        """The guidance scale of its bank samples: the settings', else the family's default."""
-        return cls.bank_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
-
-    @classmethod
     def guided_passes(cls, guidance_scale: float) -> bool:
         """Whether sampling at `guidance_scale` runs the denoiser twice a step (classifier-free guidance above 1;
         Flux's guidance is an embedding: `Flux`)."""
@@ -333,10 +328,6 @@ class StableDiffusion(UNetFamily):
         cropped, offsets = crop_batch(images, size, center=self.center_crop, flips=flips, generator=generator,
                                       flip_before_crop=self.flip_before_crop)
         return normalized(cropped).to(self.device), offsets
-
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The frozen VAE's posterior moments of pixels in [-1, 1]."""
-        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
 
     def rows(self, batch, generator) -> Rows:
         if "latent_moments" in batch:  # --cache_latents
